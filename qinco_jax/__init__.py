@@ -1,0 +1,1 @@
+"""qinco-jax: QINCo and IVF-QINCo in JAX."""

@@ -1,0 +1,257 @@
+"""Batched, jitted encoding and decoding on numpy arrays in raw (unscaled) units.
+
+Every call runs a fixed-shape jitted function on batches of `batch_size` rows; the last
+batch is padded, so an input of any length reuses the compiled function. Inputs
+shorter than a batch are padded to the next power of two instead, which bounds the
+number of compilations to log2(batch_size) while keeping small calls (a search
+shortlist, a test) cheap.
+
+Scaling follows the reference exactly: x is divided by db_scale in float32 before the
+model sees it, reconstructions are multiplied by it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qinco_jax import model as qm
+from qinco_jax.model import AnyModel, PQQincoModel, QincoModel
+
+DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
+
+# Encoding holds batch x K x max(d, h) activations. On a CPU the fastest batches keep
+# them in the core caches; a GPU wants enough rows to fill its SMs.
+ENCODE_ACTIVATION_BYTES = {"cpu": 16 << 20, "gpu": 1 << 30}
+DECODE_BATCH = {"cpu": 4096, "gpu": 65536}
+
+
+def _backend() -> str:
+    return "cpu" if jax.default_backend() == "cpu" else "gpu"
+
+
+def default_encode_batch_size(model: AnyModel) -> int:
+    if isinstance(model, PQQincoModel):
+        return min(default_encode_batch_size(s) for s in model.subs)
+    c = model.config
+    per_vector = c.K * max(c.d, c.h) * 4
+    budget = ENCODE_ACTIVATION_BYTES[_backend()]
+    return int(max(8, min(16384, 2 ** int(np.log2(max(1, budget // per_vector))))))
+
+
+def default_decode_batch_size() -> int:
+    return DECODE_BATCH[_backend()]
+
+
+def _resolve_dtype(dtype) -> jnp.dtype:
+    if dtype is None:
+        return jnp.float32
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype)
+
+
+def map_batches(fn: Callable, inputs: Sequence[np.ndarray], batch_size: int,
+                progress: str | None = None) -> list[np.ndarray]:
+    """Apply a jitted `fn(*batch_inputs) -> tuple of arrays` over row batches.
+
+    The next batch is dispatched before the previous result is fetched, so the host
+    prepares and copies batch i+1 while the device computes batch i."""
+    n = len(inputs[0])
+    if n == 0:
+        raise ValueError("no vectors to process (empty input)")
+    bs = int(batch_size) if n >= batch_size else 1 << int(np.ceil(np.log2(n)))
+    bar = _progress_bar(n, progress)
+    outputs: list[list[np.ndarray]] = []
+    pending = None
+
+    def fetch(item):
+        res, count = item
+        outputs.append([np.asarray(r)[:count] for r in res])
+        if bar is not None:
+            bar.update(count)
+
+    for i0 in range(0, n, bs):
+        batch = [_pad_rows(np.asarray(a[i0:i0 + bs]), bs) for a in inputs]
+        res = fn(*batch)
+        if pending is not None:
+            fetch(pending)
+        pending = (res, min(bs, n - i0))
+    fetch(pending)
+    if bar is not None:
+        bar.close()
+    return [np.concatenate(parts) for parts in zip(*outputs)]
+
+
+def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    if len(a) == rows:
+        return a
+    return np.concatenate([a, np.zeros((rows - len(a),) + a.shape[1:], a.dtype)])
+
+
+def _progress_bar(total: int, desc: str | None):
+    if not desc:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="vec", unit_scale=True, leave=False)
+
+
+# --------------------------------------------------------------------------------------
+# Jitted kernels (one batch, model units)
+# --------------------------------------------------------------------------------------
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype), tree)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _encode_batch(params, x, dtype):
+    codes, xhat = qm.encode_greedy(_cast(params, dtype), x.astype(dtype))
+    return codes, jnp.sum((xhat.astype(jnp.float32) - x) ** 2, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _encode_batch_code0(params, x, code0, dtype):
+    codes, xhat = qm.encode_greedy(_cast(params, dtype), x.astype(dtype), code0)
+    return codes, jnp.sum((xhat.astype(jnp.float32) - x) ** 2, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype",))
+def _decode_batch(params, codes, dtype):
+    return (qm.decode(_cast(params, dtype), codes).astype(jnp.float32),)
+
+
+@jax.jit
+def _assign_batch(codebook, x):
+    return (qm.nearest_codeword(x, codebook),)
+
+
+# --------------------------------------------------------------------------------------
+# Public API (raw units, numpy in and out)
+# --------------------------------------------------------------------------------------
+
+
+def _check_vectors(model: AnyModel, x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise ValueError(f"expected a 2-D array of vectors, got shape {x.shape}")
+    if x.shape[1] != model.d:
+        raise ValueError(f"vectors have dimension {x.shape[1]}, the model ({model.describe()}) expects d={model.d}")
+    return x
+
+
+def check_codes(model: AnyModel, codes: np.ndarray) -> np.ndarray:
+    """Codes as int32, after checking their width and range against the model."""
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape[1] != model.code_width:
+        raise ValueError(f"codes have shape {codes.shape}, the model ({model.describe()}) "
+                         f"needs (n, {model.code_width})")
+    if not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"codes must be integers, got dtype {codes.dtype}")
+    if len(codes):
+        sizes = np.array(model.code_sizes)
+        if codes.min() < 0 or np.any(codes.max(axis=0) >= sizes):
+            bad = int(np.argmax((codes.max(axis=0) >= sizes) | (codes.min(axis=0) < 0)))
+            raise ValueError(f"code column {bad} has values outside [0, {sizes[bad]})")
+    return codes.astype(np.int32, copy=False)
+
+
+def scale_input(model: QincoModel, x: np.ndarray) -> np.ndarray:
+    """x / db_scale in float32, as the reference computes it."""
+    return np.asarray(x, np.float32) / np.float32(model.config.db_scale)
+
+
+def assign_ivf(model: QincoModel, x: np.ndarray, batch_size: int = 4096, progress: str | None = None) -> np.ndarray:
+    """The exact nearest IVF centroid (first code) of every raw vector."""
+    x = _check_vectors(model, x)
+    codebook0 = jax.device_put(model.params["codebook0"])
+    fn = lambda xb: _assign_batch(codebook0, jnp.asarray(scale_input(model, xb)))
+    (codes,) = map_batches(fn, [x], batch_size, progress)
+    return codes
+
+
+def encode(model: AnyModel, x: np.ndarray, *, batch_size: int | None = None, dtype=None,
+           code0: np.ndarray | None = None, progress: str | None = None,
+           return_errors: bool = False):
+    """Greedy codes (n, code_width) int32 of raw vectors x (n, d).
+
+    code0: first codes to impose (IVF lists computed elsewhere, e.g. by an HNSW
+    quantizer). return_errors: also return each vector's squared reconstruction error
+    in raw units."""
+    x = _check_vectors(model, x)
+    if isinstance(model, PQQincoModel):
+        if code0 is not None:
+            raise ValueError("code0 applies to IVF models, not to PQ-QINCo")
+        return _encode_pq(model, x, batch_size, dtype, progress, return_errors)
+    dt = _resolve_dtype(dtype)
+    bs = batch_size or default_encode_batch_size(model)
+    params = jax.device_put(model.params)
+    if code0 is None:
+        fn = lambda xb: _encode_batch(params, scale_input(model, xb), dt)
+        codes, err = map_batches(fn, [x], bs, progress)
+    else:
+        code0 = np.asarray(code0).astype(np.int32).reshape(-1)
+        if len(code0) != len(x):
+            raise ValueError(f"code0 has {len(code0)} entries for {len(x)} vectors")
+        if code0.min(initial=0) < 0 or code0.max(initial=0) >= model.config.codebook0_size:
+            raise ValueError(f"code0 values must lie in [0, {model.config.codebook0_size})")
+        fn = lambda xb, cb: _encode_batch_code0(params, scale_input(model, xb), cb, dt)
+        codes, err = map_batches(fn, [x, code0], bs, progress)
+    if return_errors:
+        return codes, err * np.float32(model.config.db_scale) ** 2
+    return codes
+
+
+def decode(model: AnyModel, codes: np.ndarray, *, batch_size: int | None = None, dtype=None,
+           progress: str | None = None) -> np.ndarray:
+    """Raw-unit reconstructions (n, d) float32 of codes (n, code_width)."""
+    codes = check_codes(model, codes)
+    if isinstance(model, PQQincoModel):
+        return _decode_pq(model, codes, batch_size, dtype, progress)
+    dt = _resolve_dtype(dtype)
+    params = jax.device_put(model.params)
+    fn = lambda cb: _decode_batch(params, cb, dt)
+    (xhat,) = map_batches(fn, [codes], batch_size or default_decode_batch_size(), progress)
+    return xhat * np.float32(model.config.db_scale)
+
+
+def _split_columns(model: PQQincoModel, width_of) -> list[slice]:
+    out, i0 = [], 0
+    for s in model.subs:
+        out.append(slice(i0, i0 + width_of(s)))
+        i0 += width_of(s)
+    return out
+
+
+def _encode_pq(model: PQQincoModel, x, batch_size, dtype, progress, return_errors):
+    xr = np.asarray(x, np.float32)
+    if model.opq is not None:
+        xr = xr @ model.opq.T
+    codes = np.concatenate(
+        [encode(sub, np.ascontiguousarray(xr[:, cols]), batch_size=batch_size, dtype=dtype, progress=progress)
+         for sub, cols in zip(model.subs, _split_columns(model, lambda s: s.d))], axis=1)
+    if not return_errors:
+        return codes
+    # Measured in the input space: a non-square OPQ does not preserve distances.
+    y = _decode_pq(model, codes, None, dtype, None)
+    return codes, np.sum((np.asarray(x, np.float32) - y) ** 2, axis=1)
+
+
+def _decode_pq(model: PQQincoModel, codes, batch_size, dtype, progress):
+    parts = [decode(sub, codes[:, cols], batch_size=batch_size, dtype=dtype, progress=progress)
+             for sub, cols in zip(model.subs, _split_columns(model, lambda s: s.code_width))]
+    y = np.concatenate(parts, axis=1)
+    return y @ model.opq if model.opq is not None else y
+
+
+def mean_squared_error(x: np.ndarray, y: np.ndarray) -> float:
+    """Mean over vectors of the squared L2 distance (the paper's MSE)."""
+    return float(np.mean(np.sum((np.asarray(x, np.float64) - y) ** 2, axis=1)))

@@ -1,0 +1,367 @@
+"""The QINCo model family in Flax.
+
+A QINCo quantizer is a plain codebook (`codebook0`: K codewords, or the K_IVF frozen
+IVF centroids) followed by neural steps. Every step owns a codebook C (K x d) and turns
+it into an input-dependent one: for a codeword c and the current reconstruction x̂,
+
+    z = c + Concat(c, x̂)          Concat: Linear(2d -> d, bias)   or, QINCo-LR,
+                                           Linear(2d -> h) then Linear(h -> d), no bias
+    z = z + W2 relu(W1 z)          L residual blocks, d -> h -> d, no bias
+
+and x̂ moves to x̂ + z for the chosen codeword.
+
+The concat block is linear, so it splits into a codeword half and an input half. The
+codeword half does not depend on x̂: `QincoStep.candidates` computes it once for the
+whole codebook (K x d), not once per vector x K as a literal concatenation would.
+Decoding uses the same split, so decoding a code gives bit for bit the vector that
+encoding chose for it.
+
+Parameters form one plain pytree:
+
+    {"codebook0": f32[K0, d],
+     "steps": <QincoStep params, every leaf stacked along a leading axis of size S>}
+
+with S = M - 1 (QINCo, QINCo-LR) or M (IVF-QINCo). The top-level functions scan over
+the stacked steps, so a model compiles one step body whatever its M. Every size is
+read from the parameter shapes: the jitted functions need no static configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qinco_jax.config import PQConfig, QincoConfig
+
+Params = dict[str, Any]
+
+
+def torch_uniform(fan_in: int):
+    """PyTorch's default nn.Linear init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), for weights
+    and biases alike. Training starts from the same distribution as the reference."""
+    bound = 1.0 / np.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class ResidualBlock(nn.Module):
+    """z + W2 relu(W1 z), no biases."""
+
+    d: int
+    h: int
+
+    @nn.compact
+    def __call__(self, z):
+        y = nn.Dense(self.h, use_bias=False, kernel_init=torch_uniform(self.d), name="up")(z)
+        y = nn.Dense(self.d, use_bias=False, kernel_init=torch_uniform(self.h), name="down")(nn.relu(y))
+        return z + y
+
+
+class QincoStep(nn.Module):
+    """One neural quantization step: its codebook, concat block and residual blocks."""
+
+    d: int
+    K: int
+    L: int
+    h: int
+    lowrank: bool = False
+
+    def setup(self):
+        self.codebook = self.param("codebook", nn.initializers.normal(1.0), (self.K, self.d))
+        # The reference's Linear(2d -> width) on concat(c, x̂), stored as its two halves.
+        width = self.h if self.lowrank else self.d
+        init = torch_uniform(2 * self.d)
+        self.concat_codeword = nn.Dense(width, use_bias=not self.lowrank, kernel_init=init, bias_init=init)
+        self.concat_input = nn.Dense(width, use_bias=False, kernel_init=init)
+        if self.lowrank:
+            self.concat_out = nn.Dense(self.d, use_bias=False, kernel_init=torch_uniform(self.h))
+        self.residual_blocks = [ResidualBlock(self.d, self.h) for _ in range(self.L)]
+
+    def _out(self, y):
+        return self.concat_out(y) if self.lowrank else y
+
+    def codeword_term(self, c):
+        """c + the codeword half of the concat block (input independent)."""
+        return c + self._out(self.concat_codeword(c))
+
+    def input_term(self, xhat):
+        """The x̂ half of the concat block."""
+        return self._out(self.concat_input(xhat))
+
+    def refine(self, z):
+        for block in self.residual_blocks:
+            z = block(z)
+        return z
+
+    def __call__(self, xhat, codes):
+        """The step's contribution for the given codes: (B, d), (B,) -> (B, d)."""
+        c = jnp.take(self.codebook, codes, axis=0)
+        return self.refine(self.codeword_term(c) + self.input_term(xhat))
+
+    def candidates(self, xhat):
+        """The contribution of every codeword for every x̂: (B, d) -> (B, K, d)."""
+        table = self.codeword_term(self.codebook)
+        return self.refine(table[None, :, :] + self.input_term(xhat)[:, None, :])
+
+
+# --------------------------------------------------------------------------------------
+# Building parameters and reading sizes back from them
+# --------------------------------------------------------------------------------------
+
+
+def step_module(config: QincoConfig) -> QincoStep:
+    return QincoStep(d=config.d, K=config.K, L=config.L, h=config.h, lowrank=config.variant == "lowrank")
+
+
+def step_module_from_params(steps: Params) -> QincoStep:
+    """The QincoStep whose (stacked) parameters these are."""
+    _, K, d = steps["codebook"].shape
+    blocks = sorted(k for k in steps if k.startswith("residual_blocks_"))
+    if blocks:
+        h = steps[blocks[0]]["up"]["kernel"].shape[-1]
+    elif "concat_out" in steps:
+        h = steps["concat_out"]["kernel"].shape[-2]
+    else:
+        h = 1  # unused: no block and no low-rank projection reads it
+    return QincoStep(d=d, K=K, L=len(blocks), h=h, lowrank="concat_out" in steps)
+
+
+def init_params(config: QincoConfig, key: jax.Array, codebooks: np.ndarray | None = None,
+                codebook0: np.ndarray | None = None) -> Params:
+    """Fresh parameters. `codebooks` (M', K, d), if given, fill codebook0 (non-IVF) and
+    the step codebooks in order, as the reference initialises from a trained RQ;
+    `codebook0` sets the IVF centroids. Both are taken in model (scaled) units."""
+    module = step_module(config)
+    key0, key_steps = jax.random.split(key)
+    dummy_x = jnp.zeros((1, config.d), jnp.float32)
+    dummy_c = jnp.zeros((1,), jnp.int32)
+    init_one = lambda k: module.init(k, dummy_x, dummy_c)["params"]
+    steps = jax.vmap(init_one)(jax.random.split(key_steps, config.num_steps))
+    params = {
+        "codebook0": jax.random.normal(key0, (config.codebook0_size, config.d), jnp.float32),
+        "steps": steps,
+    }
+    if codebooks is not None:
+        codebooks = np.asarray(codebooks, np.float32)
+        first = 0 if config.is_ivf else 1
+        expected = (config.num_steps + first, config.K, config.d)
+        if codebooks.shape != expected:
+            raise ValueError(f"RQ codebooks have shape {codebooks.shape}, the model needs {expected}")
+        if not config.is_ivf:
+            params["codebook0"] = jnp.asarray(codebooks[0])
+        params["steps"]["codebook"] = jnp.asarray(codebooks[first:])
+    if codebook0 is not None:
+        codebook0 = np.asarray(codebook0, np.float32)
+        if codebook0.shape != params["codebook0"].shape:
+            raise ValueError(f"codebook0 has shape {codebook0.shape}, the model needs {params['codebook0'].shape}")
+        params["codebook0"] = jnp.asarray(codebook0)
+    return params
+
+
+def config_from_params(params: Params, *, variant: str, db_scale: float) -> QincoConfig:
+    """The config matching a parameter pytree (sizes read from its shapes)."""
+    step = step_module_from_params(params["steps"])
+    S = params["steps"]["codebook"].shape[0]
+    K0, d = params["codebook0"].shape
+    if variant == "ivf":
+        return QincoConfig(d=d, K=step.K, M=S, L=step.L, h=step.h, variant="ivf", K_IVF=K0, db_scale=db_scale)
+    return QincoConfig(d=d, K=step.K, M=S + 1, L=step.L, h=step.h, variant=variant, db_scale=db_scale)
+
+
+def check_params(config: QincoConfig, params: Params) -> None:
+    """Raise if the parameter shapes are not those of `config`."""
+    expected = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    got_struct = jax.tree.structure(params)
+    if got_struct != jax.tree.structure(expected):
+        raise ValueError(f"parameters do not have the structure of {config.describe()}")
+    for path, e, g in zip(jax.tree_util.tree_leaves_with_path(expected),
+                          jax.tree.leaves(expected), jax.tree.leaves(params)):
+        if tuple(e.shape) != tuple(np.shape(g)):
+            name = jax.tree_util.keystr(path[0])
+            raise ValueError(f"parameter {name} has shape {np.shape(g)}, {config.describe()} needs {e.shape}")
+
+
+# --------------------------------------------------------------------------------------
+# Pure functions of the parameters (model units: inputs already divided by db_scale)
+# --------------------------------------------------------------------------------------
+
+
+def nearest_codeword(x: jax.Array, codebook: jax.Array, chunk: int = 65536) -> jax.Array:
+    """Index of the nearest row of `codebook` for every row of x, exactly.
+
+    Large codebooks (K_IVF = 2^20) are scanned in chunks of `chunk` rows with a running
+    minimum, so memory stays at B x chunk distances. The distance is computed as the
+    reference does, ||x||² + ||c||² - 2 x·c, which decides near-ties the same way."""
+    K, d = codebook.shape
+    x_norms = jnp.sum(x * x, axis=1, keepdims=True)
+    if K <= chunk:
+        dist = x_norms + jnp.sum(codebook * codebook, axis=1) - 2 * x @ codebook.T
+        return jnp.argmin(dist, axis=1).astype(jnp.int32)
+    n_chunks = -(-K // chunk)
+    padded = jnp.zeros((n_chunks * chunk, d), codebook.dtype).at[:K].set(codebook)
+    norms = jnp.full((n_chunks * chunk,), jnp.inf, codebook.dtype).at[:K].set(jnp.sum(codebook**2, axis=1))
+
+    def body(best, i):
+        c = jax.lax.dynamic_slice_in_dim(padded, i * chunk, chunk)
+        n = jax.lax.dynamic_slice_in_dim(norms, i * chunk, chunk)
+        dist = x_norms + n - 2 * x @ c.T
+        j = jnp.argmin(dist, axis=1)
+        dmin = jnp.take_along_axis(dist, j[:, None], axis=1)[:, 0]
+        better = dmin < best[0]  # strict: the first chunk wins ties, like a flat argmin
+        return (jnp.where(better, dmin, best[0]), jnp.where(better, j + i * chunk, best[1])), None
+
+    init = (jnp.full((x.shape[0],), jnp.inf, x.dtype), jnp.zeros((x.shape[0],), jnp.int32))
+    (_, best), _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
+    return best.astype(jnp.int32)
+
+
+def decode_steps(params: Params, codes: jax.Array) -> jax.Array:
+    """Partial reconstructions after every step: (B, W) codes -> (W, B, d)."""
+    step = step_module_from_params(params["steps"])
+    xhat0 = jnp.take(params["codebook0"], codes[:, 0], axis=0)
+
+    def body(xhat, inputs):
+        step_params, step_codes = inputs
+        xhat = xhat + step.apply({"params": step_params}, xhat, step_codes)
+        return xhat, xhat
+
+    _, xhats = jax.lax.scan(body, xhat0, (params["steps"], codes[:, 1:].T))
+    return jnp.concatenate([xhat0[None], xhats], axis=0)
+
+
+def decode(params: Params, codes: jax.Array) -> jax.Array:
+    """Reconstruction (model units) of (B, W) codes."""
+    step = step_module_from_params(params["steps"])
+    xhat0 = jnp.take(params["codebook0"], codes[:, 0], axis=0)
+
+    def body(xhat, inputs):
+        step_params, step_codes = inputs
+        return xhat + step.apply({"params": step_params}, xhat, step_codes), None
+
+    xhat, _ = jax.lax.scan(body, xhat0, (params["steps"], codes[:, 1:].T))
+    return xhat
+
+
+def squared_distances_to_candidates(residual: jax.Array, cands: jax.Array) -> jax.Array:
+    """||residual - cand||² up to the per-row constant ||residual||²: (B, d), (B, K, d) -> (B, K).
+
+    Computed in float32 whatever the network's dtype."""
+    cands = cands.astype(jnp.float32)
+    residual = residual.astype(jnp.float32)
+    return jnp.sum(cands * cands, axis=-1) - 2 * jnp.einsum("bkd,bd->bk", cands, residual)
+
+
+def encode_greedy(params: Params, x: jax.Array, code0: jax.Array | None = None):
+    """Greedy encoding (model units): (B, d) -> codes (B, W) int32, reconstruction (B, d).
+
+    Every step tries all K codewords for every vector and keeps the nearest to x.
+    code0, if given, fixes the first code (IVF lists known in advance)."""
+    step = step_module_from_params(params["steps"])
+    codebook0 = params["codebook0"]
+    if code0 is None:
+        code0 = nearest_codeword(x, codebook0)
+    xhat0 = jnp.take(codebook0, code0, axis=0)
+
+    def body(xhat, step_params):
+        cands = step.apply({"params": step_params}, xhat, method=QincoStep.candidates)
+        scores = squared_distances_to_candidates(x - xhat, cands)
+        codes = jnp.argmin(scores, axis=1).astype(jnp.int32)
+        chosen = jnp.take_along_axis(cands, codes[:, None, None], axis=1)[:, 0]
+        return xhat + chosen.astype(xhat.dtype), codes
+
+    xhat, codes = jax.lax.scan(body, xhat0, params["steps"])
+    return jnp.concatenate([code0.astype(jnp.int32)[:, None], codes.T], axis=1), xhat
+
+
+def step_losses(params: Params, x: jax.Array, codes: jax.Array) -> jax.Array:
+    """Sum over the batch of the squared error after every step: (W,) — the training
+    objective of the paper (codes come from a no-gradient encode)."""
+    xhats = decode_steps(params, codes)
+    return jnp.sum((xhats - x[None]) ** 2, axis=(1, 2))
+
+
+# --------------------------------------------------------------------------------------
+# A model: configuration + parameters
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class QincoModel:
+    """A QINCo, QINCo-LR or IVF-QINCo model. `params` are in model units."""
+
+    config: QincoConfig
+    params: Params
+
+    def __post_init__(self):
+        check_params(self.config, self.params)
+
+    @classmethod
+    def init(cls, config: QincoConfig, key: jax.Array | int = 0, **kwargs) -> "QincoModel":
+        if isinstance(key, int):
+            key = jax.random.key(key)
+        return cls(config, init_params(config, key, **kwargs))
+
+    @property
+    def d(self) -> int:
+        return self.config.d
+
+    @property
+    def code_width(self) -> int:
+        return self.config.code_width
+
+    @property
+    def code_sizes(self) -> tuple[int, ...]:
+        return self.config.code_sizes
+
+    def numpy_params(self) -> Params:
+        return jax.tree.map(lambda a: np.asarray(a, np.float32), self.params)
+
+    def describe(self) -> str:
+        return self.config.describe()
+
+
+@dataclasses.dataclass(frozen=True)
+class PQQincoModel:
+    """PQ-QINCo: sub-quantizers over consecutive sub-vectors, and an optional OPQ
+    matrix A (d_out x d): vectors are encoded as x @ A.T, decoded as y @ A. The
+    sub-quantizers cover d_out dimensions (d_out = d unless OPQ reduced it)."""
+
+    subs: tuple[QincoModel, ...]
+    opq: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.config  # validates
+        covered = sum(s.d for s in self.subs)
+        if self.opq is not None and (self.opq.ndim != 2 or self.opq.shape[0] != covered):
+            raise ValueError(f"OPQ matrix has shape {self.opq.shape}, its output must cover the "
+                             f"{covered} dimensions of the sub-quantizers")
+
+    @property
+    def config(self) -> PQConfig:
+        return PQConfig(tuple(s.config for s in self.subs), 0 if self.opq is None else self.opq.shape[1])
+
+    @property
+    def d(self) -> int:
+        return self.config.d
+
+    @property
+    def code_width(self) -> int:
+        return sum(s.code_width for s in self.subs)
+
+    @property
+    def code_sizes(self) -> tuple[int, ...]:
+        return self.config.code_sizes
+
+    def describe(self) -> str:
+        return self.config.describe()
+
+
+AnyModel = QincoModel | PQQincoModel
