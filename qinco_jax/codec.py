@@ -251,7 +251,3 @@ def _decode_pq(model: PQQincoModel, codes, batch_size, dtype, progress):
     y = np.concatenate(parts, axis=1)
     return y @ model.opq if model.opq is not None else y
 
-
-def mean_squared_error(x: np.ndarray, y: np.ndarray) -> float:
-    """Mean over vectors of the squared L2 distance (the paper's MSE)."""
-    return float(np.mean(np.sum((np.asarray(x, np.float64) - y) ** 2, axis=1)))
