@@ -12,6 +12,7 @@ model sees it, reconstructions are multiplied by it.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, Sequence
 
@@ -34,11 +35,12 @@ def _backend() -> str:
     return "cpu" if jax.default_backend() == "cpu" else "gpu"
 
 
-def default_encode_batch_size(model: AnyModel) -> int:
+def default_encode_batch_size(model: AnyModel, beam: int = 1, preselect: int = 0) -> int:
     if isinstance(model, PQQincoModel):
-        return min(default_encode_batch_size(s) for s in model.subs)
+        return min(default_encode_batch_size(s, beam, preselect) for s in model.subs)
     c = model.config
-    per_vector = c.K * max(c.d, c.h) * 4
+    candidates = c.K if not preselect or preselect >= c.K else preselect
+    per_vector = beam * candidates * max(c.d, c.h) * 4
     budget = ENCODE_ACTIVATION_BYTES[_backend()]
     return int(max(8, min(16384, 2 ** int(np.log2(max(1, budget // per_vector))))))
 
@@ -112,15 +114,17 @@ def _cast(tree, dtype):
     return jax.tree.map(lambda a: a.astype(dtype), tree)
 
 
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def _encode_batch(params, x, dtype):
-    codes, xhat = qm.encode_greedy(_cast(params, dtype), x.astype(dtype))
+@functools.partial(jax.jit, static_argnames=("dtype", "search"))
+def _encode_batch(params, x, dtype, search):
+    codes, xhat = qm.encode(_cast(params, dtype), x.astype(dtype), None, beam=search.beam,
+                             preselect=search.preselect, proxy=search.proxy)
     return codes, jnp.sum((xhat.astype(jnp.float32) - x) ** 2, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def _encode_batch_code0(params, x, code0, dtype):
-    codes, xhat = qm.encode_greedy(_cast(params, dtype), x.astype(dtype), code0)
+@functools.partial(jax.jit, static_argnames=("dtype", "search"))
+def _encode_batch_code0(params, x, code0, dtype, search):
+    codes, xhat = qm.encode(_cast(params, dtype), x.astype(dtype), code0, beam=search.beam,
+                             preselect=search.preselect, proxy=search.proxy)
     return codes, jnp.sum((xhat.astype(jnp.float32) - x) ** 2, axis=1)
 
 
@@ -178,24 +182,47 @@ def assign_ivf(model: QincoModel, x: np.ndarray, batch_size: int = 4096, progres
     return codes
 
 
+@dataclasses.dataclass(frozen=True)
+class EncodeSearch:
+    """How codes are searched: greedy (beam=1, preselect=0, the reference), beam search
+    over `beam` partial codes, and/or the network run on `preselect` candidates per
+    step chosen by `proxy` (see model.QincoStep.preselected_candidates)."""
+
+    beam: int = 1
+    preselect: int = 0
+    proxy: str = "linear"
+
+    def __post_init__(self):
+        if self.beam < 1:
+            raise ValueError(f"beam size must be >= 1, got {self.beam}")
+        if self.preselect < 0:
+            raise ValueError(f"preselect must be >= 0 (0 = all K codewords), got {self.preselect}")
+        if self.proxy not in ("linear", "codebook"):
+            raise ValueError(f"pre-selection proxy must be 'linear' or 'codebook', got {self.proxy!r}")
+
+
 def encode(model: AnyModel, x: np.ndarray, *, batch_size: int | None = None, dtype=None,
            code0: np.ndarray | None = None, progress: str | None = None,
-           return_errors: bool = False):
-    """Greedy codes (n, code_width) int32 of raw vectors x (n, d).
+           return_errors: bool = False, beam: int = 1, preselect: int = 0, proxy: str = "linear"):
+    """Codes (n, code_width) int32 of raw vectors x (n, d).
 
+    Greedy by default, as the reference encodes; `beam` > 1 keeps that many partial
+    codes per step, `preselect` = A < K runs the network on A pre-selected codewords
+    per step only (the QINCo2 paper's two speed/accuracy knobs; no retraining).
     code0: first codes to impose (IVF lists computed elsewhere, e.g. by an HNSW
     quantizer). return_errors: also return each vector's squared reconstruction error
     in raw units."""
     x = _check_vectors(model, x)
+    search = EncodeSearch(beam, preselect, proxy)
     if isinstance(model, PQQincoModel):
         if code0 is not None:
             raise ValueError("code0 applies to IVF models, not to PQ-QINCo")
-        return _encode_pq(model, x, batch_size, dtype, progress, return_errors)
+        return _encode_pq(model, x, batch_size, dtype, progress, return_errors, search)
     dt = _resolve_dtype(dtype)
-    bs = batch_size or default_encode_batch_size(model)
+    bs = batch_size or default_encode_batch_size(model, beam, preselect)
     params = jax.device_put(model.params)
     if code0 is None:
-        fn = lambda xb: _encode_batch(params, scale_input(model, xb), dt)
+        fn = lambda xb: _encode_batch(params, scale_input(model, xb), dt, search)
         codes, err = map_batches(fn, [x], bs, progress)
     else:
         code0 = np.asarray(code0).astype(np.int32).reshape(-1)
@@ -203,7 +230,7 @@ def encode(model: AnyModel, x: np.ndarray, *, batch_size: int | None = None, dty
             raise ValueError(f"code0 has {len(code0)} entries for {len(x)} vectors")
         if code0.min(initial=0) < 0 or code0.max(initial=0) >= model.config.codebook0_size:
             raise ValueError(f"code0 values must lie in [0, {model.config.codebook0_size})")
-        fn = lambda xb, cb: _encode_batch_code0(params, scale_input(model, xb), cb, dt)
+        fn = lambda xb, cb: _encode_batch_code0(params, scale_input(model, xb), cb, dt, search)
         codes, err = map_batches(fn, [x, code0], bs, progress)
     if return_errors:
         return codes, err * np.float32(model.config.db_scale) ** 2
@@ -231,12 +258,13 @@ def _split_columns(model: PQQincoModel, width_of) -> list[slice]:
     return out
 
 
-def _encode_pq(model: PQQincoModel, x, batch_size, dtype, progress, return_errors):
+def _encode_pq(model: PQQincoModel, x, batch_size, dtype, progress, return_errors, search: EncodeSearch):
     xr = np.asarray(x, np.float32)
     if model.opq is not None:
         xr = xr @ model.opq.T
     codes = np.concatenate(
-        [encode(sub, np.ascontiguousarray(xr[:, cols]), batch_size=batch_size, dtype=dtype, progress=progress)
+        [encode(sub, np.ascontiguousarray(xr[:, cols]), batch_size=batch_size, dtype=dtype, progress=progress,
+                **dataclasses.asdict(search))
          for sub, cols in zip(model.subs, _split_columns(model, lambda s: s.d))], axis=1)
     if not return_errors:
         return codes

@@ -111,6 +111,30 @@ class QincoStep(nn.Module):
         table = self.codeword_term(self.codebook)
         return self.refine(table[None, :, :] + self.input_term(xhat)[:, None, :])
 
+    def preselected_candidates(self, xhat, residual, n_select: int, proxy: str):
+        """The contribution of the `n_select` most promising codewords only.
+
+        Codewords are ranked by a proxy that costs one (B, K) matmul, like the plain
+        codebook search of RQ, and the network runs on the selected ones only:
+          "codebook": distance from the residual to the step's plain codeword c;
+          "linear":   distance to c + Concat(c, x̂), the network without its residual
+                      blocks, which is as cheap (the codeword half is a K x d table,
+                      the x̂ half one vector per row) and sees the input.
+        Returns the selected codeword indices (B, A) and their contributions (B, A, d)."""
+        table = self.codeword_term(self.codebook)
+        if proxy == "codebook":
+            proxy_vectors, target = self.codebook, residual
+        elif proxy == "linear":
+            # ||t + u - r||² = ||t||² - 2 t·(r - u) + const(row), with u the x̂ half.
+            proxy_vectors, target = table, residual - self.input_term(xhat)
+        else:
+            raise ValueError(f"unknown pre-selection proxy {proxy!r}: use 'linear' or 'codebook'")
+        proxy_vectors = proxy_vectors.astype(jnp.float32)
+        scores = jnp.sum(proxy_vectors**2, axis=1) - 2 * target.astype(jnp.float32) @ proxy_vectors.T
+        _, selected = jax.lax.top_k(-scores, n_select)
+        z = jnp.take(table, selected, axis=0) + self.input_term(xhat)[:, None, :]
+        return selected.astype(jnp.int32), self.refine(z)
+
 
 # --------------------------------------------------------------------------------------
 # Building parameters and reading sizes back from them
@@ -279,6 +303,120 @@ def encode_greedy(params: Params, x: jax.Array, code0: jax.Array | None = None):
 
     xhat, codes = jax.lax.scan(body, xhat0, params["steps"])
     return jnp.concatenate([code0.astype(jnp.int32)[:, None], codes.T], axis=1), xhat
+
+
+def nearest_codewords(x: jax.Array, codebook: jax.Array, k: int, chunk: int = 65536):
+    """The k nearest rows of `codebook` for every row of x, nearest first, and their
+    squared distances: (B, d) -> (B, k) int32, (B, k). Rows beyond the codebook size
+    (k > K) get index 0 and distance +inf. Large codebooks are scanned in chunks with a
+    running top-k, earlier chunks winning ties, as a flat top-k would."""
+    K, d = codebook.shape
+    x_norms = jnp.sum(x * x, axis=1, keepdims=True)
+    chunk = min(chunk, K)
+    n_chunks = -(-K // chunk)
+    padded = jnp.zeros((n_chunks * chunk, d), codebook.dtype).at[:K].set(codebook)
+    norms = jnp.full((n_chunks * chunk,), jnp.inf, codebook.dtype).at[:K].set(jnp.sum(codebook**2, axis=1))
+
+    def body(best, i):
+        c = jax.lax.dynamic_slice_in_dim(padded, i * chunk, chunk)
+        n = jax.lax.dynamic_slice_in_dim(norms, i * chunk, chunk)
+        dist = x_norms + n - 2 * x @ c.T
+        kk = min(k, chunk)
+        neg, j = jax.lax.top_k(-dist, kk)
+        merged_neg = jnp.concatenate([-best[0], neg], axis=1)
+        merged_idx = jnp.concatenate([best[1], j.astype(jnp.int32) + i * chunk], axis=1)
+        neg, pos = jax.lax.top_k(merged_neg, k)
+        return (-neg, jnp.take_along_axis(merged_idx, pos, axis=1)), None
+
+    B = x.shape[0]
+    init = (jnp.full((B, k), jnp.inf, x.dtype), jnp.zeros((B, k), jnp.int32))
+    (dist, idx), _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
+    return idx, dist
+
+
+def encode_beam(params: Params, x: jax.Array, code0: jax.Array | None = None, *,
+                beam: int, preselect: int = 0, proxy: str = "linear"):
+    """Beam-search encoding (model units): (B, d) -> codes (B, W) int32, reconstruction.
+
+    Keeps the `beam` best partial reconstructions at every step, expands each by the K
+    codewords (or the `preselect` best by a cheap proxy, see
+    QincoStep.preselected_candidates) and keeps the `beam` best by exact squared error.
+    The beam starts from the `beam` nearest codewords of codebook0, or from code0.
+
+    Selection runs in two stages: the best min(beam, A) expansions within each beam
+    by the same score greedy encoding uses, then the best `beam` of those by total
+    error. That is the exact top-`beam` of all expansions, and with beam = 1 it makes
+    the same decisions as encode_greedy, bit for bit."""
+    step = step_module_from_params(params["steps"])
+    N = x.shape[0]
+    K = step.K
+    A = K if not preselect or preselect >= K else int(preselect)
+    codebook0 = params["codebook0"]
+    if code0 is not None:
+        first = code0.astype(jnp.int32)[:, None]
+        err = jnp.sum((x - jnp.take(codebook0, code0, axis=0)) ** 2, axis=1)[:, None].astype(jnp.float32)
+    elif beam == 1:
+        first = nearest_codeword(x, codebook0)[:, None]
+        err = jnp.sum((x - jnp.take(codebook0, first[:, 0], axis=0)) ** 2, axis=1)[:, None].astype(jnp.float32)
+    else:
+        first, err = nearest_codewords(x, codebook0, min(beam, codebook0.shape[0]))
+        err = err.astype(jnp.float32)
+    # Pad to `beam` partial codes; the padding has infinite error so it is never kept
+    # while a real expansion is left.
+    pad = beam - first.shape[1]
+    first = jnp.pad(first, ((0, 0), (0, pad)))
+    err = jnp.pad(err, ((0, 0), (0, pad)), constant_values=jnp.inf)
+    xhat = jnp.take(codebook0, first, axis=0)  # (N, beam, d)
+    S = params["steps"]["codebook"].shape[0]
+    history = jnp.zeros((N, beam, S + 1), jnp.int32).at[:, :, 0].set(first)
+    per_beam = min(beam, A)
+
+    def body(carry, inputs):
+        xhat, err, history = carry
+        step_params, s = inputs
+        flat_xhat = xhat.reshape(N * beam, -1)
+        residual = (x[:, None, :] - xhat).reshape(N * beam, -1)
+        if A == K:
+            cands = step.apply({"params": step_params}, flat_xhat, method=QincoStep.candidates)
+            selected = None
+        else:
+            selected, cands = step.apply({"params": step_params}, flat_xhat, residual, A, proxy,
+                                         method=QincoStep.preselected_candidates)
+        scores = squared_distances_to_candidates(residual, cands)  # (N*beam, A)
+        neg, local = jax.lax.top_k(-scores, per_beam)
+        total = (err.reshape(N * beam, 1) - neg).reshape(N, beam * per_beam)
+        # Error = ||r||² + partial score; a padded beam stays at +inf.
+        neg_total, pick = jax.lax.top_k(-total, beam)
+        parent = pick // per_beam
+        local = jnp.take_along_axis(local.reshape(N, beam * per_beam), pick, axis=1)
+        rows = (jnp.arange(N)[:, None] * beam + parent).reshape(-1)
+        chosen = cands[rows, local.reshape(-1)].reshape(N, beam, -1)
+        if selected is None:
+            codes = local
+        else:
+            codes = selected[rows, local.reshape(-1)].reshape(N, beam)
+        xhat = jnp.take_along_axis(xhat, parent[:, :, None], axis=1) + chosen.astype(xhat.dtype)
+        history = jnp.take_along_axis(history, parent[:, :, None], axis=1)
+        history = history.at[:, :, s + 1].set(codes.astype(jnp.int32))
+        return (xhat, -neg_total, history), None
+
+    (xhat, err, history), _ = jax.lax.scan(body, (xhat, err, history), (params["steps"], jnp.arange(S)))
+    # Beams are sorted best first after every step; without steps, by the first search.
+    return history[:, 0], xhat[:, 0]
+
+
+def encode(params: Params, x: jax.Array, code0: jax.Array | None = None, *,
+           beam: int = 1, preselect: int = 0, proxy: str = "linear"):
+    """Codes and reconstruction of x (model units): greedy (the reference's encoding)
+    unless a beam or candidate pre-selection is asked for."""
+    K = params["steps"]["codebook"].shape[1]
+    if beam < 1:
+        raise ValueError(f"beam size must be >= 1, got {beam}")
+    if preselect < 0:
+        raise ValueError(f"preselect must be >= 0 (0 = all K codewords), got {preselect}")
+    if beam == 1 and (not preselect or preselect >= K):
+        return encode_greedy(params, x, code0)
+    return encode_beam(params, x, code0, beam=beam, preselect=preselect, proxy=proxy)
 
 
 def step_losses(params: Params, x: jax.Array, codes: jax.Array) -> jax.Array:
