@@ -100,7 +100,7 @@ def _bin_layout(path, ext) -> tuple[int, int]:
         raise ValueError(f"{path}: not {_a(kind)} file (header says n={n}, d={d})")
     expected = 8 + n * d * BIN_DTYPES[ext].itemsize
     if size != expected:
-        what = "truncated" if size < expected else "has trailing bytes, or is not"
+        what = "truncated or not" if size < expected else "has trailing bytes, or is not"
         raise ValueError(f"{path}: {what} {_a(kind)} file: header says {n} x {d}, which needs "
                          f"{expected} bytes, the file has {size}")
     return n, d
