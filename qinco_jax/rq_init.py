@@ -1,0 +1,79 @@
+"""Initial codebooks for QINCo training: a faiss ResidualQuantizer, as in the paper.
+
+QINCo starts from a trained residual quantizer: its M codebooks become codebook0 and
+the step codebooks (IVF-QINCo: the M step codebooks; the RQ is then trained on the
+residuals of the training vectors to their nearest IVF centroid). Everything here works
+in raw (unscaled) units; the model divides by db_scale when it takes the codebooks.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from qinco_jax import model as qm
+from qinco_jax.codec import map_batches
+from qinco_jax.metrics import mean_squared_error
+
+
+def nbits_of(K: int) -> int:
+    nbit = int(round(np.log2(K))) if K > 0 else -1
+    if K < 2 or 1 << nbit != K:
+        raise ValueError(f"K must be a power of two >= 2 (an RQ codebook of nbit bits), got {K}")
+    return nbit
+
+
+def train_rq(xt: np.ndarray, M: int, K: int, beam_size: int = 1, xval: np.ndarray | None = None,
+             log: Callable[[str], None] = print) -> np.ndarray:
+    """Train a faiss ResidualQuantizer with M codebooks of K entries on xt and return
+    the codebooks, (M, K, d) float32, raw units."""
+    import faiss
+    from faiss.contrib.inspect_tools import get_additive_quantizer_codebooks
+
+    xt = np.ascontiguousarray(xt, dtype=np.float32)
+    nbit = nbits_of(K)
+    if beam_size < 1:
+        raise ValueError(f"RQ beam size must be >= 1, got {beam_size}")
+    if len(xt) < K:
+        raise ValueError(f"training an RQ with K={K} needs at least {K} vectors, got {len(xt)}")
+    log(f"training RQ {M}x{nbit}, beam_size={beam_size} on {xt.shape}")
+    t0 = time.time()
+    rq = faiss.ResidualQuantizer(xt.shape[1], M, nbit)
+    rq.max_beam_size = beam_size
+    rq.train(xt)
+    msg = f"[{time.time() - t0:.2f} s] RQ trained: train MSE={rq_mse(rq, xt):g}"
+    if xval is not None and len(xval):
+        msg += f" validation MSE={rq_mse(rq, np.ascontiguousarray(xval, dtype=np.float32)):g}"
+    log(msg)
+    return np.asarray(get_additive_quantizer_codebooks(rq), dtype=np.float32)
+
+
+def rq_mse(rq, x: np.ndarray) -> float:
+    return mean_squared_error(rq.decode(rq.compute_codes(x)), x)
+
+
+@jax.jit
+def _nearest(centroids, x):
+    return (qm.nearest_codeword(x, centroids),)
+
+
+def assign_to_centroids(x: np.ndarray, centroids: np.ndarray, batch_size: int = 16384,
+                        progress: str | None = None) -> np.ndarray:
+    """Exact nearest centroid (int32) of every row of x, in raw units like the
+    reference (which assigns the training set before any scaling). The centroids are
+    scanned in chunks inside `nearest_codeword`, so K_IVF = 2^20 fits in memory."""
+    x = np.asarray(x)
+    centroids = np.asarray(centroids, np.float32)
+    if centroids.ndim != 2 or x.ndim != 2 or centroids.shape[1] != x.shape[1]:
+        raise ValueError(f"IVF centroids have shape {centroids.shape}, the vectors have dimension "
+                         f"{x.shape[1] if x.ndim == 2 else x.shape}: they must match")
+    c = jax.device_put(centroids)
+    (codes,) = map_batches(lambda xb: _nearest(c, np.asarray(xb, np.float32)), [x], batch_size, progress)
+    return codes
+
+
+def ivf_residuals(x: np.ndarray, centroids: np.ndarray, assign: np.ndarray) -> np.ndarray:
+    return np.asarray(x, np.float32) - np.asarray(centroids, np.float32)[assign]
