@@ -268,7 +268,10 @@ class TrainCheckpointer:
         self._ocp = ocp
         self.mngr = ocp.CheckpointManager(
             os.path.abspath(directory),
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
+            # Synchronous: once an epoch's log line is out, its checkpoint is on disk
+            # (a checkpoint is small next to an epoch's work).
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                                 enable_async_checkpointing=False))
 
     def latest_epoch(self) -> int | None:
         return self.mngr.latest_step()
