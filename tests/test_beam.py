@@ -53,17 +53,17 @@ def test_wider_beams_never_lose_on_average_and_preselection_costs_little():
 
 
 def test_beam_four_beats_greedy_on_a_trained_fixture_model():
+    # The trained IVF fixtures (K = 256). On the K = 16 fixtures greedy encoding is
+    # already optimal: a brute-force search over all 16^4 codes finds the same MSE.
     from qinco_jax.checkpoint import load_model
 
-    m = load_model(FIXTURES / "qinco_d32_M4_K16_L2_h32.pt")
     x = np.load(FIXTURES / "reference_outputs.npz")["x"]
-    greedy = codec.encode(m, x, return_errors=True)[1].mean()
-    beam4 = codec.encode(m, x, beam=4, return_errors=True)[1].mean()
-    assert beam4 < 0.99 * greedy
     ivf = load_model(FIXTURES / "ivf_qinco_d32_IVF64_M4_K256_L1_h32.pt")
-    g = codec.encode(ivf, x, return_errors=True)[1].mean()
-    b = codec.encode(ivf, x, beam=4, preselect=32, return_errors=True)[1].mean()
-    assert b < g
+    greedy = codec.encode(ivf, x, return_errors=True)[1].mean()
+    beam4 = codec.encode(ivf, x, beam=4, return_errors=True)[1].mean()
+    assert beam4 < 0.95 * greedy
+    preselected = codec.encode(ivf, x, beam=4, preselect=32, return_errors=True)[1].mean()
+    assert preselected < 0.95 * greedy
 
 
 def test_pq_models_pass_beam_options_to_every_sub_quantizer():
