@@ -141,3 +141,11 @@ def test_eval_dimension_mismatch(tmp_path):
         eval_cli.main(["--db", str(tmp_path), "--model", str(QINCO)])
     with pytest.raises(ValueError, match="unknown data set"):
         eval_cli.main(["--db", "no_such_set", "--model", str(QINCO)])
+
+
+def test_encode_bvecs_input(tmp_path, ref):
+    """uint8 vectors (BigANN's format) are encoded as their float32 values."""
+    x8 = np.clip(np.round(ref["x"][:100]), 0, 255).astype(np.uint8)
+    vecs_io.write_vectors(tmp_path / "x.bvecs", x8)
+    codec_cli.main(["--model", str(QINCO), "--encode", "--i", str(tmp_path / "x.bvecs"), "--o", str(tmp_path / "c.npy")])
+    np.testing.assert_array_equal(np.load(tmp_path / "c.npy"), codec.encode(load_model(QINCO), x8.astype(np.float32)))
