@@ -171,6 +171,15 @@ def _abstract_params(config: QincoConfig):
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, np.float32), shapes)
 
 
+def _nonempty(tree):
+    """The tree without its zero-size leaves (and the dicts they leave empty): orbax
+    refuses to save zero-size arrays, which a model with M = 1 (no neural step) has."""
+    if isinstance(tree, dict):
+        kept = {k: _nonempty(v) for k, v in tree.items()}
+        return {k: v for k, v in kept.items() if v is not None}
+    return tree if int(np.prod(tree.shape)) > 0 else None
+
+
 def _restore(path: Path, target):
     import orbax.checkpoint as ocp
 
@@ -178,10 +187,16 @@ def _restore(path: Path, target):
         raise CheckpointError(f"{path}: missing parameter checkpoint")
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            tree = ckptr.restore(path.absolute(), target)
+            stored = ckptr.restore(path.absolute(), _nonempty(target))
     except Exception as e:  # orbax raises many kinds (ValueError, FileNotFoundError, tensorstore errors)
         raise CheckpointError(f"{path}: cannot restore parameters ({type(e).__name__}: {e})") from None
-    return jax.tree.map(lambda a: np.asarray(a, np.float32), tree)
+    found = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(stored)}
+
+    def fill(key_path, leaf):
+        key = jax.tree_util.keystr(key_path)
+        return np.asarray(found[key], np.float32) if key in found else np.zeros(leaf.shape, np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, target)
 
 
 # --------------------------------------------------------------------------------------
@@ -228,7 +243,7 @@ def _save_directory(model: AnyModel, path: Path) -> None:
             tree["opq"] = model.opq
     tree = jax.tree.map(lambda a: np.asarray(a, np.float32), tree)
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save((path / PARAMS_DIR).absolute(), tree)
+        ckptr.save((path / PARAMS_DIR).absolute(), _nonempty(tree))
         ckptr.wait_until_finished()
     meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, **meta}
     (path / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
