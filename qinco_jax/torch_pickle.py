@@ -29,8 +29,9 @@ import io
 import os
 import pickle
 import struct
+import types
 import zipfile
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -52,9 +53,10 @@ class TorchModule:
     own attributes (d, K, db_scale, ...) sit beside them."""
 
     torch_class = "?"
+    attrs: Mapping[str, Any] = types.MappingProxyType({})  # until BUILD gives the state
 
-    def __init__(self, *args):  # REDUCE may call the class; NEWOBJ calls __new__
-        self.attrs: dict[str, Any] = {}
+    def __init__(self, *args):  # REDUCE may call the class; NEWOBJ calls only __new__
+        self.attrs = {}
 
     def __setstate__(self, state):
         if not isinstance(state, dict):

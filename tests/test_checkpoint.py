@@ -3,8 +3,6 @@ and refusal of unsafe or malformed files."""
 
 from __future__ import annotations
 
-import io
-import pickle
 import struct
 import subprocess
 import sys
@@ -20,7 +18,7 @@ from qinco_jax import codec
 from qinco_jax.checkpoint import CheckpointError, load_model, save_model, to_faiss_qinco
 from qinco_jax.config import QincoConfig
 from qinco_jax.model import PQQincoModel, QincoModel
-from qinco_jax.torch_pickle import Global, Reduce, TorchWriter, load_pt, write_pt
+from qinco_jax.torch_pickle import Global, PersistentId, Reduce, TorchWriter, load_pt, write_pt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -359,3 +357,47 @@ def test_convert_cli(tmp_path, capsys):
         run_main(convert_checkpoint.main, ["--model", str(tmp_path / "nothing.pt"), "--o", str(tmp_path / "o")])
     assert e.value.code == 2
     assert "no such file" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------
+# Tensor rebuilding
+# --------------------------------------------------------------------------------------
+
+
+def storage_tensor(writer, storage: np.ndarray, storage_type: str, offset, size, stride, location="cuda:0"):
+    """A tensor over an arbitrary storage, as torch pickles views (offset, strides)."""
+    key = str(len(writer.storages))
+    writer.storages.append(storage)
+    pid = PersistentId(("storage", Global("torch", storage_type), key, location, int(storage.size)))
+    return Reduce(Global("torch._utils", "_rebuild_tensor_v2"), (pid, offset, size, stride, False,
+                                                                 writer.ordered_dict()))
+
+
+def test_tensor_dtypes_offsets_and_strides(tmp_path):
+    import ml_dtypes
+
+    writer = TorchWriter()
+    base = np.arange(24, dtype=np.float32)
+    tensors = {
+        # a transposed (3, 4) view starting at element 2 of a float16 storage
+        "half_t": storage_tensor(writer, base.astype("<f2"), "HalfStorage", 2, (3, 4), (1, 5)),
+        "bf16": storage_tensor(writer, base.astype(ml_dtypes.bfloat16), "BFloat16Storage", 0, (2, 3), (3, 1)),
+        "long": storage_tensor(writer, np.arange(10, dtype="<i8"), "LongStorage", 4, (3,), (2,)),
+        "shared": storage_tensor(writer, base, "FloatStorage", 0, (24,), (1,)),
+    }
+    write_pt(tmp_path / "t.pt", writer, tensors)
+    got = load_pt(tmp_path / "t.pt")
+    expected_half = np.lib.stride_tricks.as_strided(base[2:], (3, 4), (4, 20)).astype(np.float16)
+    assert got["half_t"].dtype == np.float16 and np.array_equal(got["half_t"], expected_half)
+    assert got["bf16"].dtype == ml_dtypes.bfloat16 and np.array_equal(got["bf16"].astype(np.float32),
+                                                                       base[:6].reshape(2, 3))
+    assert got["long"].dtype == np.int64 and got["long"].tolist() == [4, 6, 8]
+    assert np.array_equal(got["shared"], base)
+
+
+def test_tensor_reading_past_its_storage_is_refused(tmp_path):
+    writer = TorchWriter()
+    root = {"w": storage_tensor(writer, np.zeros(6, np.float32), "FloatStorage", 2, (2, 3), (3, 1))}
+    write_pt(tmp_path / "t.pt", writer, root)
+    with pytest.raises(CheckpointError, match="past the end of its storage"):
+        load_pt(tmp_path / "t.pt")
