@@ -1,0 +1,41 @@
+# The two set-up commands of the README, for a fresh machine:
+#   make demo   installs what it needs in .venv and runs the small-scale IVF-QINCo example
+#   make test   installs the test dependencies in .venv and runs the test suite (.ci/run)
+# Both are idempotent: a second run reuses .venv.
+
+PYTHON ?= python3
+VENV ?= .venv
+EXTRA ?= cpu            # cuda12 on a machine with NVIDIA GPUs (jax[cuda12] + faiss-gpu)
+TORCH ?= torch==2.13.0  # only for the tests that check compatibility with the PyTorch reference
+DEMO_OUT ?= runs/demo
+
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed-$(strip $(EXTRA))
+
+.PHONY: demo test install install-test clean-demo
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q -e ".[$(strip $(EXTRA))]"
+	touch $@
+
+install: $(STAMP)
+
+$(VENV)/.installed-test: $(STAMP)
+	$(PIP) install -q -e ".[$(strip $(EXTRA)),test]" "$(strip $(TORCH))"
+	touch $@
+
+install-test: $(VENV)/.installed-test
+
+demo: install
+	PYTHON=$(PY) OUT=$(DEMO_OUT) bash examples/small_scale.sh
+
+test: install-test
+	QINCO_REQUIRE_TORCH=1 $(PY) -m pytest -q tests
+
+clean-demo:
+	rm -rf $(DEMO_OUT)
