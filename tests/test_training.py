@@ -278,3 +278,40 @@ def test_cli_bad_inputs(tmp_path):
                            *_cli_args(tmp_path, "--nt", "20000")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "not enough training vectors" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_pq_qinco_prepare_train_recombine_and_one_shot(tmp_path):
+    import pq_qinco
+    import train_qinco
+
+    from qinco_jax import checkpoint, codec
+    from qinco_jax.model import PQQincoModel
+
+    xt = np.load(FIX / "train_xt.npy")[:1300]
+    data = tmp_path / "xt.npy"
+    np.save(data, xt)
+    subs = [str(tmp_path / f"sub{i}.npy") for i in range(2)]
+    pq_qinco.main(["--prepare", "--training_data", str(data), "--nt", "1300", "--nsub", "2", "--opq",
+                   "--OPQMatrix", str(tmp_path / "opq.npy"), "--training_subvectors", *subs])
+    A = np.load(tmp_path / "opq.npy")
+    assert A.shape == (32, 32)
+    np.testing.assert_allclose(np.load(subs[1]), (xt @ A.T)[:, 16:], rtol=1e-4, atol=1e-3)
+    tiny = ["--nt", "1000", "--nval", "300", "--M", "2", "--K", "16", "--L", "1", "--h", "8", "--lr", "1e-3",
+            "--batch_size", "256", "--max_epochs", "1", "--ngpu", "1", "--progress", "off"]
+    for i in range(2):
+        train_qinco.main(["--training_data", subs[i], *tiny, "--model", str(tmp_path / f"m{i}.pt")])
+    pq_qinco.main(["--recombine", "--nsub", "2", "--opq", "--OPQMatrix", str(tmp_path / "opq.npy"),
+                   "--in_models", str(tmp_path / "m0.pt"), str(tmp_path / "m1.pt"),
+                   "--out_model", str(tmp_path / "pq.pt")])
+    pq = checkpoint.load_model(tmp_path / "pq.pt")
+    assert isinstance(pq, PQQincoModel) and pq.opq is not None and len(pq.subs) == 2
+    assert codec.encode(pq, xt[:10]).shape == (10, 4)
+    # one shot, without OPQ: the same pieces in one run
+    one = pq_qinco.main(["--training_data", str(data), *tiny, "--nt", "1300", "--nsub", "2",
+                         "--out_model", str(tmp_path / "pq_dir")])
+    loaded = checkpoint.load_model(tmp_path / "pq_dir")
+    assert loaded.opq is None and [s.d for s in loaded.subs] == [16, 16]
+    np.testing.assert_array_equal(codec.encode(loaded, xt[:50]), codec.encode(one, xt[:50]))
+    with pytest.raises(ValueError, match="not divisible by 3"):
+        pq_qinco.main(["--training_data", str(data), *tiny, "--nt", "1300", "--nsub", "3",
+                       "--out_model", str(tmp_path / "x")])
