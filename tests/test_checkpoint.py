@@ -278,8 +278,9 @@ def test_db_scale_under_numpy2_scalar_path(tmp_path):
 def test_truncated_file(tmp_path):
     data = (FIXTURES / REFERENCE_MODELS["qinco"]).read_bytes()
     (tmp_path / "half.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+    with pytest.raises(CheckpointError, match="truncated or corrupt") as e:
         load_model(tmp_path / "half.pt")
+    assert str(tmp_path / "half.pt") in str(e.value)
 
 
 def test_corrupted_tensor_bytes(tmp_path):
@@ -320,6 +321,26 @@ def test_state_dict_is_not_a_model(tmp_path):
     assert np.array_equal(load_pt(tmp_path / "sd.pt")["codebook0.weight"], np.ones((4, 2), np.float32))
     with pytest.raises(CheckpointError, match="not a whole QINCo model"):
         load_model(tmp_path / "sd.pt")
+
+
+@pytest.mark.parametrize("value", [2.5, 3, None])
+def test_db_scale_as_python_number_or_missing(value, tmp_path):
+    """`train_qinco.py --db_scale X` stores a Python float; without db_scale the
+    reference cannot encode, and neither do we."""
+    from qinco_jax.checkpoint import torch_module_of
+
+    writer = TorchWriter()
+    root = torch_module_of(writer, load_model(FIXTURES / REFERENCE_MODELS["qinco"]))
+    if value is None:
+        del root.state["db_scale"]
+    else:
+        root.state["db_scale"] = value
+    write_pt(tmp_path / "m.pt", writer, root)
+    if value is None:
+        with pytest.raises(CheckpointError, match="no db_scale"):
+            load_model(tmp_path / "m.pt")
+    else:
+        assert load_model(tmp_path / "m.pt").config.db_scale == value
 
 
 def test_shape_mismatch_names_the_tensor(tmp_path):
