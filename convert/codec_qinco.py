@@ -43,14 +43,15 @@ def build_parser():
     g.add_argument("--o", required=True,
                    help="output: codes (.npy int64, .ivecs, .ibin, or packed bytes with --raw), or decoded "
                         "vectors (.npy .fvecs .fbin)")
+    g.add_argument("--i0", default=0, type=int,
+                   help="encode input rows [i0, i1) only: one shard of a large database, so that several "
+                        "machines can encode it in parallel (see --xb_codes of search_ivf.py)")
+    g.add_argument("--i1", default=-1, type=int, help="end of the row range to encode (-1: the end)")
     g.add_argument("--raw", default=False, action="store_true",
                    help="codes are in raw format (packed bits, no header), to directly measure sizes")
     g = p.add_argument_group("computation options")
     cli.add_compute_args(g)
-    g.add_argument("--beam", default=1, type=int, help="beam size for encoding (1 = greedy, the reference)")
-    g.add_argument("--preselect", default=0, type=int,
-                   help="candidates per step scored by the network, pre-selected by distance to the plain "
-                        "codebook (0 = all K)")
+    cli.add_search_args(g)
     return p
 
 
@@ -73,6 +74,11 @@ def encode_file(model, args) -> None:
     from qinco_jax import codec
 
     x = vecs_io.read_vectors(args.i)  # memory-mapped: encoded batch by batch
+    i1 = len(x) if args.i1 < 0 else args.i1
+    if not 0 <= args.i0 < i1 <= len(x):
+        raise cli.UsageError(f"row range [--i0 {args.i0}, --i1 {args.i1}) is empty or outside the "
+                             f"{len(x)} vectors of {args.i}")
+    x = x[args.i0:i1]
     if x.shape[1] != model.d:
         raise cli.UsageError(f"{args.i} holds vectors of dimension {x.shape[1]}, "
                              f"the model ({model.describe()}) expects d={model.d}")

@@ -35,13 +35,23 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def add_compute_args(group, *, batch_flag: str = "--batch_size", batch_default: int | None = None) -> None:
     group.add_argument(batch_flag, default=batch_default, type=int,
-                       help="vectors per jitted batch (default: sized to bound memory on the device)")
+                       help="vectors per jitted batch; unset: sized from the model to bound memory on the device")
     group.add_argument("--device", default="",
-                       help="JAX device: 'cpu', 'gpu', 'cuda:N' or 'gpu:N' (default: JAX's default device)")
+                       help="JAX device: 'cpu', 'gpu', 'cuda:N' or 'gpu:N'; empty: JAX's default device")
     group.add_argument("--float16", default=False, action="store_true",
                        help="run the network in float16, like the reference's --float16")
     group.add_argument("--dtype", default="", choices=["", "float32", "float16", "bfloat16"],
-                       help="network dtype (overrides --float16; distances are always float32)")
+                       help="network dtype, overrides --float16 (distances are always float32); empty: float32")
+
+
+def add_search_args(group) -> None:
+    """--beam / --preselect: how codes are searched (issue 6), wherever vectors are encoded."""
+    group.add_argument("--beam", default=1, type=int,
+                       help="beam size for encoding: 1 = greedy, as the reference; B keeps the B best "
+                            "partial codes at every step (lower error, about B times the work)")
+    group.add_argument("--preselect", default=0, type=int,
+                       help="run the network on only this many codewords per step, pre-selected by a "
+                            "cheap linear proxy of the step (0 = all K, as the reference)")
 
 
 def dtype_from_args(args) -> str:

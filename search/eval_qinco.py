@@ -35,10 +35,7 @@ def build_parser():
     g.add_argument("--json", default="", help="also write the results to this JSON file")
     g = p.add_argument_group("computation options")
     cli.add_compute_args(g)
-    g.add_argument("--beam", default=1, type=int, help="beam size for encoding (1 = greedy, the reference)")
-    g.add_argument("--preselect", default=0, type=int,
-                   help="candidates per step scored by the network, pre-selected by distance to the plain "
-                        "codebook (0 = all K)")
+    cli.add_search_args(g)
     g = p.add_argument_group("database")
     g.add_argument("--db", default="bigann1M",
                    help=f"data set: one of {', '.join(datasets.AVAILABLE_NAMES)}, or a folder holding "

@@ -149,3 +149,17 @@ def test_encode_bvecs_input(tmp_path, ref):
     vecs_io.write_vectors(tmp_path / "x.bvecs", x8)
     codec_cli.main(["--model", str(QINCO), "--encode", "--i", str(tmp_path / "x.bvecs"), "--o", str(tmp_path / "c.npy")])
     np.testing.assert_array_equal(np.load(tmp_path / "c.npy"), codec.encode(load_model(QINCO), x8.astype(np.float32)))
+
+
+def test_shards_encoded_separately_concatenate_to_the_whole(tmp_path, ref):
+    np.save(tmp_path / "x.npy", ref["x"])
+    whole, parts = tmp_path / "all.npy", []
+    codec_cli.main(["--model", str(IVF), "--encode", "--i", str(tmp_path / "x.npy"), "--o", str(whole)])
+    for i0, i1 in [(0, 200), (200, -1)]:
+        parts.append(tmp_path / f"part{i0}.npy")
+        codec_cli.main(["--model", str(IVF), "--encode", "--i", str(tmp_path / "x.npy"), "--o", str(parts[-1]),
+                        "--i0", str(i0), "--i1", str(i1)])
+    np.testing.assert_array_equal(np.concatenate([np.load(p) for p in parts]), np.load(whole))
+    with pytest.raises(cli.UsageError, match="row range"):
+        codec_cli.main(["--model", str(IVF), "--encode", "--i", str(tmp_path / "x.npy"), "--o", str(whole),
+                        "--i0", "400", "--i1", "9999"])
