@@ -29,6 +29,7 @@ read from the parameter shapes: the jitted functions need no static configuratio
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -158,21 +159,26 @@ def step_module_from_params(steps: Params) -> QincoStep:
     return QincoStep(d=d, K=K, L=len(blocks), h=h, lowrank="concat_out" in steps)
 
 
-def init_params(config: QincoConfig, key: jax.Array, codebooks: np.ndarray | None = None,
-                codebook0: np.ndarray | None = None) -> Params:
-    """Fresh parameters. `codebooks` (M', K, d), if given, fill codebook0 (non-IVF) and
-    the step codebooks in order, as the reference initialises from a trained RQ;
-    `codebook0` sets the IVF centroids. Both are taken in model (scaled) units."""
+@functools.partial(jax.jit, static_argnums=0)
+def _random_params(config: QincoConfig, key: jax.Array) -> Params:
+    # Jitted: run op by op, Flax's initialisers take seconds even for a tiny model.
     module = step_module(config)
     key0, key_steps = jax.random.split(key)
     dummy_x = jnp.zeros((1, config.d), jnp.float32)
     dummy_c = jnp.zeros((1,), jnp.int32)
     init_one = lambda k: module.init(k, dummy_x, dummy_c)["params"]
-    steps = jax.vmap(init_one)(jax.random.split(key_steps, config.num_steps))
-    params = {
+    return {
         "codebook0": jax.random.normal(key0, (config.codebook0_size, config.d), jnp.float32),
-        "steps": steps,
+        "steps": jax.vmap(init_one)(jax.random.split(key_steps, config.num_steps)),
     }
+
+
+def init_params(config: QincoConfig, key: jax.Array, codebooks: np.ndarray | None = None,
+                codebook0: np.ndarray | None = None) -> Params:
+    """Fresh parameters. `codebooks` (M', K, d), if given, fill codebook0 (non-IVF) and
+    the step codebooks in order, as the reference initialises from a trained RQ;
+    `codebook0` sets the IVF centroids. Both are taken in model (scaled) units."""
+    params = _random_params(config, key)
     if codebooks is not None:
         codebooks = np.asarray(codebooks, np.float32)
         first = 0 if config.is_ivf else 1
