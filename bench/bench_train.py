@@ -97,9 +97,20 @@ def main(argv=None):
     p.add_argument("--reference_epochs", default=3, type=int, help="epochs of the reference to time")
     p.add_argument("--torch_threads", default=0, type=int, help="torch threads (0: torch's default)")
     p.add_argument("--json", default="", help="write the results here")
+    for name in ("M", "K", "L", "h"):
+        p.add_argument(f"--{name}", default=0, type=int,
+                       help=f"override the fixture config's {name} (timing only: no reference curve then)")
+    p.add_argument("--nt", default=0, type=int, help="use only the first nt training vectors (0: all 9000)")
     args = p.parse_args(argv)
 
     ref, xt, xval = load()
+    overrides = {n: getattr(args, n) for n in ("M", "K", "L", "h") if getattr(args, n)}
+    if overrides:
+        ref["config"].update(overrides)
+        ref["mean_val_mse"] = []  # the recorded curves are for the fixture config only
+        print(f"config overridden: {ref['config']}")
+    if args.nt:
+        xt = xt[:args.nt]
     print(f"device: {jax.devices()[0].platform} x{len(jax.devices())}, cpu cores {os.cpu_count()}")
     cb = rq_init.train_rq(xt, ref["config"]["M"], ref["config"]["K"], ref["rq_beam_size"], xval)
     ref_final = ref["mean_val_mse"][args.epochs - 1] if args.epochs <= len(ref["mean_val_mse"]) else None
