@@ -51,10 +51,7 @@ def build_parser():
 
     g = p.add_argument_group("QINCo model")
     g.add_argument("--model", default="", help="IVF-QINCo model: a reference .pt file or a qinco-jax model directory")
-    g.add_argument("--beam", default=1, type=int, help="beam size for encoding (1 = greedy, the reference)")
-    g.add_argument("--preselect", default=0, type=int,
-                   help="candidates per step scored by the network, pre-selected by distance to the plain "
-                        "codebook (0 = all K)")
+    cli.add_search_args(g)
 
     g = p.add_argument_group("database")
     g.add_argument("--db", default="bigann1M",

@@ -345,3 +345,98 @@ def test_codes_of_the_wrong_width(model512, data):
     with pytest.raises(ValueError, match="3 vectors were added, the database has 4"):
         ivf.add_vectors(index, model512, [np.zeros((3, 5), np.int64)], code_batches=True, expected_total=4,
                         log=lambda m: None)
+
+
+# --------------------------------------------------------------------------------------
+# The command-line program
+# --------------------------------------------------------------------------------------
+
+
+def _search_ivf_main():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "search" / "search_ivf.py"
+    spec = importlib.util.spec_from_file_location("search_ivf", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, data):
+    """search_ivf.py --todo train add search on the fixture data, as the reference built
+    and searched ivf512_rq4x8 (all of ivf_xt, the reference's search grid)."""
+    tmp = tmp_path_factory.mktemp("search_ivf")
+    folder = tmp / "db"
+    folder.mkdir()
+    for role, key in (("learn", "xt"), ("base", "xb"), ("query", "xq"), ("gt", "gt")):
+        np.save(folder / f"{role}.npy", data[key])
+    main = _search_ivf_main()
+    common = ["--db", str(folder), "--model", str(FIXTURES / "ivf_qinco_d32_IVF512_M4_K256_L1_h32.pt"),
+              "--nprobe", "1", "4", "16", "--nshort", "10", "50", "100", "--nthreads", "2"]
+    main(common + ["--todo", "train", "add", "search", "--nt", "39000", "--index_key", KEY512,
+                   "--trained_index", str(tmp / "trained.faissindex"), "--index", str(tmp / "full.faissindex"),
+                   "--json", str(tmp / "results.json")])
+    return main, common, tmp
+
+
+def test_cli_builds_and_searches_like_the_reference(cli_run, reference_results):
+    _, _, tmp = cli_run
+    trained = faiss.read_index(str(tmp / "trained.faissindex"))
+    full = faiss.read_index(str(tmp / "full.faissindex"))
+    assert trained.ntotal == 0 and trained.is_trained and full.ntotal == 10000
+    with open(tmp / "results.json") as f:
+        results = json.load(f)
+    assert isinstance(results, list) and len(results) == 9
+    for r in results:
+        assert set(r) >= {"parameters", "recalls", "recalls_orig", "t_search", "t_decode", "t_dis"}
+        assert set(r["recalls"]) == {"1", "10", "100"}
+    assert_recalls_close(results, reference_results, 0.01 + 1e-9)
+    assert not [p for p in os.listdir(tmp) if p.endswith(".tmp")]  # atomic writes leave nothing behind
+
+
+def test_cli_adds_precomputed_codes_from_several_files(cli_run, model512, xb_codes512, tmp_path):
+    main, common, tmp = cli_run
+    half = len(xb_codes512) // 2
+    np.save(tmp_path / "codes0.npy", xb_codes512[:half].astype(np.int64))
+    # The second shard as codec_qinco.py --raw writes it (packed bits).
+    packed = packing.pack_codes(xb_codes512[half:], packing.code_nbits(model512.code_sizes))
+    packed.tofile(tmp_path / "codes1.raw")
+    out = tmp_path / "from_codes.json"
+    main(common + ["--todo", "add", "search", "--trained_index", str(tmp / "trained.faissindex"),
+                   "--xb_codes", str(tmp_path / "codes0.npy"), str(tmp_path / "codes1.raw"), "--json", str(out),
+                   "--index", str(tmp_path / "from_codes.faissindex")])
+    # Every vector stored in the same list with the same code as when encoded by the CLI
+    # (the order inside the lists follows the add batches, as in the reference).
+    ours = stored_entries(faiss.read_index(str(tmp_path / "from_codes.faissindex")))
+    encoded = stored_entries(faiss.read_index(str(tmp / "full.faissindex")))
+    np.testing.assert_array_equal(ours[0], encoded[0])
+    np.testing.assert_array_equal(ours[1], encoded[1])
+    with open(out) as f, open(tmp / "results.json") as g:
+        assert_recalls_close(json.load(f), json.load(g), 0.01 + 1e-9)
+
+
+def test_cli_bad_input(cli_run, xb_codes512, tmp_path):
+    from qinco_jax.cli import UsageError
+
+    main, common, tmp = cli_run
+    trained = ["--todo", "add", "--trained_index", str(tmp / "trained.faissindex")]
+    np.save(tmp_path / "narrow.npy", xb_codes512[:, :4])
+    with pytest.raises(ValueError, match="narrow.npy has 4 columns.*5 columns"):
+        main(common + trained + ["--xb_codes", str(tmp_path / "narrow.npy")])
+    np.save(tmp_path / "few.npy", xb_codes512[:6000])
+    with pytest.raises(UsageError, match="hold 6000 codes.*has 10000 vectors"):
+        main(common + trained + ["--xb_codes", str(tmp_path / "few.npy")])
+    np.arange(7, dtype=np.uint8).tofile(tmp_path / "odd.raw")
+    with pytest.raises(ValueError, match="not a whole number of codes"):
+        main(common + trained + ["--xb_codes", str(tmp_path / "odd.raw")])
+    with pytest.raises(UsageError, match="needs a trained index"):
+        main(common + ["--todo", "add"])
+    ivf64 = str(FIXTURES / "ivf_qinco_d32_IVF64_M4_K256_L1_h32.pt")
+    with pytest.raises(ValueError, match="nlist=512.*K_IVF=64"):
+        main(common + ["--todo", "search", "--index", str(tmp / "full.faissindex"), "--model", ivf64])
+    with pytest.raises(ValueError, match="RQ8x8.*8 RQ codebooks"):
+        main(common + ["--todo", "train", "--nt", "1000", "--index_key", "IVF512,RQ8x8_Nqint8"])
+    with pytest.raises(ValueError, match="not a faiss index"):
+        main(common + ["--todo", "search", "--index", str(tmp_path / "few.npy")])
