@@ -75,10 +75,7 @@ def add_optim_args(p) -> None:
     group.add_argument("--max_epochs", default=1000, type=int, help="max nb of epochs")
     group.add_argument("--batch_size", default=1024, type=int,
                        help="global batch size (split across devices: must divide by their number)")
-    group.add_argument("--beam", default=1, type=int, help="beam size for encoding (1 = greedy, the reference)")
-    group.add_argument("--preselect", default=0, type=int,
-                       help="candidates per step scored by the network, pre-selected by distance to the "
-                            "plain codebook (0 = all K)")
+    cli.add_search_args(group)  # the no-gradient encode of every training step
     group.add_argument("--persistent_optimizer", default=False, action="store_true",
                        help="keep Adam's moments across epochs (the reference rebuilds Adam every epoch)")
     group.add_argument("--distributed", default=False, action="store_true",
