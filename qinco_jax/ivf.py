@@ -461,3 +461,70 @@ def format_table(results: Sequence[dict], nq: int) -> str:
 def iterate_rows(x: np.ndarray, batch: int) -> Iterator[np.ndarray]:
     for i0 in range(0, len(x), batch):
         yield np.asarray(x[i0:i0 + batch])
+
+
+# --------------------------------------------------------------------------------------
+# Flat two-stage search (the paper's Table 4): AQ shortlist over the whole database
+# --------------------------------------------------------------------------------------
+
+
+def _flat_model(model) -> QincoModel:
+    if not isinstance(model, QincoModel):
+        raise ValueError(f"two-stage search needs a QINCo, QINCo-LR or IVF-QINCo model, got {model.describe()}")
+    return model
+
+
+def fit_flat_aq(model: QincoModel, x: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """AQ codebooks approximating the model's decoder for these codes: over all M code
+    columns (QINCo, QINCo-LR, as the reference), or over the M steps on the residuals to
+    the IVF centroids (IVF-QINCo, whose first column has K_IVF values)."""
+    model = _flat_model(model)
+    codes = check_model_codes(model, codes, len(x), "codes")
+    x = np.asarray(x, np.float32)
+    if model.config.is_ivf:
+        return aq.fit_codebooks(x - ivf_centroids(model)[codes[:, 0]], codes[:, 1:], model.config.K)
+    return aq.fit_codebooks(x, codes, model.config.K)
+
+
+def flat_aq_reconstruct(model: QincoModel, codes: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
+    if model.config.is_ivf:
+        return ivf_centroids(model)[codes[:, 0]] + aq.reconstruct(codes[:, 1:], codebooks)
+    return aq.reconstruct(codes, codebooks)
+
+
+def two_stage_search(model: QincoModel, xq: np.ndarray, gt: np.ndarray, xb_codes: np.ndarray,
+                     xb_aq: np.ndarray, nshort: Sequence[int], reranker: Reranker | None = None,
+                     log: Callable[[str], None] = print) -> list[dict]:
+    """For every nshort: exhaustive search of the AQ reconstructions xb_aq (faiss, L2),
+    then QINCo decoding of the shortlist and exact re-ranking. Same result format as
+    `explore`."""
+    model = _flat_model(model)
+    xq = np.ascontiguousarray(xq, np.float32)
+    xb_aq = np.ascontiguousarray(xb_aq, np.float32)
+    if len(gt) != len(xq):
+        raise ValueError(f"{len(gt)} ground-truth rows for {len(xq)} queries")
+    if len(xb_codes) != len(xb_aq):
+        raise ValueError(f"{len(xb_codes)} codes for {len(xb_aq)} AQ reconstructions")
+    reranker = reranker or Reranker(model)
+    flat = faiss.IndexFlatL2(xb_aq.shape[1])
+    flat.add(xb_aq)
+    results = []
+    for ns in nshort:
+        ns = int(ns)
+        if not 1 <= ns <= len(xb_aq):
+            raise ValueError(f"nshort={ns} must lie in [1, {len(xb_aq)}] (the database size)")
+        reranker.warm_up(len(xq), ns)
+        t0 = time.time()
+        _, I = flat.search(xq, ns)
+        t1 = time.time()
+        valid = I >= 0
+        codes = xb_codes[np.where(valid, I, 0)]
+        D, positions = reranker(xq, codes, valid)
+        t2 = time.time()
+        I_ref = gather_ids(I, D, positions)
+        t3 = time.time()
+        res = dict(parameters={"nshort": ns}, t_search=t1 - t0, t_decode=t2 - t1, t_dis=t3 - t2,
+                   recalls=one_recall_at(I_ref, gt), recalls_orig=one_recall_at(I, gt), nq=len(xq))
+        results.append(res)
+        log(format_row(res, len(xq)))
+    return results

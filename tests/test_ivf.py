@@ -13,6 +13,7 @@ from conftest import FIXTURES
 from qinco_jax import aq, codec, ivf, packing
 from qinco_jax.checkpoint import load_model
 from qinco_jax.config import QincoConfig
+from qinco_jax.metrics import one_recall_at
 from qinco_jax.model import QincoModel
 
 KEY512 = "IVF512,RQ4x8_Nqint8"
@@ -261,13 +262,10 @@ def test_built_index_gives_reference_recalls(built512, model512, data, reference
     assert_recalls_close(results, reference_results, 0.01 + 1e-9)
 
 
-def test_reranking_beats_the_aq_shortlist(model512, data):
+def test_reranking_reorders_the_same_shortlist(model512, data):
     index = read_reference_index("ivf512_rq4x8.faissindex")
     index.nprobe = 16
     r = ivf.search(index, model512, data["xq"], 100, ivf.Reranker(model512))
-    from qinco_jax.metrics import one_recall_at
-
-    # QINCo's exact distances rank the true neighbour at least as well as AQ overall.
     after, before = one_recall_at(r.I, data["gt"]), one_recall_at(r.I_short, data["gt"])
     assert after["100"] == before["100"]  # same shortlist of 100
     assert np.all(np.diff(r.D, axis=1) >= 0)
@@ -440,3 +438,55 @@ def test_cli_bad_input(cli_run, xb_codes512, tmp_path):
         main(common + ["--todo", "train", "--nt", "1000", "--index_key", "IVF512,RQ8x8_Nqint8"])
     with pytest.raises(ValueError, match="not a faiss index"):
         main(common + ["--todo", "search", "--index", str(tmp_path / "few.npy")])
+
+
+# --------------------------------------------------------------------------------------
+# Flat two-stage search
+# --------------------------------------------------------------------------------------
+
+
+def test_two_stage_search_reranks_the_aq_shortlist(data):
+    model = load_model(FIXTURES / "qinco_d32_M4_K16_L2_h32.pt")
+    xt, xb, xq, gt = data["xt"][:5000], data["xb"], data["xq"], data["gt"]
+    codebooks = ivf.fit_flat_aq(model, xt, codec.encode(model, xt))
+    assert codebooks.shape == (4, 16, 32)
+    xb_codes = codec.encode(model, xb)
+    xb_aq = ivf.flat_aq_reconstruct(model, xb_codes, codebooks)
+    results = ivf.two_stage_search(model, xq, gt, xb_codes, xb_aq, [10, 100], log=lambda m: None)
+    assert [r["parameters"] for r in results] == [{"nshort": 10}, {"nshort": 100}]
+    # The same as the reference's way: decode the whole database, exact distances to the
+    # AQ shortlist, sort.
+    decoded = codec.decode(model, xb_codes)
+    for r, ns in zip(results, (10, 100)):
+        _, short = faiss.knn(xq, xb_aq, ns)
+        assert r["recalls_orig"] == pytest.approx(one_recall_at(short, gt))
+        dis = ((xq[:, None] - decoded[short]) ** 2).sum(2)
+        ref_I = np.take_along_axis(short, np.argsort(dis, axis=1, kind="stable"), axis=1)
+        for rank, v in one_recall_at(ref_I, gt).items():
+            assert abs(r["recalls"][rank] - v) <= ONE_QUERY
+    with pytest.raises(ValueError, match="nshort=20000"):
+        ivf.two_stage_search(model, xq, gt, xb_codes, xb_aq, [20000], log=lambda m: None)
+
+
+def test_search_2stage_cli(tmp_path, data):
+    import importlib.util
+    from pathlib import Path
+
+    folder = tmp_path / "db"
+    folder.mkdir()
+    for role, key in (("learn", "xt"), ("base", "xb"), ("query", "xq"), ("gt", "gt")):
+        np.save(folder / f"{role}.npy", data[key][:4000] if key == "xt" else data[key])
+    path = Path(__file__).resolve().parents[1] / "search" / "search_2stage.py"
+    spec = importlib.util.spec_from_file_location("search_2stage", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "r.json"
+    args = ["--model", str(FIXTURES / "ivf_qinco_d32_IVF64_M4_K256_L1_h32.pt"), "--db", str(folder),
+            "--nt", "4000", "--nshort", "10", "200", "--json", str(out)]
+    module.main(args)
+    with open(out) as f:
+        results = json.load(f)
+    assert [r["parameters"]["nshort"] for r in results] == [10, 200]
+    assert results[1]["recalls"]["100"] >= results[0]["recalls"]["100"]
+    with pytest.raises(ValueError, match="PQ-QINCo|IVF-QINCo model"):
+        module.main(args[:1] + [str(FIXTURES / "pq_qinco_2x_d16_M3_K16_L1_h16_opq.pt")] + args[2:])
