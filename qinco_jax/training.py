@@ -281,6 +281,10 @@ class TrainCheckpointer:
         self.mngr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
                                                       meta=ocp.args.JsonSave(meta)))
 
+    def restore_meta(self, epoch: int) -> dict:
+        """The JSON part alone: read first, to check the run before restoring arrays."""
+        return self.mngr.restore(epoch, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))["meta"]
+
     def restore(self, epoch: int, target: dict) -> tuple[dict, dict]:
         ocp = self._ocp
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
@@ -381,11 +385,13 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
 
     if ckpt is not None and ckpt.latest_epoch() is not None:
         last = ckpt.latest_epoch()
-        target = {"params": trainable, "opt_state": opt_state, "best_params": trainable}
-        arrays, meta = ckpt.restore(last, target)
+        meta = ckpt.restore_meta(last)
         if meta["run"]["model"] != run_info["model"] or meta["run"]["nt"] != run_info["nt"]:
             raise ValueError(f"checkpoint {checkpoint_dir} is of another run ({meta['run']['model']}, "
-                             f"nt={meta['run']['nt']}); use another --checkpoint directory")
+                             f"nt={meta['run']['nt']}), not of this one ({run_info['model']}, "
+                             f"nt={run_info['nt']}); use another --checkpoint directory or delete it")
+        target = {"params": trainable, "opt_state": opt_state, "best_params": trainable}
+        arrays, meta = ckpt.restore(last, target)
         trainable = jax.device_put(arrays["params"], replicated)
         opt_state = jax.device_put(arrays["opt_state"], replicated)
         best_trainable = jax.device_put(arrays["best_params"], replicated)

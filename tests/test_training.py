@@ -174,6 +174,10 @@ def test_kill_and_resume_equals_uninterrupted(data, tmp_path):
     # a finished run restarted does nothing more
     again = training.fit(model, xt, xval, cfg, checkpoint_dir=str(tmp_path / "ck_b"), log=quiet)
     assert len(again.history["epochs"]) == 3
+    # a checkpoint of another model is refused before any array is restored
+    other, _ = rq_model(xt, M=4)
+    with pytest.raises(ValueError, match="another run"):
+        training.fit(other, xt, xval, cfg, checkpoint_dir=str(tmp_path / "ck_b"), log=quiet)
 
 
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""
