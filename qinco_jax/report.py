@@ -57,7 +57,7 @@ def format_table(results: Sequence[Result], nq: int) -> str:
     lines = [f"{head} | {'AQ R@1':>7s} {'R@10':>6s} {'R@100':>6s} | {'QINCo R@1':>9s} {'R@10':>6s} "
              f"{'R@100':>6s} | {'ms/query':>8s}"]
     lines.append("-" * len(lines[0]))
-    for r in results:
+    for r in sorted(results, key=lambda r: tuple(r["parameters"].get(k, 0) for k in keys)):
         p = " ".join(f"{str(r['parameters'].get(k, '')):>8s}" for k in keys)
         o, q = r.get("recalls_orig", {}), r["recalls"]
         lines.append(f"{p} | {o.get('1', float('nan')):7.3f} {o.get('10', float('nan')):6.3f} "
