@@ -14,12 +14,13 @@ PYTHON=${PYTHON:-python}
 OUT=${OUT:-runs/demo}
 DB=${DB:-synthetic}              # built in: 100k training, 50k database, 1k queries, d=32
 N_CENTROIDS=${N_CENTROIDS:-256}  # K_IVF
-NT=${NT:-90000}                  # training vectors for QINCo (+ NVAL held out for validation)
-NVAL=${NVAL:-10000}
+NT=${NT:-50000}                  # training vectors for QINCo (+ NVAL held out for validation)
+NVAL=${NVAL:-5000}
 M=${M:-8}                        # QINCo steps after the IVF step: M bytes per vector
 L=${L:-2}
 H=${H:-128}
-EPOCHS=${EPOCHS:-6}
+EPOCHS=${EPOCHS:-5}                # a short run: the validation MSE is still falling
+BATCH=${BATCH:-256}
 NPROBE=${NPROBE:-1 2 4 8 16 32}
 NSHORT=${NSHORT:-10 20 50 100 200}
 INDEX_KEY="IVF${N_CENTROIDS},RQ${M}x8_Nqint8"
@@ -33,7 +34,7 @@ $PYTHON search/search_ivf.py --todo train_centroids --db "$DB" \
 
 step "2/4 IVF-QINCo training (M=$M, L=$L, h=$H, $EPOCHS epochs)"
 $PYTHON train/train_qinco.py --ivf --db "$DB" --nt "$NT" --nval "$NVAL" \
-    --M "$M" --L "$L" --h "$H" --lr 0.001 --max_epochs "$EPOCHS" \
+    --M "$M" --L "$L" --h "$H" --lr 0.001 --batch_size "$BATCH" --max_epochs "$EPOCHS" \
     --IVF_centroids "$OUT/centroids.npy" --model "$OUT/model.pt" \
     --checkpoint "$OUT/checkpoint" --history "$OUT/train_history.json" --progress on
 
