@@ -43,7 +43,7 @@ from qinco_jax.model import QincoModel
 
 RERANK_K = 100  # results kept after re-ranking, as in the reference
 # Shortlist rows decoded per jitted call: bounds the (rows x max(d, h)) activations.
-RERANK_ROWS = {"cpu": 16384, "gpu": 262144}
+RERANK_ROWS = {"cpu": 8192, "gpu": 262144}
 
 
 # --------------------------------------------------------------------------------------
@@ -338,8 +338,11 @@ class Reranker:
         self._warm: set[tuple[int, int]] = set()
 
     def _batch_queries(self, nq: int, ns: int) -> int:
-        qb = max(1, self.rows // ns)
-        return qb if nq >= qb else 1 << int(np.ceil(np.log2(max(nq, 1))))
+        """Queries per jitted call: at most `rows` shortlist entries, and the nq queries
+        split into equal batches so that padding the last one wastes little."""
+        most = max(1, self.rows // ns)
+        n_batches = -(-max(nq, 1) // most)
+        return -(-max(nq, 1) // n_batches)
 
     def warm_up(self, nq: int, ns: int) -> None:
         qb = self._batch_queries(nq, ns)
