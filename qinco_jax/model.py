@@ -225,32 +225,9 @@ def check_params(config: QincoConfig, params: Params) -> None:
 
 
 def nearest_codeword(x: jax.Array, codebook: jax.Array, chunk: int = 65536) -> jax.Array:
-    """Index of the nearest row of `codebook` for every row of x, exactly.
-
-    Large codebooks (K_IVF = 2^20) are scanned in chunks of `chunk` rows with a running
-    minimum, so memory stays at B x chunk distances. The distance is computed as the
-    reference does, ||x||² + ||c||² - 2 x·c, which decides near-ties the same way."""
-    K, d = codebook.shape
-    x_norms = jnp.sum(x * x, axis=1, keepdims=True)
-    if K <= chunk:
-        dist = x_norms + jnp.sum(codebook * codebook, axis=1) - 2 * x @ codebook.T
-        return jnp.argmin(dist, axis=1).astype(jnp.int32)
-    n_chunks = -(-K // chunk)
-    padded = jnp.zeros((n_chunks * chunk, d), codebook.dtype).at[:K].set(codebook)
-    norms = jnp.full((n_chunks * chunk,), jnp.inf, codebook.dtype).at[:K].set(jnp.sum(codebook**2, axis=1))
-
-    def body(best, i):
-        c = jax.lax.dynamic_slice_in_dim(padded, i * chunk, chunk)
-        n = jax.lax.dynamic_slice_in_dim(norms, i * chunk, chunk)
-        dist = x_norms + n - 2 * x @ c.T
-        j = jnp.argmin(dist, axis=1)
-        dmin = jnp.take_along_axis(dist, j[:, None], axis=1)[:, 0]
-        better = dmin < best[0]  # strict: the first chunk wins ties, like a flat argmin
-        return (jnp.where(better, dmin, best[0]), jnp.where(better, j + i * chunk, best[1])), None
-
-    init = (jnp.full((x.shape[0],), jnp.inf, x.dtype), jnp.zeros((x.shape[0],), jnp.int32))
-    (_, best), _ = jax.lax.scan(body, init, jnp.arange(n_chunks))
-    return best.astype(jnp.int32)
+    """Index of the nearest row of `codebook` for every row of x, exactly (see
+    nearest_codewords; K_IVF = 2^20 codebooks are scanned in chunks)."""
+    return nearest_codewords(x, codebook, 1, chunk)[0][:, 0]
 
 
 def decode_steps(params: Params, codes: jax.Array) -> jax.Array:
@@ -314,8 +291,12 @@ def encode_greedy(params: Params, x: jax.Array, code0: jax.Array | None = None):
 def nearest_codewords(x: jax.Array, codebook: jax.Array, k: int, chunk: int = 65536):
     """The k nearest rows of `codebook` for every row of x, nearest first, and their
     squared distances: (B, d) -> (B, k) int32, (B, k). Rows beyond the codebook size
-    (k > K) get index 0 and distance +inf. Large codebooks are scanned in chunks with a
-    running top-k, earlier chunks winning ties, as a flat top-k would."""
+    (k > K) get index 0 and distance +inf.
+
+    Large codebooks (K_IVF = 2^20) are scanned in chunks of `chunk` rows with a running
+    top-k, so memory stays at B x chunk distances; earlier chunks win ties, as in a flat
+    search. The distance is computed as the reference does, ||x||² + ||c||² - 2 x·c,
+    which decides near-ties the same way."""
     K, d = codebook.shape
     x_norms = jnp.sum(x * x, axis=1, keepdims=True)
     chunk = min(chunk, K)
