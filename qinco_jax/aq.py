@@ -29,9 +29,7 @@ with real codes, and dropping it changes reconstructions by a negligible amount.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 
 import numpy as np
 
@@ -107,7 +105,9 @@ def _min_norm_solve(gram: np.ndarray, rhs: np.ndarray, tol: float) -> np.ndarray
     Single-threaded BLAS: the matrix is at most a few thousand rows (0.2 s at 1024,
     ~10 s at 4096), and a multithreaded OpenBLAS eigh spins for 50x longer than that
     when the machine's cores are busy with other work."""
-    with _single_threaded_blas():
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
         eigval, eigvec = np.linalg.eigh(gram)
         lam_max = eigval[-1]
         if not lam_max > 0:
@@ -115,38 +115,6 @@ def _min_norm_solve(gram: np.ndarray, rhs: np.ndarray, tol: float) -> np.ndarray
         keep = eigval > tol * lam_max
         v = eigvec[:, keep]
         return v @ ((v.T @ rhs) / eigval[keep][:, None])
-
-
-@contextlib.contextmanager
-def _single_threaded_blas():
-    """Run the block with numpy's OpenBLAS on one thread, when it is the OpenBLAS that
-    numpy wheels bundle (scipy-openblas); otherwise leave threading alone."""
-    lib = _openblas()
-    if lib is None:
-        yield
-        return
-    before = lib.scipy_openblas_get_num_threads64_()
-    lib.scipy_openblas_set_num_threads64_(1)
-    try:
-        yield
-    finally:
-        lib.scipy_openblas_set_num_threads64_(before)
-
-
-@functools.lru_cache(maxsize=1)
-def _openblas():
-    import ctypes
-
-    try:
-        with open("/proc/self/maps") as f:
-            paths = sorted({line.split()[-1] for line in f if "scipy_openblas" in line})
-        for path in paths:
-            lib = ctypes.CDLL(path)
-            if hasattr(lib, "scipy_openblas_set_num_threads64_") and hasattr(lib, "scipy_openblas_get_num_threads64_"):
-                return lib
-    except OSError:
-        pass
-    return None
 
 
 def _check(x: np.ndarray, codes: np.ndarray, K: int):
