@@ -298,31 +298,12 @@ def split_search_codes(index, raw: np.ndarray, M: int) -> tuple[np.ndarray, np.n
     return listnos, fine
 
 
-def decode_with_tables(params, codes: jax.Array) -> jax.Array:
-    """qinco_jax.model.decode, with the codeword half of every step's concat block
-    computed once for the K codewords and gathered, instead of once per decoded row: a
-    shortlist decodes many rows with the same weights (saves 2·d² of the 4·d² + 4·L·d·h
-    flops per row and step)."""
-    step = qm.step_module_from_params(params["steps"])
-    xhat0 = jnp.take(params["codebook0"], codes[:, 0], axis=0)
-
-    def body(xhat, inputs):
-        sp, step_codes = inputs
-        v = {"params": sp}
-        table = step.apply(v, sp["codebook"], method=qm.QincoStep.codeword_term)
-        z = jnp.take(table, step_codes, axis=0) + step.apply(v, xhat, method=qm.QincoStep.input_term)
-        return xhat + step.apply(v, z, method=qm.QincoStep.refine), None
-
-    xhat, _ = jax.lax.scan(body, xhat0, (params["steps"], codes[:, 1:].T))
-    return xhat
-
-
 def _rerank_impl(params, scale, xq, codes, valid, k, dtype):
     """Decode (nq, ns, W) codes, exact squared distances to the queries (raw units) and
     the k smallest per query; missing entries (valid False) rank last at +inf."""
     nq, ns, W = codes.shape
     p = jax.tree.map(lambda a: a.astype(dtype), params)
-    xhat = decode_with_tables(p, codes.reshape(nq * ns, W)).astype(jnp.float32) * scale
+    xhat = qm.decode(p, codes.reshape(nq * ns, W)).astype(jnp.float32) * scale
     diff = xq[:, None, :] - xhat.reshape(nq, ns, -1)
     dis = jnp.where(valid, jnp.sum(diff * diff, axis=-1), jnp.inf)
     neg, idx = jax.lax.top_k(-dis, k)

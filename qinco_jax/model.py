@@ -103,9 +103,12 @@ class QincoStep(nn.Module):
         return z
 
     def __call__(self, xhat, codes):
-        """The step's contribution for the given codes: (B, d), (B,) -> (B, d)."""
-        c = jnp.take(self.codebook, codes, axis=0)
-        return self.refine(self.codeword_term(c) + self.input_term(xhat))
+        """The step's contribution for the given codes: (B, d), (B,) -> (B, d).
+
+        The codeword half is computed for the K codewords and gathered, as in
+        `candidates`: cheaper than once per row when B > K, and the same numbers."""
+        table = self.codeword_term(self.codebook)
+        return self.refine(jnp.take(table, codes, axis=0) + self.input_term(xhat))
 
     def candidates(self, xhat):
         """The contribution of every codeword for every x̂: (B, d) -> (B, K, d)."""
