@@ -27,7 +27,7 @@ DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat
 
 # Encoding holds batch x K x max(d, h) activations. On a CPU the fastest batches keep
 # them in the core caches; a GPU wants enough rows to fill its SMs.
-ENCODE_ACTIVATION_BYTES = {"cpu": 16 << 20, "gpu": 1 << 30}
+ENCODE_ACTIVATION_BYTES = {"cpu": 8 << 20, "gpu": 1 << 30}
 DECODE_BATCH = {"cpu": 4096, "gpu": 65536}
 
 
