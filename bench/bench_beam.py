@@ -3,6 +3,7 @@ greedy encoding, on a trained model — the table of the README.
 
     python bench/bench_beam.py                      # the trained IVF512 fixture, K = 256
     python bench/bench_beam.py --model M.pt --db bigann1M --n 10000
+    python bench/bench_beam.py --model paper --n 1024  # speed at the paper's size (random weights)
 
 No retraining: the same decoder, only the search for codes changes.
 """
@@ -27,7 +28,9 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=os.path.join(FIXTURES, "ivf_qinco_d32_IVF512_M4_K256_L1_h32.pt"))
+    p.add_argument("--model", default=os.path.join(FIXTURES, "ivf_qinco_d32_IVF512_M4_K256_L1_h32.pt"),
+                   help="a model file, or 'paper': random weights at d=128 M=8 K=256 L=2 h=256 on Gaussian "
+                        "data (for speed; its MSE figures say little)")
     p.add_argument("--db", default="", help="data set name or folder (default: the fixture database ivf_xb)")
     p.add_argument("--n", type=int, default=4000, help="database vectors to encode")
     p.add_argument("--preselect", default="0,32,16,8", help="A values (0 = all K)")
@@ -35,8 +38,17 @@ def main(argv=None):
     p.add_argument("--json", default="")
     args = p.parse_args(argv)
 
-    model = load_model(args.model)
-    if args.db:
+    if args.model == "paper":
+        from qinco_jax.config import QincoConfig
+        from qinco_jax.model import QincoModel
+
+        model = QincoModel.init(QincoConfig(d=128, K=256, M=8, L=2, h=256), 0)
+        x = np.random.RandomState(0).randn(args.n, 128).astype(np.float32)
+    else:
+        model = load_model(args.model)
+    if args.model == "paper":
+        pass
+    elif args.db:
         from qinco_jax.datasets import get_dataset
 
         x = np.asarray(get_dataset(args.db).get_database()[: args.n], np.float32)
@@ -47,7 +59,8 @@ def main(argv=None):
     base = None
     for A in [int(a) for a in args.preselect.split(",")]:
         for B in [int(b) for b in args.beam.split(",")]:
-            codec.encode(model, x[:256], beam=B, preselect=A)  # compile
+            bs = codec.default_encode_batch_size(model, B, A)
+            codec.encode(model, x[:bs], beam=B, preselect=A)  # compile the batch shape timed below
             t0 = time.perf_counter()
             _, err = codec.encode(model, x, beam=B, preselect=A, return_errors=True)
             t = time.perf_counter() - t0
