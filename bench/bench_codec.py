@@ -107,7 +107,6 @@ def main(argv=None):
     model = QincoModel.init(cfg, 0)
     rs = np.random.RandomState(0)
     x = rs.randn(args.n_encode, cfg.d).astype(np.float32)
-    xd = rs.randn(args.n_decode, cfg.d).astype(np.float32)
     codes_d = rs.randint(cfg.K, size=(args.n_decode, cfg.M)).astype(np.int32)
     enc_flops = flops_per_vector(cfg, cfg.K)
     res = {"config": cfg.describe(), "device": str(jax.devices()[0]), "encode_gflop_per_vector": enc_flops / 1e9}

@@ -54,6 +54,16 @@ def add_search_args(group) -> None:
                             "cheap linear proxy of the step (0 = all K, as the reference)")
 
 
+def add_db_arg(group, default: str = "bigann1M") -> None:
+    """--db: a data set name or folder (qinco_jax.datasets.get_dataset)."""
+    from qinco_jax import datasets
+
+    group.add_argument("--db", default=default,
+                       help=f"data set: one of {', '.join(datasets.AVAILABLE_NAMES)}, or a folder holding "
+                            f"base.*, query.* (and learn.*, gt.*) vector files; files are looked up under "
+                            f"$QINCO_DATA (default ./data)")
+
+
 def dtype_from_args(args) -> str:
     return args.dtype or ("float16" if args.float16 else "float32")
 

@@ -37,10 +37,7 @@ def build_parser():
     cli.add_compute_args(g)
     cli.add_search_args(g)
     g = p.add_argument_group("database")
-    g.add_argument("--db", default="bigann1M",
-                   help=f"data set: one of {', '.join(datasets.AVAILABLE_NAMES)}, or a folder holding "
-                        f"base.*, query.* (and learn.*, gt.*) vector files; files are looked up under "
-                        f"$QINCO_DATA (default ./data)")
+    cli.add_db_arg(g)
     return p
 
 

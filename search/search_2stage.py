@@ -29,10 +29,7 @@ def build_parser():
     g.add_argument("--model", required=True,
                    help="QINCo, QINCo-LR or IVF-QINCo model: a reference .pt file or a qinco-jax model directory")
     g = p.add_argument_group("database")
-    g.add_argument("--db", default="bigann1M",
-                   help=f"data set: one of {', '.join(datasets.AVAILABLE_NAMES)}, or a folder holding "
-                        f"base.*, query.* (and learn.*, gt.*) vector files; files are looked up under "
-                        f"$QINCO_DATA (default ./data)")
+    cli.add_db_arg(g)
     g.add_argument("--nt", default=500_000, type=int, help="nb training vectors")
     g = p.add_argument_group("how to compute")
     cli.add_compute_args(g, batch_flag="--bs")

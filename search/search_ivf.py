@@ -53,10 +53,7 @@ def build_parser():
     cli.add_search_args(g)
 
     g = p.add_argument_group("database")
-    g.add_argument("--db", default="bigann1M",
-                   help=f"data set: one of {', '.join(datasets.AVAILABLE_NAMES)}, or a folder holding "
-                        f"base.*, query.* (and learn.*, gt.*) vector files; files are looked up under "
-                        f"$QINCO_DATA (default ./data)")
+    cli.add_db_arg(g)
     g.add_argument("--nt", default=1_000_000, type=int, help="nb training vectors to use")
     g.add_argument("--xt_codes", default="", help="file with the model codes of the first --nt training vectors "
                    "(.npy, .ivecs, .ibin, or packed bytes as codec_qinco.py --raw writes them)")

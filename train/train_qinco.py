@@ -27,7 +27,6 @@ command resumes after the last finished epoch and ends with the same model.
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
