@@ -16,29 +16,18 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
+from timing import timed  # noqa: E402
 
 from qinco_jax import codec  # noqa: E402
 from qinco_jax.config import QincoConfig  # noqa: E402
 from qinco_jax.model import QincoModel  # noqa: E402
-
-
-def timed(fn, min_seconds=2.0, min_runs=2):
-    """Best-of-several wall time of fn() after one warm-up call (compilation)."""
-    fn()
-    times = []
-    t_end = time.perf_counter() + min_seconds
-    while len(times) < min_runs or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def sgemm_gflops(n=2048):

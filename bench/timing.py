@@ -1,0 +1,19 @@
+"""Timing shared by the benchmarks."""
+
+from __future__ import annotations
+
+import time
+
+
+def timed(fn, min_seconds: float = 1.0, min_runs: int = 3) -> float:
+    """Best wall time of fn() over several runs (at least `min_runs`, for at least
+    `min_seconds`), after one warm-up run that compiles. The best, not the mean: on a
+    shared machine the other runs measure the neighbours."""
+    fn()
+    times = []
+    t_end = time.perf_counter() + min_seconds
+    while len(times) < min_runs or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
