@@ -18,7 +18,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 from qinco_jax import cli, report
 
 
-def main(argv=None):
+def build_parser():
     p = cli.parser(__doc__.split("\n\n")[0])
     p.add_argument("--json", required=True, help="results file written by search_ivf.py --json")
     p.add_argument("--png", default="", help="write the recall / time plot here (PNG)")
@@ -26,7 +26,11 @@ def main(argv=None):
                    "(default: read from the results, else from --db)")
     p.add_argument("--db", default="", help="data set the queries came from (to count them)")
     p.add_argument("--title", default="", help="plot title")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     results = report.load_results(args.json)
     nq = args.nq or report.queries_in(results)
     if not nq and args.db:
