@@ -74,3 +74,41 @@ def test_pq_models_pass_beam_options_to_every_sub_quantizer():
     x = np.random.RandomState(0).randn(100, 8).astype(np.float32)
     codes = codec.encode(m, x, beam=4)
     np.testing.assert_array_equal(codes[:, 3:], codec.encode(subs[1], x[:, 4:], beam=4))
+
+
+def test_index_building_encodes_the_database_with_the_beam(monkeypatch):
+    """search_ivf.py --beam/--preselect reach the encoder of `add` (ivf.add_vectors)."""
+    from qinco_jax import ivf
+    from qinco_jax.checkpoint import load_model
+
+    model = load_model(FIXTURES / "ivf_qinco_d32_IVF64_M4_K256_L1_h32.pt")
+    xt = np.load(FIXTURES / "ivf_xt.npy")[:3000]
+    xb = np.load(FIXTURES / "ivf_xb.npy")[:1000]
+    trained, _ = ivf.train_index(model, xt, "IVF64,RQ4x8_Nqint8", log=lambda m: None)
+    added = []
+    add_codes = ivf.add_codes
+    monkeypatch.setattr(ivf, "add_codes", lambda index, m, codes, **kw: (added.append(codes),
+                                                                         add_codes(index, m, codes, **kw))[1])
+    mse = {}
+    for beam, preselect in [(1, 0), (4, 32)]:
+        import faiss
+
+        index = faiss.clone_index(trained)
+        ivf.add_vectors(index, model, [xb], encode_kwargs={"beam": beam, "preselect": preselect}, log=lambda m: None)
+        assert index.ntotal == len(xb)
+        np.testing.assert_array_equal(added[-1], codec.encode(model, xb, beam=beam, preselect=preselect))
+        mse[beam] = ((codec.decode(model, added[-1]) - xb) ** 2).sum(1).mean()
+    assert mse[4] < 0.97 * mse[1]
+
+
+def test_training_can_encode_with_a_beam():
+    from qinco_jax import training
+
+    cfg = QincoConfig(d=8, K=16, M=3, L=1, h=16)
+    params = QincoModel.init(cfg, 0).params
+    x = jnp.asarray(np.random.RandomState(0).randn(64, 8).astype(np.float32))
+    codes = training.make_encode_fn(beam=4, preselect=8)(params, x, None)
+    np.testing.assert_array_equal(codes, qm.encode_beam(params, x, beam=4, preselect=8)[0])
+    np.testing.assert_array_equal(training.make_encode_fn()(params, x, None), qm.encode_greedy(params, x)[0])
+    with pytest.raises(ValueError, match="beam"):
+        training.TrainConfig(beam=0)
