@@ -466,13 +466,6 @@ def format_row(res: dict, nq: int) -> str:
             f"+ {res['t_dis']*1000/nq:.4f})")
 
 
-def format_table(results: Sequence[dict], nq: int) -> str:
-    if not results:
-        return "(no results)"
-    names = list(results[0]["parameters"])
-    return "\n".join([format_header(names)] + [format_row(r, nq) for r in results])
-
-
 def iterate_rows(x: np.ndarray, batch: int) -> Iterator[np.ndarray]:
     for i0 in range(0, len(x), batch):
         yield np.asarray(x[i0:i0 + batch])
