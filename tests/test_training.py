@@ -384,6 +384,9 @@ def test_train_steps_match_torch_adam_on_reference_model():
         b = theirs
         for k in path:
             b = b[k.key]
-        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=2e-6, err_msg=jax.tree_util.keystr(path))
+        # Adam divides by the gradient's own scale, so float rounding in a near-zero
+        # gradient component can move that weight by a visible fraction of one step
+        # (lr = 1e-3): 2e-5 is 2 % of a step.
+        np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=2e-5, err_msg=jax.tree_util.keystr(path))
     # and the update moved the weights (the comparison is not vacuous)
     assert not np.allclose(np.asarray(ours["steps"]["codebook"]), np.asarray(model.params["steps"]["codebook"]))
