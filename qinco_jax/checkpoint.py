@@ -27,7 +27,7 @@ from qinco_jax import torch_pickle
 from qinco_jax.config import QincoConfig
 from qinco_jax.io import atomic_directory, atomic_path
 from qinco_jax.model import AnyModel, PQQincoModel, QincoModel, init_params
-from qinco_jax.state_dict import params_from_state_dict, state_dict_from_params
+from qinco_jax.state_dict import first_step_number, params_from_state_dict, state_dict_from_params
 from qinco_jax.torch_pickle import CheckpointError, TorchModule, TorchWriter
 
 __all__ = ["CheckpointError", "load_model", "save_model", "to_faiss_qinco", "model_from_torch_module"]
@@ -59,20 +59,13 @@ def load_model(path: str | os.PathLike) -> AnyModel:
         if not (path / CONFIG_FILE).is_file():
             raise _not_a_checkpoint(path, f"a directory without {CONFIG_FILE}")
         return _load_directory(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
-    kind = torch_pickle.sniff(path)
-    if kind == "other":
-        raise _not_a_checkpoint(path, "neither a zip archive nor a directory")
-    obj = torch_pickle.load_pt(path)
+    obj = torch_pickle.load_pt(path)  # says which files are missing, not zips, or unsafe
     if not isinstance(obj, TorchModule):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a whole QINCo model "
                               "(a state dict or training checkpoint lacks the configuration and db_scale)")
     try:
         return model_from_torch_module(obj)
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    except ValueError as e:
+    except ValueError as e:  # CheckpointError included: name the file
         raise CheckpointError(f"{path}: {e}") from None
 
 
@@ -224,18 +217,14 @@ def save_model(model: AnyModel, path: str | os.PathLike) -> None:
         _save_directory(model, tmp)
 
 
-def _config_dict(config: QincoConfig) -> dict:
-    return dataclasses.asdict(config)
-
-
 def _save_directory(model: AnyModel, path: Path) -> None:
     import orbax.checkpoint as ocp
 
     if isinstance(model, QincoModel):
-        meta = {"kind": "qinco", "config": _config_dict(model.config), "description": model.describe()}
+        meta = {"kind": "qinco", "config": dataclasses.asdict(model.config), "description": model.describe()}
         tree = {"model": model.params}
     else:
-        meta = {"kind": "pq", "subs": [_config_dict(s.config) for s in model.subs],
+        meta = {"kind": "pq", "subs": [dataclasses.asdict(s.config) for s in model.subs],
                 "opq_shape": None if model.opq is None else list(model.opq.shape),
                 "description": model.describe()}
         tree = {"subs": {str(i): s.params for i, s in enumerate(model.subs)}}
@@ -260,7 +249,7 @@ def torch_module_of(writer: TorchWriter, model: AnyModel):
                              db_scale=1, sub_quantizers=subs, **extra)
     c = model.config
     sd = state_dict_from_params(c, model.params)
-    first = 0 if c.is_ivf else 1
+    first = first_step_number(c)
     modules = {"codebook0": writer.embedding(sd["codebook0.weight"], frozen=c.is_ivf)}
     steps = []
     for m in range(first, first + c.num_steps):

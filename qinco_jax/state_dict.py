@@ -12,10 +12,11 @@ is split column-wise into its codeword and input halves (see model.py).
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from qinco_jax.config import QincoConfig
-from qinco_jax.model import Params
+from qinco_jax.model import Params, init_params
 
 StateDict = dict[str, np.ndarray]
 
@@ -66,21 +67,15 @@ def params_from_state_dict(config: QincoConfig, sd: StateDict) -> Params:
 
 
 def _stack(per_step: list[Params], config: QincoConfig) -> Params:
-    import jax  # local: keeps this module's import light for the converters
-
     if per_step:
         return jax.tree.map(lambda *xs: np.ascontiguousarray(np.stack(xs)), *per_step)
     # M = 1: no neural step. Keep the structure, with a leading axis of size 0.
-    from qinco_jax.model import init_params
-
     shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0))["steps"])
     return jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)
 
 
 def state_dict_from_params(config: QincoConfig, params: Params) -> StateDict:
     """The reference's state dict (names in its module order) from our pytree."""
-    import jax
-
     params = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
     sd: StateDict = {"codebook0.weight": params["codebook0"]}
     steps = params["steps"]

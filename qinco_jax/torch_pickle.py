@@ -277,7 +277,8 @@ def _open_zip(path: str) -> zipfile.ZipFile:
     if kind == "truncated":
         raise CheckpointError(f"{path}: truncated or corrupt zip archive (no central directory)")
     if kind == "other":
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint (not a zip archive)")
+        raise CheckpointError(f"not a QINCo checkpoint: {path}: neither a zip archive nor a directory "
+                              "(expected a .pt file or a qinco-jax model directory)")
     try:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError) as e:
