@@ -168,15 +168,9 @@ class SyntheticDataset(Dataset):
         return _slice_gt(self._gt, k, self.name)
 
 
-@functools.lru_cache(maxsize=4)
-def synthetic_dataset(nt: int, nb: int, nq: int, d: int = 32, seed: int = 0) -> SyntheticDataset:
-    """The deterministic synthetic data set of these sizes (cached: one generation and
-    one ground-truth computation per process)."""
-    return SyntheticDataset(nt, nb, nq, d, seed)
-
-
 @functools.lru_cache(maxsize=None)
 def _named_synthetic(name: str) -> SyntheticDataset:
+    # cached: one generation and one ground-truth computation per process
     return SyntheticDataset(*SYNTHETIC_SIZES[name], name=name)
 
 

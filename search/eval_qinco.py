@@ -20,8 +20,6 @@ try:
 except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
-
 from qinco_jax import cli, datasets, metrics
 from qinco_jax.io import write_bytes
 
@@ -39,16 +37,6 @@ def build_parser():
     g = p.add_argument_group("database")
     cli.add_db_arg(g)
     return p
-
-
-def knn(xq: np.ndarray, xb: np.ndarray, k: int) -> np.ndarray:
-    """Ids of the k exact L2 nearest neighbours (faiss flat search)."""
-    import faiss
-
-    index = faiss.IndexFlatL2(xb.shape[1])
-    index.add(np.ascontiguousarray(xb, dtype=np.float32))
-    _, ids = index.search(np.ascontiguousarray(xq, dtype=np.float32), min(k, len(xb)))
-    return ids
 
 
 def evaluate(model, ds, *, batch_size=None, dtype="float32", beam=1, preselect=0) -> dict:
@@ -72,7 +60,7 @@ def evaluate(model, ds, *, batch_size=None, dtype="float32", beam=1, preselect=0
     print(f"Decoding done in {t_decode:.2f} s, MSE={mse:g}", flush=True)
     print("Performing search", flush=True)
     t0 = time.time()
-    ids = knn(ds.get_queries(), recons, SEARCH_K)
+    ids = datasets.exact_groundtruth(ds.get_queries(), recons, SEARCH_K)
     t_search = time.time() - t0
     recalls = metrics.one_recall_at(ids, ds.get_groundtruth())
     for rank, r in recalls.items():
