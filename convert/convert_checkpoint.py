@@ -54,14 +54,13 @@ def parameter_leaves(model) -> list[np.ndarray]:
 
     from qinco_jax.model import PQQincoModel
 
-    if isinstance(model, PQQincoModel):
-        out = [np.asarray(a) for s in model.subs for a in jax.tree.leaves(s.params)]
-        return out + ([np.asarray(model.opq)] if model.opq is not None else [])
-    return [np.asarray(a) for a in jax.tree.leaves(model.params)]
+    # jax.tree.leaves drops a missing (None) OPQ matrix
+    tree = ([s.params for s in model.subs], model.opq) if isinstance(model, PQQincoModel) else model.params
+    return [np.asarray(a) for a in jax.tree.leaves(tree)]
 
 
 def check(model, reloaded, n: int, seed: int) -> None:
-    from qinco_jax import codec
+    from qinco_jax import codec, metrics
 
     same_params = model.config == reloaded.config and all(
         a.shape == b.shape and np.array_equal(a, b)
@@ -71,7 +70,7 @@ def check(model, reloaded, n: int, seed: int) -> None:
     agree = float(np.mean(c1 == c2))
     y1, y2 = codec.decode(model, c1), codec.decode(reloaded, c1)
     rel = float(np.linalg.norm(y1 - y2) / max(np.linalg.norm(y1), 1e-30))
-    mse = float(np.mean(np.sum((x - y1) ** 2, axis=1)))
+    mse = metrics.mean_squared_error(x, y1)
     print(f"check on {n} random vectors: parameters identical: {same_params}, codes equal: {agree:.2%}, "
           f"decoding relative difference: {rel:.3g}, MSE {mse:.6g}")
     if not same_params or agree < 1.0 or rel > 1e-6:

@@ -146,15 +146,15 @@ def unpack_codes(data: np.ndarray, n: int | None, nbits, M: int | None = None) -
             le[:, j, :nb[j] // 8] = data[:, starts[j]:starts[j] + nb[j] // 8]
         out[:] = le.view("<u4").reshape(n, M).view(np.int32)
         return out
-    column, rank = _bit_layout(nb)
+    _, rank = _bit_layout(nb)
     weight = (np.uint32(1) << rank.astype(np.uint32))
+    # Columns are contiguous runs of the bit string: sum each run (empty runs have no bits).
+    nonempty = nb > 0
+    starts = (np.cumsum(nb) - nb)[nonempty]
     step = max(1, _CHUNK_BITS // max(size * 8, 1))
     for i0 in range(0, n, step):
         bits = np.unpackbits(data[i0:i0 + step, :size], axis=1, bitorder="little")[:, :total]
         vals = bits.astype(np.uint32) * weight
-        # Sum each column's bits: columns are contiguous runs of the bit string.
-        starts = np.cumsum(nb) - nb
-        nonempty = nb > 0
-        sums = np.add.reduceat(vals, starts[nonempty], axis=1)
+        sums = np.add.reduceat(vals, starts, axis=1)
         out[i0:i0 + step, nonempty] = sums.astype(np.uint32).view(np.int32)
     return out

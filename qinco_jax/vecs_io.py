@@ -63,10 +63,7 @@ def vectors_shape(path: str | os.PathLike) -> tuple[int, int]:
     checks them)."""
     ext = _extension(path)
     if ext == ".npy":
-        shape = np.load(path, mmap_mode="r").shape
-        if len(shape) != 2:
-            raise ValueError(f"{path}: expected a 2-D array of vectors, got shape {shape}")
-        return shape
+        return read_vectors(path).shape  # a memory map: reads the header only
     if ext in VECS_DTYPES:
         return _vecs_layout(path, ext)[:2]
     return _bin_layout(path, ext)
