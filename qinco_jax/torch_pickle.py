@@ -568,7 +568,7 @@ def write_pt(path: str | os.PathLike, writer: TorchWriter, root, archive_name: s
     records = [("data.pkl", pkl), (".format_version", b"1"), (".storage_alignment", b"64"),
                ("byteorder", b"little")]
     records += [(f"data/{i}", a.tobytes()) for i, a in enumerate(writer.storages)]
-    digest = hashlib.sha1(pkl + b"".join(r for _, r in records)).hexdigest()
+    digest = hashlib.sha1(b"".join(r for _, r in records)).hexdigest()  # data.pkl included
     records += [("version", b"3\n"), (".data/serialization_id", str(int(digest, 16))[:40].encode())]
     with open(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
         for rel, data in records:

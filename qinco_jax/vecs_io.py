@@ -141,7 +141,7 @@ def read_vectors(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
     return np.fromfile(path, dtype=dtype, offset=8).reshape(n, d)
 
 
-def _converted(path, array: np.ndarray, dtype: np.dtype) -> None:
+def _check_lossless(path, array: np.ndarray, dtype: np.dtype) -> None:
     """Raise if storing `array` as `dtype` would change values."""
     if array.size == 0 or array.dtype == dtype:
         return
@@ -175,7 +175,7 @@ def write_vectors(path: str | os.PathLike, array: np.ndarray) -> None:
     if d == 0:
         raise ValueError(f"{path}: cannot store vectors of dimension 0")
     dtype = VECS_DTYPES.get(ext, BIN_DTYPES.get(ext))
-    _converted(path, array, dtype)
+    _check_lossless(path, array, dtype)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         if ext in BIN_DTYPES:
             f.write(np.array([n, d], "<i4").tobytes())
