@@ -24,9 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def leaves(model):
-    if isinstance(model, PQQincoModel):
-        return [np.asarray(a) for s in model.subs for a in jax.tree.leaves(s.params)] + [np.asarray(model.opq)]
-    return [np.asarray(a) for a in jax.tree.leaves(model.params)]
+    tree = ([s.params for s in model.subs], model.opq) if isinstance(model, PQQincoModel) else model.params
+    return [np.asarray(a) for a in jax.tree.leaves(tree)]
 
 
 def assert_same_model(a, b):

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FIXTURES, REFERENCE_MODELS, load_reference_outputs
 
 from qinco_jax import cli, codec, datasets, vecs_io
 from qinco_jax.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).parent / "fixtures"
-QINCO = FIXTURES / "qinco_d32_M4_K16_L2_h32.pt"
-IVF = FIXTURES / "ivf_qinco_d32_IVF64_M4_K256_L1_h32.pt"
+QINCO = FIXTURES / REFERENCE_MODELS["qinco"]
+IVF = FIXTURES / REFERENCE_MODELS["ivf_qinco"]
 
 
 def _script(rel: str):
@@ -34,7 +34,7 @@ eval_cli = _script("search/eval_qinco.py")
 
 @pytest.fixture(scope="module")
 def ref():
-    return np.load(FIXTURES / "reference_outputs.npz")
+    return load_reference_outputs()
 
 
 def test_encode_decode_npy_matches_reference(tmp_path, ref):

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import faiss
 import numpy as np
 import pytest
+from conftest import FIXTURES
 from faiss.contrib import vecs_io as faiss_vecs
 
 from qinco_jax import datasets, packing, vecs_io
-
-FIXTURES = Path(__file__).parent / "fixtures"
-
 
 # --------------------------------------------------------------------------------------
 # vecs_io
