@@ -28,6 +28,7 @@ from qinco_jax import cli, packing, vecs_io
 from qinco_jax.io import write_bytes
 
 CODE_EXTENSIONS = (".npy", ".ivecs", ".ibin")
+VECTOR_EXTENSIONS = (".npy", ".fvecs", ".fbin")  # float32 formats: decoded vectors are not integers
 
 
 def build_parser():
@@ -121,8 +122,8 @@ def read_codes(model, args) -> np.ndarray:
 def decode_file(model, args) -> None:
     from qinco_jax import codec
 
-    if Path(args.o).suffix.lower() not in vecs_io.EXTENSIONS:
-        raise cli.UsageError(f"--o {args.o}: decoded vectors are written as one of {' '.join(vecs_io.EXTENSIONS)}")
+    if Path(args.o).suffix.lower() not in VECTOR_EXTENSIONS:
+        raise cli.UsageError(f"--o {args.o}: decoded vectors are written as one of {' '.join(VECTOR_EXTENSIONS)}")
     codes = read_codes(model, args)
     print(f"Decoding input codes of size {codes.shape}", flush=True)
     t0 = time.time()
