@@ -59,10 +59,6 @@ class Scheduler:
     def should_stop(self) -> bool:
         return self.lr == 0
 
-    @property
-    def best_loss(self) -> float:
-        return min(self.loss_values) if self.loss_values else float("inf")
-
     def state_dict(self) -> dict:
         return {"lr": self.lr, "loss_values": list(self.loss_values), "last_lr_update": self.last_lr_update}
 
