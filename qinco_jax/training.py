@@ -52,8 +52,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qinco_jax import codec
 from qinco_jax import model as qm
-from qinco_jax.io import atomic_path
-from qinco_jax.model import QincoModel
+from qinco_jax.io import write_bytes
+from qinco_jax.model import AnyModel, QincoModel
 from qinco_jax.scheduler import Scheduler
 
 Params = dict[str, Any]
@@ -244,7 +244,7 @@ def local_copy(tree):
     return jax.tree.map(lambda a: a.addressable_data(0) if isinstance(a, jax.Array) else a, tree)
 
 
-def validation_mse(model: QincoModel, xval: np.ndarray, *, batch_size: int | None = None,
+def validation_mse(model: AnyModel, xval: np.ndarray, *, batch_size: int | None = None,
                    beam: int = 1, preselect: int = 0) -> float:
     """Mean squared reconstruction error of xval (raw units)."""
     _, err = codec.encode(model, xval, batch_size=batch_size, return_errors=True, beam=beam, preselect=preselect)
@@ -314,8 +314,7 @@ def _default_log(msg: str) -> None:
 
 
 def _save_json(path: str, obj) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1))
+    write_bytes(path, json.dumps(obj, indent=1).encode())
 
 
 def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *,
@@ -333,7 +332,7 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
     is_main = jax.process_index() == 0
     log = (log or _default_log) if is_main else (lambda msg: None)
     config = model.config
-    xt = np.asarray(xt) if not isinstance(xt, np.memmap) else xt
+    xt, xval = np.asarray(xt), np.asarray(xval)  # a memmap stays a view: no copy
     if xt.ndim != 2 or xt.shape[1] != config.d:
         raise ValueError(f"training vectors have shape {xt.shape}, the model needs dimension {config.d}")
     if len(xt) == 0:
@@ -426,7 +425,7 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
                 bar.update(1)
                 if i % 10 == 0 and i:
                     bar.set_postfix(loss=f"{float(losses[-2]):.4g}")  # previous step: no stall
-        train_loss = float(np.mean([float(v) for v in losses]))
+        train_loss = float(np.mean(jax.device_get(losses), dtype=np.float64))  # one transfer per epoch
         if bar is not None:
             bar.close()
         if not math.isfinite(train_loss):

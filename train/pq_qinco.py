@@ -142,8 +142,8 @@ def do_recombine(args, log=print):
 
 def train_all(args, log=print):
     """One-shot: OPQ, split, train every sub-model, recombine, save."""
-    from qinco_jax import codec
     from qinco_jax.checkpoint import save_model
+    from qinco_jax.training import validation_mse
 
     if args.ivf:
         raise cli.UsageError("PQ-QINCo with IVF-QINCo sub-quantizers is not supported (as in the reference)")
@@ -174,8 +174,7 @@ def train_all(args, log=print):
         sub_args.checkpoint = os.path.join(args.checkpoint, f"sub{i}") if args.checkpoint else ""
         subs.append(train_qinco.run(sub_args, xs, log=log).best)
     model = recombine(subs, A)
-    _, err = codec.encode(model, np.ascontiguousarray(xval, np.float32), return_errors=True)
-    log(f"PQ-QINCo validation MSE {float(np.mean(err, dtype=np.float64)):g}; storing {model.describe()} "
+    log(f"PQ-QINCo validation MSE {validation_mse(model, xval):g}; storing {model.describe()} "
         f"to {args.out_model}")
     save_model(model, args.out_model)
     return model
