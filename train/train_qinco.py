@@ -44,7 +44,7 @@ DEFAULT_TODO = ["train_rq", "train"]
 
 def add_data_args(p, *, nt_default: int = 500_000) -> None:
     group = p.add_argument_group("database")
-    group.add_argument("--db", default="bigann1M", help="data set name (or folder) to take training vectors from")
+    cli.add_db_arg(group)
     group.add_argument("--training_data", default="",
                        help="file of training vectors (npy, fvecs, bvecs, fbin, u8bin); overrides --db")
     group.add_argument("--nt", default=nt_default, type=int, help="nb training vectors to use")
