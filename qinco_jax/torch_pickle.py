@@ -491,20 +491,16 @@ class TorchWriter:
     def ordered_dict(self) -> Reduce:
         return Reduce(self._hooks, ())
 
-    def tensor(self, array: np.ndarray, parameter: bool = True, requires_grad: bool = True):
+    def tensor(self, array: np.ndarray, requires_grad: bool = True):
         """A float32 tensor (stored contiguous, on 'cpu'), wrapped as an nn.Parameter."""
         a = np.ascontiguousarray(array, dtype="<f4")
         key = str(len(self.storages))
         self.storages.append(a)
-        stride, acc = [], 1
-        for n in reversed(a.shape):
-            stride.insert(0, acc)
-            acc *= n
+        # torch's contiguous strides, in elements (numpy's are 0 for empty arrays; torch's are not)
+        stride = tuple(int(np.prod(a.shape[i + 1:])) for i in range(a.ndim))
         pid = PersistentId(("storage", Global("torch", "FloatStorage"), key, "cpu", int(a.size)))
         t = Reduce(Global("torch._utils", "_rebuild_tensor_v2"),
-                   (pid, 0, tuple(int(n) for n in a.shape), tuple(stride), False, self.ordered_dict()))
-        if not parameter:
-            return t
+                   (pid, 0, tuple(int(n) for n in a.shape), stride, False, self.ordered_dict()))
         return Reduce(Global("torch._utils", "_rebuild_parameter"), (t, requires_grad, self.ordered_dict()))
 
     def module(self, cls: tuple[str, str], parameters: dict | None = None, modules: dict | None = None,
