@@ -32,16 +32,17 @@ numpy argsort breaks them its own (unspecified) way, so recalls can differ by a 
 or so where the true neighbour shares its code with other vectors.
 
 Timings reported per operating point, for the whole query set: t_search (faiss
-shortlist with codes), t_decode (the jitted decode + exact distances + top 100, which
-the reference times as two steps: decode, then distances and sort), t_dis (gathering
-the result ids on the host).
+shortlist with codes), t_decode (unpacking the shortlist's codes, then the jitted
+decode + exact distances + top 100, which the reference times as two steps: decode,
+then distances and sort), t_dis (gathering the result ids on the host).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Sequence
 
 import faiss
 import jax
@@ -49,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qinco_jax import aq, codec, packing
-from qinco_jax import model as qm
+from qinco_jax.io import atomic_path
 from qinco_jax.metrics import one_recall_at
 from qinco_jax.model import QincoModel
 
@@ -75,6 +76,12 @@ def ivf_centroids(model: QincoModel) -> np.ndarray:
     return np.asarray(model.params["codebook0"], np.float32) * np.float32(model.config.db_scale)
 
 
+def _faiss_message(e: Exception) -> str:
+    """The last line of a faiss C++ error (the line that says what is wrong)."""
+    text = str(e).strip()
+    return text.splitlines()[-1] if text else ""
+
+
 def as_ivf_index(index) -> faiss.IndexIVFResidualQuantizer:
     if not isinstance(index, faiss.IndexIVFResidualQuantizer):
         # A second wrapper of the same C++ object: it must take over ownership, or the
@@ -88,6 +95,27 @@ def as_ivf_index(index) -> faiss.IndexIVFResidualQuantizer:
         raise ValueError(f"expected an IVF residual-quantizer index (key IVF<n>,RQ<M>x<bits>_N...), "
                          f"got {type(index).__name__}")
     return index
+
+
+def read_index(path, what: str = "index") -> faiss.IndexIVFResidualQuantizer:
+    """An IVF-RQ index from a file, with an error naming the file if it is not one."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    try:
+        index = faiss.read_index(path)
+    except RuntimeError as e:
+        raise ValueError(f"{what} {path} is not a faiss index: {_faiss_message(e)}") from None
+    try:
+        return as_ivf_index(index)
+    except ValueError as e:
+        raise ValueError(f"{what} {path}: {e}") from None
+
+
+def write_index(index, path) -> None:
+    """faiss.write_index, atomically: an interrupted write leaves the old file."""
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
 
 
 def rq_nbits(index) -> list[int]:
@@ -124,8 +152,7 @@ def new_index(model: QincoModel, index_key: str, ef_construction: int = -1) -> f
     try:
         index = faiss.index_factory(model.d, index_key)
     except RuntimeError as e:
-        msg = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-        raise ValueError(f"faiss cannot build index key {index_key!r}: {msg}") from None
+        raise ValueError(f"faiss cannot build index key {index_key!r}: {_faiss_message(e)}") from None
     try:
         index = as_ivf_index(index)
     except ValueError:
@@ -302,9 +329,8 @@ def _rerank_impl(params, scale, xq, codes, valid, k, dtype):
     """Decode (nq, ns, W) codes, exact squared distances to the queries (raw units) and
     the k smallest per query; missing entries (valid False) rank last at +inf."""
     nq, ns, W = codes.shape
-    p = jax.tree.map(lambda a: a.astype(dtype), params)
-    xhat = qm.decode(p, codes.reshape(nq * ns, W)).astype(jnp.float32) * scale
-    diff = xq[:, None, :] - xhat.reshape(nq, ns, -1)
+    (xhat,) = codec._decode_batch(params, codes.reshape(nq * ns, W), dtype)
+    diff = xq[:, None, :] - (xhat * scale).reshape(nq, ns, -1)
     dis = jnp.where(valid, jnp.sum(diff * diff, axis=-1), jnp.inf)
     neg, idx = jax.lax.top_k(-dis, k)
     return -neg, idx
@@ -325,8 +351,7 @@ class Reranker:
         self.params = jax.device_put(model.params)
         self.scale = jnp.float32(model.config.db_scale)
         self.dtype = codec._resolve_dtype(dtype)
-        backend = "cpu" if jax.default_backend() == "cpu" else "gpu"
-        self.rows = int(rows_per_batch or RERANK_ROWS[backend])
+        self.rows = int(rows_per_batch or RERANK_ROWS[codec._backend()])
         self.k = k
         self._warm: set[tuple[int, int]] = set()
 
@@ -376,18 +401,16 @@ class SearchResult:
     t_dis: float
 
 
-def search(index, model: QincoModel, xq: np.ndarray, nshort: int, reranker: Reranker) -> SearchResult:
-    """One search at the index's current nprobe / efSearch: faiss shortlist of nshort,
-    QINCo re-ranking. t_decode times the jitted decode + distances + top-k, t_dis the
-    host-side gather of the result ids."""
+def _shortlist_and_rerank(shortlist, to_codes, xq: np.ndarray, nshort: int, reranker: Reranker) -> SearchResult:
+    """The two stages, timed alike for the IVF and the flat search: `shortlist(xq, nshort)`
+    -> (ids, payload) is t_search; `to_codes(ids, payload)` -> (model codes, valid) and
+    the re-ranking are t_decode; gathering the result ids is t_dis."""
     xq = np.ascontiguousarray(xq, np.float32)
     reranker.warm_up(len(xq), nshort)
     t0 = time.time()
-    _, I, raw = index.search_and_return_codes(xq, nshort, include_listnos=True)
+    I, payload = shortlist(xq, nshort)
     t1 = time.time()
-    listnos, fine = split_search_codes(index, raw, model.config.M)
-    valid = (I >= 0) & (listnos < index.nlist)
-    codes = np.concatenate([np.where(valid, listnos, 0)[..., None].astype(np.int32), fine], axis=2)
+    codes, valid = to_codes(I, payload)
     D, positions = reranker(xq, codes, valid)
     t2 = time.time()
     I_ref = gather_ids(I, D, positions)
@@ -395,14 +418,44 @@ def search(index, model: QincoModel, xq: np.ndarray, nshort: int, reranker: Rera
     return SearchResult(D, I_ref, I, t1 - t0, t2 - t1, t3 - t2)
 
 
+def search(index, model: QincoModel, xq: np.ndarray, nshort: int, reranker: Reranker) -> SearchResult:
+    """One search at the index's current nprobe / efSearch: faiss shortlist of nshort
+    with the codes and list numbers of its entries, QINCo re-ranking."""
+
+    def shortlist(q, ns):
+        _, I, raw = index.search_and_return_codes(q, ns, include_listnos=True)
+        return I, raw
+
+    def to_codes(I, raw):
+        listnos, fine = split_search_codes(index, raw, model.config.M)
+        valid = (I >= 0) & (listnos < index.nlist)
+        codes = np.concatenate([np.where(valid, listnos, 0)[..., None].astype(np.int32), fine], axis=2)
+        return codes, valid
+
+    return _shortlist_and_rerank(shortlist, to_codes, xq, nshort, reranker)
+
+
 def set_search_parameters(index, parameters: dict) -> None:
     index.nprobe = int(parameters["nprobe"])
     if "quantizer_efSearch" in parameters:
         quantizer = _coarse_quantizer(index)
         if not hasattr(quantizer, "hnsw"):
-            raise ValueError("quantizer_efSearch needs an HNSW coarse quantizer, the index's is "
+            raise ValueError("--quantizer_efSearch needs an HNSW coarse quantizer; this index has "
                              f"{type(quantizer).__name__}")
         quantizer.hnsw.efSearch = int(parameters["quantizer_efSearch"])
+
+
+def _check_queries(model: QincoModel, xq: np.ndarray, gt: np.ndarray) -> None:
+    if np.ndim(xq) != 2 or np.shape(xq)[1] != model.d:
+        raise ValueError(f"queries have shape {np.shape(xq)}, the model ({model.describe()}) needs (nq, {model.d})")
+    if len(gt) != len(xq):
+        raise ValueError(f"{len(gt)} ground-truth rows for {len(xq)} queries")
+
+
+def _operating_point(parameters: dict, r: SearchResult, gt: np.ndarray) -> dict:
+    """One result as the CLIs write it to --json (see qinco_jax.report)."""
+    return dict(parameters=parameters, t_search=r.t_search, t_decode=r.t_decode, t_dis=r.t_dis,
+                recalls=one_recall_at(r.I, gt), recalls_orig=one_recall_at(r.I_short, gt), nq=len(r.I))
 
 
 def explore(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe: Sequence[int],
@@ -410,16 +463,13 @@ def explore(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe:
             reranker: Reranker | None = None, log: Callable[[str], None] = print) -> list[dict]:
     """Search at every operating point of nprobe x efSearch x nshort (or n_autotune
     sampled ones, skipping points that cannot be Pareto-optimal), as the reference.
-    Returns one dict per point: parameters, recalls, recalls_orig, t_search, t_decode, t_dis."""
+    Returns one dict per point: parameters, cno, recalls, recalls_orig, t_search,
+    t_decode, t_dis, nq."""
     from faiss.contrib.evaluation import OperatingPointsWithRanges
 
     model = require_ivf_model(model)
     check_index_matches_model(index, model)
-    if ef_search and not hasattr(_coarse_quantizer(index), "hnsw"):
-        raise ValueError("--quantizer_efSearch needs an HNSW coarse quantizer; this index has "
-                         f"{type(_coarse_quantizer(index)).__name__}")
-    if len(gt) != len(xq):
-        raise ValueError(f"{len(gt)} ground-truth rows for {len(xq)} queries")
+    _check_queries(model, xq, gt)
     reranker = reranker or Reranker(model)
     index.parallel_mode = 3  # as the reference: parallel over queries and lists
     op = OperatingPointsWithRanges()
@@ -438,13 +488,10 @@ def explore(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe:
             if not op.is_pareto_optimal(max_perf, min_time):
                 log(f"{cno:4d} {str(parameters):55s} skipped: cannot be Pareto-optimal")
                 continue
-        set_search_parameters(index, parameters)
+        set_search_parameters(index, parameters)  # the first point checks efSearch applies
         r = search(index, model, xq, parameters["nshort"], reranker)
-        recalls, recalls_orig = one_recall_at(r.I, gt), one_recall_at(r.I_short, gt)
-        t_total = r.t_search + r.t_decode + r.t_dis
-        op.add_operating_point(key, recalls["1"], t_total)
-        res = dict(parameters=parameters, cno=int(cno), t_search=r.t_search, t_decode=r.t_decode,
-                   t_dis=r.t_dis, recalls=recalls, recalls_orig=recalls_orig)
+        res = dict(_operating_point(parameters, r, gt), cno=int(cno))
+        op.add_operating_point(key, res["recalls"]["1"], r.t_search + r.t_decode + r.t_dis)
         results.append(res)
         log(format_row(res, len(xq)))
     return results
@@ -466,17 +513,12 @@ def format_row(res: dict, nq: int) -> str:
             f"+ {res['t_dis']*1000/nq:.4f})")
 
 
-def iterate_rows(x: np.ndarray, batch: int) -> Iterator[np.ndarray]:
-    for i0 in range(0, len(x), batch):
-        yield np.asarray(x[i0:i0 + batch])
-
-
 # --------------------------------------------------------------------------------------
 # Flat two-stage search (the paper's Table 4): AQ shortlist over the whole database
 # --------------------------------------------------------------------------------------
 
 
-def _flat_model(model) -> QincoModel:
+def require_flat_model(model) -> QincoModel:
     if not isinstance(model, QincoModel):
         raise ValueError(f"two-stage search needs a QINCo, QINCo-LR or IVF-QINCo model, got {model.describe()}")
     return model
@@ -486,7 +528,7 @@ def fit_flat_aq(model: QincoModel, x: np.ndarray, codes: np.ndarray) -> np.ndarr
     """AQ codebooks approximating the model's decoder for these codes: over all M code
     columns (QINCo, QINCo-LR, as the reference), or over the M steps on the residuals to
     the IVF centroids (IVF-QINCo, whose first column has K_IVF values)."""
-    model = _flat_model(model)
+    model = require_flat_model(model)
     codes = check_model_codes(model, codes, len(x), "codes")
     x = np.asarray(x, np.float32)
     if model.config.is_ivf:
@@ -506,33 +548,28 @@ def two_stage_search(model: QincoModel, xq: np.ndarray, gt: np.ndarray, xb_codes
     """For every nshort: exhaustive search of the AQ reconstructions xb_aq (faiss, L2),
     then QINCo decoding of the shortlist and exact re-ranking. Same result format as
     `explore`."""
-    model = _flat_model(model)
-    xq = np.ascontiguousarray(xq, np.float32)
+    model = require_flat_model(model)
+    _check_queries(model, xq, gt)
     xb_aq = np.ascontiguousarray(xb_aq, np.float32)
-    if len(gt) != len(xq):
-        raise ValueError(f"{len(gt)} ground-truth rows for {len(xq)} queries")
-    if len(xb_codes) != len(xb_aq):
-        raise ValueError(f"{len(xb_codes)} codes for {len(xb_aq)} AQ reconstructions")
+    xb_codes = check_model_codes(model, xb_codes, len(xb_aq), "database codes")
     reranker = reranker or Reranker(model)
     flat = faiss.IndexFlatL2(xb_aq.shape[1])
     flat.add(xb_aq)
+
+    def shortlist(q, ns):
+        return flat.search(q, ns)[1], None
+
+    def to_codes(I, _):
+        valid = I >= 0
+        return xb_codes[np.where(valid, I, 0)], valid
+
     results = []
     for ns in nshort:
         ns = int(ns)
         if not 1 <= ns <= len(xb_aq):
             raise ValueError(f"nshort={ns} must lie in [1, {len(xb_aq)}] (the database size)")
-        reranker.warm_up(len(xq), ns)
-        t0 = time.time()
-        _, I = flat.search(xq, ns)
-        t1 = time.time()
-        valid = I >= 0
-        codes = xb_codes[np.where(valid, I, 0)]
-        D, positions = reranker(xq, codes, valid)
-        t2 = time.time()
-        I_ref = gather_ids(I, D, positions)
-        t3 = time.time()
-        res = dict(parameters={"nshort": ns}, t_search=t1 - t0, t_decode=t2 - t1, t_dis=t3 - t2,
-                   recalls=one_recall_at(I_ref, gt), recalls_orig=one_recall_at(I, gt), nq=len(xq))
+        r = _shortlist_and_rerank(shortlist, to_codes, xq, ns, reranker)
+        res = _operating_point({"nshort": ns}, r, gt)
         results.append(res)
         log(format_row(res, len(xq)))
     return results

@@ -66,7 +66,7 @@ def main(argv=None):
     log(f"loading model {args.model}")
     model = load_model(args.model)
     log(f"  {model.describe()}")
-    ivf._flat_model(model)
+    ivf.require_flat_model(model)
     ds = datasets.get_dataset(args.db)
     log(f"Prepared dataset {ds}")
     if model.d != ds.d:

@@ -102,7 +102,7 @@ def check_args(args) -> None:
     needs_model = [t for t in args.todo if t != "train_centroids"]
     if needs_model and not args.model:
         raise cli.UsageError(f"--model is required for --todo {' '.join(needs_model)}")
-    if "train_centroids" in args.todo and not args.IVF_centroids and args.todo == ["train_centroids"]:
+    if args.todo == ["train_centroids"] and not args.IVF_centroids:
         raise cli.UsageError("--todo train_centroids needs --IVF_centroids to store them")
 
 
@@ -119,28 +119,6 @@ def set_threads(n: int) -> None:
 # --------------------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------------------
-
-
-def write_index(index, path: str) -> None:
-    import faiss
-
-    from qinco_jax.io import atomic_path
-
-    with atomic_path(path) as tmp:
-        faiss.write_index(index, str(tmp))
-    log(f"stored index in {path}")
-
-
-def read_index(path: str, what: str):
-    import faiss
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {path}: no such file")
-    try:
-        return faiss.read_index(path)
-    except RuntimeError as e:
-        last = str(e).strip().splitlines()[-1] if str(e).strip() else ""
-        raise ValueError(f"{what} {path} is not a faiss index: {last}") from None
 
 
 def codes_file_count(path: str, model) -> int:
@@ -257,8 +235,6 @@ def run_search(args, model, ds, index) -> list[dict]:
     results = ivf.explore(index, model, xq, gt, nprobe=args.nprobe, nshort=args.nshort,
                           ef_search=args.quantizer_efSearch, n_autotune=args.n_autotune,
                           reranker=reranker, log=log)
-    for r in results:
-        r["nq"] = len(xq)
     log("\n" + report.format_table(results, len(xq)))
     return results
 
@@ -300,24 +276,26 @@ def main(argv=None):
         log("====================== training")
         index = run_train(args, model, ds, stats)
         if args.trained_index:
-            write_index(index, args.trained_index)
+            ivf.write_index(index, args.trained_index)
+            log(f"stored trained index in {args.trained_index}")
 
     if "add" in args.todo:
         log("====================== adding")
         if index is None:
             if not args.trained_index:
                 raise cli.UsageError("add needs a trained index: run --todo train too, or give --trained_index")
-            index = ivf.as_ivf_index(read_index(args.trained_index, "trained index"))
+            index = ivf.read_index(args.trained_index, "trained index")
         run_add(args, model, ds, index, stats)
         if args.index:
-            write_index(index, args.index)
+            ivf.write_index(index, args.index)
+            log(f"stored index in {args.index}")
 
     if "search" in args.todo:
         log("====================== searching")
         if index is None:
             if not args.index:
                 raise cli.UsageError("search needs an index: run --todo train add too, or give --index")
-            index = ivf.as_ivf_index(read_index(args.index, "index"))
+            index = ivf.read_index(args.index, "index")
         results = run_search(args, model, ds, index)
         if args.json:
             from qinco_jax.io import write_bytes

@@ -48,7 +48,7 @@ def reference_results():
 
 
 def read_reference_index(name: str):
-    return ivf.as_ivf_index(faiss.read_index(str(FIXTURES / name)))
+    return ivf.read_index(FIXTURES / name)
 
 
 @pytest.fixture(scope="module")
@@ -290,7 +290,8 @@ def test_hnsw_coarse_quantizer(model64, data):
     index, _ = ivf.train_index(model64, data["xt"][:5000], key, ef_construction=40, log=lambda m: None)
     quantizer = faiss.downcast_index(index.quantizer)
     assert quantizer.hnsw.efConstruction == 40 and quantizer.ntotal == 64
-    ivf.add_vectors(index, model64, ivf.iterate_rows(data["xb"], 4000), expected_total=10000, log=lambda m: None)
+    batches = (data["xb"][i:i + 4000] for i in range(0, 10000, 4000))
+    ivf.add_vectors(index, model64, batches, expected_total=10000, log=lambda m: None)
     res = ivf.explore(index, model64, data["xq"], data["gt"], nprobe=[4], ef_search=[8, 64], nshort=[50],
                       log=lambda m: None)
     assert [r["parameters"] for r in res] == [{"nprobe": 4, "quantizer_efSearch": 8, "nshort": 50},
@@ -329,6 +330,18 @@ def test_index_that_the_model_cannot_fill(model512, model64):
     pq = load_model(FIXTURES / "qinco_d32_M4_K16_L2_h32.pt")
     with pytest.raises(ValueError, match="IVF-QINCo model"):
         ivf.new_index(pq, KEY512)
+    with pytest.raises(ValueError, match=r"queries have shape \(2, 16\).*\(nq, 32\)"):
+        ivf.explore(ref, model512, np.zeros((2, 16), np.float32), np.zeros((2, 1), np.int64), nprobe=[1],
+                    nshort=[10], log=lambda m: None)
+
+
+def test_index_files_that_are_not_ivf_rq(tmp_path):
+    flat = tmp_path / "flat.faissindex"
+    faiss.write_index(faiss.IndexFlatL2(8), str(flat))
+    with pytest.raises(ValueError, match="flat.faissindex: expected an IVF residual-quantizer index"):
+        ivf.read_index(flat)
+    with pytest.raises(FileNotFoundError, match="missing.faissindex: no such file"):
+        ivf.read_index(tmp_path / "missing.faissindex")
 
 
 def test_codes_of_the_wrong_width(model512, data):
@@ -479,6 +492,8 @@ def test_two_stage_search_reranks_the_aq_shortlist(data):
             assert abs(r["recalls"][rank] - v) <= ONE_QUERY
     with pytest.raises(ValueError, match="nshort=20000"):
         ivf.two_stage_search(model, xq, gt, xb_codes, xb_aq, [20000], log=lambda m: None)
+    with pytest.raises(ValueError, match="database codes hold 9999 codes for 10000 vectors"):
+        ivf.two_stage_search(model, xq, gt, xb_codes[1:], xb_aq, [10], log=lambda m: None)
 
 
 def test_search_2stage_cli(tmp_path, data):
