@@ -136,22 +136,23 @@ def _load_directory(path: Path) -> AnyModel:
     if meta.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: model format version {meta.get('version')!r}, this library reads "
                               f"version {FORMAT_VERSION}")
+    kind = meta.get("kind")
+    if kind not in ("qinco", "pq"):
+        raise CheckpointError(f"{path}: unknown model kind {kind!r}")
     try:
-        if meta.get("kind") == "qinco":
+        if kind == "qinco":
             config = QincoConfig(**meta["config"])
             target = {"model": _abstract_params(config)}
-        elif meta.get("kind") == "pq":
+        else:
             configs = [QincoConfig(**c) for c in meta["subs"]]
             target = {"subs": {str(i): _abstract_params(c) for i, c in enumerate(configs)}}
             if meta.get("opq_shape"):
                 target["opq"] = jax.ShapeDtypeStruct(tuple(meta["opq_shape"]), np.float32)
-        else:
-            raise CheckpointError(f"{path}: unknown model kind {meta.get('kind')!r}")
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:  # ValueError: QincoConfig refusing a value
         raise CheckpointError(f"{path}: malformed {CONFIG_FILE} ({type(e).__name__}: {e})") from None
     tree = _restore(path / PARAMS_DIR, target)
     try:
-        if meta["kind"] == "qinco":
+        if kind == "qinco":
             return QincoModel(config, tree["model"])
         subs = tuple(QincoModel(c, tree["subs"][str(i)]) for i, c in enumerate(configs))
         return PQQincoModel(subs, tree.get("opq"))

@@ -129,6 +129,17 @@ def test_fresh_model_round_trip_all_variants(tmp_path):
         assert back.opq is None and all(x.config == y.config for x, y in zip(back.subs, pq.subs))
 
 
+def test_directory_with_bad_model_json_names_it(tmp_path):
+    import json
+
+    save_model(random_model(QincoConfig(d=8, K=4, M=2, L=1, h=6), 0), tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    meta["config"]["K"] = 0
+    (tmp_path / "m" / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"m: malformed model.json \(ValueError: K must be"):
+        load_model(tmp_path / "m")
+
+
 # --------------------------------------------------------------------------------------
 # What torch and faiss make of our files
 # --------------------------------------------------------------------------------------
