@@ -319,6 +319,8 @@ def test_pq_qinco_prepare_train_recombine_and_one_shot(tmp_path):
     with pytest.raises(ValueError, match="not divisible by 3"):
         pq_qinco.main(["--training_data", str(data), *tiny, "--nt", "1300", "--nsub", "3",
                        "--out_model", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="--nsub must be >= 1"):  # not a ZeroDivisionError in OPQ
+        pq_qinco.main(["--training_data", str(data), *tiny, "--nsub", "0", "--opq", "--out_model", str(tmp_path / "x")])
 
 
 def test_train_steps_match_torch_adam_on_reference_model():

@@ -183,6 +183,8 @@ def train_all(args, log=print):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     cli.print_args(args)
+    if args.nsub < 1:
+        raise cli.UsageError(f"--nsub must be >= 1, got {args.nsub}")
     if args.prepare and args.recombine:
         raise cli.UsageError("--prepare and --recombine are separate steps: give one")
     if args.prepare:
