@@ -47,15 +47,13 @@ class NormalEquations:
     M: int
     K: int
     d: int
-    gram: np.ndarray = None  # (M*K, M*K) float64
-    rhs: np.ndarray = None  # (M*K, d) float64
-    n: int = 0
+    gram: np.ndarray = dataclasses.field(init=False)  # (M*K, M*K) float64
+    rhs: np.ndarray = dataclasses.field(init=False)  # (M*K, d) float64
+    n: int = dataclasses.field(init=False, default=0)
 
     def __post_init__(self):
-        if self.gram is None:
-            self.gram = np.zeros((self.M * self.K, self.M * self.K), np.float64)
-        if self.rhs is None:
-            self.rhs = np.zeros((self.M * self.K, self.d), np.float64)
+        self.gram = np.zeros((self.M * self.K, self.M * self.K), np.float64)
+        self.rhs = np.zeros((self.M * self.K, self.d), np.float64)
 
     def add(self, x: np.ndarray, codes: np.ndarray) -> None:
         x, codes = _check(x, codes, self.K)
@@ -84,8 +82,8 @@ class NormalEquations:
                 self.gram[block, m2 * K:(m2 + 1) * K] += co
                 self.gram[m2 * K:(m2 + 1) * K, block] += co.T
 
-    def solve(self, rcond: float | None = None, dtype=np.float32) -> np.ndarray:
-        """Minimum-norm least-squares codebooks (M, K, d).
+    def solve(self, rcond: float | None = None) -> np.ndarray:
+        """Minimum-norm least-squares codebooks (M, K, d) float32.
 
         rcond: singular values of A below rcond · s_max are treated as zero; None is
         numpy lstsq's default, eps64 · max(n, M·K), the reference's choice. Eigenvalues
@@ -96,7 +94,7 @@ class NormalEquations:
         if rcond is None:
             rcond = eps * max(self.n, self.M * self.K)
         sol = _min_norm_solve(self.gram, self.rhs, max(rcond**2, NULL_TOL * self.M * self.K * eps))
-        return sol.reshape(self.M, self.K, self.d).astype(dtype)
+        return sol.reshape(self.M, self.K, self.d).astype(np.float32)
 
 
 def _min_norm_solve(gram: np.ndarray, rhs: np.ndarray, tol: float) -> np.ndarray:
