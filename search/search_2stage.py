@@ -52,6 +52,8 @@ def main(argv=None):
     cli.print_args(args)
     if args.nt < 1:
         raise cli.UsageError(f"--nt must be >= 1, got {args.nt}")
+    if args.bs is not None and args.bs < 1:
+        raise cli.UsageError(f"--bs must be >= 1, got {args.bs}")
     if any(v < 1 for v in args.nshort):
         raise cli.UsageError(f"--nshort values must be >= 1, got {args.nshort}")
     cli.select_device(args.device)

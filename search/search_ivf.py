@@ -97,6 +97,8 @@ def check_args(args) -> None:
         bad = [v for v in getattr(args, name) if v < 1]
         if bad:
             raise cli.UsageError(f"--{name} values must be >= 1, got {bad}")
+    if args.bs is not None and args.bs < 1:
+        raise cli.UsageError(f"--bs must be >= 1, got {args.bs}")
     if args.n_autotune < 0:
         raise cli.UsageError(f"--n_autotune must be >= 0, got {args.n_autotune}")
     needs_model = [t for t in args.todo if t != "train_centroids"]

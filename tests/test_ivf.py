@@ -460,6 +460,8 @@ def test_cli_bad_input(cli_run, xb_codes512, tmp_path):
         main(common + ["--todo", "train", "--nt", "1000", "--index_key", "IVF512,RQ8x8_Nqint8"])
     with pytest.raises(UsageError, match="--model is required"):
         main(["--db", common[1], "--todo", "search", "--index", str(tmp / "full.faissindex")])
+    with pytest.raises(UsageError, match="--bs must be >= 1, got -8"):
+        main(common + ["--todo", "search", "--index", str(tmp / "full.faissindex"), "--bs", "-8"])
     with pytest.raises(UsageError, match="needs --IVF_centroids"):
         main(["--db", common[1], "--todo", "train_centroids"])
     with pytest.raises(ValueError, match="not a faiss index"):
