@@ -31,7 +31,8 @@ ENCODE_ACTIVATION_BYTES = {"cpu": 8 << 20, "gpu": 1 << 30}
 DECODE_BATCH = {"cpu": 4096, "gpu": 65536}
 
 
-def _backend() -> str:
+def backend() -> str:
+    """"cpu" or "gpu": which default batch sizes apply."""
     return "cpu" if jax.default_backend() == "cpu" else "gpu"
 
 
@@ -41,15 +42,15 @@ def default_encode_batch_size(model: AnyModel, beam: int = 1, preselect: int = 0
     c = model.config
     candidates = c.K if not preselect or preselect >= c.K else preselect
     per_vector = beam * candidates * max(c.d, c.h) * 4
-    budget = ENCODE_ACTIVATION_BYTES[_backend()]
+    budget = ENCODE_ACTIVATION_BYTES[backend()]
     return int(max(8, min(16384, 2 ** int(np.log2(max(1, budget // per_vector))))))
 
 
 def default_decode_batch_size() -> int:
-    return DECODE_BATCH[_backend()]
+    return DECODE_BATCH[backend()]
 
 
-def _resolve_dtype(dtype) -> jnp.dtype:
+def resolve_dtype(dtype) -> jnp.dtype:
     if dtype is None:
         return jnp.float32
     if isinstance(dtype, str):
@@ -68,6 +69,8 @@ def map_batches(fn: Callable, inputs: Sequence[np.ndarray], batch_size: int,
     n = len(inputs[0])
     if n == 0:
         raise ValueError("no vectors to process (empty input)")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be >= 1, got {batch_size}")
     bs = int(batch_size) if n >= batch_size else 1 << int(np.ceil(np.log2(n)))
     bar = _progress_bar(n, progress)
     outputs: list[list[np.ndarray]] = []
@@ -129,7 +132,7 @@ def _encode_batch_code0(params, x, code0, dtype, search):
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
-def _decode_batch(params, codes, dtype):
+def decode_batch(params, codes, dtype):
     return (qm.decode(_cast(params, dtype), codes).astype(jnp.float32),)
 
 
@@ -173,13 +176,22 @@ def scale_input(model: QincoModel, x: np.ndarray) -> np.ndarray:
     return np.asarray(x, np.float32) / np.float32(model.config.db_scale)
 
 
-def assign_ivf(model: QincoModel, x: np.ndarray, batch_size: int = 4096, progress: str | None = None) -> np.ndarray:
-    """The exact nearest IVF centroid (first code) of every raw vector."""
-    x = _check_vectors(model, x)
-    codebook0 = jax.device_put(model.params["codebook0"])
-    fn = lambda xb: _assign_batch(codebook0, jnp.asarray(scale_input(model, xb)))
+def nearest_rows(x: np.ndarray, codebook: np.ndarray, *, scale: float = 1.0, batch_size: int = 4096,
+                 progress: str | None = None) -> np.ndarray:
+    """The exact nearest row of `codebook` (int32) for every row of x / scale, in
+    batches (x may be a memory map); codebooks of 2^20 rows are scanned in chunks."""
+    codebook = jax.device_put(jnp.asarray(codebook, jnp.float32))
+    fn = lambda xb: _assign_batch(codebook, np.asarray(xb, np.float32) / np.float32(scale))
     (codes,) = map_batches(fn, [x], batch_size, progress)
     return codes
+
+
+def assign_ivf(model: QincoModel, x: np.ndarray, batch_size: int = 4096, progress: str | None = None) -> np.ndarray:
+    """The exact nearest IVF centroid (first code) of every raw vector, in model units
+    as the encoder computes it."""
+    x = _check_vectors(model, x)
+    return nearest_rows(x, model.params["codebook0"], scale=model.config.db_scale, batch_size=batch_size,
+                        progress=progress)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,8 +230,8 @@ def encode(model: AnyModel, x: np.ndarray, *, batch_size: int | None = None, dty
         if code0 is not None:
             raise ValueError("code0 applies to IVF models, not to PQ-QINCo")
         return _encode_pq(model, x, batch_size, dtype, progress, return_errors, search)
-    dt = _resolve_dtype(dtype)
-    bs = batch_size or default_encode_batch_size(model, beam, preselect)
+    dt = resolve_dtype(dtype)
+    bs = default_encode_batch_size(model, beam, preselect) if batch_size is None else batch_size
     params = jax.device_put(model.params)
     if code0 is None:
         fn = lambda xb: _encode_batch(params, scale_input(model, xb), dt, search)
@@ -243,10 +255,10 @@ def decode(model: AnyModel, codes: np.ndarray, *, batch_size: int | None = None,
     codes = check_codes(model, codes)
     if isinstance(model, PQQincoModel):
         return _decode_pq(model, codes, batch_size, dtype, progress)
-    dt = _resolve_dtype(dtype)
+    dt = resolve_dtype(dtype)
     params = jax.device_put(model.params)
-    fn = lambda cb: _decode_batch(params, cb, dt)
-    (xhat,) = map_batches(fn, [codes], batch_size or default_decode_batch_size(), progress)
+    fn = lambda cb: decode_batch(params, cb, dt)
+    (xhat,) = map_batches(fn, [codes], default_decode_batch_size() if batch_size is None else batch_size, progress)
     return xhat * np.float32(model.config.db_scale)
 
 

@@ -329,7 +329,7 @@ def _rerank_impl(params, scale, xq, codes, valid, k, dtype):
     """Decode (nq, ns, W) codes, exact squared distances to the queries (raw units) and
     the k smallest per query; missing entries (valid False) rank last at +inf."""
     nq, ns, W = codes.shape
-    (xhat,) = codec._decode_batch(params, codes.reshape(nq * ns, W), dtype)
+    (xhat,) = codec.decode_batch(params, codes.reshape(nq * ns, W), dtype)
     diff = xq[:, None, :] - (xhat * scale).reshape(nq, ns, -1)
     dis = jnp.where(valid, jnp.sum(diff * diff, axis=-1), jnp.inf)
     neg, idx = jax.lax.top_k(-dis, k)
@@ -350,8 +350,8 @@ class Reranker:
         self.model = model
         self.params = jax.device_put(model.params)
         self.scale = jnp.float32(model.config.db_scale)
-        self.dtype = codec._resolve_dtype(dtype)
-        self.rows = int(rows_per_batch or RERANK_ROWS[codec._backend()])
+        self.dtype = codec.resolve_dtype(dtype)
+        self.rows = int(rows_per_batch or RERANK_ROWS[codec.backend()])
         self.k = k
         self._warm: set[tuple[int, int]] = set()
 

@@ -11,11 +11,9 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-import jax
 import numpy as np
 
-from qinco_jax import model as qm
-from qinco_jax.codec import map_batches
+from qinco_jax import codec
 from qinco_jax.metrics import mean_squared_error
 
 
@@ -55,24 +53,17 @@ def rq_mse(rq, x: np.ndarray) -> float:
     return mean_squared_error(rq.decode(rq.compute_codes(x)), x)
 
 
-@jax.jit
-def _nearest(centroids, x):
-    return (qm.nearest_codeword(x, centroids),)
-
-
 def assign_to_centroids(x: np.ndarray, centroids: np.ndarray, batch_size: int = 16384,
                         progress: str | None = None) -> np.ndarray:
     """Exact nearest centroid (int32) of every row of x, in raw units like the
     reference (which assigns the training set before any scaling). The centroids are
-    scanned in chunks inside `nearest_codeword`, so K_IVF = 2^20 fits in memory."""
+    scanned in chunks, so K_IVF = 2^20 fits in memory."""
     x = np.asarray(x)
     centroids = np.asarray(centroids, np.float32)
     if centroids.ndim != 2 or x.ndim != 2 or centroids.shape[1] != x.shape[1]:
         raise ValueError(f"IVF centroids have shape {centroids.shape}, the vectors have dimension "
                          f"{x.shape[1] if x.ndim == 2 else x.shape}: they must match")
-    c = jax.device_put(centroids)
-    (codes,) = map_batches(lambda xb: _nearest(c, np.asarray(xb, np.float32)), [x], batch_size, progress)
-    return codes
+    return codec.nearest_rows(x, centroids, batch_size=batch_size, progress=progress)
 
 
 def ivf_residuals(x: np.ndarray, centroids: np.ndarray, assign: np.ndarray) -> np.ndarray:

@@ -103,3 +103,6 @@ def test_bad_inputs_are_named():
         codec.encode(m, _data(5), beam=0)
     with pytest.raises(ValueError, match="dtype"):
         codec.encode(m, _data(5), dtype="float64")
+    for bad in (0, -4):
+        with pytest.raises(ValueError, match="batch size"):
+            codec.encode(m, _data(5), batch_size=bad)
