@@ -26,7 +26,7 @@ import numpy as np
 from qinco_jax import torch_pickle
 from qinco_jax.config import QincoConfig
 from qinco_jax.io import atomic_directory, atomic_path
-from qinco_jax.model import AnyModel, PQQincoModel, QincoModel, init_params
+from qinco_jax.model import AnyModel, PQQincoModel, QincoModel, param_shapes
 from qinco_jax.state_dict import first_step_number, params_from_state_dict, state_dict_from_params
 from qinco_jax.torch_pickle import CheckpointError, TorchModule, TorchWriter
 
@@ -161,8 +161,7 @@ def _load_directory(path: Path) -> AnyModel:
 
 
 def _abstract_params(config: QincoConfig):
-    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, np.float32), shapes)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, np.float32), param_shapes(config))
 
 
 def _nonempty(tree):

@@ -209,9 +209,15 @@ def config_from_params(params: Params, *, variant: str, db_scale: float) -> Qinc
     return QincoConfig(d=d, K=step.K, M=S + 1, L=step.L, h=step.h, variant=variant, db_scale=db_scale)
 
 
+@functools.lru_cache(maxsize=64)
+def param_shapes(config: QincoConfig) -> Params:
+    """The parameter pytree of `config` as jax.ShapeDtypeStruct leaves (no computation)."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
 def check_params(config: QincoConfig, params: Params) -> None:
     """Raise if the parameter shapes are not those of `config`."""
-    expected = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    expected = param_shapes(config)
     got_struct = jax.tree.structure(params)
     if got_struct != jax.tree.structure(expected):
         raise ValueError(f"parameters do not have the structure of {config.describe()}")

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from qinco_jax.config import QincoConfig
-from qinco_jax.model import Params, init_params
+from qinco_jax.model import Params, param_shapes
 
 StateDict = dict[str, np.ndarray]
 
@@ -70,8 +70,7 @@ def _stack(per_step: list[Params], config: QincoConfig) -> Params:
     if per_step:
         return jax.tree.map(lambda *xs: np.ascontiguousarray(np.stack(xs)), *per_step)
     # M = 1: no neural step. Keep the structure, with a leading axis of size 0.
-    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0))["steps"])
-    return jax.tree.map(lambda s: np.zeros(s.shape, np.float32), shapes)
+    return jax.tree.map(lambda s: np.zeros(s.shape, np.float32), param_shapes(config)["steps"])
 
 
 def state_dict_from_params(config: QincoConfig, params: Params) -> StateDict:
