@@ -56,17 +56,6 @@ def build_parser():
     return p
 
 
-def load(args):
-    if not args.model:
-        raise cli.UsageError("--model is required")
-    from qinco_jax.checkpoint import load_model
-
-    print("loading model", args.model, flush=True)
-    model = load_model(args.model)
-    print("  ", model.describe(), flush=True)
-    return model
-
-
 def nbits_of(model) -> list[int]:
     return packing.code_nbits(model.code_sizes)
 
@@ -140,7 +129,7 @@ def main(argv=None):
     if args.encode == args.decode:
         raise cli.UsageError("select exactly one of --encode and --decode")
     cli.select_device(args.device)
-    model = load(args)
+    model = cli.load_model(args.model)
     if args.encode:
         encode_file(model, args)
     else:

@@ -64,6 +64,18 @@ def add_db_arg(group, default: str = "bigann1M") -> None:
                             f"$QINCO_DATA (default ./data)")
 
 
+def load_model(path: str):
+    """The --model of a command line (.pt file or model directory), announced on stdout."""
+    if not path:
+        raise UsageError("--model is required")
+    from qinco_jax.checkpoint import load_model as load
+
+    print("loading model", path, flush=True)
+    model = load(path)
+    print("  ", model.describe(), flush=True)
+    return model
+
+
 def dtype_from_args(args) -> str:
     return args.dtype or ("float16" if args.float16 else "float32")
 

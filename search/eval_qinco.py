@@ -78,11 +78,7 @@ def main(argv=None):
     cli.select_device(args.device)
     ds = datasets.get_dataset(args.db)
     print(f"Prepared dataset {ds}", flush=True)
-    from qinco_jax.checkpoint import load_model
-
-    print("loading model", args.model, flush=True)
-    model = load_model(args.model)
-    print("  ", model.describe(), flush=True)
+    model = cli.load_model(args.model)
     result = evaluate(model, ds, batch_size=args.batch_size, dtype=cli.dtype_from_args(args),
                       beam=args.beam, preselect=args.preselect)
     if args.json:

@@ -63,11 +63,7 @@ def main(argv=None):
         faiss.omp_set_num_threads(max(1, args.nthreads))
 
     from qinco_jax import codec, ivf, metrics, report
-    from qinco_jax.checkpoint import load_model
-
-    log(f"loading model {args.model}")
-    model = load_model(args.model)
-    log(f"  {model.describe()}")
+    model = cli.load_model(args.model)
     ivf.require_flat_model(model)
     ds = datasets.get_dataset(args.db)
     log(f"Prepared dataset {ds}")

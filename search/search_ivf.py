@@ -263,12 +263,8 @@ def main(argv=None):
             return
 
     from qinco_jax import ivf
-    from qinco_jax.checkpoint import load_model
-
-    log(f"loading model {args.model}")
-    model = load_model(args.model)
+    model = cli.load_model(args.model)
     ivf.require_ivf_model(model)
-    log(f"  {model.describe()}")
     if model.d != ds.d:
         raise cli.UsageError(f"the model ({model.describe()}) has dimension {model.d}, "
                              f"the data set {ds.name} has dimension {ds.d}")
