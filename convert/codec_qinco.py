@@ -92,28 +92,12 @@ def encode_file(model, args) -> None:
         vecs_io.write_vectors(args.o, codes.astype(np.int64))  # int64, as the reference's np.save
 
 
-def read_codes(model, args) -> np.ndarray:
-    if args.raw:
-        nbits = nbits_of(model)
-        size = packing.code_size(nbits)
-        data = np.fromfile(args.i, dtype=np.uint8)
-        if len(data) % size:
-            raise cli.UsageError(f"{args.i}: {len(data)} bytes is not a whole number of {size}-byte codes "
-                                 f"({model.describe()}: {nbits} bits); wrong model or not a raw codes file?")
-        print(f"inferred code_size={size} from {len(nbits)} x {nbits} bits", flush=True)
-        return packing.unpack_codes(data, None, nbits)
-    codes = np.asarray(vecs_io.read_vectors(args.i, mmap=False))
-    if not np.issubdtype(codes.dtype, np.integer):
-        raise cli.UsageError(f"{args.i} holds {codes.dtype} values, not integer codes")
-    return codes
-
-
 def decode_file(model, args) -> None:
     from qinco_jax import codec
 
     if Path(args.o).suffix.lower() not in VECTOR_EXTENSIONS:
         raise cli.UsageError(f"--o {args.o}: decoded vectors are written as one of {' '.join(VECTOR_EXTENSIONS)}")
-    codes = read_codes(model, args)
+    codes = packing.read_codes_file(args.i, model, raw=args.raw)
     print(f"Decoding input codes of size {codes.shape}", flush=True)
     t0 = time.time()
     y = codec.decode(model, codes, batch_size=args.batch_size, dtype=cli.dtype_from_args(args),

@@ -13,6 +13,8 @@ temporary (n, sum b) bit matrix.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -158,3 +160,48 @@ def unpack_codes(data: np.ndarray, n: int | None, nbits, M: int | None = None) -
         sums = np.add.reduceat(vals, starts, axis=1)
         out[i0:i0 + step, nonempty] = sums.astype(np.uint32).view(np.int32)
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Code files: a vector file of integer codes (.npy .ivecs .ibin), or raw packed bits
+# --------------------------------------------------------------------------------------
+
+
+def _is_raw(path, raw: bool | None) -> bool:
+    from qinco_jax import vecs_io
+
+    return raw if raw is not None else Path(path).suffix.lower() not in vecs_io.EXTENSIONS
+
+
+def count_codes_file(path, model, raw: bool | None = None) -> int:
+    """Number of codes in a codes file of `model`, after checking its width, from its
+    header or size alone. raw: packed bits (None: decided by the extension)."""
+    from qinco_jax import vecs_io
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"codes file {path}: no such file")
+    if not _is_raw(path, raw):
+        n, w = vecs_io.vectors_shape(path)
+        if w != model.code_width:
+            raise ValueError(f"codes file {path} has {w} columns, the model ({model.describe()}) gives codes of "
+                             f"{model.code_width} columns")
+        return n
+    size = code_size(code_nbits(model.code_sizes))
+    nbytes = os.path.getsize(path)
+    if nbytes % size:
+        raise ValueError(f"raw codes file {path}: {nbytes} bytes is not a whole number of {size}-byte codes "
+                         f"({model.describe()}); wrong model or not a raw codes file?")
+    return nbytes // size
+
+
+def read_codes_file(path, model, raw: bool | None = None) -> np.ndarray:
+    """The codes (n, code_width) of a codes file of `model` (see count_codes_file)."""
+    from qinco_jax import vecs_io
+
+    count_codes_file(path, model, raw)
+    if not _is_raw(path, raw):
+        codes = np.asarray(vecs_io.read_vectors(path, mmap=False))
+        if not np.issubdtype(codes.dtype, np.integer):
+            raise ValueError(f"codes file {path} holds {codes.dtype} values, not integer codes")
+        return codes
+    return unpack_codes(np.fromfile(path, dtype=np.uint8), None, code_nbits(model.code_sizes))

@@ -31,7 +31,7 @@ except ImportError:  # run from a checkout without installing the package
 
 import numpy as np
 
-from qinco_jax import cli, datasets
+from qinco_jax import cli, datasets, packing
 
 TODO = ["train_centroids", "train", "add", "search"]
 
@@ -123,40 +123,6 @@ def set_threads(n: int) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def codes_file_count(path: str, model) -> int:
-    """Number of codes in a codes file, after checking its width (no data read)."""
-    from qinco_jax import packing, vecs_io
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"codes file {path}: no such file")
-    width = model.config.code_width
-    if Path(path).suffix.lower() in vecs_io.EXTENSIONS:
-        n, w = vecs_io.vectors_shape(path)
-        if w != width:
-            raise ValueError(f"codes file {path} has {w} columns, the model ({model.describe()}) gives "
-                             f"codes of {width} columns (IVF list + {model.config.M} steps)")
-        return n
-    size = packing.code_size(packing.code_nbits(model.code_sizes))
-    nbytes = os.path.getsize(path)
-    if nbytes % size:
-        raise ValueError(f"raw codes file {path}: {nbytes} bytes is not a whole number of codes of {size} "
-                         f"bytes ({model.describe()}); wrong model or not a codes file?")
-    return nbytes // size
-
-
-def read_codes(path: str, model) -> np.ndarray:
-    from qinco_jax import packing, vecs_io
-
-    codes_file_count(path, model)
-    if Path(path).suffix.lower() in vecs_io.EXTENSIONS:
-        codes = np.asarray(vecs_io.read_vectors(path, mmap=False))
-        if not np.issubdtype(codes.dtype, np.integer):
-            raise ValueError(f"codes file {path} holds {codes.dtype} values, not integer codes")
-        return codes
-    data = np.fromfile(path, dtype=np.uint8)
-    return packing.unpack_codes(data, None, packing.code_nbits(model.code_sizes))
-
-
 # --------------------------------------------------------------------------------------
 # Steps
 # --------------------------------------------------------------------------------------
@@ -187,7 +153,7 @@ def run_train(args, model, ds, stats):
     xt_codes = None
     if args.xt_codes:
         log(f"loading training codes from {args.xt_codes}")
-        xt_codes = read_codes(args.xt_codes, model)
+        xt_codes = packing.read_codes_file(args.xt_codes, model)
         ivf.check_model_codes(model, xt_codes, len(xt), f"training codes of {args.xt_codes}")
     index, st = ivf.train_index(model, xt, args.index_key, xt_codes=xt_codes,
                                 ef_construction=args.quantizer_efConstruction,
@@ -205,7 +171,7 @@ def run_add(args, model, ds, index, stats) -> None:
     if index.ntotal:
         raise cli.UsageError(f"the trained index already holds {index.ntotal} vectors; add needs an empty one")
     if args.xb_codes:
-        counts = [codes_file_count(f, model) for f in args.xb_codes]
+        counts = [packing.count_codes_file(f, model) for f in args.xb_codes]
         if sum(counts) != ds.nb:
             raise cli.UsageError(f"--xb_codes files hold {sum(counts)} codes ({' + '.join(map(str, counts))}), "
                                  f"the database {ds.name} has {ds.nb} vectors")
@@ -213,7 +179,7 @@ def run_add(args, model, ds, index, stats) -> None:
         def batches():
             for f in args.xb_codes:
                 log(f"  loading codes {f}")
-                yield read_codes(f, model)
+                yield packing.read_codes_file(f, model)
 
         t = ivf.add_vectors(index, model, batches(), code_batches=True, expected_total=ds.nb, log=log)
     else:

@@ -101,7 +101,7 @@ def test_codec_errors(tmp_path, ref):
     with pytest.raises(cli.UsageError, match="codes are written as"):
         codec_cli.main(["--model", str(QINCO), "--encode", "--i", str(tmp_path / "x.npy"), "--o", str(tmp_path / "c.bvecs")])
     (tmp_path / "bad.raw").write_bytes(b"\0" * 7)
-    with pytest.raises(cli.UsageError, match="7 bytes is not a whole number of 5-byte codes"):
+    with pytest.raises(ValueError, match="7 bytes is not a whole number of 5-byte codes"):
         codec_cli.main(["--model", str(IVF), "--decode", "--raw", "--i", str(tmp_path / "bad.raw"), "--o", str(tmp_path / "y.npy")])
     with pytest.raises(cli.UsageError, match="decoded vectors are written as"):  # floats do not fit bvecs
         codec_cli.main(["--model", str(QINCO), "--decode", "--i", str(tmp_path / "x.npy"), "--o", str(tmp_path / "y.bvecs")])

@@ -254,3 +254,23 @@ def test_folder_dataset(tmp_path):
     (tmp_path / "query.fbin").unlink()
     with pytest.raises(FileNotFoundError, match="no query vectors"):
         datasets.get_dataset(tmp_path)
+
+
+def test_code_files_raw_or_vectors_are_read_and_checked(tmp_path):
+    from qinco_jax.checkpoint import load_model
+
+    model = load_model(FIXTURES / "ivf_qinco_d32_IVF64_M4_K256_L1_h32.pt")
+    codes = np.load(FIXTURES / "reference_outputs.npz")["ivf_qinco_codes"]
+    np.save(tmp_path / "c.npy", codes)
+    packing.pack_codes(codes, packing.code_nbits(model.code_sizes)).tofile(tmp_path / "c.raw")
+    for name in ("c.npy", "c.raw"):
+        assert packing.count_codes_file(tmp_path / name, model) == len(codes)
+        np.testing.assert_array_equal(packing.read_codes_file(tmp_path / name, model), codes)
+    np.save(tmp_path / "narrow.npy", codes[:, :3])
+    with pytest.raises(ValueError, match="3 columns.*5 columns"):
+        packing.read_codes_file(tmp_path / "narrow.npy", model)
+    np.save(tmp_path / "float.npy", codes.astype(np.float32))
+    with pytest.raises(ValueError, match="not integer codes"):
+        packing.read_codes_file(tmp_path / "float.npy", model)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        packing.count_codes_file(tmp_path / "missing.raw", model)

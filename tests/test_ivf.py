@@ -449,7 +449,7 @@ def test_cli_bad_input(cli_run, xb_codes512, tmp_path):
     with pytest.raises(UsageError, match="hold 6000 codes.*has 10000 vectors"):
         main(common + trained + ["--xb_codes", str(tmp_path / "few.npy")])
     np.arange(7, dtype=np.uint8).tofile(tmp_path / "odd.raw")
-    with pytest.raises(ValueError, match="not a whole number of codes"):
+    with pytest.raises(ValueError, match="not a whole number of .*codes"):
         main(common + trained + ["--xb_codes", str(tmp_path / "odd.raw")])
     with pytest.raises(UsageError, match="needs a trained index"):
         main(common + ["--todo", "add"])
