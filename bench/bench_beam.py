@@ -21,6 +21,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from qinco_jax import codec  # noqa: E402
+from qinco_jax.io import write_bytes  # noqa: E402
 from qinco_jax.checkpoint import load_model  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
@@ -80,8 +81,7 @@ def main(argv=None):
                  for r in rows if r["A"] == A]
         print(f"| A={A} | " + " | ".join(cells) + " |")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"model": model.describe(), "n": len(x), "rows": rows}, f, indent=1)
+        write_bytes(args.json, json.dumps({"model": model.describe(), "n": len(x), "rows": rows}, indent=1).encode())
 
 
 if __name__ == "__main__":

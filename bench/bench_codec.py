@@ -26,6 +26,7 @@ import jax  # noqa: E402
 from timing import timed  # noqa: E402
 
 from qinco_jax import codec  # noqa: E402
+from qinco_jax.io import write_bytes  # noqa: E402
 from qinco_jax.config import QincoConfig  # noqa: E402
 from qinco_jax.model import QincoModel  # noqa: E402
 
@@ -163,8 +164,7 @@ def main(argv=None):
     res["encode_fraction_of_sgemm"] = res["jax_encode_vps"] * enc_flops / 1e9 / res["sgemm_gflops"]
     print(f"  encode useful GFLOP/s / sgemm GFLOP/s: {res['encode_fraction_of_sgemm']:.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        write_bytes(args.json, json.dumps(res, indent=1).encode())
 
 
 if __name__ == "__main__":
