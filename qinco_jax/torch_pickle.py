@@ -503,6 +503,21 @@ class TorchWriter:
                    (pid, 0, tuple(int(n) for n in a.shape), stride, False, self.ordered_dict()))
         return Reduce(Global("torch._utils", "_rebuild_parameter"), (t, requires_grad, self.ordered_dict()))
 
+    def plain_tensor(self, array: np.ndarray) -> Reduce:
+        """A plain contiguous tensor on 'cpu' (not a Parameter: what a state_dict holds),
+        of the array's dtype (float32 or int64)."""
+        storage = {np.dtype("<f4"): "FloatStorage", np.dtype("<i8"): "LongStorage"}
+        a = np.ascontiguousarray(array)
+        a = a.astype(a.dtype.newbyteorder("<"))
+        if a.dtype not in storage:
+            raise TypeError(f"plain_tensor writes float32 or int64 arrays, not {array.dtype}")
+        key = str(len(self.storages))
+        self.storages.append(a)
+        stride = tuple(int(np.prod(a.shape[i + 1:])) for i in range(a.ndim))
+        pid = PersistentId(("storage", Global("torch", storage[a.dtype]), key, "cpu", int(a.size)))
+        return Reduce(Global("torch._utils", "_rebuild_tensor_v2"),
+                      (pid, 0, tuple(int(n) for n in a.shape), stride, False, self.ordered_dict()))
+
     def module(self, cls: tuple[str, str], parameters: dict | None = None, modules: dict | None = None,
                **attributes) -> NewObj:
         """An nn.Module with torch's internal attributes, then the class's own ones."""

@@ -1,0 +1,419 @@
+"""The pairwise additive decoder: a cheap approximate decoder for IVF codes (QINCo2's
+middle re-ranking stage).
+
+A code of an IVF model is (list, c_1 .. c_M). The decoder sees M + 5 *code streams*:
+the M model codes, then 5 sub-codes of the IVF list — the list's centroid quantized by
+a 5-stage residual quantizer (RQ) over the centroids. It holds T tables (T = 2·M by
+default), each indexed by a *pair* of streams (a_t, b_t):
+
+    x ≈ centroid[list] + sum_t table_t[s_{a_t} · K + s_{b_t}]          (raw units)
+
+where K is the model's codebook size (every stream, the IVF sub-codes included, takes
+values in [0, K), so each table has K² rows). Decoding costs T look-ups and adds per
+vector, against a full network pass per step for the model itself.
+
+Training (`train_pairwise_decoder`) works on the residuals r = x - centroid[list], all
+in raw units (the reference adds tables trained on raw residuals to normalised
+centroids; here nothing is ever normalised):
+
+1. IVF sub-codes: 5 rounds of k-means over the centroids, each centroid weighted by
+   the number of training vectors in its list, each round on what the previous rounds
+   left. With fewer centroids than K the reference fails (it draws K distinct centroids
+   to seed k-means); here each round has min(K, nlist) codewords, so the sub-codes
+   still lie in [0, K) and the file format is unchanged — with nlist <= K the first
+   round reproduces every populated centroid exactly and the later ones see zeros.
+2. Tables, greedily: for every candidate pair of streams, the best table for it is the
+   mean residual per pair of codes, and subtracting it lowers the training sum of
+   squared errors by exactly sum_k |S_k|² / n_k (S_k, n_k: sum and count of the
+   residuals with pair-code k). Each round computes that gain for every pair (one
+   segment-sum pass over the data per pair), keeps the pair with the largest gain
+   and subtracts its table from the residuals. The reference measures each candidate
+   on the first 100k residuals instead; the exact gain needs no second pass.
+
+Files: the reference's `PairwiseDecoderIVF.state_dict()` saved by `torch.save` — a
+dict {ivf_code_map (nlist, 5) int64, combine_mvals_m (2, T) int64, codebook_MKD
+(T, K², D) float32}. `load_pairwise_decoder` reads it without torch, and
+`save_pairwise_decoder` writes it so that the reference (and `torch.load(...,
+weights_only=True)`) reads it back. The file holds neither M nor the centroids: M is
+the width of the codes given to `decode` (minus the list column), and the centroids
+are the IVF model's, in raw units.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+from typing import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .io import atomic_path
+from .torch_pickle import CheckpointError, TorchWriter, load_pt, write_pt
+
+# Stages of the residual quantizer over the IVF centroids (the reference's IVF_M).
+IVF_SUBCODE_STAGES = 5
+# Lloyd iterations per stage at most (the reference's ITER_STEPS); stops earlier once
+# no assignment changes.
+KMEANS_ITERATIONS = 50
+# Tables per model code stream by default (the reference's n_pairwise_codebooks).
+DEFAULT_TABLES_PER_CODE = 2
+# Rows per batch for decode and for the distance computations of the centroid RQ.
+DECODE_BATCH_SIZE = 16384
+_KMEANS_CHUNK = 16384
+
+# The keys of the reference's state_dict, in its order.
+_FILE_KEYS = ("ivf_code_map", "combine_mvals_m", "codebook_MKD")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PairwiseDecoder:
+    """The decoder's arrays (a jax pytree; numpy arrays when built by this module).
+
+    ivf_subcodes: (nlist, 5) int32, the IVF sub-codes of every list (`ivf_code_map`);
+    pairs: (2, T) int32, the streams (a_t, b_t) indexing table t (`combine_mvals_m`);
+        stream s < M is model code s (codes column s + 1), s >= M is IVF sub-code s - M;
+    tables: (T, K², D) float32, raw units (`codebook_MKD`)."""
+
+    ivf_subcodes: np.ndarray
+    pairs: np.ndarray
+    tables: np.ndarray
+
+    @property
+    def K(self) -> int:
+        return math.isqrt(self.tables.shape[1])
+
+    @property
+    def nlist(self) -> int:
+        return self.ivf_subcodes.shape[0]
+
+    @property
+    def n_tables(self) -> int:
+        return self.tables.shape[0]
+
+    @property
+    def d(self) -> int:
+        return self.tables.shape[2]
+
+    @property
+    def min_code_width(self) -> int:
+        """The narrowest codes (list + M model codes) that hold every stream a table uses."""
+        return 1 + max(0, int(np.max(self.pairs)) + 1 - IVF_SUBCODE_STAGES)
+
+
+def check_decoder(decoder: PairwiseDecoder, what: str = "pairwise decoder") -> PairwiseDecoder:
+    """The decoder with its arrays as int32 / float32 numpy arrays, or a ValueError
+    naming what is inconsistent."""
+    sub = np.asarray(decoder.ivf_subcodes)
+    pairs = np.asarray(decoder.pairs)
+    tables = np.asarray(decoder.tables)
+    if tables.ndim != 3 or tables.shape[0] == 0 or tables.shape[2] == 0:
+        raise ValueError(f"{what}: tables must have shape (T, K*K, D) with T, D > 0, got {tables.shape}")
+    if not np.issubdtype(tables.dtype, np.floating):
+        raise ValueError(f"{what}: tables must be floating point, got {tables.dtype}")
+    K = math.isqrt(tables.shape[1])
+    if K * K != tables.shape[1] or K == 0:
+        raise ValueError(f"{what}: tables have {tables.shape[1]} rows each, not the square K*K of a codebook size")
+    T = tables.shape[0]
+    if not np.issubdtype(pairs.dtype, np.integer) or pairs.shape != (2, T):
+        raise ValueError(f"{what}: the pairs of streams must be integers of shape (2, {T}) for {T} tables, "
+                         f"got {pairs.dtype} {pairs.shape}")
+    if pairs.min() < 0:
+        raise ValueError(f"{what}: negative stream number {pairs.min()} in the pairs")
+    if not np.issubdtype(sub.dtype, np.integer) or sub.ndim != 2 or sub.shape[1] != IVF_SUBCODE_STAGES \
+            or sub.shape[0] == 0:
+        raise ValueError(f"{what}: the IVF sub-codes must be integers of shape (nlist, {IVF_SUBCODE_STAGES}), "
+                         f"got {sub.dtype} {sub.shape}")
+    if sub.min() < 0 or sub.max() >= K:
+        raise ValueError(f"{what}: IVF sub-codes must lie in [0, {K}) for tables of {K}x{K} rows, "
+                         f"got values in [{sub.min()}, {sub.max()}]")
+    if not np.all(np.isfinite(tables)):
+        raise ValueError(f"{what}: tables hold non-finite values")
+    return PairwiseDecoder(sub.astype(np.int32), pairs.astype(np.int32), tables.astype(np.float32))
+
+
+# --------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------
+
+
+def code_streams(decoder_subcodes: jax.Array, codes: jax.Array) -> jax.Array:
+    """(n, M + 5): the model codes (columns 1..M of `codes`), then the IVF sub-codes
+    of the list in column 0."""
+    return jnp.concatenate([codes[:, 1:], decoder_subcodes[codes[:, 0]]], axis=1)
+
+
+@jax.jit
+def decode_residual(decoder: PairwiseDecoder, codes: jax.Array) -> jax.Array:
+    """(n, D): the sum of the table look-ups for codes (n, 1 + M), list in column 0 —
+    the approximation of x - centroid[list], raw units."""
+    K = decoder.K
+    streams = code_streams(decoder.ivf_subcodes, codes.astype(jnp.int32))
+    rows = streams[:, decoder.pairs[0]] * K + streams[:, decoder.pairs[1]]  # (n, T)
+    # Tables flattened to (T * K², D): one gather for all tables.
+    flat = decoder.tables.reshape(-1, decoder.tables.shape[-1])
+    offsets = jnp.arange(decoder.tables.shape[0], dtype=jnp.int32) * (K * K)
+    return jnp.take(flat, rows + offsets, axis=0).sum(axis=1)
+
+
+@jax.jit
+def decode_batch(decoder: PairwiseDecoder, ivf_centroids: jax.Array, codes: jax.Array) -> jax.Array:
+    """(n, D) raw-unit reconstructions: centroid of the list + the table look-ups."""
+    return ivf_centroids[codes[:, 0]] + decode_residual(decoder, codes)
+
+
+def check_codes(decoder: PairwiseDecoder, codes: np.ndarray, ivf_centroids: np.ndarray | None = None) -> np.ndarray:
+    """codes as int32 (n, 1 + M), or a ValueError naming what does not fit the decoder."""
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"codes must be an integer array (n, 1 + M) with the IVF list in column 0, "
+                         f"got {codes.dtype} {codes.shape}")
+    if codes.shape[1] < decoder.min_code_width:
+        raise ValueError(f"codes have {codes.shape[1]} columns, the decoder's pairs use streams up to "
+                         f"{int(np.max(decoder.pairs))} and so need at least {decoder.min_code_width} "
+                         "(list + M model codes)")
+    if len(codes):
+        lists, model_codes = codes[:, 0], codes[:, 1:]
+        if lists.min() < 0 or lists.max() >= decoder.nlist:
+            raise ValueError(f"IVF lists (codes column 0) must lie in [0, {decoder.nlist}), "
+                             f"got values in [{lists.min()}, {lists.max()}]")
+        if model_codes.size and (model_codes.min() < 0 or model_codes.max() >= decoder.K):
+            raise ValueError(f"model codes (columns 1..) must lie in [0, {decoder.K}) for this decoder, "
+                             f"got values in [{model_codes.min()}, {model_codes.max()}]")
+    if ivf_centroids is not None:
+        check_centroids(decoder, ivf_centroids)
+    return codes.astype(np.int32)
+
+
+def check_centroids(decoder: PairwiseDecoder, ivf_centroids: np.ndarray) -> np.ndarray:
+    c = np.asarray(ivf_centroids)
+    if c.shape != (decoder.nlist, decoder.d):
+        raise ValueError(f"IVF centroids of shape {c.shape} do not fit a decoder over {decoder.nlist} lists "
+                         f"of dimension {decoder.d}: expected ({decoder.nlist}, {decoder.d})")
+    return c.astype(np.float32)
+
+
+def decode(decoder: PairwiseDecoder, codes: np.ndarray, ivf_centroids: np.ndarray, *,
+           batch_size: int = DECODE_BATCH_SIZE) -> np.ndarray:
+    """Raw-unit reconstructions (n, D) float32 of IVF codes (n, 1 + M) (list in column
+    0), given the IVF centroids in raw units. Batches have a fixed size (the last one
+    padded), so one compilation serves any n."""
+    decoder = check_decoder(decoder)
+    codes = check_codes(decoder, codes)
+    centroids = jnp.asarray(check_centroids(decoder, ivf_centroids))
+    dev = jax.device_put(decoder)
+    n = len(codes)
+    out = np.empty((n, decoder.d), np.float32)
+    bs = max(1, min(batch_size, n))
+    for i0 in range(0, n, bs):
+        chunk = codes[i0:i0 + bs]
+        m = len(chunk)
+        if m < bs:
+            chunk = np.concatenate([chunk, np.zeros((bs - m, chunk.shape[1]), np.int32)])
+        out[i0:i0 + m] = np.asarray(decode_batch(dev, centroids, jnp.asarray(chunk)))[:m]
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------
+
+
+def _weighted_kmeans(points: np.ndarray, weights: np.ndarray, k: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Codewords (k, D) and assignment (n,) of a population-weighted k-means.
+
+    Seeds: k distinct points drawn with probability proportional to their weight (the
+    reference's choice), the unweighted points only when fewer than k have weight.
+    A codeword that loses all its (weighted) points keeps its position."""
+    n = len(points)
+    populated = np.flatnonzero(weights > 0)
+    if len(populated) >= k:
+        seeds = rng.choice(populated, size=k, replace=False, p=weights[populated] / weights[populated].sum())
+    else:
+        rest = np.setdiff1d(np.arange(n), populated)
+        seeds = np.concatenate([populated, rng.choice(rest, size=k - len(populated), replace=False)])
+    codewords = points[seeds].astype(np.float64)
+    assign = np.full(n, -1, np.int64)
+    for _ in range(KMEANS_ITERATIONS):
+        new = np.concatenate([_nearest(points[i:i + _KMEANS_CHUNK], codewords)
+                              for i in range(0, n, _KMEANS_CHUNK)])
+        if np.array_equal(new, assign):
+            break
+        assign = new
+        mass = np.bincount(assign, weights=weights, minlength=k)
+        sums = np.zeros_like(codewords)
+        np.add.at(sums, assign, points * weights[:, None])
+        moved = mass > 0
+        codewords[moved] = sums[moved] / mass[moved, None]
+    return codewords, assign
+
+
+def _nearest(points: np.ndarray, codewords: np.ndarray) -> np.ndarray:
+    d2 = (codewords**2).sum(1)[None, :] - 2 * points @ codewords.T
+    return d2.argmin(1)
+
+
+def ivf_subcodes(ivf_centroids: np.ndarray, list_sizes: np.ndarray, K: int, *,
+                 seed: int = 0) -> np.ndarray:
+    """(nlist, 5) int32 sub-codes of the IVF centroids (raw units): a 5-stage RQ of
+    min(K, nlist) codewords per stage, population-weighted by `list_sizes` (the number
+    of training vectors per list). See the module doc for nlist < K."""
+    c = np.asarray(ivf_centroids, np.float64)
+    w = np.asarray(list_sizes, np.float64)
+    if c.ndim != 2 or len(c) == 0:
+        raise ValueError(f"IVF centroids must be (nlist, D) with nlist > 0, got {c.shape}")
+    if w.shape != (len(c),) or (w < 0).any():
+        raise ValueError(f"list sizes must be {len(c)} non-negative counts, got shape {w.shape}")
+    if K < 1:
+        raise ValueError(f"codebook size K must be positive, got {K}")
+    rng = np.random.default_rng(seed)
+    k = min(K, len(c))
+    remaining = c.copy()
+    codes = np.empty((len(c), IVF_SUBCODE_STAGES), np.int32)
+    for stage in range(IVF_SUBCODE_STAGES):
+        codewords, assign = _weighted_kmeans(remaining, w, k, rng)
+        codes[:, stage] = assign
+        remaining -= codewords[assign]
+    return codes
+
+
+@dataclasses.dataclass(frozen=True)
+class PairwiseTraining:
+    """A trained decoder and its training MSE (mean squared L2 error per vector, raw
+    units): `train_mse[0]` with the IVF centroids alone, `train_mse[t]` after t tables."""
+
+    decoder: PairwiseDecoder
+    train_mse: tuple[float, ...]
+
+
+@functools.partial(jax.jit, static_argnames="K")
+def _pair_gain(residual: jax.Array, streams: jax.Array, a: jax.Array, b: jax.Array,
+               K: int) -> tuple[jax.Array, jax.Array]:
+    """(table, gain) for the pair of streams (a, b): table (K², D) = mean residual per
+    pair-code, gain = how much subtracting it lowers the sum of squared errors."""
+    rows = streams[:, a] * K + streams[:, b]
+    sums = jax.ops.segment_sum(residual, rows, num_segments=K * K)
+    counts = jax.ops.segment_sum(jnp.ones(rows.shape, residual.dtype), rows, num_segments=K * K)
+    table = sums / jnp.maximum(counts, 1)[:, None]
+    return table, jnp.sum(sums * table)
+
+
+@functools.partial(jax.jit, static_argnames="K")
+def _subtract_table(residual: jax.Array, streams: jax.Array, a: jax.Array, b: jax.Array, K: int,
+                    table: jax.Array) -> tuple[jax.Array, jax.Array]:
+    residual = residual - table[streams[:, a] * K + streams[:, b]]
+    return residual, jnp.sum(residual * residual)
+
+
+def train_pairwise_decoder(x: np.ndarray, codes: np.ndarray, ivf_centroids: np.ndarray, K: int, *,
+                           n_tables: int | None = None, seed: int = 0,
+                           progress: bool = True) -> PairwiseTraining:
+    """Train a pairwise decoder on vectors x (n, D) raw units, their IVF codes (n, 1 + M)
+    (list in column 0, model codes in [0, K)) and the IVF centroids (nlist, D) raw units.
+
+    n_tables: number of tables (default 2·M, the reference's n_pairwise_codebooks=2).
+    seed: for the k-means seeds of the IVF sub-codes. The training set lives on the
+    device whole (n·D floats + n·(M+5) codes), as in the reference."""
+    x = np.asarray(x)
+    centroids = np.asarray(ivf_centroids)
+    if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"training vectors must be a float array (n, D), got {x.dtype} {x.shape}")
+    if centroids.ndim != 2 or centroids.shape[1] != x.shape[1] or len(centroids) == 0:
+        raise ValueError(f"IVF centroids must be (nlist, {x.shape[1]}) with nlist > 0, got {centroids.shape}")
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape[0] != len(x) or codes.shape[1] < 2 or not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"codes must be integers (n, 1 + M) with M >= 1 and n = {len(x)} (the vectors), "
+                         f"got {codes.dtype} {codes.shape}")
+    if len(x) == 0:
+        raise ValueError("no training vectors")
+    if K < 1:
+        raise ValueError(f"codebook size K must be positive, got {K}")
+    M = codes.shape[1] - 1
+    nlist = len(centroids)
+    lists, model_codes = codes[:, 0], codes[:, 1:]
+    if lists.min() < 0 or lists.max() >= nlist:
+        raise ValueError(f"IVF lists (codes column 0) must lie in [0, {nlist}), got [{lists.min()}, {lists.max()}]")
+    if model_codes.min() < 0 or model_codes.max() >= K:
+        raise ValueError(f"model codes must lie in [0, {K}), got [{model_codes.min()}, {model_codes.max()}]")
+    T = DEFAULT_TABLES_PER_CODE * M if n_tables is None else int(n_tables)
+    if T < 1:
+        raise ValueError(f"the number of tables must be positive, got {T}")
+
+    centroids = centroids.astype(np.float32)
+    subcodes = ivf_subcodes(centroids, np.bincount(lists, minlength=nlist), K, seed=seed)
+    streams = jnp.asarray(np.concatenate([model_codes, subcodes[lists]], axis=1).astype(np.int32))
+    residual = jnp.asarray(x.astype(np.float32) - centroids[lists])
+    n = len(x)
+    candidates = [(a, b) for a in range(M + IVF_SUBCODE_STAGES) for b in range(a + 1, M + IVF_SUBCODE_STAGES)]
+
+    mse = [float(jnp.sum(residual * residual)) / n]
+    tables, pairs = [], []
+    bar = _progress(T * len(candidates), progress)
+    for t in range(T):
+        best = None
+        for a, b in candidates:
+            table, gain = _pair_gain(residual, streams, jnp.int32(a), jnp.int32(b), K)
+            gain = float(gain)
+            if best is None or gain > best[0]:
+                best = (gain, a, b, table)
+            bar.update(1)
+        _, a, b, table = best
+        residual, sse = _subtract_table(residual, streams, jnp.int32(a), jnp.int32(b), K, table)
+        mse.append(float(sse) / n)
+        tables.append(np.asarray(table))
+        pairs.append((a, b))
+        bar.set_postfix(tables=t + 1, mse=f"{mse[-1]:.4g}")
+    bar.close()
+    decoder = PairwiseDecoder(subcodes, np.asarray(pairs, np.int32).T.copy(), np.stack(tables))
+    return PairwiseTraining(check_decoder(decoder), tuple(mse))
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="pairwise tables", unit="pair", disable=not enabled)
+
+
+# --------------------------------------------------------------------------------------
+# Files (the reference's format)
+# --------------------------------------------------------------------------------------
+
+
+def load_pairwise_decoder(path: str | os.PathLike) -> PairwiseDecoder:
+    """Read the reference's pairwise decoder file (a torch state_dict) without torch."""
+    path = os.fspath(path)
+    state = load_pt(path)
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path}: not a pairwise decoder: holds a {type(state).__name__}, "
+                              f"expected a state_dict with keys {list(_FILE_KEYS)}")
+    missing = [k for k in _FILE_KEYS if k not in state]
+    extra = [k for k in state if k not in _FILE_KEYS]
+    if missing or extra:
+        raise CheckpointError(f"{path}: not a pairwise decoder: missing keys {missing}, unexpected keys {extra} "
+                              f"(expected exactly {list(_FILE_KEYS)})")
+    for key in _FILE_KEYS:
+        if not isinstance(state[key], np.ndarray):
+            raise CheckpointError(f"{path}: {key} is a {type(state[key]).__name__}, not a tensor")
+    decoder = PairwiseDecoder(state["ivf_code_map"], state["combine_mvals_m"], state["codebook_MKD"])
+    try:
+        return check_decoder(decoder, what=path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def save_pairwise_decoder(decoder: PairwiseDecoder, path: str | os.PathLike) -> None:
+    """Write the decoder as the reference saves it (torch state_dict: int64 maps,
+    float32 tables), atomically."""
+    decoder = check_decoder(decoder)
+    writer = TorchWriter()
+    state = {
+        "ivf_code_map": writer.plain_tensor(decoder.ivf_subcodes.astype(np.int64)),
+        "combine_mvals_m": writer.plain_tensor(decoder.pairs.astype(np.int64)),
+        "codebook_MKD": writer.plain_tensor(decoder.tables),
+    }
+    with atomic_path(path) as tmp:
+        write_pt(tmp, writer, state, archive_name=os.path.splitext(os.path.basename(os.fspath(path)))[0])
