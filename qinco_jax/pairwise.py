@@ -310,13 +310,14 @@ def _subtract_table(residual: jax.Array, streams: jax.Array, a: jax.Array, b: ja
 
 
 def train_pairwise_decoder(x: np.ndarray, codes: np.ndarray, ivf_centroids: np.ndarray, K: int, *,
-                           n_tables: int | None = None, seed: int = 0,
+                           n_tables: int | None = None, seed: int = 0, subcodes: np.ndarray | None = None,
                            progress: bool = True) -> PairwiseTraining:
     """Train a pairwise decoder on vectors x (n, D) raw units, their IVF codes (n, 1 + M)
     (list in column 0, model codes in [0, K)) and the IVF centroids (nlist, D) raw units.
 
     n_tables: number of tables (default 2·M, the reference's n_pairwise_codebooks=2).
-    seed: for the k-means seeds of the IVF sub-codes. The training set lives on the
+    seed: for the k-means seeds of the IVF sub-codes; subcodes: (nlist, 5) IVF sub-codes
+    to use instead of computing them (e.g. those of another decoder). The training set lives on the
     device whole (n·D floats + n·(M+5) codes), as in the reference."""
     x = np.asarray(x)
     centroids = np.asarray(ivf_centroids)
@@ -344,7 +345,15 @@ def train_pairwise_decoder(x: np.ndarray, codes: np.ndarray, ivf_centroids: np.n
         raise ValueError(f"the number of tables must be positive, got {T}")
 
     centroids = centroids.astype(np.float32)
-    subcodes = ivf_subcodes(centroids, np.bincount(lists, minlength=nlist), K, seed=seed)
+    if subcodes is None:
+        subcodes = ivf_subcodes(centroids, np.bincount(lists, minlength=nlist), K, seed=seed)
+    else:
+        subcodes = np.asarray(subcodes)
+        if subcodes.shape != (nlist, IVF_SUBCODE_STAGES) or not np.issubdtype(subcodes.dtype, np.integer) \
+                or subcodes.min() < 0 or subcodes.max() >= K:
+            raise ValueError(f"IVF sub-codes must be integers in [0, {K}) of shape ({nlist}, {IVF_SUBCODE_STAGES}), "
+                             f"got {subcodes.dtype} {subcodes.shape}")
+        subcodes = subcodes.astype(np.int32)
     streams = jnp.asarray(np.concatenate([model_codes, subcodes[lists]], axis=1).astype(np.int32))
     residual = jnp.asarray(x.astype(np.float32) - centroids[lists])
     n = len(x)

@@ -1,0 +1,230 @@
+"""The pairwise additive decoder: the reference's file and decodings, training, file I/O."""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import numpy as np
+import pytest
+
+from conftest import FIXTURES, require_torch
+from qinco_jax import aq, pairwise
+from qinco_jax.torch_pickle import CheckpointError, TorchWriter, write_pt
+
+QINCO2 = FIXTURES / "qinco2"
+REFERENCE_DECODER = QINCO2 / "pairwise_decoder_ivf64_K16.pt"
+
+
+@functools.lru_cache(maxsize=None)
+def qinco2_outputs() -> dict[str, np.ndarray]:
+    with np.load(QINCO2 / "reference_outputs_qinco2.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+def _rq_codes(r: np.ndarray, M: int, K: int) -> np.ndarray:
+    """Codes (n, M) of a plain residual quantizer (k-means per stage): cheap stand-ins
+    for a model's codes."""
+    import faiss
+
+    codes, rem = [], r.copy()
+    for m in range(M):
+        km = faiss.Kmeans(r.shape[1], K, niter=8, seed=m)
+        km.train(rem)
+        _, a = km.index.search(rem, 1)
+        codes.append(a[:, 0])
+        rem -= km.centroids[a[:, 0]]
+    return np.stack(codes, 1).astype(np.int64)
+
+
+@functools.lru_cache(maxsize=None)
+def ivf_training_data(n: int, M: int, K: int):
+    """(x, IVF codes (n, 1 + M), centroids): fixture vectors, their nearest of the 64
+    centroids and RQ codes of the residuals."""
+    x = np.load(FIXTURES / "ivf_xt.npy")[:n]
+    centroids = np.load(FIXTURES / "ivf_centroids_64.npy")
+    d2 = (centroids**2).sum(1)[None] - 2 * x @ centroids.T
+    lists = d2.argmin(1)
+    codes = _rq_codes(x - centroids[lists], M, K)
+    return x, np.concatenate([lists[:, None], codes], 1), centroids
+
+
+# --------------------------------------------------------------------------------------
+# The reference's file
+# --------------------------------------------------------------------------------------
+
+
+def test_reference_file_decodes_like_the_reference():
+    decoder = pairwise.load_pairwise_decoder(REFERENCE_DECODER)
+    assert (decoder.nlist, decoder.n_tables, decoder.K, decoder.d) == (64, 8, 16, 32)
+    ref = qinco2_outputs()
+    codes = ref["ivf_qinco2_k16_A8_B8_codes"]
+    centroids = np.load(FIXTURES / "ivf_centroids_64.npy")
+    out = pairwise.decode(decoder, codes, centroids, batch_size=96)  # several batches, a padded last one
+    np.testing.assert_allclose(out, ref["pairwise_ivf64_k16_decoded"], rtol=0, atol=5e-5)
+    mse = ((ref["x"] - out) ** 2).sum(1).mean()
+    assert mse == pytest.approx(float(ref["pairwise_ivf64_k16_mse"]), rel=1e-5)
+
+
+def test_write_read_round_trip_is_exact(tmp_path):
+    decoder = pairwise.load_pairwise_decoder(REFERENCE_DECODER)
+    path = tmp_path / "pw.pt"
+    pairwise.save_pairwise_decoder(decoder, path)
+    again = pairwise.load_pairwise_decoder(path)
+    for field in ("ivf_subcodes", "pairs", "tables"):
+        np.testing.assert_array_equal(getattr(again, field), getattr(decoder, field))
+    assert [p.name for p in tmp_path.iterdir()] == ["pw.pt"]  # no temporary left behind
+
+
+def test_written_file_loads_in_torch_as_the_reference_state_dict(tmp_path):
+    torch = require_torch()
+    decoder = pairwise.load_pairwise_decoder(REFERENCE_DECODER)
+    path = tmp_path / "pw.pt"
+    pairwise.save_pairwise_decoder(decoder, path)
+    ours = torch.load(path, weights_only=True)
+    theirs = torch.load(REFERENCE_DECODER, weights_only=True)
+    assert list(ours) == list(theirs)
+    for key in theirs:
+        assert ours[key].dtype == theirs[key].dtype and ours[key].shape == theirs[key].shape
+        assert torch.equal(ours[key], theirs[key])
+
+
+def _write_state(path, state: dict):
+    writer = TorchWriter()
+    write_pt(path, writer, {k: writer.plain_tensor(v) for k, v in state.items()})
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda s: s.pop("combine_mvals_m"), "missing keys"),
+    (lambda s: s.update(extra=np.zeros(1, np.float32)), "unexpected keys"),
+    (lambda s: s.update(codebook_MKD=s["codebook_MKD"][:, :250]), "square"),
+    (lambda s: s.update(combine_mvals_m=s["combine_mvals_m"][:, :5]), r"\(2, 8\)"),
+    (lambda s: s.update(ivf_code_map=s["ivf_code_map"][:, :4]), "sub-codes"),
+    (lambda s: s.update(ivf_code_map=s["ivf_code_map"] + 16), r"\[0, 16\)"),
+    (lambda s: s.update(combine_mvals_m=s["combine_mvals_m"].astype(np.float32)), "integers"),
+])
+def test_malformed_files_are_refused(tmp_path, change, message):
+    d = pairwise.load_pairwise_decoder(REFERENCE_DECODER)
+    state = {"ivf_code_map": d.ivf_subcodes.astype(np.int64), "combine_mvals_m": d.pairs.astype(np.int64),
+             "codebook_MKD": d.tables}
+    change(state)
+    path = tmp_path / "bad.pt"
+    _write_state(path, state)
+    with pytest.raises(CheckpointError, match=message):
+        pairwise.load_pairwise_decoder(path)
+
+
+def test_a_model_file_is_not_a_pairwise_decoder():
+    with pytest.raises(CheckpointError, match="not a pairwise decoder"):
+        pairwise.load_pairwise_decoder(FIXTURES / "ivf_qinco_d32_IVF64_M4_K256_L1_h32.pt")
+
+
+def test_decode_refuses_codes_and_centroids_that_do_not_fit():
+    decoder = pairwise.load_pairwise_decoder(REFERENCE_DECODER)
+    codes = qinco2_outputs()["ivf_qinco2_k16_A8_B8_codes"][:10]
+    centroids = np.load(FIXTURES / "ivf_centroids_64.npy")
+    with pytest.raises(ValueError, match="at least 5"):
+        pairwise.decode(decoder, codes[:, :3], centroids)
+    with pytest.raises(ValueError, match=r"lists .* \[0, 64\)"):
+        pairwise.decode(decoder, np.where(np.arange(5) == 0, 64, codes), centroids)
+    with pytest.raises(ValueError, match=r"\[0, 16\)"):
+        pairwise.decode(decoder, np.where(np.arange(5) == 2, 16, codes), centroids)
+    with pytest.raises(ValueError, match=r"expected \(64, 32\)"):
+        pairwise.decode(decoder, codes, centroids[:32])
+
+
+# --------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------
+
+
+def test_training_mse_falls_with_every_table_and_beats_aq():
+    x, codes, centroids = ivf_training_data(20000, M=4, K=16)
+    result = pairwise.train_pairwise_decoder(x, codes, centroids, K=16, progress=False)
+    decoder = result.decoder
+    assert decoder.n_tables == 8 and decoder.K == 16 and len(result.train_mse) == 9
+    assert np.all(np.diff(result.train_mse) < 0), result.train_mse
+    # The recorded MSE is the decoder's: decoding the training set gives it back.
+    err = ((x - pairwise.decode(decoder, codes, centroids)) ** 2).sum(1).mean()
+    assert err == pytest.approx(result.train_mse[-1], rel=1e-4)
+    # The least-squares AQ decoder over the same codes (what the IVF-RQ index scans with).
+    residual = x - centroids[codes[:, 0]]
+    books = aq.fit_codebooks(residual, codes[:, 1:], K=16)
+    aq_mse = ((residual - aq.reconstruct(codes[:, 1:], books)) ** 2).sum(1).mean()
+    assert result.train_mse[-1] < aq_mse * 0.97, (result.train_mse[-1], aq_mse)
+
+
+def test_each_round_picks_the_pair_that_lowers_the_mse_most():
+    x, codes, centroids = ivf_training_data(3000, M=3, K=16)
+    result = pairwise.train_pairwise_decoder(x, codes, centroids, K=16, n_tables=2, progress=False)
+    decoder = result.decoder
+    streams = np.concatenate([codes[:, 1:], decoder.ivf_subcodes[codes[:, 0]]], 1)
+    residual = (x - centroids[codes[:, 0]]).astype(np.float64)
+    for t in range(2):
+        best = None
+        for a, b in itertools.combinations(range(streams.shape[1]), 2):
+            rows = streams[:, a] * 16 + streams[:, b]
+            table = np.zeros((256, x.shape[1]))
+            np.add.at(table, rows, residual)
+            table /= np.maximum(np.bincount(rows, minlength=256), 1)[:, None]
+            sse = ((residual - table[rows]) ** 2).sum()
+            if best is None or sse < best[0]:
+                best = (sse, (a, b), table, rows)
+        sse, pair, table, rows = best
+        assert tuple(decoder.pairs[:, t]) == pair
+        np.testing.assert_allclose(decoder.tables[t], table, rtol=1e-4, atol=1e-3)
+        assert result.train_mse[t + 1] == pytest.approx(sse / len(x), rel=1e-4)
+        residual -= table[rows]
+
+
+def test_training_and_decoding_are_in_raw_units():
+    """An affine change of units (x -> s·x + b, centroids alike) changes the decodings
+    the same way: nothing is trained or decoded in a hidden normalised space."""
+    x, codes, centroids = ivf_training_data(3000, M=2, K=16)
+    scale, shift = np.float32(7.5), np.linspace(-300, 300, x.shape[1]).astype(np.float32)
+    plain = pairwise.train_pairwise_decoder(x, codes, centroids, K=16, progress=False)
+    # The same IVF sub-codes for both: k-means over the shifted centroids may break a
+    # near tie differently after float rounding, which is not what this test is about.
+    moved = pairwise.train_pairwise_decoder(x * scale + shift, codes, centroids * scale + shift, K=16,
+                                            subcodes=plain.decoder.ivf_subcodes, progress=False)
+    np.testing.assert_allclose(moved.train_mse, np.array(plain.train_mse) * scale**2, rtol=1e-3)
+    np.testing.assert_array_equal(moved.decoder.pairs, plain.decoder.pairs)
+    out_plain = pairwise.decode(plain.decoder, codes, centroids)
+    out_moved = pairwise.decode(moved.decoder, codes, centroids * scale + shift)
+    np.testing.assert_allclose(out_moved, out_plain * scale + shift, rtol=0, atol=0.05)
+
+
+def test_fewer_centroids_than_codewords():
+    """K = 256 codes over 64 lists: the reference fails; here each sub-code stage has 64
+    codewords, the first reproduces every centroid, and training and I/O work."""
+    x, codes, centroids = ivf_training_data(4000, M=2, K=256)
+    result = pairwise.train_pairwise_decoder(x, codes, centroids, K=256, progress=False)
+    sub = result.decoder.ivf_subcodes
+    assert sub.shape == (64, 5) and sub.max() < 64
+    assert len(np.unique(sub[:, 0])) == 64  # every centroid its own first sub-code
+    assert result.decoder.K == 256 and result.decoder.tables.shape == (4, 65536, 32)
+    assert np.all(np.diff(result.train_mse) < 0)
+
+
+def test_ivf_subcodes_with_empty_lists_and_few_centroids():
+    centroids = np.load(FIXTURES / "ivf_centroids_64.npy")[:10]
+    sizes = np.array([5, 0, 3, 0, 0, 7, 1, 0, 2, 0])
+    sub = pairwise.ivf_subcodes(centroids, sizes, K=16)
+    assert sub.shape == (10, 5) and sub.min() >= 0 and sub.max() < 10
+    assert len(np.unique(sub[:, 0])) == 10
+    sub4 = pairwise.ivf_subcodes(centroids, sizes, K=4)
+    assert sub4.max() < 4
+    with pytest.raises(ValueError, match="non-negative"):
+        pairwise.ivf_subcodes(centroids, -sizes, K=16)
+
+
+def test_training_refuses_bad_inputs():
+    x, codes, centroids = ivf_training_data(3000, M=2, K=16)
+    with pytest.raises(ValueError, match=r"\[0, 8\)"):
+        pairwise.train_pairwise_decoder(x, codes, centroids, K=8, progress=False)
+    with pytest.raises(ValueError, match=r"lists .* \[0, 32\)"):
+        pairwise.train_pairwise_decoder(x, codes, centroids[:32], K=16, progress=False)
+    with pytest.raises(ValueError, match="sub-codes"):
+        pairwise.train_pairwise_decoder(x, codes, centroids, K=16, subcodes=np.full((64, 5), 16), progress=False)
+    with pytest.raises(ValueError, match="n = 3000"):
+        pairwise.train_pairwise_decoder(x, codes[:10], centroids, K=16, progress=False)
