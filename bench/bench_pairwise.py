@@ -6,11 +6,11 @@ Two settings, each timed in one process (best of several runs, see timing.py):
   pairwise decoder is trained on the model's codes of ivf_xt (the reference cannot: 64
   lists < K=256), and both decoders' MSE on ivf_xb is reported beside the AQ decoder's
   (least squares on the same codes, what the IVF-RQ index scans with);
-- paper: a random IVF model of the paper's size (d=128, M=8, K=256, L=2, h=256,
-  IVF1024) and a random pairwise decoder of the matching shape (2·M tables of K² rows:
+- paper: random IVF models of the paper's size (d=128, M=8, K=256, h=256, IVF1024,
+  L=2 and L=16 residual blocks per step) and a random pairwise decoder of the matching shape (2·M tables of K² rows:
   537 MB), on random codes — only the speed is meaningful there.
 
-    python bench/bench_pairwise.py [--json out.json] [--skip_paper]
+    python bench/bench_pairwise.py [--json out.json] [--paper_L 2,16]
 
 Both decoders are timed through their numpy-facing, batched entry points
 (codec.decode, pairwise.decode), each at its default batch size.
@@ -42,21 +42,24 @@ from qinco_jax.model import QincoModel  # noqa: E402
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
 
 
-def time_both(model, decoder, centroids, codes, label: str) -> dict:
+def time_both(model, decoder, centroids, codes, n_model: int, label: str) -> dict:
+    """Seconds per candidate of both decoders: the pairwise one on all `codes`, the
+    model on the first `n_model` (a slow model would otherwise dominate the run)."""
     n = len(codes)
+    n_model = min(n, n_model)
     decoder = jax.device_put(decoder)  # as a search keeps it: on the device, checked once
-    t_model = timed(lambda: codec.decode(model, codes))
-    t_pair = timed(lambda: pairwise.decode(decoder, codes, centroids))
-    res = {"n_candidates": n, "model_decode_vps": n / t_model, "pairwise_decode_vps": n / t_pair,
-           "model_us_per_candidate": 1e6 * t_model / n, "pairwise_us_per_candidate": 1e6 * t_pair / n,
-           "speedup": t_model / t_pair}
-    print(f"[{label}] {n} candidates: model decode {res['model_decode_vps']:12.0f} vec/s "
+    t_model = timed(lambda: codec.decode(model, codes[:n_model])) / n_model
+    t_pair = timed(lambda: pairwise.decode(decoder, codes, centroids)) / n
+    res = {"n_candidates": n, "n_candidates_model": n_model, "model_decode_vps": 1 / t_model,
+           "pairwise_decode_vps": 1 / t_pair, "model_us_per_candidate": 1e6 * t_model,
+           "pairwise_us_per_candidate": 1e6 * t_pair, "speedup": t_model / t_pair}
+    print(f"[{label}] model decode {res['model_decode_vps']:12.0f} vec/s "
           f"({res['model_us_per_candidate']:.3f} us/cand), pairwise {res['pairwise_decode_vps']:12.0f} vec/s "
           f"({res['pairwise_us_per_candidate']:.3f} us/cand): pairwise {res['speedup']:.1f}x cheaper")
     return res
 
 
-def fixture_setting(n_decode: int) -> dict:
+def fixture_setting(n_decode: int, n_model: int) -> dict:
     model = load_model(os.path.join(FIXTURES, "ivf_qinco_d32_IVF64_M4_K256_L1_h32.pt"))
     c = model.config
     xt = np.load(os.path.join(FIXTURES, "ivf_xt.npy"))
@@ -89,12 +92,12 @@ def fixture_setting(n_decode: int) -> dict:
           f"pairwise train MSE {trained.train_mse[0]:.1f} -> {trained.train_mse[-1]:.1f}")
     reps = -(-n_decode // len(codes_b))
     codes = np.tile(codes_b, (reps, 1))[:n_decode]
-    res.update(time_both(model, dec, centroids, codes, "fixture"))
+    res.update(time_both(model, dec, centroids, codes, n_model, "fixture"))
     return res
 
 
-def paper_setting(n_decode: int) -> dict:
-    cfg = QincoConfig(d=128, K=256, M=8, L=2, h=256, variant="ivf", K_IVF=1024)
+def paper_setting(n_decode: int, n_model: int, L: int) -> dict:
+    cfg = QincoConfig(d=128, K=256, M=8, L=L, h=256, variant="ivf", K_IVF=1024)
     model = QincoModel.init(cfg, 0)
     rs = np.random.RandomState(0)
     T = pairwise.DEFAULT_TABLES_PER_CODE * cfg.M
@@ -105,19 +108,21 @@ def paper_setting(n_decode: int) -> dict:
     codes = np.concatenate([rs.randint(cfg.K_IVF, size=(n_decode, 1)),
                             rs.randint(cfg.K, size=(n_decode, cfg.M))], 1).astype(np.int32)
     res = {"config": cfg.describe(), "n_tables": T, "table_bytes": int(decoder.tables.nbytes)}
-    res.update(time_both(model, decoder, ivf_centroids(model), codes, "paper"))
+    res.update(time_both(model, decoder, ivf_centroids(model), codes, n_model, f"paper L={L}"))
     return res
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n_decode", type=int, default=65536, help="candidates per decode timing")
-    p.add_argument("--skip_paper", action="store_true", help="only the fixture setting")
+    p.add_argument("--n_model_decode", type=int, default=8192, help="candidates per model decode timing")
+    p.add_argument("--paper_L", default="2,16", help="comma-separated residual blocks per step of the "
+                   "paper-size models (the v1 paper uses L=2 and L=16); empty: skip them")
     p.add_argument("--json", default="", help="write the figures here")
     args = p.parse_args(argv)
-    res = {"device": str(jax.devices()[0]), "fixture": fixture_setting(args.n_decode)}
-    if not args.skip_paper:
-        res["paper"] = paper_setting(args.n_decode)
+    res = {"device": str(jax.devices()[0]), "fixture": fixture_setting(args.n_decode, args.n_model_decode)}
+    for L in [int(v) for v in args.paper_L.split(",") if v]:
+        res[f"paper_L{L}"] = paper_setting(args.n_decode, args.n_model_decode, L)
     if args.json:
         write_bytes(args.json, json.dumps(res, indent=1).encode())
 

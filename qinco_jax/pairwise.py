@@ -149,10 +149,10 @@ def check_decoder(decoder: PairwiseDecoder, what: str = "pairwise decoder") -> P
 # --------------------------------------------------------------------------------------
 
 
-def code_streams(decoder_subcodes: jax.Array, codes: jax.Array) -> jax.Array:
+def code_streams(ivf_subcodes: jax.Array, codes: jax.Array) -> jax.Array:
     """(n, M + 5): the model codes (columns 1..M of `codes`), then the IVF sub-codes
     of the list in column 0."""
-    return jnp.concatenate([codes[:, 1:], decoder_subcodes[codes[:, 0]]], axis=1)
+    return jnp.concatenate([codes[:, 1:], ivf_subcodes[codes[:, 0]]], axis=1)
 
 
 @jax.jit
@@ -176,8 +176,10 @@ def decode_batch(decoder: PairwiseDecoder, ivf_centroids: jax.Array, codes: jax.
     return ivf_centroids[codes[:, 0]] + decode_residual(decoder, codes)
 
 
-def check_codes(decoder: PairwiseDecoder, codes: np.ndarray, ivf_centroids: np.ndarray | None = None) -> np.ndarray:
-    """codes as int32 (n, 1 + M), or a ValueError naming what does not fit the decoder."""
+def check_codes(decoder: PairwiseDecoder, codes: np.ndarray) -> np.ndarray:
+    """codes as int32 (n, 1 + M), or a ValueError naming what does not fit the decoder.
+    The file does not record M: codes wider than the decoder was trained for are not
+    detected (its IVF streams would be read from the wrong columns)."""
     codes = np.asarray(codes)
     if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
         raise ValueError(f"codes must be an integer array (n, 1 + M) with the IVF list in column 0, "
@@ -194,8 +196,6 @@ def check_codes(decoder: PairwiseDecoder, codes: np.ndarray, ivf_centroids: np.n
         if model_codes.size and (model_codes.min() < 0 or model_codes.max() >= decoder.K):
             raise ValueError(f"model codes (columns 1..) must lie in [0, {decoder.K}) for this decoder, "
                              f"got values in [{model_codes.min()}, {model_codes.max()}]")
-    if ivf_centroids is not None:
-        check_centroids(decoder, ivf_centroids)
     return codes.astype(np.int32)
 
 
