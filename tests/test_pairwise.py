@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 
+import jax
 import numpy as np
 import pytest
 
@@ -64,6 +65,10 @@ def test_reference_file_decodes_like_the_reference():
     np.testing.assert_allclose(out, ref["pairwise_ivf64_k16_decoded"], rtol=0, atol=5e-5)
     mse = ((ref["x"] - out) ** 2).sum(1).mean()
     assert mse == pytest.approx(float(ref["pairwise_ivf64_k16_mse"]), rel=1e-5)
+    # A decoder kept on the device decodes the same; no codes give no vectors.
+    on_device = pairwise.decode(jax.device_put(decoder), codes, centroids)
+    np.testing.assert_array_equal(on_device, pairwise.decode(decoder, codes, centroids))
+    assert pairwise.decode(decoder, codes[:0], centroids).shape == (0, 32)
 
 
 def test_write_read_round_trip_is_exact(tmp_path):
