@@ -30,6 +30,7 @@ code of the epoch chose it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -37,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from qinco_jax.metrics import mean_squared_error
 
 # The reference's constants.
 STATS_ROWS = 100_000          # normalisation statistics: the first 100k training vectors
@@ -275,6 +278,12 @@ class DataOrder:
         if self.block < 1:
             raise ValueError(f"shuffle block must be >= 1, got {self.block}")
 
+    @classmethod
+    def for_run(cls, n: int, loop: int | None, seed: int, qinco1_mode: bool = False) -> "DataOrder":
+        """The order of a run.py training run: `ds.loop`, numpy seed `seed`; the
+        reference does not loop in qinco1_mode (every epoch is the whole set)."""
+        return cls(n, None if qinco1_mode else loop, seed)
+
     @property
     def epoch_size(self) -> int:
         return min(self.loop, self.n) if self.loop else self.n
@@ -397,10 +406,6 @@ class RQInit:
     val_mse: float | None
 
 
-def _rq_mse(x, xq) -> float:
-    return float(((np.asarray(x, np.float64) - xq) ** 2).mean(0).sum())
-
-
 def train_rq_init(xt: np.ndarray, M: int, K: int, *, ivf_centroids: np.ndarray | None = None,
                   xval: np.ndarray | None = None, seed: int = 0, iters: int = RQ_KMEANS_ITERS,
                   qinco1_mode: bool = False) -> RQInit:
@@ -455,8 +460,8 @@ def train_rq_init(xt: np.ndarray, M: int, K: int, *, ivf_centroids: np.ndarray |
                 r = r - book[_nearest(r, book)]
             return x - r
 
-    val_mse = _rq_mse(xval, quantize(xval)) if xval is not None and len(xval) else None
-    return RQInit(codebooks.astype(np.float32), _rq_mse(xt, quantize(xt)), val_mse)
+    val_mse = mean_squared_error(xval, quantize(xval)) if xval is not None and len(xval) else None
+    return RQInit(codebooks.astype(np.float32), mean_squared_error(xt, quantize(xt)), val_mse)
 
 
 def initial_codebooks(rq_codebooks: np.ndarray, data_mean: np.ndarray, data_std: float, *,
@@ -570,6 +575,11 @@ def reset_unused_codewords(codebooks: jax.Array, substep_codebooks: jax.Array | 
     Returns (codebooks, substep_codebooks, n_reset (S,) int)."""
     if qinco1_mode:
         return codebooks, substep_codebooks, jnp.zeros(codebooks.shape[0], jnp.int32)
+    return _reset_unused(codebooks, substep_codebooks, usage, target_mean, target_std, key, float(noise))
+
+
+@functools.partial(jax.jit, static_argnames=("noise",))
+def _reset_unused(codebooks, substep_codebooks, usage, target_mean, target_std, key, noise):
     S, K, d = codebooks.shape
     k_uniform, k_noise = jax.random.split(key)
     u = jax.random.uniform(k_uniform, (S, K, d), codebooks.dtype)

@@ -185,6 +185,8 @@ def test_data_order_loops_through_a_fixed_permutation():
     full = r.DataOrder(n=10, loop=100, seed=3)
     np.testing.assert_array_equal(full.rows(0), full.rows(7))
     np.testing.assert_array_equal(r.DataOrder(n=10, loop=None, seed=3).rows(1), full.rows(0))
+    assert r.DataOrder.for_run(10, 4, 3, qinco1_mode=True).epoch_size == 10
+    assert r.DataOrder.for_run(10, 4, 3) == order
 
 
 def test_block_shuffle_stays_within_blocks():
@@ -347,3 +349,17 @@ def test_codeword_usage_and_reset():
     assert same is books and same_sub is subs and not np.any(np.asarray(n0))
     with pytest.raises(ValueError, match="substep"):
         r.reset_unused_codewords(books, jnp.zeros((3, 3, 4)), usage, tmean, tstd, jax.random.PRNGKey(0))
+
+
+def test_rq_init_reaches_the_reference_validation_mse():
+    # README of the QINCo2 fixtures: RQ-init val MSE 896.8 (M=4, K=256, all 9000 train_xt
+    # + train_xval rows) and 742.2 (IVF64, ivf_xt, ds.loop=8192: the first 8192 rows).
+    x = np.concatenate([np.load(FIXTURES / "train_xt.npy"), np.load(FIXTURES / "train_xval.npy")])
+    xt, xval = r.split_validation(x, 1000)
+    plain = r.train_rq_init(xt[r.DataOrder(len(xt), None, 0).rq_rows(256)], 4, 256, xval=xval)
+    assert plain.val_mse == pytest.approx(896.8, rel=0.02)
+    ivt, ivv = r.split_validation(np.load(FIXTURES / "ivf_xt.npy"), 1000)
+    rows = r.DataOrder(len(ivt), 8192, 0).rq_rows(256)
+    assert len(rows) == 8192
+    ivf = r.train_rq_init(ivt[rows], 4, 256, xval=ivv, ivf_centroids=np.load(FIXTURES / "ivf_centroids_64.npy"))
+    assert ivf.val_mse == pytest.approx(742.2, rel=0.02)
