@@ -210,6 +210,12 @@ class FileDataset(Dataset):
                 return p
         return None
 
+    def path_of(self, role: str) -> Path | None:
+        """The file of a role (train, base, query, gt): the first candidate that exists,
+        else where the first is expected; None if the data set has no such file."""
+        candidates = self._files.get(role, [])
+        return self._find(role) or (candidates[0] if candidates else None)
+
     def _require(self, role: str) -> Path:
         p = self._find(role)
         if p is None:
