@@ -13,14 +13,8 @@ K_IVF > K, so raw IVF files differ from (and fix) the reference's there.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
-
-try:
-    import qinco_jax  # noqa: F401
-except ImportError:  # run from a checkout without installing the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
@@ -56,10 +50,6 @@ def build_parser():
     return p
 
 
-def nbits_of(model) -> list[int]:
-    return packing.code_nbits(model.code_sizes)
-
-
 def encode_file(model, args) -> None:
     from qinco_jax import codec
 
@@ -77,12 +67,11 @@ def encode_file(model, args) -> None:
                              f"or as packed bytes with --raw")
     print(f"encoding input vectors of size {x.shape}", flush=True)
     t0 = time.time()
-    codes, err = codec.encode(model, x, batch_size=args.batch_size, dtype=cli.dtype_from_args(args),
-                              progress="encoding", return_errors=True,
-                              beam=args.beam, preselect=args.preselect)
+    options = cli.encode_options_from_args(args, batch_size=args.batch_size)
+    codes, err = codec.encode(model, x, options, progress="encoding", return_errors=True)
     print(f"Encoding done in {time.time() - t0:.2f} s, MSE={float(np.mean(err, dtype=np.float64)):g}", flush=True)
     if args.raw:
-        nbits = nbits_of(model)
+        nbits = packing.code_nbits(model.code_sizes)
         packed = packing.pack_codes(codes, nbits)
         print(f"Packed {len(codes)} codes of {len(nbits)} x {nbits} bits into {packed.shape[1]} bytes each, "
               f"storing {packed.size} bytes in {args.o}", flush=True)
@@ -113,12 +102,17 @@ def main(argv=None):
     if args.encode == args.decode:
         raise cli.UsageError("select exactly one of --encode and --decode")
     cli.select_device(args.device)
-    model = cli.load_model(args.model)
+    model = cli.load_model_arg(args.model)
     if args.encode:
         encode_file(model, args)
     else:
         decode_file(model, args)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console entry point: bad input ends with one 'error:' line and exit status 2."""
     cli.run_main(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -11,13 +11,7 @@ PyTorch is not needed.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-
-try:
-    import qinco_jax  # noqa: F401
-except ImportError:  # run from a checkout without installing the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
@@ -96,5 +90,10 @@ def main(argv=None):
         check(model, load_model(args.o), args.nvec, args.seed)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console entry point: bad input ends with one 'error:' line and exit status 2."""
     cli.run_main(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -21,13 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
-from pathlib import Path
-
-try:
-    import qinco_jax  # noqa: F401
-except ImportError:  # run from a checkout without installing the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
@@ -45,8 +38,8 @@ def build_parser():
                    help="database vectors read, encoded and added per batch at add time")
     g.add_argument("--nthreads", default=32, type=int,
                    help="faiss OpenMP threads, capped at the number of CPUs (-1: faiss's default)")
-    g.add_argument("--json", default="", help="write the search results to this JSON file (a list of "
-                   "{parameters, recalls, recalls_orig, t_search, t_decode, t_dis})")
+    g.add_argument("--json", default="", help="write the search results to this JSON file ({\"results\": [...], ...}, "
+                   "see the README's results schema)")
 
     g = p.add_argument_group("QINCo model")
     g.add_argument("--model", default="", help="IVF-QINCo model: a reference .pt file or a qinco-jax model directory")
@@ -129,24 +122,21 @@ def set_threads(n: int) -> None:
 
 
 def train_centroids(args, ds) -> np.ndarray:
-    import faiss
+    from qinco_jax.search.index import train_ivf_centroids
 
     xt = ds.get_train(args.nt)
     log(f"k-means of {xt.shape} into {args.n_centroids} centroids, {args.kmeans_iter} iterations")
     if len(xt) < args.n_centroids:
         raise cli.UsageError(f"{len(xt)} training vectors cannot make {args.n_centroids} centroids")
-    gpu = faiss.get_num_gpus() > 0 if hasattr(faiss, "get_num_gpus") else False
-    km = faiss.Kmeans(ds.d, args.n_centroids, niter=args.kmeans_iter, verbose=True, gpu=gpu)
-    km.train(np.ascontiguousarray(xt, dtype=np.float32))
-    return km.centroids
+    return train_ivf_centroids(xt, args.n_centroids, args.kmeans_iter)
 
 
-def encode_kwargs(args) -> dict:
-    return dict(batch_size=args.bs, dtype=cli.dtype_from_args(args), beam=args.beam, preselect=args.preselect)
+def encode_options(args):
+    return cli.encode_options_from_args(args, batch_size=args.bs)
 
 
 def run_train(args, model, ds, stats):
-    from qinco_jax import ivf
+    from qinco_jax.search import index as ivf
 
     xt = ds.get_train(args.nt)
     log(f"training vectors {xt.shape}")
@@ -157,7 +147,7 @@ def run_train(args, model, ds, stats):
         ivf.check_model_codes(model, xt_codes, len(xt), f"training codes of {args.xt_codes}")
     index, st = ivf.train_index(model, xt, args.index_key, xt_codes=xt_codes,
                                 ef_construction=args.quantizer_efConstruction,
-                                encode_kwargs=encode_kwargs(args), log=log)
+                                options=encode_options(args), log=log)
     stats.update(t_xt_encode=st.t_encode, t_train_codebook=st.t_train_codebook,
                  MSE_train_residuals=st.mse_train_residuals, t_add_codebook=st.t_index)
     log(f"index ready: {args.index_key}")
@@ -165,7 +155,7 @@ def run_train(args, model, ds, stats):
 
 
 def run_add(args, model, ds, index, stats) -> None:
-    from qinco_jax import ivf
+    from qinco_jax.search import index as ivf
 
     ivf.check_index_matches_model(index, model)
     if index.ntotal:
@@ -184,13 +174,16 @@ def run_add(args, model, ds, index, stats) -> None:
         t = ivf.add_vectors(index, model, batches(), code_batches=True, expected_total=ds.nb, log=log)
     else:
         batches = ds.database_iterator(bs=args.add_bs)
-        t = ivf.add_vectors(index, model, batches, expected_total=ds.nb, encode_kwargs=encode_kwargs(args), log=log)
+        t = ivf.add_vectors(index, model, batches, expected_total=ds.nb, options=encode_options(args), log=log)
     stats["t_add"] = t
     log(f"add done in {t:.3f} s, {index.ntotal} vectors")
 
 
 def run_search(args, model, ds, index) -> list[dict]:
-    from qinco_jax import ivf, report
+    from qinco_jax import report
+    from qinco_jax.search import index as ivf
+    from qinco_jax.search.rerank import Reranker
+    from qinco_jax.search.sweep import explore
 
     ivf.check_index_matches_model(index, model)
     if index.ntotal != ds.nb:
@@ -198,9 +191,8 @@ def run_search(args, model, ds, index) -> list[dict]:
     xq = ds.get_queries()
     gt = ds.get_groundtruth()
     log(f"queries {xq.shape}, ground truth {gt.shape}")
-    reranker = ivf.Reranker(model, dtype=cli.dtype_from_args(args))
-    log(ivf.format_header(["nprobe"] + (["efSearch"] if args.quantizer_efSearch else []) + ["nshort"]))
-    results = ivf.explore(index, model, xq, gt, nprobe=args.nprobe, nshort=args.nshort,
+    reranker = Reranker(model, dtype=cli.dtype_from_args(args))
+    results = explore(index, model, xq, gt, nprobe=args.nprobe, nshort=args.nshort,
                           ef_search=args.quantizer_efSearch, n_autotune=args.n_autotune,
                           reranker=reranker, log=log)
     log("\n" + report.format_table(results, len(xq)))
@@ -228,8 +220,8 @@ def main(argv=None):
         if args.todo == ["train_centroids"]:
             return
 
-    from qinco_jax import ivf
-    model = cli.load_model(args.model)
+    from qinco_jax.search import index as ivf
+    model = cli.load_model_arg(args.model)
     ivf.require_ivf_model(model)
     if model.d != ds.d:
         raise cli.UsageError(f"the model ({model.describe()}) has dimension {model.d}, "
@@ -262,13 +254,19 @@ def main(argv=None):
             index = ivf.read_index(args.index, "index")
         results = run_search(args, model, ds, index)
         if args.json:
-            from qinco_jax.io import write_bytes
+            from qinco_jax import report
 
-            write_bytes(args.json, (json.dumps(results, indent=1) + "\n").encode())
+            report.save_results(args.json, results, nq=int(ds.nq),
+                                db=ds.name, model=model.describe(), stats=stats)
             log(f"wrote {len(results)} results to {args.json}")
     if stats:
         log("stats: " + json.dumps(stats))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console entry point: bad input ends with one 'error:' line and exit status 2."""
     cli.run_main(main)
+
+
+if __name__ == "__main__":
+    run()

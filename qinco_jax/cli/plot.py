@@ -7,14 +7,6 @@ of each (the paper's Figure 3).
 
 from __future__ import annotations
 
-import os
-import sys
-
-try:
-    import qinco_jax  # noqa: F401
-except ImportError:  # run from a checkout without `pip install -e .`
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
 from qinco_jax import cli, report
 
 
@@ -45,5 +37,10 @@ def main(argv=None):
         print(f"plot written to {args.png}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console entry point: bad input ends with one 'error:' line and exit status 2."""
     cli.run_main(main)
+
+
+if __name__ == "__main__":
+    run()

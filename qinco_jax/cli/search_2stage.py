@@ -11,14 +11,6 @@ database exhaustively and re-ranks the shortlist with the exact QINCo decoding.
 from __future__ import annotations
 
 import json
-import sys
-import time
-from pathlib import Path
-
-try:
-    import qinco_jax  # noqa: F401
-except ImportError:  # run from a checkout without installing the package
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from qinco_jax import cli, datasets
 
@@ -38,8 +30,8 @@ def build_parser():
     g = p.add_argument_group("search")
     g.add_argument("--nshort", default=[10, 20, 50, 100, 200, 500, 1000], type=int, nargs="+",
                    help="shortlist sizes to try")
-    g.add_argument("--json", default="", help="write the results to this JSON file (a list of "
-                   "{parameters, recalls, recalls_orig, t_search, t_decode, t_dis})")
+    g.add_argument("--json", default="", help="write the results to this JSON file ({\"results\": [...], ...}, "
+                   "see the README's results schema)")
     return p
 
 
@@ -62,9 +54,12 @@ def main(argv=None):
     if args.nthreads != -1:
         faiss.omp_set_num_threads(max(1, args.nthreads))
 
-    from qinco_jax import codec, ivf, metrics, report
-    model = cli.load_model(args.model)
-    ivf.require_flat_model(model)
+    from qinco_jax import report
+    from qinco_jax.search import two_stage
+
+    options = cli.encode_options_from_args(args, batch_size=args.bs)
+    model = cli.load_model_arg(args.model)
+    two_stage.require_flat_model(model)
     ds = datasets.get_dataset(args.db)
     log(f"Prepared dataset {ds}")
     if model.d != ds.d:
@@ -72,41 +67,20 @@ def main(argv=None):
                              f"the data set {ds.name} has dimension {ds.d}")
     if max(args.nshort) > ds.nb:
         raise cli.UsageError(f"--nshort {max(args.nshort)} is larger than the database ({ds.nb} vectors)")
-    kw = dict(batch_size=args.bs, dtype=cli.dtype_from_args(args))
-    stats: dict = {}
-
-    xt = ds.get_train(args.nt)
-    log(f"encode the training set {xt.shape}")
-    xt_codes = codec.encode(model, xt, progress="encode train", beam=args.beam, preselect=args.preselect, **kw)
-    stats["MSE_train"] = metrics.mean_squared_error(xt, codec.decode(model, xt_codes, **kw))
-    log(f"xt decoded MSE={stats['MSE_train']:g}")
-    t0 = time.time()
-    codebooks = ivf.fit_flat_aq(model, xt, xt_codes)
-    stats["t_train_codebook"] = time.time() - t0
-    stats["MSE_train_AQ"] = metrics.mean_squared_error(xt, ivf.flat_aq_reconstruct(model, xt_codes, codebooks))
-    log(f"AQ codebooks fitted in {stats['t_train_codebook']:.2f} s, MSE on the training set "
-        f"{stats['MSE_train_AQ']:g}")
-
-    xb = ds.get_database()
-    log(f"encode the database {xb.shape}")
-    xb_codes = codec.encode(model, xb, progress="encode db", beam=args.beam, preselect=args.preselect, **kw)
-    xb_aq = ivf.flat_aq_reconstruct(model, xb_codes, codebooks)
-    stats["MSE_db"] = metrics.mean_squared_error(xb, codec.decode(model, xb_codes, progress="decode db", **kw))
-    stats["MSE_db_AQ"] = metrics.mean_squared_error(xb, xb_aq)
-    log(f"database MSE: QINCo {stats['MSE_db']:g}, AQ {stats['MSE_db_AQ']:g}")
-
-    xq, gt = ds.get_queries(), ds.get_groundtruth()
-    log(ivf.format_header(["nshort"]))
-    results = ivf.two_stage_search(model, xq, gt, xb_codes, xb_aq, args.nshort,
-                                   ivf.Reranker(model, dtype=kw["dtype"]), log=log)
+    xq = ds.get_queries()
+    results, stats = two_stage.run_two_stage(model, ds.get_train(args.nt), ds.get_database(), xq,
+                                             ds.get_groundtruth(), args.nshort, options, log=log)
     log("\n" + report.format_table(results, len(xq)))
     log("stats: " + json.dumps(stats))
     if args.json:
-        from qinco_jax.io import write_bytes
-
-        write_bytes(args.json, (json.dumps(results, indent=1) + "\n").encode())
+        report.save_results(args.json, results, nq=len(xq), db=ds.name, model=model.describe(), stats=stats)
         log(f"wrote {len(results)} results to {args.json}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console entry point: bad input ends with one 'error:' line and exit status 2."""
     cli.run_main(main)
+
+
+if __name__ == "__main__":
+    run()

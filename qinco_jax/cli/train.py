@@ -27,14 +27,6 @@ command resumes after the last finished epoch and ends with the same model.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-try:
-    import qinco_jax  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 
 from qinco_jax import cli
@@ -142,11 +134,10 @@ def check_args(args) -> None:
         raise cli.UsageError("--ivf needs --IVF_centroids (a file of K_IVF x d centroids)")
     if "train" in args.todo and "train_rq" not in args.todo and not args.RQ_filename:
         raise cli.UsageError("--todo train without train_rq needs --RQ_filename to read the RQ codebooks from")
-    if args.M < (1 if args.ivf else 2):
-        raise cli.UsageError(f"--M must be >= {1 if args.ivf else 2}, got {args.M}")
-    from qinco_jax.rq_init import nbits_of
-
-    nbits_of(args.K)
+    try:
+        model_spec_from_args(args)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
 
 
 def load_ivf_centroids(path: str, d: int) -> np.ndarray:
@@ -159,13 +150,21 @@ def load_ivf_centroids(path: str, d: int) -> np.ndarray:
     return c
 
 
+def model_spec_from_args(args):
+    from qinco_jax.recipe import ModelSpec
+
+    variant = "ivf" if args.ivf else ("lowrank" if args.lowrank else "qinco")
+    return ModelSpec(M=args.M, K=args.K, L=args.L, h=args.h, variant=variant, rq_beam_size=args.rq_beam_size,
+                     seed=args.seed, db_scale=args.db_scale if args.db_scale > 0 else None)
+
+
 def train_config_from_args(args):
     from qinco_jax.training import TrainConfig
 
     progress = {"auto": None, "on": True, "off": False}[args.progress]
     return TrainConfig(lr=args.lr, max_epochs=args.max_epochs, batch_size=args.batch_size,
-                       persistent_optimizer=args.persistent_optimizer, beam=args.beam,
-                       preselect=args.preselect, ngpu=args.ngpu, progress=progress)
+                       persistent_optimizer=args.persistent_optimizer, encode=cli.encode_options_from_args(args),
+                       ngpu=args.ngpu, progress=progress)
 
 
 def history_path(args) -> str | None:
@@ -176,17 +175,14 @@ def history_path(args) -> str | None:
     return None
 
 
-def run(args, xt_all: np.ndarray, log=print):
-    """Everything after loading the vectors: returns the TrainResult (or None when
-    only the RQ was trained)."""
-    import jax
-
-    from qinco_jax import rq_init, training
-    from qinco_jax.config import QincoConfig
+def train_from_args(args, xt_all: np.ndarray, log=print):
+    """The steps of --todo on loaded vectors (nt + nval of them): returns the TrainResult
+    (or None when only the RQ was trained)."""
+    from qinco_jax import recipe, training
     from qinco_jax.io import save_npy
-    from qinco_jax.model import QincoModel, init_params
 
     check_args(args)
+    spec = model_spec_from_args(args)
     cfg = train_config_from_args(args)
     if "train" in args.todo:  # fail on device / batch mismatches before the RQ is trained
         training.check_batch_size(args.batch_size, training.make_mesh(args.ngpu))
@@ -194,62 +190,32 @@ def run(args, xt_all: np.ndarray, log=print):
         raise cli.UsageError(f"not enough training vectors: {len(xt_all)} < --nt {args.nt} + --nval {args.nval}")
     xt_all = xt_all[:args.nt + args.nval]
     xt, xval = xt_all[:-args.nval], xt_all[-args.nval:]
-    d = xt.shape[1]
     log(f"training set {xt.shape}, validation {xval.shape}")
-
-    ivf_centroids = assign = None
-    if args.ivf:
-        ivf_centroids = load_ivf_centroids(args.IVF_centroids, d)
-        log(f"assigning {len(xt)} training vectors to {len(ivf_centroids)} IVF centroids")
-        assign = rq_init.assign_to_centroids(xt, ivf_centroids)
-
-    resuming = False
-    if args.checkpoint and "train" in args.todo:
-        ckpt = training.TrainCheckpointer(args.checkpoint)
-        resuming = ckpt.latest_epoch() is not None
-        ckpt.close()
+    centroids = load_ivf_centroids(args.IVF_centroids, xt.shape[1]) if args.ivf else None
 
     rq_codebooks = None
+    resuming = "train" in args.todo and recipe.will_resume(args.checkpoint or None)
     if "train_rq" in args.todo and not resuming:
-        if args.ivf:
-            val_res = rq_init.ivf_residuals(xval, ivf_centroids, rq_init.assign_to_centroids(xval, ivf_centroids))
-            rq_codebooks = rq_init.train_rq(rq_init.ivf_residuals(xt, ivf_centroids, assign), args.M, args.K,
-                                            args.rq_beam_size, val_res, log=log)
-        else:
-            rq_codebooks = rq_init.train_rq(xt, args.M, args.K, args.rq_beam_size, xval, log=log)
+        rq_codebooks = recipe.train_rq_codebooks(xt, xval, spec, centroids, log=log)
         if args.RQ_filename:
             log(f"storing RQ codebooks to {args.RQ_filename}")
             save_npy(args.RQ_filename, rq_codebooks)
-    elif resuming:
-        log(f"checkpoint {args.checkpoint} exists: resuming, the RQ initialisation is not needed")
-
     if "train" not in args.todo:
         return None
     if rq_codebooks is None and not resuming:
         log(f"reading RQ codebooks from {args.RQ_filename}")
         rq_codebooks = np.load(args.RQ_filename)
-
-    db_scale = float(args.db_scale) if args.db_scale > 0 else float(np.max(xt))
-    if not db_scale > 0:
-        raise cli.UsageError(f"db_scale = max of the training set = {db_scale}: it must be > 0, set --db_scale")
-    variant = "ivf" if args.ivf else ("lowrank" if args.lowrank else "qinco")
-    config = QincoConfig(d=d, K=args.K, M=args.M, L=args.L, h=args.h, variant=variant,
-                         K_IVF=len(ivf_centroids) if args.ivf else 0, db_scale=db_scale)
-    log(f"model {config.describe()}")
-    scale = np.float32(db_scale)
-    kwargs = {}
-    if rq_codebooks is not None:
-        kwargs["codebooks"] = np.asarray(rq_codebooks, np.float32) / scale
-    if args.ivf:
-        kwargs["codebook0"] = ivf_centroids / scale
-    params = init_params(config, jax.random.key(args.seed), **kwargs)
-    model = QincoModel(config, params)
-    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params["steps"]))
-    log(f"   nb trainable parameters {n_params + (0 if args.ivf else int(np.prod(params['codebook0'].shape)))}")
     if not args.model:
         log("warning: no --model given, the trained model will not be saved")
-    result = training.fit(model, xt, xval, cfg, code0=assign, model_path=args.model or None,
-                          checkpoint_dir=args.checkpoint or None, history_path=history_path(args), log=log)
+    try:
+        result = recipe.train_model(xt, xval, spec, cfg, ivf_centroids=centroids,
+                                    rq_codebooks=rq_codebooks if rq_codebooks is not None else None,
+                                    model_path=args.model or None, checkpoint_dir=args.checkpoint or None,
+                                    history_path=history_path(args), log=log)
+    except ValueError as e:
+        if "db_scale" in str(e):
+            raise cli.UsageError(f"{e} (--db_scale)") from None
+        raise
     if args.model and result.history["epochs"]:
         best = min(e["val_mse"] for e in result.history["epochs"])
         log(f"best model (val MSE {best:g}) is in {args.model}")
@@ -265,8 +231,13 @@ def main(argv=None):
     cli.print_args(args)
     check_args(args)
     xt_all = load_training_vectors(args)
-    return run(args, xt_all)
+    return train_from_args(args, xt_all)
+
+
+def run() -> None:
+    """Console entry point: bad input ends with one 'error:' line and exit status 2."""
+    cli.run_main(main)
 
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    run()

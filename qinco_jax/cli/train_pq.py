@@ -19,21 +19,11 @@ recombined model goes to --out_model (sub-models also to --in_models if given).
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-from pathlib import Path
 
-try:
-    import qinco_jax  # noqa: F401
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import numpy as np  # noqa: E402
-
-import train_qinco  # noqa: E402
-from qinco_jax import cli  # noqa: E402
+from qinco_jax import cli
+from qinco_jax.cli import train as train_cli
 
 
 def build_parser():
@@ -45,7 +35,7 @@ def build_parser():
                        help="recombine the QINCo models (and OPQ) into one PQ-QINCo model")
     group.add_argument("--opq", default=False, action="store_true", help="also train (or use) an OPQ rotation")
     group.add_argument("--OPQMatrix", default="", help="where to store or load the OPQ matrix (npy)")
-    train_qinco.add_data_args(p, nt_default=510_000)
+    train_cli.add_data_args(p, nt_default=510_000)
     p.set_defaults(nval=10_000)
     group = p.add_argument_group("for prepare")
     group.add_argument("--training_subvectors", default=[], nargs="+", help="where to store the training sub-vectors")
@@ -56,8 +46,8 @@ def build_parser():
     group = p.add_argument_group("for recombine")
     group.add_argument("--in_models", default=[], nargs="+", help="trained QINCo models to combine")
     group.add_argument("--out_model", default="", help="output PQ-QINCo model (.pt or a library directory)")
-    train_qinco.add_model_args(p)
-    train_qinco.add_optim_args(p)
+    train_cli.add_model_args(p)
+    train_cli.add_optim_args(p)
     group = p.add_argument_group("files (one-shot training)")
     group.add_argument("--checkpoint", default="", help="directory of per-sub-model training checkpoints")
     return p
@@ -65,51 +55,30 @@ def build_parser():
 
 def load_vectors(args, log=print) -> np.ndarray:
     """The first --nt vectors (validation included, as in the reference's prepare)."""
-    return train_qinco.load_training_vectors(argparse.Namespace(training_data=args.training_data, db=args.db,
-                                                                nt=args.nt, nval=0), log=log)
-
-
-def train_opq(xt: np.ndarray, nsub: int, opq_dim: int, log=print) -> np.ndarray:
-    """A faiss OPQ matrix (d_out x d_in) for nsub sub-vectors."""
-    import faiss
-
-    d = xt.shape[1]
-    d_out = opq_dim if opq_dim > 0 else d
-    if d_out % nsub:
-        raise cli.UsageError(f"the OPQ output dimension {d_out} is not divisible by --nsub {nsub}")
-    log(f"training OPQ {d} -> {d_out} for {nsub} sub-vectors")
-    opq = faiss.OPQMatrix(d, nsub, d_out)
-    opq.train(np.ascontiguousarray(xt, np.float32))
-    return faiss.vector_to_array(opq.A).reshape(opq.d_out, opq.d_in).astype(np.float32)
-
-
-def split(x: np.ndarray, nsub: int) -> list[np.ndarray]:
-    d = x.shape[1]
-    if nsub < 1 or d % nsub:
-        raise cli.UsageError(f"the number of sub-vectors must divide the dimension: {d} is not divisible by {nsub}")
-    ds = d // nsub
-    return [np.ascontiguousarray(x[:, i * ds:(i + 1) * ds]) for i in range(nsub)]
+    return train_cli.load_training_vectors(argparse.Namespace(training_data=args.training_data, db=args.db,
+                                                              nt=args.nt, nval=0), log=log)
 
 
 def load_opq(path: str) -> np.ndarray:
+    from qinco_jax import pq
+
     if not path:
         raise cli.UsageError("--opq needs --OPQMatrix (the npy file of the OPQ matrix)")
-    a = np.load(path)
-    if a.ndim != 2:
-        raise cli.UsageError(f"{path}: an OPQ matrix must be 2-D, got shape {a.shape}")
-    return a.astype(np.float32)
+    return pq.check_opq_matrix(np.load(path), f"{path}: an OPQ matrix")
 
 
-def recombine(sub_models, opq: np.ndarray | None):
-    from qinco_jax.model import PQQincoModel, QincoModel
+def pq_spec_from_args(args):
+    from qinco_jax import pq
 
-    for i, m in enumerate(sub_models):
-        if not isinstance(m, QincoModel) or m.config.is_ivf:
-            raise cli.UsageError(f"sub-model {i} is {m.describe()}: PQ-QINCo combines QINCo / QINCo-LR models")
-    return PQQincoModel(tuple(sub_models), opq)
+    try:
+        return pq.PQSpec(nsub=args.nsub, opq=args.opq, opq_dim=args.opq_dim if args.opq_dim > 0 else None,
+                         sub=train_cli.model_spec_from_args(args))
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
 
 
 def prepare(args, log=print) -> None:
+    from qinco_jax import pq
     from qinco_jax.io import save_npy
 
     if len(args.training_subvectors) != args.nsub:
@@ -119,30 +88,33 @@ def prepare(args, log=print) -> None:
     if args.opq:
         if not args.OPQMatrix:
             raise cli.UsageError("--opq needs --OPQMatrix to store the matrix in")
-        A = train_opq(xt, args.nsub, args.opq_dim, log)
+        A = pq.train_opq(xt, args.nsub, args.opq_dim if args.opq_dim > 0 else None, log)
         save_npy(args.OPQMatrix, A)
         xt = xt @ A.T
-    for path, sub in zip(args.training_subvectors, split(xt, args.nsub)):
+    for path, sub in zip(args.training_subvectors, pq.split_subvectors(xt, args.nsub)):
         log(f"writing training sub-vectors {sub.shape} to {path}")
         save_npy(path, sub)
 
 
 def do_recombine(args, log=print):
+    from qinco_jax import pq
     from qinco_jax.checkpoint import load_model, save_model
 
     if not args.in_models or not args.out_model:
         raise cli.UsageError("--recombine needs --in_models and --out_model")
     if len(args.in_models) != args.nsub:
         log(f"note: {len(args.in_models)} models given, --nsub is {args.nsub}: using the models")
-    model = recombine([load_model(p) for p in args.in_models], load_opq(args.OPQMatrix) if args.opq else None)
+    model = pq.recombine([load_model(p) for p in args.in_models], load_opq(args.OPQMatrix) if args.opq else None)
     log(f"storing {model.describe()} to {args.out_model}")
     save_model(model, args.out_model)
     return model
 
 
 def train_all(args, log=print):
-    """One-shot: OPQ, split, train every sub-model, recombine, save."""
+    """One-shot: OPQ, split, train every sub-model, recombine, save (qinco_jax.pq.train_pq)."""
+    from qinco_jax import pq
     from qinco_jax.checkpoint import save_model
+    from qinco_jax.io import save_npy
     from qinco_jax.training import validation_mse
 
     if args.ivf:
@@ -153,27 +125,19 @@ def train_all(args, log=print):
         raise cli.UsageError(f"--in_models needs {args.nsub} names (--nsub) to store the sub-models")
     if args.nt <= args.nval:
         raise cli.UsageError(f"--nt {args.nt} must exceed --nval {args.nval} (the validation vectors are part of nt)")
-    xt = load_vectors(args, log)
-    xval = xt[-args.nval:]  # input space
-    A = None
-    if args.opq:
-        A = train_opq(xt[:-args.nval], args.nsub, args.opq_dim, log)
-        if args.OPQMatrix:
-            from qinco_jax.io import save_npy
-
-            save_npy(args.OPQMatrix, A)
-        xt = xt @ A.T
-    subs = []
-    for i, xs in enumerate(split(xt, args.nsub)):
-        log(f"====================== sub-quantizer {i} / {args.nsub}: d={xs.shape[1]}")
-        sub_args = argparse.Namespace(**vars(args))
-        sub_args.todo = ["train_rq", "train"]
-        sub_args.nt = args.nt - args.nval
-        sub_args.IVF_centroids = sub_args.RQ_filename = sub_args.history = ""
-        sub_args.model = args.in_models[i] if args.in_models else ""
-        sub_args.checkpoint = os.path.join(args.checkpoint, f"sub{i}") if args.checkpoint else ""
-        subs.append(train_qinco.run(sub_args, xs, log=log).best)
-    model = recombine(subs, A)
+    spec = pq_spec_from_args(args)
+    cfg = train_cli.train_config_from_args(args)
+    x = load_vectors(args, log)
+    xt, xval = x[:-args.nval], x[-args.nval:]
+    try:
+        model = pq.train_pq(xt, xval, spec, cfg, sub_model_paths=args.in_models or None,
+                            checkpoint_dir=args.checkpoint or None, log=log)
+    except ValueError as e:
+        if "divisible" in str(e):
+            raise cli.UsageError(str(e)) from None
+        raise
+    if args.opq and args.OPQMatrix:
+        save_npy(args.OPQMatrix, model.opq)
     log(f"PQ-QINCo validation MSE {validation_mse(model, xval):g}; storing {model.describe()} "
         f"to {args.out_model}")
     save_model(model, args.out_model)
@@ -198,5 +162,10 @@ def main(argv=None):
     return train_all(args)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """Console entry point: bad input ends with one 'error:' line and exit status 2."""
     cli.run_main(main)
+
+
+if __name__ == "__main__":
+    run()
