@@ -71,17 +71,20 @@ def check_ivf_centroids(spec: ModelSpec, centroids: np.ndarray | None, d: int) -
     return c
 
 
-def train_rq_codebooks(xt: np.ndarray, xval: np.ndarray, spec: ModelSpec, ivf_centroids: np.ndarray | None = None,
-                       xt_assign: np.ndarray | None = None, log: Callable[[str], None] = _quiet) -> np.ndarray:
+def train_rq_codebooks(xt: np.ndarray, spec: ModelSpec, xval: np.ndarray | None = None,
+                       ivf_centroids: np.ndarray | None = None, xt_assign: np.ndarray | None = None,
+                       log: Callable[[str], None] = _quiet) -> np.ndarray:
     """The initial RQ codebooks (M, K, d), raw units: on the vectors, or for IVF-QINCo on
-    their residuals to the nearest IVF centroid (xt_assign: those of xt, if known)."""
+    their residuals to the nearest IVF centroid (xt_assign: those of xt, if known).
+    xval, if given, is only measured (its MSE is logged)."""
     centroids = check_ivf_centroids(spec, ivf_centroids, xt.shape[1])
     if centroids is None:
         return rq_init.train_rq(xt, spec.M, spec.K, spec.rq_beam_size, xval, log=log)
     if xt_assign is None:
         xt_assign = rq_init.assign_to_centroids(xt, centroids)
     res_t = rq_init.ivf_residuals(xt, centroids, xt_assign)
-    res_v = rq_init.ivf_residuals(xval, centroids, rq_init.assign_to_centroids(xval, centroids))
+    res_v = None if xval is None else rq_init.ivf_residuals(xval, centroids,
+                                                            rq_init.assign_to_centroids(xval, centroids))
     return rq_init.train_rq(res_t, spec.M, spec.K, spec.rq_beam_size, res_v, log=log)
 
 
@@ -143,7 +146,7 @@ def train_model(xt: np.ndarray, xval: np.ndarray, spec: ModelSpec, cfg: training
         log(f"checkpoint {checkpoint_dir} exists: resuming, the RQ initialisation is not needed")
         rq_codebooks = None
     elif rq_codebooks is None:
-        rq_codebooks = train_rq_codebooks(xt, xval, spec, centroids, assign, log)
+        rq_codebooks = train_rq_codebooks(xt, spec, xval, centroids, assign, log)
     model = initial_model(xt, spec, rq_codebooks, centroids)
     log(f"model {model.config.describe()}")
     log(f"   nb trainable parameters {count_trainable(model)}")

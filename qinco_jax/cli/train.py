@@ -196,7 +196,7 @@ def train_from_args(args, xt_all: np.ndarray, log=print):
     rq_codebooks = None
     resuming = "train" in args.todo and recipe.will_resume(args.checkpoint or None)
     if "train_rq" in args.todo and not resuming:
-        rq_codebooks = recipe.train_rq_codebooks(xt, xval, spec, centroids, log=log)
+        rq_codebooks = recipe.train_rq_codebooks(xt, spec, xval, centroids, log=log)
         if args.RQ_filename:
             log(f"storing RQ codebooks to {args.RQ_filename}")
             save_npy(args.RQ_filename, rq_codebooks)
@@ -209,7 +209,7 @@ def train_from_args(args, xt_all: np.ndarray, log=print):
         log("warning: no --model given, the trained model will not be saved")
     try:
         result = recipe.train_model(xt, xval, spec, cfg, ivf_centroids=centroids,
-                                    rq_codebooks=rq_codebooks if rq_codebooks is not None else None,
+                                    rq_codebooks=rq_codebooks,
                                     model_path=args.model or None, checkpoint_dir=args.checkpoint or None,
                                     history_path=history_path(args), log=log)
     except ValueError as e:
