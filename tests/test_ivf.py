@@ -395,7 +395,7 @@ def test_cli_builds_and_searches_like_the_reference(cli_run, reference_results):
     assert trained.ntotal == 0 and trained.is_trained and full.ntotal == 10000
     with open(tmp / "results.json") as f:
         document = json.load(f)
-    assert isinstance(document, dict) and document["nq"] == 1000  # the one results schema (README)
+    assert isinstance(document, dict) and document["nq"] == 200  # the one results schema (README)
     results = document["results"]
     assert isinstance(results, list) and len(results) == 9
     for r in results:

@@ -19,8 +19,6 @@ import argparse
 import sys
 from typing import Callable
 
-import jax
-
 from qinco_jax.config import PRESELECT_PROXIES
 
 
@@ -116,6 +114,8 @@ def select_device(spec: str) -> None:
     """Make `spec` ('cpu', 'gpu', 'cuda:1', ...) JAX's default device."""
     if not spec:
         return
+    import jax
+
     kind, _, index = spec.partition(":")
     platform = {"cuda": "gpu", "gpu": "gpu", "cpu": "cpu", "tpu": "tpu"}.get(kind)
     if platform is None:
