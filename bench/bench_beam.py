@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from qinco_jax import codec  # noqa: E402
+from qinco_jax.config import EncodeOptions  # noqa: E402
 from qinco_jax.io import write_bytes  # noqa: E402
 from qinco_jax.checkpoint import load_model  # noqa: E402
 
@@ -61,9 +60,9 @@ def main(argv=None):
     for A in [int(a) for a in args.preselect.split(",")]:
         for B in [int(b) for b in args.beam.split(",")]:
             bs = codec.default_encode_batch_size(model, B, A)
-            codec.encode(model, x[:bs], beam=B, preselect=A)  # compile the batch shape timed below
+            codec.encode(model, x[:bs], EncodeOptions(beam=B, preselect=A))  # compile the batch shape timed below
             t0 = time.perf_counter()
-            _, err = codec.encode(model, x, beam=B, preselect=A, return_errors=True)
+            _, err = codec.encode(model, x, EncodeOptions(beam=B, preselect=A), return_errors=True)
             t = time.perf_counter() - t0
             row = {"A": A or K, "B": B, "mse": float(err.mean()), "vec_per_s": len(x) / t}
             if base is None:

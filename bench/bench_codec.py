@@ -14,20 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
 from timing import timed  # noqa: E402
 
 from qinco_jax import codec  # noqa: E402
 from qinco_jax.io import write_bytes  # noqa: E402
-from qinco_jax.config import QincoConfig  # noqa: E402
+from qinco_jax.config import EncodeOptions, QincoConfig  # noqa: E402
 from qinco_jax.model import QincoModel  # noqa: E402
 
 
@@ -110,7 +107,7 @@ def main(argv=None):
     default_bs = codec.default_encode_batch_size(model)
     sweep = [int(b) for b in args.batch_sizes.split(",") if b] or [default_bs]
     for bs in sweep:
-        t = timed(lambda: codec.encode(model, x, batch_size=bs))
+        t = timed(lambda: codec.encode(model, x, EncodeOptions(batch_size=bs)))
         vps = len(x) / t
         res[f"jax_encode_vps_bs{bs}"] = vps
         print(f"jax encode  (batch {bs:5d}): {vps:8.1f} vec/s  {vps * enc_flops / 1e9:6.1f} GFLOP/s "

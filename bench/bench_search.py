@@ -24,13 +24,11 @@ import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
 
 import jax  # noqa: E402
 from timing import timed  # noqa: E402
 
-from qinco_jax import ivf  # noqa: E402
+from qinco_jax.search import index as ivf_index, rerank, sweep  # noqa: E402
 from qinco_jax.config import QincoConfig  # noqa: E402
 from qinco_jax.model import QincoModel  # noqa: E402
 
@@ -123,11 +121,11 @@ def faiss_second_stage(model: QincoModel):
     return run
 
 
-def ours_second_stage(reranker: ivf.Reranker):
+def ours_second_stage(reranker: rerank.Reranker):
     def run(xq, codes, ids):
         valid = ids >= 0
         D, pos = reranker(xq, codes, valid)
-        return ivf.gather_ids(ids, D, pos)
+        return rerank.gather_ids(ids, D, pos)
 
     return run
 
@@ -138,7 +136,7 @@ def bench_paper_size(args, res):
     print(f"== Part 1: {cfg.describe()} (random weights), {args.nq} queries, decode + re-rank per query")
     rs = np.random.RandomState(0)
     xq = rs.randn(args.nq, cfg.d).astype(np.float32)
-    reranker = ivf.Reranker(model)
+    reranker = rerank.Reranker(model)
     ours = ours_second_stage(reranker)
     others = {}
     try:
@@ -171,25 +169,25 @@ def bench_fixture_index(args, res):
     from qinco_jax.report import pareto_front
 
     model = load_model(os.path.join(FIXTURES, "ivf_qinco_d32_IVF512_M4_K256_L1_h32.pt"))
-    index = ivf.read_index(os.path.join(FIXTURES, "ivf512_rq4x8.faissindex"))
+    index = ivf_index.read_index(os.path.join(FIXTURES, "ivf512_rq4x8.faissindex"))
     xq = np.load(os.path.join(FIXTURES, "ivf_xq.npy"))
     gt = np.load(os.path.join(FIXTURES, "ivf_gt.npy"))
     nq = len(xq)
     print(f"== Part 2: fixture index IVF512,RQ4x8_Nqint8 ({index.ntotal} vectors), {model.describe()}, {nq} queries")
-    reranker = ivf.Reranker(model)
+    reranker = rerank.Reranker(model)
     ref = reference_second_stage(torch_reference(model, args.reference_dir), model.config.db_scale, args.bs) \
         if args.reference_dir else None
     points = []
     ours = ours_second_stage(reranker)
     for nprobe in args.fixture_nprobe:
         for ns in args.fixture_nshort:
-            ivf.set_search_parameters(index, {"nprobe": nprobe})
-            r = ivf.search(index, model, xq, ns, reranker)
-            t = timed(lambda: ivf.search(index, model, xq, ns, reranker), 0.3, 3)
+            sweep.set_search_parameters(index, {"nprobe": nprobe})
+            r = rerank.search_ivf(index, model, xq, ns, reranker)
+            t = timed(lambda: rerank.search_ivf(index, model, xq, ns, reranker), 0.3, 3)
             p = {"nprobe": nprobe, "nshort": ns, "recalls": one_recall_at(r.I, gt), "qps": nq / t}
             # The second stage alone, ours and the reference's, on the same shortlists.
             _, I, raw = index.search_and_return_codes(xq, ns, include_listnos=True)
-            listnos, fine = ivf.split_search_codes(index, raw, model.config.M)
+            listnos, fine = ivf_index.split_search_codes(index, raw, model.config.M)
             codes = np.concatenate([(listnos % index.nlist)[..., None], fine], axis=2).astype(np.int32)
             p["ours_rerank_ms"] = 1000 * timed(lambda: ours(xq, codes, I), 0.3, 3)
             if ref is not None:

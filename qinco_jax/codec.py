@@ -12,7 +12,6 @@ model sees it, reconstructions are multiplied by it.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Callable, Sequence
 
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qinco_jax import model as qm
+from qinco_jax.config import EncodeOptions
 from qinco_jax.model import AnyModel, PQQincoModel, QincoModel
 
 DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
@@ -118,16 +118,12 @@ def _cast(tree, dtype):
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "search"))
-def _encode_batch(params, x, dtype, search):
-    codes, xhat = qm.encode(_cast(params, dtype), x.astype(dtype), None, beam=search.beam,
-                             preselect=search.preselect, proxy=search.proxy)
-    return codes, jnp.sum((xhat.astype(jnp.float32) - x) ** 2, axis=1)
-
-
-@functools.partial(jax.jit, static_argnames=("dtype", "search"))
-def _encode_batch_code0(params, x, code0, dtype, search):
-    codes, xhat = qm.encode(_cast(params, dtype), x.astype(dtype), code0, beam=search.beam,
-                             preselect=search.preselect, proxy=search.proxy)
+def encode_batch(params, x, code0, dtype, search: tuple[int, int, str]):
+    """One batch: codes and squared errors (model units); code0 None or imposed first
+    codes; search = (beam, preselect, proxy)."""
+    beam, preselect, proxy = search
+    codes, xhat = qm.encode(_cast(params, dtype), x.astype(dtype), code0, beam=beam,
+                             preselect=preselect, proxy=proxy)
     return codes, jnp.sum((xhat.astype(jnp.float32) - x) ** 2, axis=1)
 
 
@@ -194,47 +190,44 @@ def assign_ivf(model: QincoModel, x: np.ndarray, batch_size: int = 4096, progres
                         progress=progress)
 
 
-@dataclasses.dataclass(frozen=True)
-class EncodeSearch:
-    """How codes are searched: greedy (beam=1, preselect=0, the reference), beam search
-    over `beam` partial codes, and/or the network run on `preselect` candidates per
-    step chosen by `proxy` (see model.QincoStep.preselected_candidates)."""
-
-    beam: int = 1
-    preselect: int = 0
-    proxy: str = "linear"
-
-    def __post_init__(self):
-        if self.beam < 1:
-            raise ValueError(f"beam size must be >= 1, got {self.beam}")
-        if self.preselect < 0:
-            raise ValueError(f"preselect must be >= 0 (0 = all K codewords), got {self.preselect}")
-        if self.proxy not in ("linear", "codebook"):
-            raise ValueError(f"pre-selection proxy must be 'linear' or 'codebook', got {self.proxy!r}")
+def model_encode_defaults(model: AnyModel) -> tuple[int, int, str]:
+    """(beam, preselect, proxy) a model encodes with when EncodeOptions leaves them
+    None: greedy over all K codewords for every v1 model, as the reference."""
+    return 1, 0, "linear"
 
 
-def encode(model: AnyModel, x: np.ndarray, *, batch_size: int | None = None, dtype=None,
-           code0: np.ndarray | None = None, progress: str | None = None,
-           return_errors: bool = False, beam: int = 1, preselect: int = 0, proxy: str = "linear"):
+def resolve_options(model: AnyModel, options: EncodeOptions | None) -> EncodeOptions:
+    """`options` (default: EncodeOptions()) with the model's defaults filled in."""
+    if options is None:
+        options = EncodeOptions()
+    if not isinstance(options, EncodeOptions):
+        raise TypeError(f"options must be a qinco_jax.config.EncodeOptions, got {type(options).__name__}")
+    return options.resolved(*model_encode_defaults(model))
+
+
+def encode(model: AnyModel, x: np.ndarray, options: EncodeOptions | None = None, *,
+           code0: np.ndarray | None = None, progress: str | None = None, return_errors: bool = False):
     """Codes (n, code_width) int32 of raw vectors x (n, d).
 
-    Greedy by default, as the reference encodes; `beam` > 1 keeps that many partial
-    codes per step, `preselect` = A < K runs the network on A pre-selected codewords
-    per step only (the QINCo2 paper's two speed/accuracy knobs; no retraining).
+    options (EncodeOptions): greedy by default, as the reference encodes; beam > 1
+    keeps that many partial codes per step, preselect = A < K runs the network on A
+    pre-selected codewords per step only (the QINCo2 paper's two speed/accuracy knobs;
+    no retraining); dtype and batch_size say how the network runs.
     code0: first codes to impose (IVF lists computed elsewhere, e.g. by an HNSW
     quantizer). return_errors: also return each vector's squared reconstruction error
     in raw units."""
     x = _check_vectors(model, x)
-    search = EncodeSearch(beam, preselect, proxy)
+    opts = resolve_options(model, options)
     if isinstance(model, PQQincoModel):
         if code0 is not None:
             raise ValueError("code0 applies to IVF models, not to PQ-QINCo")
-        return _encode_pq(model, x, batch_size, dtype, progress, return_errors, search)
-    dt = resolve_dtype(dtype)
-    bs = default_encode_batch_size(model, beam, preselect) if batch_size is None else batch_size
+        return _encode_pq(model, x, opts, progress, return_errors)
+    dt = resolve_dtype(opts.dtype)
+    search = (opts.beam, opts.preselect, opts.proxy)
+    bs = default_encode_batch_size(model, opts.beam, opts.preselect) if opts.batch_size is None else opts.batch_size
     params = jax.device_put(model.params)
     if code0 is None:
-        fn = lambda xb: _encode_batch(params, scale_input(model, xb), dt, search)
+        fn = lambda xb: encode_batch(params, scale_input(model, xb), None, dt, search)
         codes, err = map_batches(fn, [x], bs, progress)
     else:
         code0 = np.asarray(code0).astype(np.int32).reshape(-1)
@@ -242,7 +235,7 @@ def encode(model: AnyModel, x: np.ndarray, *, batch_size: int | None = None, dty
             raise ValueError(f"code0 has {len(code0)} entries for {len(x)} vectors")
         if code0.min(initial=0) < 0 or code0.max(initial=0) >= model.config.codebook0_size:
             raise ValueError(f"code0 values must lie in [0, {model.config.codebook0_size})")
-        fn = lambda xb, cb: _encode_batch_code0(params, scale_input(model, xb), cb, dt, search)
+        fn = lambda xb, cb: encode_batch(params, scale_input(model, xb), cb, dt, search)
         codes, err = map_batches(fn, [x, code0], bs, progress)
     if return_errors:
         return codes, err * np.float32(model.config.db_scale) ** 2
@@ -270,18 +263,17 @@ def _split_columns(model: PQQincoModel, width_of) -> list[slice]:
     return out
 
 
-def _encode_pq(model: PQQincoModel, x, batch_size, dtype, progress, return_errors, search: EncodeSearch):
+def _encode_pq(model: PQQincoModel, x, options: EncodeOptions, progress, return_errors):
     xr = np.asarray(x, np.float32)
     if model.opq is not None:
         xr = xr @ model.opq.T
     codes = np.concatenate(
-        [encode(sub, np.ascontiguousarray(xr[:, cols]), batch_size=batch_size, dtype=dtype, progress=progress,
-                **dataclasses.asdict(search))
+        [encode(sub, np.ascontiguousarray(xr[:, cols]), options, progress=progress)
          for sub, cols in zip(model.subs, _split_columns(model, lambda s: s.d))], axis=1)
     if not return_errors:
         return codes
     # Measured in the input space: a non-square OPQ does not preserve distances.
-    y = _decode_pq(model, codes, None, dtype, None)
+    y = _decode_pq(model, codes, None, options.dtype, None)
     return codes, np.sum((np.asarray(x, np.float32) - y) ** 2, axis=1)
 
 

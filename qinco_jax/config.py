@@ -117,3 +117,49 @@ class PQConfig:
     def describe(self) -> str:
         opq = " + OPQ" if self.has_opq else ""
         return f"PQ-QINCo{opq} of {len(self.subs)}: " + "; ".join(s.describe() for s in self.subs)
+
+
+ENCODE_DTYPES = ("float32", "float16", "bfloat16")
+PRESELECT_PROXIES = ("linear", "codebook")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeOptions:
+    """How vectors are encoded, wherever they are (codec, index building, training,
+    evaluation, the command lines): the one place these options are checked.
+
+    beam: partial codes kept per step (1 = greedy, as the reference encodes).
+    preselect: codewords the network runs on per step, pre-selected by `proxy`
+        (0 = all K).
+    proxy: how pre-selection ranks codewords: "linear" (a least-squares linear proxy
+        of the step) or "codebook" (distance to the step's codebook).
+    None in any of these three means "the model's default" (see
+    `qinco_jax.codec.model_encode_defaults`), filled in by `resolved`.
+    dtype: precision of the network (distances are always float32).
+    batch_size: rows per jitted batch; None sizes it from the model to bound memory.
+    """
+
+    beam: int | None = None
+    preselect: int | None = None
+    proxy: str | None = None
+    dtype: str = "float32"
+    batch_size: int | None = None
+
+    def __post_init__(self):
+        if self.beam is not None and self.beam < 1:
+            raise ValueError(f"beam size must be >= 1, got {self.beam}")
+        if self.preselect is not None and self.preselect < 0:
+            raise ValueError(f"preselect must be >= 0 (0 = all K codewords), got {self.preselect}")
+        if self.proxy is not None and self.proxy not in PRESELECT_PROXIES:
+            raise ValueError(f"pre-selection proxy must be one of {PRESELECT_PROXIES}, got {self.proxy!r}")
+        if self.dtype not in ENCODE_DTYPES:
+            raise ValueError(f"dtype must be one of {ENCODE_DTYPES}, got {self.dtype!r}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+
+    def resolved(self, beam: int, preselect: int, proxy: str) -> "EncodeOptions":
+        """These options with every None replaced by the given (model) defaults."""
+        return dataclasses.replace(
+            self, beam=self.beam if self.beam is not None else beam,
+            preselect=self.preselect if self.preselect is not None else preselect,
+            proxy=self.proxy if self.proxy is not None else proxy)

@@ -1,10 +1,14 @@
-"""Search results as a reader wants them: the Pareto front of recall against time, a
-table and the recall / time plot of the paper's Figure 3.
+"""Search results: the one results schema, its file, its table, the Pareto front of
+recall against time and the recall / time plot of the paper's Figure 3.
 
-A result is one operating point as search_ivf.py writes it to --json:
+A results file (qinco-index / qinco-search-2stage --json) is one JSON object:
+    {"results": [operating point, ...], ...metadata (e.g. "nq", "stats", "db", "model")}
+and an operating point is
     {"parameters": {...}, "recalls": {"1": r, "10": r, "100": r}, "recalls_orig": {...},
-     "t_search": s, "t_decode": s, "t_dis": s}
-with times in seconds for the whole query set.
+     "t_search": s, "t_decode": s, "t_dis": s, "nq": n}
+with times in seconds for the whole query set; "recalls_orig" are the recalls of the
+shortlist before QINCo re-ranking. `load_results` also reads a bare list of points
+(files written before this schema).
 """
 
 from __future__ import annotations
@@ -16,6 +20,20 @@ from typing import Sequence
 from qinco_jax.io import atomic_path
 
 Result = dict
+
+
+def results_document(results: Sequence[Result], **metadata) -> dict:
+    """The JSON object of a results file: {"results": [...], **metadata}."""
+    if "results" in metadata:
+        raise ValueError("'results' is the list of operating points, not a metadata key")
+    return {"results": list(results), **metadata}
+
+
+def save_results(path: str | os.PathLike, results: Sequence[Result], **metadata) -> None:
+    """Write a results file atomically (see the module docstring for the schema)."""
+    from qinco_jax.io import write_bytes
+
+    write_bytes(path, (json.dumps(results_document(results, **metadata), indent=1) + "\n").encode())
 
 
 def load_results(path: str | os.PathLike) -> list[Result]:
@@ -49,20 +67,40 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
+def format_header(param_names: Sequence[str]) -> str:
+    """The header line of the results table (see format_row)."""
+    head = " ".join(f"{k:>8s}" for k in param_names)
+    return (f"{head} | {'AQ R@1':>7s} {'R@10':>6s} {'R@100':>6s} | {'QINCo R@1':>9s} {'R@10':>6s} "
+            f"{'R@100':>6s} | {'ms/query':>8s} (search + decode + dis)")
+
+
+def format_row(r: Result, param_names: Sequence[str], nq: int) -> str:
+    """One operating point: its parameters, recalls before / after QINCo re-ranking,
+    milliseconds per query and their split (printed as a sweep runs, and by format_table)."""
+    p = " ".join(f"{str(r['parameters'].get(k, '')):>8s}" for k in param_names)
+    o, q = r.get("recalls_orig", {}), r["recalls"]
+    ms = [1000 * float(r.get(t, 0.0)) / nq for t in ("t_search", "t_decode", "t_dis")]
+    return (f"{p} | {o.get('1', float('nan')):7.3f} {o.get('10', float('nan')):6.3f} "
+            f"{o.get('100', float('nan')):6.3f} | {q['1']:9.3f} {q['10']:6.3f} {q['100']:6.3f} | "
+            f"{1000 * total_seconds(r) / nq:8.3f} ({ms[0]:.4f} + {ms[1]:.4f} + {ms[2]:.4f})")
+
+
+def param_names(results: Sequence[Result]) -> list[str]:
+    """The parameter names of a set of results, in the order they first appear."""
+    names: dict[str, None] = {}
+    for r in results:
+        names.update(dict.fromkeys(r["parameters"]))
+    return list(names)
+
+
 def format_table(results: Sequence[Result], nq: int) -> str:
-    """One line per operating point: its parameters, recalls before / after QINCo
-    re-ranking, and milliseconds per query."""
-    keys = sorted({k for r in results for k in r["parameters"]})
-    head = " ".join(f"{k:>8s}" for k in keys)
-    lines = [f"{head} | {'AQ R@1':>7s} {'R@10':>6s} {'R@100':>6s} | {'QINCo R@1':>9s} {'R@10':>6s} "
-             f"{'R@100':>6s} | {'ms/query':>8s}"]
-    lines.append("-" * len(lines[0]))
+    """The results table: a header, then one line per operating point sorted by its
+    parameters."""
+    keys = param_names(results)
+    head = format_header(keys)
+    lines = [head, "-" * len(head)]
     for r in sorted(results, key=lambda r: tuple(r["parameters"].get(k, 0) for k in keys)):
-        p = " ".join(f"{str(r['parameters'].get(k, '')):>8s}" for k in keys)
-        o, q = r.get("recalls_orig", {}), r["recalls"]
-        lines.append(f"{p} | {o.get('1', float('nan')):7.3f} {o.get('10', float('nan')):6.3f} "
-                     f"{o.get('100', float('nan')):6.3f} | {q['1']:9.3f} {q['10']:6.3f} {q['100']:6.3f} | "
-                     f"{1000 * total_seconds(r) / nq:8.3f}")
+        lines.append(format_row(r, keys, nq))
     return "\n".join(lines)
 
 

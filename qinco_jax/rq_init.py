@@ -17,7 +17,8 @@ from qinco_jax import codec
 from qinco_jax.metrics import mean_squared_error
 
 
-def nbits_of(K: int) -> int:
+def codebook_bits(K: int) -> int:
+    """log2(K), after checking that K is a power of two >= 2 (a faiss RQ codebook size)."""
     nbit = int(round(np.log2(K))) if K > 0 else -1
     if K < 2 or 1 << nbit != K:
         raise ValueError(f"K must be a power of two >= 2 (an RQ codebook of nbit bits), got {K}")
@@ -32,7 +33,7 @@ def train_rq(xt: np.ndarray, M: int, K: int, beam_size: int = 1, xval: np.ndarra
     from faiss.contrib.inspect_tools import get_additive_quantizer_codebooks
 
     xt = np.ascontiguousarray(xt, dtype=np.float32)
-    nbit = nbits_of(K)
+    nbit = codebook_bits(K)
     if beam_size < 1:
         raise ValueError(f"RQ beam size must be >= 1, got {beam_size}")
     if len(xt) < K:

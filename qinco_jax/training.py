@@ -52,6 +52,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qinco_jax import codec
 from qinco_jax import model as qm
+from qinco_jax.config import EncodeOptions
 from qinco_jax.io import write_bytes
 from qinco_jax.model import AnyModel, QincoModel
 from qinco_jax.scheduler import Scheduler
@@ -69,11 +70,11 @@ class TrainConfig:
     batch_size: int = 1024
     data_seed: int = DATA_SEED
     persistent_optimizer: bool = False
-    beam: int = 1          # training/validation encode: 1 = greedy (reference)
-    preselect: int = 0     # candidates per step pre-selected by distance, 0 = all K
+    # How training and validation vectors are encoded (beam, preselect, proxy; the
+    # validation encode also uses dtype and batch_size). Default: the model's (greedy).
+    encode: EncodeOptions = EncodeOptions()
     ngpu: int = -1         # devices per process: -1 all, 0 the CPU, N the first N
     progress: bool | None = None  # per-epoch bar; None: only when stderr is a terminal
-    val_batch_size: int | None = None
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -82,10 +83,8 @@ class TrainConfig:
             raise ValueError(f"learning rate must be a positive number, got {self.lr}")
         if self.max_epochs < 0:
             raise ValueError(f"max_epochs must be >= 0, got {self.max_epochs}")
-        if self.beam < 1:
-            raise ValueError(f"beam must be >= 1, got {self.beam}")
-        if self.preselect < 0:
-            raise ValueError(f"preselect must be >= 0, got {self.preselect}")
+        if not isinstance(self.encode, EncodeOptions):
+            raise ValueError(f"encode must be an EncodeOptions, got {type(self.encode).__name__}")
 
 
 # --------------------------------------------------------------------------------------
@@ -137,11 +136,13 @@ def merge(trainable: Params, frozen: Params) -> Params:
     return {**frozen, **trainable}
 
 
-def make_encode_fn(beam: int = 1, preselect: int = 0) -> Callable:
-    """(params, x, code0) -> codes: the no-gradient encode that picks training codes."""
+def make_encode_fn(options: EncodeOptions | None = None) -> Callable:
+    """(params, x, code0) -> codes: the no-gradient encode that picks training codes
+    (options resolved: None fields take the v1 defaults, greedy over all K)."""
+    opts = (options or EncodeOptions()).resolved(1, 0, "linear")
 
     def encode_fn(params, x, code0):
-        codes, _ = qm.encode(params, x, code0, beam=beam, preselect=preselect)
+        codes, _ = qm.encode(params, x, code0, beam=opts.beam, preselect=opts.preselect, proxy=opts.proxy)
         return codes
 
     return encode_fn
@@ -244,10 +245,9 @@ def local_copy(tree):
     return jax.tree.map(lambda a: a.addressable_data(0) if isinstance(a, jax.Array) else a, tree)
 
 
-def validation_mse(model: AnyModel, xval: np.ndarray, *, batch_size: int | None = None,
-                   beam: int = 1, preselect: int = 0) -> float:
+def validation_mse(model: AnyModel, xval: np.ndarray, options: EncodeOptions | None = None) -> float:
     """Mean squared reconstruction error of xval (raw units)."""
-    _, err = codec.encode(model, xval, batch_size=batch_size, return_errors=True, beam=beam, preselect=preselect)
+    _, err = codec.encode(model, xval, options, return_errors=True)
     return float(np.mean(err, dtype=np.float64))
 
 
@@ -358,7 +358,8 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
         f"{n_dev} device(s) ({mesh.devices.flat[0].platform}), global batch {cfg.batch_size}")
 
     optimizer = make_optimizer()
-    encode_fn = make_encode_fn(cfg.beam, cfg.preselect)
+    encode_options = codec.resolve_options(model, cfg.encode)
+    encode_fn = make_encode_fn(encode_options)
     train_step = make_train_step(encode_fn, optimizer, mesh)
     trainable, frozen = split_trainable(model.params, config.is_ivf)
     trainable = jax.device_put(trainable, replicated)
@@ -370,8 +371,7 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
         return QincoModel(config, local_copy(merge(tr, frozen)))
 
     def val_mse(tr) -> float:
-        return validation_mse(as_model(tr), xval, batch_size=cfg.val_batch_size, beam=cfg.beam,
-                              preselect=cfg.preselect)
+        return validation_mse(as_model(tr), xval, encode_options)
 
     run_info = {"model": config.describe(), "db_scale": config.db_scale, "nt": int(len(xt)),
                 "nval": int(len(xval)), "train": dataclasses.asdict(cfg),

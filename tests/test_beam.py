@@ -9,7 +9,7 @@ import pytest
 
 from qinco_jax import codec
 from qinco_jax import model as qm
-from qinco_jax.config import QincoConfig
+from qinco_jax.config import EncodeOptions, QincoConfig
 from qinco_jax.model import QincoModel
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -34,7 +34,7 @@ def test_a_beam_holding_every_partial_code_finds_the_brute_force_optimum():
     x = (np.random.RandomState(1).randn(64, 6) * 3).astype(np.float32)
     every_code = np.array(list(itertools.product(range(4), repeat=3)), np.int32)
     err = ((x[:, None] - codec.decode(m, every_code)[None]) ** 2).sum(-1)  # (64, 4^3)
-    codes, beam_err = codec.encode(m, x, beam=16, return_errors=True)  # 16 = 4^2 partial codes
+    codes, beam_err = codec.encode(m, x, EncodeOptions(beam=16), return_errors=True)  # 16 = 4^2 partial codes
     np.testing.assert_array_equal(codes, every_code[err.argmin(1)])
     np.testing.assert_allclose(beam_err, err.min(1), rtol=1e-4)
     greedy_err = codec.encode(m, x, return_errors=True)[1]
@@ -45,7 +45,7 @@ def test_wider_beams_never_lose_on_average_and_preselection_costs_little():
     cfg = QincoConfig(d=16, K=64, M=4, L=2, h=32)
     m = QincoModel.init(cfg, 0)
     x = np.random.RandomState(3).randn(300, 16).astype(np.float32)
-    mse = {(a, b): codec.encode(m, x, beam=b, preselect=a, return_errors=True)[1].mean()
+    mse = {(a, b): codec.encode(m, x, EncodeOptions(beam=b, preselect=a), return_errors=True)[1].mean()
            for a in (0, 16) for b in (1, 4)}
     assert mse[0, 4] < mse[0, 1]
     assert mse[16, 4] < mse[16, 1]
@@ -60,9 +60,9 @@ def test_beam_four_beats_greedy_on_a_trained_fixture_model():
     x = np.load(FIXTURES / "reference_outputs.npz")["x"]
     ivf = load_model(FIXTURES / "ivf_qinco_d32_IVF64_M4_K256_L1_h32.pt")
     greedy = codec.encode(ivf, x, return_errors=True)[1].mean()
-    beam4 = codec.encode(ivf, x, beam=4, return_errors=True)[1].mean()
+    beam4 = codec.encode(ivf, x, EncodeOptions(beam=4), return_errors=True)[1].mean()
     assert beam4 < 0.95 * greedy
-    preselected = codec.encode(ivf, x, beam=4, preselect=32, return_errors=True)[1].mean()
+    preselected = codec.encode(ivf, x, EncodeOptions(beam=4, preselect=32), return_errors=True)[1].mean()
     assert preselected < 0.95 * greedy
 
 
@@ -72,31 +72,31 @@ def test_pq_models_pass_beam_options_to_every_sub_quantizer():
     subs = tuple(QincoModel.init(QincoConfig(d=4, K=8, M=3, L=1, h=8), i) for i in range(2))
     m = PQQincoModel(subs)
     x = np.random.RandomState(0).randn(100, 8).astype(np.float32)
-    codes = codec.encode(m, x, beam=4)
-    np.testing.assert_array_equal(codes[:, 3:], codec.encode(subs[1], x[:, 4:], beam=4))
+    codes = codec.encode(m, x, EncodeOptions(beam=4))
+    np.testing.assert_array_equal(codes[:, 3:], codec.encode(subs[1], x[:, 4:], EncodeOptions(beam=4)))
 
 
 def test_index_building_encodes_the_database_with_the_beam(monkeypatch):
-    """search_ivf.py --beam/--preselect reach the encoder of `add` (ivf.add_vectors)."""
-    from qinco_jax import ivf
+    """search_ivf.py --beam/--preselect reach the encoder of `add` (ivf_index.add_vectors)."""
     from qinco_jax.checkpoint import load_model
+    from qinco_jax.search import index as ivf_index
 
     model = load_model(FIXTURES / "ivf_qinco_d32_IVF64_M4_K256_L1_h32.pt")
     xt = np.load(FIXTURES / "ivf_xt.npy")[:3000]
     xb = np.load(FIXTURES / "ivf_xb.npy")[:1000]
-    trained, _ = ivf.train_index(model, xt, "IVF64,RQ4x8_Nqint8", log=lambda m: None)
+    trained, _ = ivf_index.train_index(model, xt, "IVF64,RQ4x8_Nqint8", log=lambda m: None)
     added = []
-    add_codes = ivf.add_codes
-    monkeypatch.setattr(ivf, "add_codes", lambda index, m, codes, **kw: (added.append(codes),
+    add_codes = ivf_index.add_codes
+    monkeypatch.setattr(ivf_index, "add_codes", lambda index, m, codes, **kw: (added.append(codes),
                                                                          add_codes(index, m, codes, **kw))[1])
     mse = {}
     for beam, preselect in [(1, 0), (4, 32)]:
         import faiss
 
         index = faiss.clone_index(trained)
-        ivf.add_vectors(index, model, [xb], encode_kwargs={"beam": beam, "preselect": preselect}, log=lambda m: None)
+        ivf_index.add_vectors(index, model, [xb], options=EncodeOptions(beam=beam, preselect=preselect), log=lambda m: None)
         assert index.ntotal == len(xb)
-        np.testing.assert_array_equal(added[-1], codec.encode(model, xb, beam=beam, preselect=preselect))
+        np.testing.assert_array_equal(added[-1], codec.encode(model, xb, EncodeOptions(beam=beam, preselect=preselect)))
         mse[beam] = ((codec.decode(model, added[-1]) - xb) ** 2).sum(1).mean()
     assert mse[4] < 0.97 * mse[1]
 
@@ -107,8 +107,8 @@ def test_training_can_encode_with_a_beam():
     cfg = QincoConfig(d=8, K=16, M=3, L=1, h=16)
     params = QincoModel.init(cfg, 0).params
     x = jnp.asarray(np.random.RandomState(0).randn(64, 8).astype(np.float32))
-    codes = training.make_encode_fn(beam=4, preselect=8)(params, x, None)
+    codes = training.make_encode_fn(EncodeOptions(beam=4, preselect=8))(params, x, None)
     np.testing.assert_array_equal(codes, qm.encode_beam(params, x, beam=4, preselect=8)[0])
     np.testing.assert_array_equal(training.make_encode_fn()(params, x, None), qm.encode_greedy(params, x)[0])
     with pytest.raises(ValueError, match="beam"):
-        training.TrainConfig(beam=0)
+        training.TrainConfig(encode=EncodeOptions(beam=0))

@@ -371,11 +371,8 @@ def test_shape_mismatch_names_the_tensor(tmp_path):
 
 
 def test_convert_cli(tmp_path, capsys):
-    sys.path.insert(0, str(ROOT / "convert"))
-    try:
-        import convert_checkpoint
-    finally:
-        sys.path.pop(0)
+    from qinco_jax.cli import convert as convert_checkpoint
+
     convert_checkpoint.main(["--model", str(FIXTURES / REFERENCE_MODELS["qinco_lr"]),
                              "--o", str(tmp_path / "lr"), "--check", "--nvec", "64"])
     out = capsys.readouterr().out

@@ -5,7 +5,7 @@ import pytest
 
 from qinco_jax import codec
 from qinco_jax import model as qm
-from qinco_jax.config import QincoConfig
+from qinco_jax.config import EncodeOptions, QincoConfig
 from qinco_jax.model import PQQincoModel, QincoModel
 
 CFG = QincoConfig(d=8, K=16, M=3, L=1, h=16, db_scale=10.0)
@@ -18,8 +18,8 @@ def _data(n, d=8, seed=0):
 def test_batching_and_padding_do_not_change_the_codes():
     m = QincoModel.init(CFG, 0)
     x = _data(37)
-    whole = codec.encode(m, x, batch_size=64)
-    pieces = codec.encode(m, x, batch_size=8)  # 5 batches, the last padded
+    whole = codec.encode(m, x, EncodeOptions(batch_size=64))
+    pieces = codec.encode(m, x, EncodeOptions(batch_size=8))  # 5 batches, the last padded
     np.testing.assert_array_equal(whole, pieces)
     assert whole.shape == (37, 3) and whole.dtype == np.int32
     y = codec.decode(m, whole, batch_size=16)
@@ -39,11 +39,11 @@ def test_encode_works_in_raw_units_with_db_scale():
 
 def test_a_fixed_batch_compiles_once():
     m = QincoModel.init(CFG, 1)
-    codec.encode(m, _data(40), batch_size=16)
-    before = codec._encode_batch._cache_size()
-    codec.encode(m, _data(45), batch_size=16)
-    codec.encode(m, _data(33), batch_size=16)
-    assert codec._encode_batch._cache_size() == before
+    codec.encode(m, _data(40), EncodeOptions(batch_size=16))
+    before = codec.encode_batch._cache_size()
+    codec.encode(m, _data(45), EncodeOptions(batch_size=16))
+    codec.encode(m, _data(33), EncodeOptions(batch_size=16))
+    assert codec.encode_batch._cache_size() == before
 
 
 def test_ivf_first_code_is_the_nearest_centroid_and_can_be_imposed():
@@ -66,7 +66,7 @@ def test_ivf_first_code_is_the_nearest_centroid_and_can_be_imposed():
 def test_low_precision_codes_mostly_agree(dtype):
     m = QincoModel.init(CFG, 0)
     x = _data(200)
-    agree = (codec.encode(m, x, dtype=dtype) == codec.encode(m, x)).mean()
+    agree = (codec.encode(m, x, EncodeOptions(dtype=dtype)) == codec.encode(m, x)).mean()
     assert agree > 0.8
     y16 = codec.decode(m, codec.encode(m, x), dtype=dtype)
     y32 = codec.decode(m, codec.encode(m, x))
@@ -100,9 +100,9 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="empty"):
         codec.encode(m, np.zeros((0, 8), np.float32))
     with pytest.raises(ValueError, match="beam"):
-        codec.encode(m, _data(5), beam=0)
+        codec.encode(m, _data(5), EncodeOptions(beam=0))
     with pytest.raises(ValueError, match="dtype"):
-        codec.encode(m, _data(5), dtype="float64")
+        codec.encode(m, _data(5), EncodeOptions(dtype="float64"))
     for bad in (0, -4):
         with pytest.raises(ValueError, match="batch size"):
-            codec.encode(m, _data(5), batch_size=bad)
+            codec.encode(m, _data(5), EncodeOptions(batch_size=bad))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,6 +13,9 @@ import pytest
 from conftest import FIXTURES, REFERENCE_MODELS, load_reference_outputs
 
 from qinco_jax import cli, codec, datasets, vecs_io
+from qinco_jax.cli import codec as cli_codec
+from qinco_jax.cli import evaluate as cli_evaluate
+from qinco_jax.config import EncodeOptions
 from qinco_jax.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,15 +23,8 @@ QINCO = FIXTURES / REFERENCE_MODELS["qinco"]
 IVF = FIXTURES / REFERENCE_MODELS["ivf_qinco"]
 
 
-def _script(rel: str):
-    spec = importlib.util.spec_from_file_location(Path(rel).stem + "_cli", ROOT / rel)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-codec_cli = _script("convert/codec_qinco.py")
-eval_cli = _script("search/eval_qinco.py")
+codec_cli = cli_codec
+eval_cli = cli_evaluate
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +80,7 @@ def test_beam_and_preselect_are_passed_through(tmp_path, ref):
     np.save(tmp_path / "x.npy", ref["x"][:64])
     codec_cli.main(["--model", str(IVF), "--encode", "--beam", "4", "--preselect", "32",
                     "--i", str(tmp_path / "x.npy"), "--o", str(tmp_path / "c.npy")])
-    expected = codec.encode(load_model(IVF), ref["x"][:64], beam=4, preselect=32)
+    expected = codec.encode(load_model(IVF), ref["x"][:64], EncodeOptions(beam=4, preselect=32))
     np.testing.assert_array_equal(np.load(tmp_path / "c.npy"), expected)
     greedy = codec.encode(load_model(IVF), ref["x"][:64])
     assert not np.array_equal(expected, greedy)  # the flags changed something

@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
-from qinco_jax import aq, codec, ivf, packing
+from qinco_jax import aq, codec, packing
+from qinco_jax.search import index as ivf_index
+from qinco_jax.search import rerank, sweep, two_stage
 from qinco_jax.checkpoint import load_model
 from qinco_jax.config import QincoConfig
 from qinco_jax.metrics import one_recall_at
@@ -48,7 +50,7 @@ def reference_results():
 
 
 def read_reference_index(name: str):
-    return ivf.read_index(FIXTURES / name)
+    return ivf_index.read_index(FIXTURES / name)
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +62,8 @@ def xb_codes512(model512, data):
 def built512(model512, data, xb_codes512):
     """The index our pipeline builds from the IVF512 model, all of ivf_xt and ivf_xb
     (one add batch, like the reference's default --add_bs)."""
-    index, stats = ivf.train_index(model512, data["xt"], KEY512, log=lambda m: None)
-    ivf.add_vectors(index, model512, [xb_codes512], code_batches=True, expected_total=len(data["xb"]),
+    index, stats = ivf_index.train_index(model512, data["xt"], KEY512, log=lambda m: None)
+    ivf_index.add_vectors(index, model512, [xb_codes512], code_batches=True, expected_total=len(data["xb"]),
                     log=lambda m: None)
     return index, stats
 
@@ -151,11 +153,11 @@ def test_listnos_round_trip_little_endian(size):
     hi = min(2 ** (8 * size), 2**62)
     listnos = rs.randint(0, hi, size=50, dtype=np.int64)
     listnos[0] = hi - 1
-    coded = ivf.encode_listnos(listnos, size)
+    coded = ivf_index.encode_listnos(listnos, size)
     assert coded.shape == (50, size)
     # little-endian: byte j holds bits 8j..8j+7
     assert all(int(coded[1, j]) == (int(listnos[1]) >> (8 * j)) & 255 for j in range(size))
-    np.testing.assert_array_equal(ivf.decode_listnos(coded.reshape(5, 10, size)), listnos.reshape(5, 10))
+    np.testing.assert_array_equal(ivf_index.decode_listnos(coded.reshape(5, 10, size)), listnos.reshape(5, 10))
 
 
 def test_listnos_of_a_one_byte_coarse_code(model64, data):
@@ -168,11 +170,11 @@ def test_listnos_of_a_one_byte_coarse_code(model64, data):
     index.nprobe = 4
     xq = data["xq"][:50]
     _, I, raw = index.search_and_return_codes(xq, 30, include_listnos=True)
-    listnos, fine = ivf.split_search_codes(index, raw, 4)
+    listnos, fine = ivf_index.split_search_codes(index, raw, 4)
     ok = I >= 0
     np.testing.assert_array_equal(listnos[ok], lists[I[ok]])
     np.testing.assert_array_equal(fine[ok], packing.unpack_codes(stored[I[ok]], None, [8] * 4))
-    r = ivf.search(index, model64, xq, 30, ivf.Reranker(model64))
+    r = rerank.search_ivf(index, model64, xq, 30, rerank.Reranker(model64))
     top = r.I[:, :5]
     assert np.all(top >= 0)
     fine_top = packing.unpack_codes(stored[top.ravel()], None, [8] * 4).reshape(50, 5, 4)
@@ -187,19 +189,19 @@ def test_three_byte_coarse_codes_and_4_bit_rq():
     d, nlist = 8, 70_000
     model = QincoModel.init(QincoConfig(d=d, K=16, M=2, L=1, h=16, variant="ivf", K_IVF=nlist), key=0)
     rs = np.random.RandomState(0)
-    centroids = ivf.ivf_centroids(model)
+    centroids = ivf_index.ivf_centroids(model)
     xt = centroids[rs.randint(nlist, size=1000)] + 0.05 * rs.randn(1000, d).astype(np.float32)
     xb = centroids[rs.randint(nlist, size=1000)] + 0.05 * rs.randn(1000, d).astype(np.float32)
-    index, _ = ivf.train_index(model, xt, f"IVF{nlist},RQ2x4_Nqint8", log=lambda m: None)
+    index, _ = ivf_index.train_index(model, xt, f"IVF{nlist},RQ2x4_Nqint8", log=lambda m: None)
     assert index.coarse_code_size() == 3
     xb_codes = codec.encode(model, xb)
     assert xb_codes[:, 0].max() > 65535  # list numbers that need the third byte
-    ivf.add_codes(index, model, xb_codes)
+    ivf_index.add_codes(index, model, xb_codes)
     index.nprobe = 8
     xq = xb[:40] + 0.01
-    r = ivf.search(index, model, xq, 20, ivf.Reranker(model))
+    r = rerank.search_ivf(index, model, xq, 20, rerank.Reranker(model))
     _, I, raw = index.search_and_return_codes(xq, 20, include_listnos=True)
-    listnos, fine = ivf.split_search_codes(index, raw, 2)
+    listnos, fine = ivf_index.split_search_codes(index, raw, 2)
     ok = I >= 0
     np.testing.assert_array_equal(listnos[ok], xb_codes[I[ok], 0])
     np.testing.assert_array_equal(fine[ok], xb_codes[I[ok], 1:])
@@ -217,7 +219,7 @@ def test_three_byte_coarse_codes_and_4_bit_rq():
 
 def test_search_of_reference_index_gives_reference_recalls(model512, data, reference_results):
     index = read_reference_index("ivf512_rq4x8.faissindex")
-    results = ivf.explore(index, model512, data["xq"], data["gt"], nprobe=[1, 4, 16], nshort=[10, 50, 100],
+    results = sweep.explore(index, model512, data["xq"], data["gt"], nprobe=[1, 4, 16], nshort=[10, 50, 100],
                           log=lambda m: None)
     assert len(results) == 9
     for r in results:
@@ -240,7 +242,7 @@ def test_built_index_equals_reference_index(built512):
     assert same.mean() >= 0.995
     # The same AQ reconstructions of the same stored codes (codebooks are only defined up to
     # shifts between them; both are the min-norm solution).
-    sa = np.hstack([ivf.encode_listnos(ref_lists, 2), ref_codes])
+    sa = np.hstack([ivf_index.encode_listnos(ref_lists, 2), ref_codes])
     ours, theirs = index.sa_decode(sa), ref.sa_decode(sa)
     assert np.linalg.norm(ours - theirs) <= 1e-4 * np.linalg.norm(theirs)
     # The norm quantizer: trained on the same error norms.
@@ -255,8 +257,8 @@ def test_built_index_gives_reference_recalls(built512, model512, data, reference
     # Through a file, as the CLI does between its steps.
     path = tmp_path / "built.faissindex"
     faiss.write_index(index, str(path))
-    index = ivf.as_ivf_index(faiss.read_index(str(path)))
-    results = ivf.explore(index, model512, data["xq"], data["gt"], nprobe=[1, 4, 16], nshort=[10, 50, 100],
+    index = ivf_index.as_ivf_index(faiss.read_index(str(path)))
+    results = sweep.explore(index, model512, data["xq"], data["gt"], nprobe=[1, 4, 16], nshort=[10, 50, 100],
                           log=lambda m: None)
     assert_recalls_close(results, reference_results, 0.01 + 1e-9)
 
@@ -264,7 +266,7 @@ def test_built_index_gives_reference_recalls(built512, model512, data, reference
 def test_reranking_reorders_the_same_shortlist(model512, data):
     index = read_reference_index("ivf512_rq4x8.faissindex")
     index.nprobe = 16
-    r = ivf.search(index, model512, data["xq"], 100, ivf.Reranker(model512))
+    r = rerank.search_ivf(index, model512, data["xq"], 100, rerank.Reranker(model512))
     after, before = one_recall_at(r.I, data["gt"]), one_recall_at(r.I_short, data["gt"])
     assert after["100"] == before["100"]  # same shortlist of 100
     assert np.all(np.diff(r.D, axis=1) >= 0)
@@ -275,7 +277,7 @@ def test_missing_results_rank_last(model512, data):
     missing entries (id -1, bytes 0xff) come last with +inf and id -1, never decoded."""
     index = read_reference_index("ivf512_rq4x8.faissindex")
     index.nprobe = 1
-    r = ivf.search(index, model512, data["xq"], 100, ivf.Reranker(model512))
+    r = rerank.search_ivf(index, model512, data["xq"], 100, rerank.Reranker(model512))
     missing = r.I_short < 0
     assert missing.any()
     np.testing.assert_array_equal((r.I < 0).sum(1), missing.sum(1))
@@ -287,12 +289,12 @@ def test_missing_results_rank_last(model512, data):
 
 def test_hnsw_coarse_quantizer(model64, data):
     key = "IVF64_HNSW32,RQ4x8_Nqint8"
-    index, _ = ivf.train_index(model64, data["xt"][:5000], key, ef_construction=40, log=lambda m: None)
+    index, _ = ivf_index.train_index(model64, data["xt"][:5000], key, ef_construction=40, log=lambda m: None)
     quantizer = faiss.downcast_index(index.quantizer)
     assert quantizer.hnsw.efConstruction == 40 and quantizer.ntotal == 64
     batches = (data["xb"][i:i + 4000] for i in range(0, 10000, 4000))
-    ivf.add_vectors(index, model64, batches, expected_total=10000, log=lambda m: None)
-    res = ivf.explore(index, model64, data["xq"], data["gt"], nprobe=[4], ef_search=[8, 64], nshort=[50],
+    ivf_index.add_vectors(index, model64, batches, expected_total=10000, log=lambda m: None)
+    res = sweep.explore(index, model64, data["xq"], data["gt"], nprobe=[4], ef_search=[8, 64], nshort=[50],
                       log=lambda m: None)
     assert [r["parameters"] for r in res] == [{"nprobe": 4, "quantizer_efSearch": 8, "nshort": 50},
                                              {"nprobe": 4, "quantizer_efSearch": 64, "nshort": 50}]
@@ -301,7 +303,7 @@ def test_hnsw_coarse_quantizer(model64, data):
 
 def test_autotune_skips_points_that_cannot_be_pareto_optimal(model512, data):
     index = read_reference_index("ivf512_rq4x8.faissindex")
-    res = ivf.explore(index, model512, data["xq"], data["gt"], nprobe=[1, 2, 4, 8, 16], nshort=[10, 20, 50, 100],
+    res = sweep.explore(index, model512, data["xq"], data["gt"], nprobe=[1, 2, 4, 8, 16], nshort=[10, 20, 50, 100],
                       n_autotune=20, log=lambda m: None)
     assert 0 < len(res) < 20
 
@@ -314,24 +316,24 @@ def test_autotune_skips_points_that_cannot_be_pareto_optimal(model512, data):
 def test_index_that_the_model_cannot_fill(model512, model64):
     ref = read_reference_index("ivf512_rq4x8.faissindex")
     with pytest.raises(ValueError, match="nlist=512.*K_IVF=64"):
-        ivf.check_index_matches_model(ref, model64)
+        ivf_index.check_index_matches_model(ref, model64)
     with pytest.raises(ValueError, match="dimension d=16"):
-        ivf.check_index_matches_model(faiss.index_factory(16, KEY512), model512)
+        ivf_index.check_index_matches_model(faiss.index_factory(16, KEY512), model512)
     for key, msg in [("IVF512,RQ8x8_Nqint8", "8 RQ codebooks.*M=4"), ("IVF512,RQ4x6_Nqint8", "6, 6, 6, 6.*8 bits"),
                      ("IVF256,RQ4x8_Nqint8", "nlist=256"), ("IVF512,PQ4", "not an IVF residual-quantizer"),
                      ("IVF512,Flat", "not an IVF residual-quantizer"), ("NotAKey12", "cannot build")]:
         with pytest.raises(ValueError, match=msg):
-            ivf.new_index(model512, key)
+            ivf_index.new_index(model512, key)
     with pytest.raises(ValueError, match="HNSW"):
-        ivf.new_index(model512, KEY512, ef_construction=40)
+        ivf_index.new_index(model512, KEY512, ef_construction=40)
     with pytest.raises(ValueError, match="HNSW"):
-        ivf.explore(ref, model512, np.zeros((2, 32), np.float32), np.zeros((2, 1), np.int64), nprobe=[1],
+        sweep.explore(ref, model512, np.zeros((2, 32), np.float32), np.zeros((2, 1), np.int64), nprobe=[1],
                     nshort=[10], ef_search=[16], log=lambda m: None)
     pq = load_model(FIXTURES / "qinco_d32_M4_K16_L2_h32.pt")
     with pytest.raises(ValueError, match="IVF-QINCo model"):
-        ivf.new_index(pq, KEY512)
+        ivf_index.new_index(pq, KEY512)
     with pytest.raises(ValueError, match=r"queries have shape \(2, 16\).*\(nq, 32\)"):
-        ivf.explore(ref, model512, np.zeros((2, 16), np.float32), np.zeros((2, 1), np.int64), nprobe=[1],
+        sweep.explore(ref, model512, np.zeros((2, 16), np.float32), np.zeros((2, 1), np.int64), nprobe=[1],
                     nshort=[10], log=lambda m: None)
 
 
@@ -339,21 +341,21 @@ def test_index_files_that_are_not_ivf_rq(tmp_path):
     flat = tmp_path / "flat.faissindex"
     faiss.write_index(faiss.IndexFlatL2(8), str(flat))
     with pytest.raises(ValueError, match="flat.faissindex: expected an IVF residual-quantizer index"):
-        ivf.read_index(flat)
+        ivf_index.read_index(flat)
     with pytest.raises(FileNotFoundError, match="missing.faissindex: no such file"):
-        ivf.read_index(tmp_path / "missing.faissindex")
+        ivf_index.read_index(tmp_path / "missing.faissindex")
 
 
 def test_codes_of_the_wrong_width(model512, data):
-    index, _ = ivf.train_index(model512, data["xt"][:3000], KEY512, xt_codes=None, log=lambda m: None)
+    index, _ = ivf_index.train_index(model512, data["xt"][:3000], KEY512, xt_codes=None, log=lambda m: None)
     with pytest.raises(ValueError, match=r"shape \(10, 4\).*codes of 5 columns"):
-        ivf.add_codes(index, model512, np.zeros((10, 4), np.int64))
+        ivf_index.add_codes(index, model512, np.zeros((10, 4), np.int64))
     with pytest.raises(ValueError, match=r"column 0 has values outside \[0, 512\)"):
-        ivf.add_codes(index, model512, np.full((10, 5), 512))
+        ivf_index.add_codes(index, model512, np.full((10, 5), 512))
     with pytest.raises(ValueError, match="training codes hold 10 codes for 3000"):
-        ivf.train_index(model512, data["xt"][:3000], KEY512, xt_codes=np.zeros((10, 5), np.int64))
+        ivf_index.train_index(model512, data["xt"][:3000], KEY512, xt_codes=np.zeros((10, 5), np.int64))
     with pytest.raises(ValueError, match="3 vectors were added, the database has 4"):
-        ivf.add_vectors(index, model512, [np.zeros((3, 5), np.int64)], code_batches=True, expected_total=4,
+        ivf_index.add_vectors(index, model512, [np.zeros((3, 5), np.int64)], code_batches=True, expected_total=4,
                         log=lambda m: None)
 
 
@@ -363,14 +365,9 @@ def test_codes_of_the_wrong_width(model512, data):
 
 
 def _search_ivf_main():
-    import importlib.util
-    from pathlib import Path
+    from qinco_jax.cli import index as search_ivf
 
-    path = Path(__file__).resolve().parents[1] / "search" / "search_ivf.py"
-    spec = importlib.util.spec_from_file_location("search_ivf", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return search_ivf.main
 
 
 @pytest.fixture(scope="module")
@@ -397,7 +394,9 @@ def test_cli_builds_and_searches_like_the_reference(cli_run, reference_results):
     full = faiss.read_index(str(tmp / "full.faissindex"))
     assert trained.ntotal == 0 and trained.is_trained and full.ntotal == 10000
     with open(tmp / "results.json") as f:
-        results = json.load(f)
+        document = json.load(f)
+    assert isinstance(document, dict) and document["nq"] == 200  # the one results schema (README)
+    results = document["results"]
     assert isinstance(results, list) and len(results) == 9
     for r in results:
         assert set(r) >= {"parameters", "recalls", "recalls_orig", "t_search", "t_decode", "t_dis"}
@@ -424,7 +423,7 @@ def test_cli_adds_precomputed_codes_from_several_files(cli_run, model512, xb_cod
     np.testing.assert_array_equal(ours[0], encoded[0])
     np.testing.assert_array_equal(ours[1], encoded[1])
     with open(out) as f, open(tmp / "results.json") as g:
-        assert_recalls_close(json.load(f), json.load(g), 0.01 + 1e-9)
+        assert_recalls_close(json.load(f)["results"], json.load(g)["results"], 0.01 + 1e-9)
 
 
 def test_cli_trains_centroids(cli_run, tmp_path):
@@ -476,11 +475,11 @@ def test_cli_bad_input(cli_run, xb_codes512, tmp_path):
 def test_two_stage_search_reranks_the_aq_shortlist(data):
     model = load_model(FIXTURES / "qinco_d32_M4_K16_L2_h32.pt")
     xt, xb, xq, gt = data["xt"][:5000], data["xb"], data["xq"], data["gt"]
-    codebooks = ivf.fit_flat_aq(model, xt, codec.encode(model, xt))
+    codebooks = two_stage.fit_flat_aq(model, xt, codec.encode(model, xt))
     assert codebooks.shape == (4, 16, 32)
     xb_codes = codec.encode(model, xb)
-    xb_aq = ivf.flat_aq_reconstruct(model, xb_codes, codebooks)
-    results = ivf.two_stage_search(model, xq, gt, xb_codes, xb_aq, [10, 100], log=lambda m: None)
+    xb_aq = two_stage.flat_aq_reconstruct(model, xb_codes, codebooks)
+    results = two_stage.two_stage_search(model, xq, gt, xb_codes, xb_aq, [10, 100], log=lambda m: None)
     assert [r["parameters"] for r in results] == [{"nshort": 10}, {"nshort": 100}]
     # The same as the reference's way: decode the whole database, exact distances to the
     # AQ shortlist, sort.
@@ -493,29 +492,24 @@ def test_two_stage_search_reranks_the_aq_shortlist(data):
         for rank, v in one_recall_at(ref_I, gt).items():
             assert abs(r["recalls"][rank] - v) <= ONE_QUERY
     with pytest.raises(ValueError, match="nshort=20000"):
-        ivf.two_stage_search(model, xq, gt, xb_codes, xb_aq, [20000], log=lambda m: None)
+        two_stage.two_stage_search(model, xq, gt, xb_codes, xb_aq, [20000], log=lambda m: None)
     with pytest.raises(ValueError, match="database codes hold 9999 codes for 10000 vectors"):
-        ivf.two_stage_search(model, xq, gt, xb_codes[1:], xb_aq, [10], log=lambda m: None)
+        two_stage.two_stage_search(model, xq, gt, xb_codes[1:], xb_aq, [10], log=lambda m: None)
 
 
 def test_search_2stage_cli(tmp_path, data):
-    import importlib.util
-    from pathlib import Path
+    from qinco_jax.cli import search_2stage as module
 
     folder = tmp_path / "db"
     folder.mkdir()
     for role, key in (("learn", "xt"), ("base", "xb"), ("query", "xq"), ("gt", "gt")):
         np.save(folder / f"{role}.npy", data[key][:4000] if key == "xt" else data[key])
-    path = Path(__file__).resolve().parents[1] / "search" / "search_2stage.py"
-    spec = importlib.util.spec_from_file_location("search_2stage", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     out = tmp_path / "r.json"
     args = ["--model", str(FIXTURES / "ivf_qinco_d32_IVF64_M4_K256_L1_h32.pt"), "--db", str(folder),
             "--nt", "4000", "--nshort", "10", "200", "--json", str(out)]
     module.main(args)
     with open(out) as f:
-        results = json.load(f)
+        results = json.load(f)["results"]
     assert [r["parameters"]["nshort"] for r in results] == [10, 200]
     assert results[1]["recalls"]["100"] >= results[0]["recalls"]["100"]
     with pytest.raises(ValueError, match="PQ-QINCo|IVF-QINCo model"):

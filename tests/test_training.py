@@ -14,14 +14,13 @@ import jax
 import numpy as np
 import pytest
 
-from qinco_jax import rq_init, training
+from qinco_jax import recipe, rq_init, training
 from qinco_jax.config import QincoConfig
 from qinco_jax.model import QincoModel, init_params
 from qinco_jax.scheduler import Scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures"
-sys.path.insert(0, str(ROOT / "train"))
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +30,10 @@ def data():
 
 
 def rq_model(xt, M=3, K=16, L=1, h=16, seed=0):
-    cb = rq_init.train_rq(xt, M, K, 1, log=lambda m: None)
-    scale = np.float32(xt.max())
-    config = QincoConfig(d=xt.shape[1], K=K, M=M, L=L, h=h, db_scale=float(scale))
-    return QincoModel(config, init_params(config, jax.random.key(seed), codebooks=cb / scale)), cb
+    """The recipe's initial model (RQ codebooks, db_scale = max of xt) and its codebooks."""
+    spec = recipe.ModelSpec(M=M, K=K, L=L, h=h, seed=seed)
+    cb = recipe.train_rq_codebooks(xt, spec)
+    return recipe.initial_model(xt, spec, cb), cb
 
 
 def quiet(msg):
@@ -183,8 +182,7 @@ def test_kill_and_resume_equals_uninterrupted(data, tmp_path):
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
-    sys.path.insert(0, {root!r})
-    from qinco_jax import rq_init, training
+    from qinco_jax import recipe, rq_init, training
     from qinco_jax.config import QincoConfig
     from qinco_jax.model import QincoModel, init_params
     assert jax.device_count() == 4, jax.devices()
@@ -211,8 +209,10 @@ MULTI_DEVICE_SCRIPT = textwrap.dedent("""
 
 
 def test_four_devices_equal_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    script = MULTI_DEVICE_SCRIPT.format(root=str(ROOT), fix=str(FIX))
+    path = os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+               PYTHONPATH=path)  # this checkout's qinco_jax
+    script = MULTI_DEVICE_SCRIPT.format(fix=str(FIX))
     proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT")][-1]
@@ -236,7 +236,7 @@ def _cli_args(tmp_path, *extra):
 
 
 def test_cli_end_to_end_pt_model(tmp_path, capsys):
-    import train_qinco
+    from qinco_jax.cli import train as train_qinco
 
     from qinco_jax import checkpoint, codec
 
@@ -261,7 +261,7 @@ def test_cli_end_to_end_pt_model(tmp_path, capsys):
 
 
 def test_cli_bad_inputs(tmp_path):
-    import train_qinco
+    from qinco_jax.cli import train as train_qinco
 
     from qinco_jax.cli import UsageError
 
@@ -285,8 +285,8 @@ def test_cli_bad_inputs(tmp_path):
 
 
 def test_pq_qinco_prepare_train_recombine_and_one_shot(tmp_path):
-    import pq_qinco
-    import train_qinco
+    from qinco_jax.cli import train as train_qinco
+    from qinco_jax.cli import train_pq as pq_qinco
 
     from qinco_jax import checkpoint, codec
     from qinco_jax.model import PQQincoModel

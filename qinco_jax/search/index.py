@@ -1,5 +1,5 @@
-"""IVF-QINCo indexes: build a faiss IVF-RQ index from an IVF-QINCo model, fill it with
-QINCo codes, and search it with a QINCo re-ranking of the shortlist (the paper's Fig. 3).
+"""IVF-QINCo indexes: build a faiss IVF-RQ index from an IVF-QINCo model and fill it
+with QINCo codes (searching it, with a QINCo re-ranking of the shortlist, is `rerank`).
 
 The index is a faiss `IndexIVFResidualQuantizer` (key `IVF<K_IVF>[_HNSW32],RQ<M>x<b>_N…`):
 
@@ -10,10 +10,6 @@ The index is a faiss `IndexIVFResidualQuantizer` (key `IVF<K_IVF>[_HNSW32],RQ<M>
   (`qinco_jax.aq`), so faiss can scan the lists with look-up tables;
 - each entry stores the squared norm of its AQ reconstruction, quantized by the
   index's norm quantizer (e.g. `Nqint8`).
-
-Searching asks faiss for the nshort best entries together with their codes and list
-numbers, decodes those with the QINCo network and keeps the best 100 by exact distance:
-one jitted function per batch of queries.
 
 Choices made to give the reference's index bit for bit (its `search_ivf.py`):
 - the norm quantizer's range is trained on the squared norms of the AQ *errors* of the
@@ -27,14 +23,8 @@ Choices made to give the reference's index bit for bit (its `search_ivf.py`):
   index with numpy 2.4 on x86-64; numpy does not specify that order). Entries with equal codes
   tie in every distance; the order decides which comes first.
 
-Re-ranking breaks ties between equal distances by shortlist position; the reference's
-numpy argsort breaks them its own (unspecified) way, so recalls can differ by a query
-or so where the true neighbour shares its code with other vectors.
-
-Timings reported per operating point, for the whole query set: t_search (faiss
-shortlist with codes), t_decode (unpacking the shortlist's codes, then the jitted
-decode + exact distances + top 100, which the reference times as two steps: decode,
-then distances and sort), t_dis (gathering the result ids on the host).
+Re-ranking lives in `rerank`, the operating-point sweep in `sweep`, flat two-stage
+search in `two_stage`; `QincoIndex` (qinco_index) holds an index and its model.
 """
 
 from __future__ import annotations
@@ -42,21 +32,15 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import faiss
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from qinco_jax import aq, codec, packing
+from qinco_jax.config import EncodeOptions
 from qinco_jax.io import atomic_path
-from qinco_jax.metrics import one_recall_at
 from qinco_jax.model import QincoModel
-
-RERANK_K = 100  # results kept after re-ranking, as in the reference
-# Shortlist rows decoded per jitted call: bounds the (rows x max(d, h)) activations.
-RERANK_ROWS = {"cpu": 8192, "gpu": 262144}
 
 
 # --------------------------------------------------------------------------------------
@@ -142,7 +126,7 @@ def check_index_matches_model(index, model: QincoModel, what: str = "the index")
         raise ValueError(f"{what} does not encode residuals (by_residual is off)")
 
 
-def _coarse_quantizer(index):
+def coarse_quantizer(index):
     return faiss.downcast_index(index.quantizer)
 
 
@@ -160,7 +144,7 @@ def new_index(model: QincoModel, index_key: str, ef_construction: int = -1) -> f
                          f"(expected e.g. IVF{model.config.K_IVF},RQ{model.config.M}x8_Nqint8)") from None
     check_index_matches_model(index, model, f"index key {index_key!r}")
     if ef_construction > 0:
-        quantizer = _coarse_quantizer(index)
+        quantizer = coarse_quantizer(index)
         if not hasattr(quantizer, "hnsw"):
             raise ValueError(f"--quantizer_efConstruction needs an HNSW coarse quantizer "
                              f"(e.g. IVF{model.config.K_IVF}_HNSW32,...), {index_key!r} has none")
@@ -193,7 +177,7 @@ class TrainStats:
 
 
 def train_index(model: QincoModel, xt: np.ndarray, index_key: str, *, xt_codes: np.ndarray | None = None,
-                ef_construction: int = -1, encode_kwargs: dict | None = None,
+                ef_construction: int = -1, options: EncodeOptions | None = None,
                 log: Callable[[str], None] = print) -> tuple[faiss.IndexIVFResidualQuantizer, TrainStats]:
     """A trained, empty index for the model: AQ codebooks fitted on the training set's
     QINCo codes (encoded here unless `xt_codes` is given), the model's centroids in the
@@ -204,7 +188,7 @@ def train_index(model: QincoModel, xt: np.ndarray, index_key: str, *, xt_codes: 
     t0 = time.time()
     if xt_codes is None:
         log(f"encoding {len(xt)} training vectors")
-        xt_codes = codec.encode(model, xt, progress="encode train", **(encode_kwargs or {}))
+        xt_codes = codec.encode(model, xt, options, progress="encode train")
     xt_codes = check_model_codes(model, xt_codes, len(xt), "training codes")
     t_encode = time.time() - t0
 
@@ -219,7 +203,7 @@ def train_index(model: QincoModel, xt: np.ndarray, index_key: str, *, xt_codes: 
     log(f"AQ codebooks fitted in {t_train:.2f} s, MSE of the training residuals {mse:g}")
 
     t0 = time.time()
-    _coarse_quantizer(index).add(centroids)
+    coarse_quantizer(index).add(centroids)
     faiss.copy_array_to_vector(np.ascontiguousarray(codebooks.ravel()), index.rq.codebooks)
     index.rq.train_norm(len(err_norms), faiss.swig_ptr(err_norms))
     index.rq.is_trained = True
@@ -287,7 +271,7 @@ def add_codes(index, model: QincoModel, codes: np.ndarray, first_id: int | None 
 
 
 def add_vectors(index, model: QincoModel, batches: Iterable[np.ndarray], *, code_batches: bool = False,
-                expected_total: int | None = None, encode_kwargs: dict | None = None,
+                expected_total: int | None = None, options: EncodeOptions | None = None,
                 log: Callable[[str], None] = print) -> float:
     """Fill the index from database batches (raw vectors, encoded here) or, with
     code_batches, from batches of model codes (e.g. `--xb_codes` files). Returns the time."""
@@ -299,8 +283,7 @@ def add_vectors(index, model: QincoModel, batches: Iterable[np.ndarray], *, code
         if code_batches:
             codes = check_model_codes(model, batch, None, f"code batch {i}")
         else:
-            codes = codec.encode(model, np.asarray(batch, np.float32), progress=f"encode db batch {i}",
-                                 **(encode_kwargs or {}))
+            codes = codec.encode(model, np.asarray(batch, np.float32), options, progress=f"encode db batch {i}")
         add_codes(index, model, codes, codebooks=codebooks)
         log(f"  [{time.time() - t0:.2f} s] added {index.ntotal - n_before} vectors")
     added = index.ntotal - n_before
@@ -325,251 +308,15 @@ def split_search_codes(index, raw: np.ndarray, M: int) -> tuple[np.ndarray, np.n
     return listnos, fine
 
 
-def _rerank_impl(params, scale, xq, codes, valid, k, dtype):
-    """Decode (nq, ns, W) codes, exact squared distances to the queries (raw units) and
-    the k smallest per query; missing entries (valid False) rank last at +inf."""
-    nq, ns, W = codes.shape
-    (xhat,) = codec.decode_batch(params, codes.reshape(nq * ns, W), dtype)
-    diff = xq[:, None, :] - (xhat * scale).reshape(nq, ns, -1)
-    dis = jnp.where(valid, jnp.sum(diff * diff, axis=-1), jnp.inf)
-    neg, idx = jax.lax.top_k(-dis, k)
-    return -neg, idx
 
-
-_rerank_batch = jax.jit(_rerank_impl, static_argnames=("k", "dtype"))
-
-
-class Reranker:
-    """QINCo re-ranking of shortlists: decode, exact distance, top k, per query batch.
-
-    Batches have a fixed number of queries for a given shortlist length (the last one
-    is padded), so a search at a new nshort compiles once; `warm_up` does that compile
-    outside the timed region."""
-
-    def __init__(self, model: QincoModel, *, dtype=None, rows_per_batch: int | None = None, k: int = RERANK_K):
-        self.model = model
-        self.params = jax.device_put(model.params)
-        self.scale = jnp.float32(model.config.db_scale)
-        self.dtype = codec.resolve_dtype(dtype)
-        self.rows = int(rows_per_batch or RERANK_ROWS[codec.backend()])
-        self.k = k
-        self._warm: set[tuple[int, int]] = set()
-
-    def _batch_queries(self, nq: int, ns: int) -> int:
-        """Queries per jitted call: at most `rows` shortlist entries, and the nq queries
-        split into equal batches so that padding the last one wastes little."""
-        most = max(1, self.rows // ns)
-        n_batches = -(-max(nq, 1) // most)
-        return -(-max(nq, 1) // n_batches)
-
-    def warm_up(self, nq: int, ns: int) -> None:
-        qb = self._batch_queries(nq, ns)
-        if (qb, ns) in self._warm:
-            return
-        W = self.model.config.code_width
-        args = (np.zeros((qb, self.model.d), np.float32), np.zeros((qb, ns, W), np.int32),
-                np.ones((qb, ns), bool))
-        jax.block_until_ready(_rerank_batch(self.params, self.scale, *args, k=min(self.k, ns), dtype=self.dtype))
-        self._warm.add((qb, ns))
-
-    def __call__(self, xq: np.ndarray, codes: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """xq (nq, d) raw; codes (nq, ns, W) model codes of the shortlists; valid (nq, ns)
-        False for missing entries. Returns the exact distances and the positions in the
-        shortlist of the min(k, ns) best entries, best first; missing ones last at +inf."""
-        nq, ns, W = codes.shape
-        codes = np.where(valid[..., None], codes, 0).astype(np.int32)  # decodable placeholders
-        k = min(self.k, ns)
-        fn = lambda q, c, v: _rerank_batch(self.params, self.scale, q, c, v, k=k, dtype=self.dtype)
-        return tuple(codec.map_batches(fn, [np.asarray(xq, np.float32), codes, np.asarray(valid, bool)],
-                                       self._batch_queries(nq, ns)))
-
-
-def gather_ids(ids: np.ndarray, D: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Result ids from shortlist positions; -1 where the distance is +inf (missing)."""
-    I = np.take_along_axis(ids, positions, axis=1)
-    I[~np.isfinite(D)] = -1
-    return I
-
-
-@dataclasses.dataclass
-class SearchResult:
-    D: np.ndarray  # (nq, <=100) exact distances after re-ranking
-    I: np.ndarray  # (nq, <=100) ids after re-ranking
-    I_short: np.ndarray  # (nq, nshort) the index's shortlist (AQ order)
-    t_search: float
-    t_decode: float
-    t_dis: float
-
-
-def _shortlist_and_rerank(shortlist, to_codes, xq: np.ndarray, nshort: int, reranker: Reranker) -> SearchResult:
-    """The two stages, timed alike for the IVF and the flat search: `shortlist(xq, nshort)`
-    -> (ids, payload) is t_search; `to_codes(ids, payload)` -> (model codes, valid) and
-    the re-ranking are t_decode; gathering the result ids is t_dis."""
-    xq = np.ascontiguousarray(xq, np.float32)
-    reranker.warm_up(len(xq), nshort)
-    t0 = time.time()
-    I, payload = shortlist(xq, nshort)
-    t1 = time.time()
-    codes, valid = to_codes(I, payload)
-    D, positions = reranker(xq, codes, valid)
-    t2 = time.time()
-    I_ref = gather_ids(I, D, positions)
-    t3 = time.time()
-    return SearchResult(D, I_ref, I, t1 - t0, t2 - t1, t3 - t2)
-
-
-def search(index, model: QincoModel, xq: np.ndarray, nshort: int, reranker: Reranker) -> SearchResult:
-    """One search at the index's current nprobe / efSearch: faiss shortlist of nshort
-    with the codes and list numbers of its entries, QINCo re-ranking."""
-
-    def shortlist(q, ns):
-        _, I, raw = index.search_and_return_codes(q, ns, include_listnos=True)
-        return I, raw
-
-    def to_codes(I, raw):
-        listnos, fine = split_search_codes(index, raw, model.config.M)
-        valid = (I >= 0) & (listnos < index.nlist)
-        codes = np.concatenate([np.where(valid, listnos, 0)[..., None].astype(np.int32), fine], axis=2)
-        return codes, valid
-
-    return _shortlist_and_rerank(shortlist, to_codes, xq, nshort, reranker)
-
-
-def set_search_parameters(index, parameters: dict) -> None:
-    index.nprobe = int(parameters["nprobe"])
-    if "quantizer_efSearch" in parameters:
-        quantizer = _coarse_quantizer(index)
-        if not hasattr(quantizer, "hnsw"):
-            raise ValueError("--quantizer_efSearch needs an HNSW coarse quantizer; this index has "
-                             f"{type(quantizer).__name__}")
-        quantizer.hnsw.efSearch = int(parameters["quantizer_efSearch"])
-
-
-def _check_queries(model: QincoModel, xq: np.ndarray, gt: np.ndarray) -> None:
-    if np.ndim(xq) != 2 or np.shape(xq)[1] != model.d:
-        raise ValueError(f"queries have shape {np.shape(xq)}, the model ({model.describe()}) needs (nq, {model.d})")
-    if len(gt) != len(xq):
-        raise ValueError(f"{len(gt)} ground-truth rows for {len(xq)} queries")
-
-
-def _operating_point(parameters: dict, r: SearchResult, gt: np.ndarray) -> dict:
-    """One result as the CLIs write it to --json (see qinco_jax.report)."""
-    return dict(parameters=parameters, t_search=r.t_search, t_decode=r.t_decode, t_dis=r.t_dis,
-                recalls=one_recall_at(r.I, gt), recalls_orig=one_recall_at(r.I_short, gt), nq=len(r.I))
-
-
-def explore(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe: Sequence[int],
-            nshort: Sequence[int], ef_search: Sequence[int] = (), n_autotune: int = 0,
-            reranker: Reranker | None = None, log: Callable[[str], None] = print) -> list[dict]:
-    """Search at every operating point of nprobe x efSearch x nshort (or n_autotune
-    sampled ones, skipping points that cannot be Pareto-optimal), as the reference.
-    Returns one dict per point: parameters, cno, recalls, recalls_orig, t_search,
-    t_decode, t_dis, nq."""
-    from faiss.contrib.evaluation import OperatingPointsWithRanges
-
-    model = require_ivf_model(model)
-    check_index_matches_model(index, model)
-    _check_queries(model, xq, gt)
-    reranker = reranker or Reranker(model)
-    index.parallel_mode = 3  # as the reference: parallel over queries and lists
-    op = OperatingPointsWithRanges()
-    op.add_range("nprobe", [int(v) for v in nprobe])
-    if ef_search:
-        op.add_range("quantizer_efSearch", [int(v) for v in ef_search])
-    op.add_range("nshort", [int(v) for v in nshort])
-    experiments = op.sample_experiments(n_autotune, rs=np.random.RandomState(123))
-    log(f"{op.num_experiments()} operating points, running {len(experiments)}")
-    results = []
-    for cno in experiments:
-        key = op.cno_to_key(cno)
-        parameters = {k: int(v) for k, v in op.get_parameters(key).items()}
-        if n_autotune:
-            max_perf, min_time = op.predict_bounds(key)
-            if not op.is_pareto_optimal(max_perf, min_time):
-                log(f"{cno:4d} {str(parameters):55s} skipped: cannot be Pareto-optimal")
-                continue
-        set_search_parameters(index, parameters)  # the first point checks efSearch applies
-        r = search(index, model, xq, parameters["nshort"], reranker)
-        res = dict(_operating_point(parameters, r, gt), cno=int(cno))
-        op.add_operating_point(key, res["recalls"]["1"], r.t_search + r.t_decode + r.t_dis)
-        results.append(res)
-        log(format_row(res, len(xq)))
-    return results
-
-
-def format_header(param_names: Sequence[str] = ("nprobe", "nshort")) -> str:
-    cols = "".join(f"{n:>10s}" for n in param_names)
-    return (f"{cols} | {'R@1':>6s} {'R@10':>6s} {'R@100':>6s} | {'AQ R@1':>6s} {'R@10':>6s} {'R@100':>6s} "
-            f"| {'ms/query':>9s} (search + decode + dis)")
-
-
-def format_row(res: dict, nq: int) -> str:
-    p = res["parameters"]
-    cols = "".join(f"{v:>10d}" for v in p.values())
-    r, o = res["recalls"], res["recalls_orig"]
-    total = (res["t_search"] + res["t_decode"] + res["t_dis"]) * 1000 / nq
-    return (f"{cols} | {r['1']:6.3f} {r['10']:6.3f} {r['100']:6.3f} | {o['1']:6.3f} {o['10']:6.3f} {o['100']:6.3f} "
-            f"| {total:9.4f} ({res['t_search']*1000/nq:.4f} + {res['t_decode']*1000/nq:.4f} "
-            f"+ {res['t_dis']*1000/nq:.4f})")
-
-
-# --------------------------------------------------------------------------------------
-# Flat two-stage search (the paper's Table 4): AQ shortlist over the whole database
-# --------------------------------------------------------------------------------------
-
-
-def require_flat_model(model) -> QincoModel:
-    if not isinstance(model, QincoModel):
-        raise ValueError(f"two-stage search needs a QINCo, QINCo-LR or IVF-QINCo model, got {model.describe()}")
-    return model
-
-
-def fit_flat_aq(model: QincoModel, x: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    """AQ codebooks approximating the model's decoder for these codes: over all M code
-    columns (QINCo, QINCo-LR, as the reference), or over the M steps on the residuals to
-    the IVF centroids (IVF-QINCo, whose first column has K_IVF values)."""
-    model = require_flat_model(model)
-    codes = check_model_codes(model, codes, len(x), "codes")
-    x = np.asarray(x, np.float32)
-    if model.config.is_ivf:
-        return aq.fit_codebooks(x - ivf_centroids(model)[codes[:, 0]], codes[:, 1:], model.config.K)
-    return aq.fit_codebooks(x, codes, model.config.K)
-
-
-def flat_aq_reconstruct(model: QincoModel, codes: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
-    if model.config.is_ivf:
-        return ivf_centroids(model)[codes[:, 0]] + aq.reconstruct(codes[:, 1:], codebooks)
-    return aq.reconstruct(codes, codebooks)
-
-
-def two_stage_search(model: QincoModel, xq: np.ndarray, gt: np.ndarray, xb_codes: np.ndarray,
-                     xb_aq: np.ndarray, nshort: Sequence[int], reranker: Reranker | None = None,
-                     log: Callable[[str], None] = print) -> list[dict]:
-    """For every nshort: exhaustive search of the AQ reconstructions xb_aq (faiss, L2),
-    then QINCo decoding of the shortlist and exact re-ranking. Same result format as
-    `explore`."""
-    model = require_flat_model(model)
-    _check_queries(model, xq, gt)
-    xb_aq = np.ascontiguousarray(xb_aq, np.float32)
-    xb_codes = check_model_codes(model, xb_codes, len(xb_aq), "database codes")
-    reranker = reranker or Reranker(model)
-    flat = faiss.IndexFlatL2(xb_aq.shape[1])
-    flat.add(xb_aq)
-
-    def shortlist(q, ns):
-        return flat.search(q, ns)[1], None
-
-    def to_codes(I, _):
-        valid = I >= 0
-        return xb_codes[np.where(valid, I, 0)], valid
-
-    results = []
-    for ns in nshort:
-        ns = int(ns)
-        if not 1 <= ns <= len(xb_aq):
-            raise ValueError(f"nshort={ns} must lie in [1, {len(xb_aq)}] (the database size)")
-        r = _shortlist_and_rerank(shortlist, to_codes, xq, ns, reranker)
-        res = _operating_point({"nshort": ns}, r, gt)
-        results.append(res)
-        log(format_row(res, len(xq)))
-    return results
+def train_ivf_centroids(xt: np.ndarray, n_centroids: int, niter: int = 10, *, verbose: bool = True) -> np.ndarray:
+    """k-means IVF centroids (n_centroids, d) of the training vectors (faiss, on a GPU
+    when faiss has one), as the reference's search_ivf.py --todo train_centroids."""
+    if n_centroids < 1 or niter < 1:
+        raise ValueError(f"need n_centroids >= 1 and niter >= 1, got {n_centroids} and {niter}")
+    if len(xt) < n_centroids:
+        raise ValueError(f"{len(xt)} training vectors cannot make {n_centroids} centroids")
+    gpu = faiss.get_num_gpus() > 0 if hasattr(faiss, "get_num_gpus") else False
+    km = faiss.Kmeans(xt.shape[1], n_centroids, niter=niter, verbose=verbose, gpu=gpu)
+    km.train(np.ascontiguousarray(xt, dtype=np.float32))
+    return km.centroids

@@ -1,4 +1,17 @@
-"""Small helpers shared by the command-line programs in train/, search/ and convert/."""
+"""The command-line programs (one module each, installed as console scripts) and the
+helpers they share. Programs only parse flags, call the library and print.
+
+    qinco-train          qinco_jax.cli.train          train/train_qinco.py
+    qinco-train-pq       qinco_jax.cli.train_pq       train/pq_qinco.py
+    qinco-codec          qinco_jax.cli.codec          convert/codec_qinco.py
+    qinco-convert        qinco_jax.cli.convert        convert/convert_checkpoint.py
+    qinco-eval           qinco_jax.cli.evaluate       search/eval_qinco.py
+    qinco-index          qinco_jax.cli.index          search/search_ivf.py
+    qinco-search-2stage  qinco_jax.cli.search_2stage  search/search_2stage.py
+    qinco-plot           qinco_jax.cli.plot           search/plot_results.py
+
+The scripts under train/, search/ and convert/ keep the reference's names and run these.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +19,7 @@ import argparse
 import sys
 from typing import Callable
 
-import jax
+from qinco_jax.config import PRESELECT_PROXIES
 
 
 class UsageError(ValueError):
@@ -45,13 +58,17 @@ def add_compute_args(group, *, batch_flag: str = "--batch_size", batch_default: 
 
 
 def add_search_args(group) -> None:
-    """--beam / --preselect: how codes are searched (issue 6), wherever vectors are encoded."""
-    group.add_argument("--beam", default=1, type=int,
+    """--beam / --preselect / --proxy: how codes are searched, wherever vectors are encoded
+    (see qinco_jax.config.EncodeOptions)."""
+    group.add_argument("--beam", default=None, type=int,
                        help="beam size for encoding: 1 = greedy, as the reference; B keeps the B best "
-                            "partial codes at every step (lower error, about B times the work)")
-    group.add_argument("--preselect", default=0, type=int,
+                            "partial codes at every step (lower error, about B times the work); "
+                            "unset: the model's default (1)")
+    group.add_argument("--preselect", default=None, type=int,
                        help="run the network on only this many codewords per step, pre-selected by a "
-                            "cheap linear proxy of the step (0 = all K, as the reference)")
+                            "cheap proxy of the step (0 = all K, as the reference); unset: the model's default (0)")
+    group.add_argument("--proxy", default=None, choices=list(PRESELECT_PROXIES),
+                       help="how --preselect ranks codewords; unset: the model's default (linear)")
 
 
 def add_db_arg(group, default: str = "bigann1M") -> None:
@@ -64,7 +81,7 @@ def add_db_arg(group, default: str = "bigann1M") -> None:
                             f"$QINCO_DATA (default ./data)")
 
 
-def load_model(path: str):
+def load_model_arg(path: str):
     """The --model of a command line (.pt file or model directory), announced on stdout."""
     if not path:
         raise UsageError("--model is required")
@@ -77,13 +94,28 @@ def load_model(path: str):
 
 
 def dtype_from_args(args) -> str:
-    return args.dtype or ("float16" if args.float16 else "float32")
+    return args.dtype or ("float16" if getattr(args, "float16", False) else "float32")
+
+
+def encode_options_from_args(args, batch_size: int | None = None):
+    """The EncodeOptions of --beam/--preselect/--proxy and --dtype/--float16 (when the
+    program has them); batch_size: the program's encode batch flag."""
+    from qinco_jax.config import EncodeOptions
+
+    try:
+        return EncodeOptions(beam=args.beam, preselect=args.preselect, proxy=getattr(args, "proxy", None),
+                             dtype=dtype_from_args(args) if hasattr(args, "dtype") else "float32",
+                             batch_size=batch_size)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def select_device(spec: str) -> None:
     """Make `spec` ('cpu', 'gpu', 'cuda:1', ...) JAX's default device."""
     if not spec:
         return
+    import jax
+
     kind, _, index = spec.partition(":")
     platform = {"cuda": "gpu", "gpu": "gpu", "cpu": "cpu", "tpu": "tpu"}.get(kind)
     if platform is None:

@@ -1,0 +1,243 @@
+"""Train a QINCo, QINCo-LR or IVF-QINCo model (JAX port of the reference train_qinco.py).
+
+The reference's flags and defaults, e.g.
+
+    python train/train_qinco.py --db bigann1M --nt 100_000 --M 8 --L 2 --h 256 --lr 0.001 \\
+        --model models/bigann_T100k_8x8_L2.pt
+    python train/train_qinco.py --ivf --db bigann1M --nt 500_000 --M 8 --L 2 --lr 0.001 \\
+        --IVF_centroids models/bigann_centroids_65k.npy --ngpu 8 --model models/test_ivf_train.pt
+
+Steps (--todo): train_rq trains a faiss ResidualQuantizer whose codebooks initialise the
+model (IVF: on the residuals to the nearest IVF centroid); train trains the network.
+The last --nval of the nt + nval training vectors are held out for validation.
+
+Data parallel: --ngpu N uses the first N local devices (default: all), the global batch
+(--batch_size) is split across them. Multi-host: start one process per host with your
+cluster launcher and add --distributed, e.g. under SLURM
+
+    srun --nodes 2 --ntasks-per-node 1 python train/train_qinco.py --distributed ...
+
+jax.distributed.initialize() reads the coordinator, process count and index from the
+launcher's environment (SLURM, Open MPI, or JAX_COORDINATOR_ADDRESS /
+JAX_NUM_PROCESSES / JAX_PROCESS_ID); --ngpu then counts devices per host.
+
+--checkpoint DIR saves the full training state after every epoch; rerunning the same
+command resumes after the last finished epoch and ends with the same model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qinco_jax import cli
+
+DEFAULT_TODO = ["train_rq", "train"]
+
+
+def add_data_args(p, *, nt_default: int = 500_000) -> None:
+    group = p.add_argument_group("database")
+    cli.add_db_arg(group)
+    group.add_argument("--training_data", default="",
+                       help="file of training vectors (npy, fvecs, bvecs, fbin, u8bin); overrides --db")
+    group.add_argument("--nt", default=nt_default, type=int, help="nb training vectors to use")
+    group.add_argument("--nval", default=10_000, type=int, help="additional validation vectors")
+    group.add_argument("--db_scale", default=-1, type=float,
+                       help="force database scaling. If not set, the maximum of the training set is used")
+
+
+def add_model_args(p) -> None:
+    group = p.add_argument_group("model parameters")
+    group.add_argument("--ivf", default=False, action="store_true", help="train an IVF model")
+    group.add_argument("--lowrank", default=False, action="store_true",
+                       help="train QINCo-LR, with a low-rank projection in the concatenation block")
+    group.add_argument("--M", default=8, type=int, help="number of sub-quantizers")
+    group.add_argument("--L", default=4, type=int, help="number of residual blocks")
+    group.add_argument("--K", default=256, type=int, help="codebook sizes")
+    group.add_argument("--h", default=256, type=int, help="hidden dimension of residual blocks")
+    group.add_argument("--rq_beam_size", default=1, type=int, help="beam size for the initial residual quantizer")
+    group.add_argument("--seed", default=1234, type=int, help="random seed of the network initialisation")
+
+
+def add_optim_args(p) -> None:
+    group = p.add_argument_group("optimization parameters")
+    group.add_argument("--ngpu", default=-1, type=int,
+                       help="number of local devices to train on (-1: all; 0: the CPU)")
+    group.add_argument("--lr", default=1e-4, type=float, help="base learning rate")
+    group.add_argument("--max_epochs", default=1000, type=int, help="max nb of epochs")
+    group.add_argument("--batch_size", default=1024, type=int,
+                       help="global batch size (split across devices: must divide by their number)")
+    cli.add_search_args(group)  # the no-gradient encode of every training step
+    group.add_argument("--persistent_optimizer", default=False, action="store_true",
+                       help="keep Adam's moments across epochs (the reference rebuilds Adam every epoch)")
+    group.add_argument("--distributed", default=False, action="store_true",
+                       help="multi-host run: call jax.distributed.initialize() (needs a cluster launcher)")
+    group.add_argument("--progress", default="auto", choices=["auto", "on", "off"],
+                       help="progress bar within each epoch (auto: only on a terminal)")
+
+
+def add_file_args(p) -> None:
+    group = p.add_argument_group("files")
+    group.add_argument("--RQ_filename", default="", help="Residual quantizer centroids (npy)")
+    group.add_argument("--IVF_centroids", default="", help="IVF centroids file")
+    group.add_argument("--model", default="",
+                       help="file to store the best trained model (.pt: reference format, else a library directory)")
+    group.add_argument("--checkpoint", default="", help="checkpoint directory to load/store during optimization")
+    group.add_argument("--history", default="",
+                       help="JSON history of the training (default: <model>.history.json when --model is set)")
+
+
+def build_parser():
+    p = cli.parser(__doc__.split("\n\n")[0])
+    group = p.add_argument_group("what to do")
+    group.add_argument("--todo", default=DEFAULT_TODO, choices=["train_rq", "train"], nargs="+", help="what to do")
+    add_data_args(p)
+    add_model_args(p)
+    add_optim_args(p)
+    add_file_args(p)
+    return p
+
+
+# --------------------------------------------------------------------------------------
+
+
+def load_training_vectors(args, log=print) -> np.ndarray:
+    """The first nt + nval training vectors, float32."""
+    need = args.nt + args.nval
+    if args.training_data:
+        from qinco_jax.vecs_io import read_vectors
+
+        log(f"loading training data from {args.training_data}")
+        x = read_vectors(args.training_data, mmap=True)
+        if x.ndim != 2:
+            raise cli.UsageError(f"{args.training_data}: expected a 2-D array of vectors, got shape {x.shape}")
+        if len(x) < need:
+            raise cli.UsageError(f"not enough training vectors in {args.training_data}: {len(x)} < "
+                                 f"--nt {args.nt} + --nval {args.nval}")
+        return np.array(x[:need], dtype=np.float32)
+    from qinco_jax.datasets import get_dataset
+
+    ds = get_dataset(args.db)
+    log(f"loading training vectors of data set {args.db}: {ds}")
+    x = np.asarray(ds.get_train(maxtrain=need), dtype=np.float32)
+    if len(x) < need:
+        raise cli.UsageError(f"not enough training vectors in data set {args.db}: {len(x)} < "
+                             f"--nt {args.nt} + --nval {args.nval}")
+    return x[:need]
+
+
+def check_args(args) -> None:
+    if args.nt < 1 or args.nval < 1:
+        raise cli.UsageError(f"--nt and --nval must be >= 1, got {args.nt} and {args.nval}")
+    if args.ivf and args.lowrank:
+        raise cli.UsageError("--ivf and --lowrank cannot be combined (no IVF-QINCo-LR model exists)")
+    if args.ivf and not args.IVF_centroids:
+        raise cli.UsageError("--ivf needs --IVF_centroids (a file of K_IVF x d centroids)")
+    if "train" in args.todo and "train_rq" not in args.todo and not args.RQ_filename:
+        raise cli.UsageError("--todo train without train_rq needs --RQ_filename to read the RQ codebooks from")
+    try:
+        model_spec_from_args(args)
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+
+
+def load_ivf_centroids(path: str, d: int) -> np.ndarray:
+    from qinco_jax.vecs_io import read_vectors
+
+    c = np.asarray(read_vectors(path, mmap=False), dtype=np.float32)
+    if c.ndim != 2 or c.shape[1] != d:
+        raise cli.UsageError(f"IVF centroids {path} have shape {c.shape}: their dimension must be the "
+                             f"training vectors' d={d}")
+    return c
+
+
+def model_spec_from_args(args):
+    from qinco_jax.recipe import ModelSpec
+
+    variant = "ivf" if args.ivf else ("lowrank" if args.lowrank else "qinco")
+    return ModelSpec(M=args.M, K=args.K, L=args.L, h=args.h, variant=variant, rq_beam_size=args.rq_beam_size,
+                     seed=args.seed, db_scale=args.db_scale if args.db_scale > 0 else None)
+
+
+def train_config_from_args(args):
+    from qinco_jax.training import TrainConfig
+
+    progress = {"auto": None, "on": True, "off": False}[args.progress]
+    return TrainConfig(lr=args.lr, max_epochs=args.max_epochs, batch_size=args.batch_size,
+                       persistent_optimizer=args.persistent_optimizer, encode=cli.encode_options_from_args(args),
+                       ngpu=args.ngpu, progress=progress)
+
+
+def history_path(args) -> str | None:
+    if args.history:
+        return args.history
+    if args.model:
+        return args.model.rstrip("/") + ".history.json"
+    return None
+
+
+def train_from_args(args, xt_all: np.ndarray, log=print):
+    """The steps of --todo on loaded vectors (nt + nval of them): returns the TrainResult
+    (or None when only the RQ was trained)."""
+    from qinco_jax import recipe, training
+    from qinco_jax.io import save_npy
+
+    check_args(args)
+    spec = model_spec_from_args(args)
+    cfg = train_config_from_args(args)
+    if "train" in args.todo:  # fail on device / batch mismatches before the RQ is trained
+        training.check_batch_size(args.batch_size, training.make_mesh(args.ngpu))
+    if len(xt_all) < args.nt + args.nval:
+        raise cli.UsageError(f"not enough training vectors: {len(xt_all)} < --nt {args.nt} + --nval {args.nval}")
+    xt_all = xt_all[:args.nt + args.nval]
+    xt, xval = xt_all[:-args.nval], xt_all[-args.nval:]
+    log(f"training set {xt.shape}, validation {xval.shape}")
+    centroids = load_ivf_centroids(args.IVF_centroids, xt.shape[1]) if args.ivf else None
+
+    rq_codebooks = None
+    resuming = "train" in args.todo and recipe.will_resume(args.checkpoint or None)
+    if "train_rq" in args.todo and not resuming:
+        rq_codebooks = recipe.train_rq_codebooks(xt, spec, xval, centroids, log=log)
+        if args.RQ_filename:
+            log(f"storing RQ codebooks to {args.RQ_filename}")
+            save_npy(args.RQ_filename, rq_codebooks)
+    if "train" not in args.todo:
+        return None
+    if rq_codebooks is None and not resuming:
+        log(f"reading RQ codebooks from {args.RQ_filename}")
+        rq_codebooks = np.load(args.RQ_filename)
+    if not args.model:
+        log("warning: no --model given, the trained model will not be saved")
+    try:
+        result = recipe.train_model(xt, xval, spec, cfg, ivf_centroids=centroids,
+                                    rq_codebooks=rq_codebooks,
+                                    model_path=args.model or None, checkpoint_dir=args.checkpoint or None,
+                                    history_path=history_path(args), log=log)
+    except ValueError as e:
+        if "db_scale" in str(e):
+            raise cli.UsageError(f"{e} (--db_scale)") from None
+        raise
+    if args.model and result.history["epochs"]:
+        best = min(e["val_mse"] for e in result.history["epochs"])
+        log(f"best model (val MSE {best:g}) is in {args.model}")
+    return result
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.distributed:
+        import jax
+
+        jax.distributed.initialize()
+    cli.print_args(args)
+    check_args(args)
+    xt_all = load_training_vectors(args)
+    return train_from_args(args, xt_all)
+
+
+def run() -> None:
+    """Console entry point: bad input ends with one 'error:' line and exit status 2."""
+    cli.run_main(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,154 @@
+"""Training a QINCo model from data, the paper's recipe:
+
+    residual quantizer (faiss RQ; IVF-QINCo: on the residuals to the IVF centroids)
+      -> initial parameters (the RQ codebooks, db_scale = max of the training set)
+      -> `training.fit`.
+
+    from qinco_jax.recipe import ModelSpec, train_model
+    result = train_model(xt, xval, ModelSpec(M=8, L=2, h=256), TrainConfig(lr=1e-3))
+    model = result.best
+
+`train/train_qinco.py` (qinco-train) is this function over command-line flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import numpy as np
+
+from qinco_jax import rq_init, training
+from qinco_jax.config import VARIANTS, QincoConfig
+from qinco_jax.model import QincoModel, init_params
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The model to train: QincoConfig's sizes without those that come from the data
+    (d, K_IVF, db_scale unless forced), the RQ initialisation and the random seed."""
+
+    M: int = 8
+    K: int = 256
+    L: int = 4
+    h: int = 256
+    variant: str = "qinco"   # "qinco", "lowrank" or "ivf" (then ivf_centroids are needed)
+    rq_beam_size: int = 1    # beam of the initial faiss residual quantizer
+    seed: int = 1234         # network initialisation
+    db_scale: float | None = None  # None: the maximum of the training set, as the reference
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.M < (1 if self.variant == "ivf" else 2):
+            raise ValueError(f"M must be >= {1 if self.variant == 'ivf' else 2}, got {self.M}")
+        rq_init.codebook_bits(self.K)
+        if self.rq_beam_size < 1:
+            raise ValueError(f"rq_beam_size must be >= 1, got {self.rq_beam_size}")
+        if self.db_scale is not None and not self.db_scale > 0:
+            raise ValueError(f"db_scale must be > 0 (or None: the maximum of the training set), got {self.db_scale}")
+
+    @property
+    def is_ivf(self) -> bool:
+        return self.variant == "ivf"
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+def check_ivf_centroids(spec: ModelSpec, centroids: np.ndarray | None, d: int) -> np.ndarray | None:
+    if not spec.is_ivf:
+        if centroids is not None:
+            raise ValueError(f"IVF centroids given for a {spec.variant!r} model")
+        return None
+    if centroids is None:
+        raise ValueError("an IVF-QINCo model needs IVF centroids (K_IVF x d)")
+    c = np.asarray(centroids, np.float32)
+    if c.ndim != 2 or c.shape[1] != d:
+        raise ValueError(f"IVF centroids have shape {c.shape}: their dimension must be the training vectors' d={d}")
+    return c
+
+
+def train_rq_codebooks(xt: np.ndarray, spec: ModelSpec, xval: np.ndarray | None = None,
+                       ivf_centroids: np.ndarray | None = None, xt_assign: np.ndarray | None = None,
+                       log: Callable[[str], None] = _quiet) -> np.ndarray:
+    """The initial RQ codebooks (M, K, d), raw units: on the vectors, or for IVF-QINCo on
+    their residuals to the nearest IVF centroid (xt_assign: those of xt, if known).
+    xval, if given, is only measured (its MSE is logged)."""
+    centroids = check_ivf_centroids(spec, ivf_centroids, xt.shape[1])
+    if centroids is None:
+        return rq_init.train_rq(xt, spec.M, spec.K, spec.rq_beam_size, xval, log=log)
+    if xt_assign is None:
+        xt_assign = rq_init.assign_to_centroids(xt, centroids)
+    res_t = rq_init.ivf_residuals(xt, centroids, xt_assign)
+    res_v = None if xval is None else rq_init.ivf_residuals(xval, centroids,
+                                                            rq_init.assign_to_centroids(xval, centroids))
+    return rq_init.train_rq(res_t, spec.M, spec.K, spec.rq_beam_size, res_v, log=log)
+
+
+def initial_model(xt: np.ndarray, spec: ModelSpec, rq_codebooks: np.ndarray | None,
+                  ivf_centroids: np.ndarray | None = None) -> QincoModel:
+    """The model before training: config from the spec and the data, codebooks from the
+    RQ (None: random, e.g. when a checkpoint will replace them), IVF centroids frozen."""
+    d = xt.shape[1]
+    centroids = check_ivf_centroids(spec, ivf_centroids, d)
+    db_scale = float(spec.db_scale) if spec.db_scale is not None else float(np.max(xt))
+    if not db_scale > 0:
+        raise ValueError(f"db_scale = max of the training set = {db_scale}: it must be > 0, set it explicitly")
+    config = QincoConfig(d=d, K=spec.K, M=spec.M, L=spec.L, h=spec.h, variant=spec.variant,
+                         K_IVF=len(centroids) if centroids is not None else 0, db_scale=db_scale)
+    scale = np.float32(db_scale)
+    kwargs = {}
+    if rq_codebooks is not None:
+        kwargs["codebooks"] = np.asarray(rq_codebooks, np.float32) / scale
+    if centroids is not None:
+        kwargs["codebook0"] = centroids / scale
+    return QincoModel(config, init_params(config, jax.random.key(spec.seed), **kwargs))
+
+
+def count_trainable(model: QincoModel) -> int:
+    """Parameters the optimizer updates (IVF centroids are frozen)."""
+    n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(model.params["steps"]))
+    return n + (0 if model.config.is_ivf else int(np.prod(model.params["codebook0"].shape)))
+
+
+def will_resume(checkpoint_dir: str | None) -> bool:
+    """Whether `checkpoint_dir` holds a finished epoch to resume from."""
+    if not checkpoint_dir:
+        return False
+    ckpt = training.TrainCheckpointer(checkpoint_dir)
+    try:
+        return ckpt.latest_epoch() is not None
+    finally:
+        ckpt.close()
+
+
+def train_model(xt: np.ndarray, xval: np.ndarray, spec: ModelSpec, cfg: training.TrainConfig, *,
+                ivf_centroids: np.ndarray | None = None, rq_codebooks: np.ndarray | None = None,
+                model_path: str | None = None, checkpoint_dir: str | None = None,
+                history_path: str | None = None, log: Callable[[str], None] = _quiet) -> training.TrainResult:
+    """Train a model of `spec` on raw vectors xt (validation xval), from a residual
+    quantizer: `rq_codebooks` if given, else trained here (skipped when resuming from
+    `checkpoint_dir`). See training.fit for model_path, checkpoint_dir, history_path."""
+    xt, xval = np.asarray(xt, np.float32), np.asarray(xval, np.float32)
+    if xt.ndim != 2 or xval.ndim != 2 or xt.shape[1] != xval.shape[1]:
+        raise ValueError(f"training vectors {xt.shape} and validation vectors {xval.shape} must be 2-D "
+                         f"with the same dimension")
+    training.check_batch_size(cfg.batch_size, training.make_mesh(cfg.ngpu))  # fail before the RQ
+    centroids = check_ivf_centroids(spec, ivf_centroids, xt.shape[1])
+    assign = None
+    if centroids is not None:
+        log(f"assigning {len(xt)} training vectors to {len(centroids)} IVF centroids")
+        assign = rq_init.assign_to_centroids(xt, centroids)
+    if will_resume(checkpoint_dir):
+        log(f"checkpoint {checkpoint_dir} exists: resuming, the RQ initialisation is not needed")
+        rq_codebooks = None
+    elif rq_codebooks is None:
+        rq_codebooks = train_rq_codebooks(xt, spec, xval, centroids, assign, log)
+    model = initial_model(xt, spec, rq_codebooks, centroids)
+    log(f"model {model.config.describe()}")
+    log(f"   nb trainable parameters {count_trainable(model)}")
+    return training.fit(model, xt, xval, cfg, code0=assign, model_path=model_path,
+                        checkpoint_dir=checkpoint_dir, history_path=history_path, log=log)

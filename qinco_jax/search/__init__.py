@@ -1,0 +1,14 @@
+"""Searching with QINCo codes, one module per concern:
+
+    index        IVF-RQ indexes for an IVF-QINCo model: files, checks, training, adding codes
+    rerank       QINCo re-ranking of a shortlist (decode, exact distances, top k)
+    sweep        the operating-point sweep (nprobe x efSearch x nshort) of an IVF index
+    two_stage    flat two-stage search: AQ shortlist over the database, QINCo re-ranking
+    qinco_index  QincoIndex, an IVF-QINCo index with faiss's interface
+
+Results are dicts of the schema in `qinco_jax.report`.
+"""
+
+from qinco_jax.search.qinco_index import QincoIndex
+
+__all__ = ["QincoIndex"]

@@ -1,0 +1,141 @@
+"""QincoIndex: an IVF-QINCo index used like a faiss index.
+
+    index = QincoIndex.build(model, xt, "IVF1024,RQ8x8_Nqint8")  # train
+    index.add(xb)                                                # encode + add, in batches
+    index.nprobe, index.nshort = 16, 200
+    D, I = index.search(xq, 10)                                  # shortlist, QINCo re-ranking
+    index.write("db.faissindex"); index = QincoIndex.read("db.faissindex", model)
+
+The search is the two stages of `rerank.search_ivf`: faiss returns the nshort best
+entries by the AQ approximation, QINCo decodes them and ranks them exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from qinco_jax.config import EncodeOptions
+from qinco_jax.model import QincoModel
+from qinco_jax.search import index as ivf_index
+from qinco_jax.search.rerank import Reranker, SearchResult, search_ivf
+
+DEFAULT_ADD_BATCH = 1 << 16  # database vectors encoded and added per batch
+
+
+def _quiet(_msg: str) -> None:
+    pass
+
+
+class QincoIndex:
+    """A faiss IVF-RQ index (`faiss.IndexIVFResidualQuantizer`) and the IVF-QINCo model
+    whose codes it holds. Settable search parameters: nprobe (lists visited), nshort
+    (shortlist re-ranked by QINCo), efSearch (of an HNSW coarse quantizer).
+    options: how `add` encodes (and the re-ranking's dtype)."""
+
+    def __init__(self, index, model: QincoModel, *, options: EncodeOptions | None = None, nshort: int = 100):
+        self.index = ivf_index.as_ivf_index(index)
+        self.model = ivf_index.require_ivf_model(model)
+        ivf_index.check_index_matches_model(self.index, self.model)
+        self.options = options or EncodeOptions()
+        self.nshort = nshort
+        self._rerankers: dict[int, Reranker] = {}
+
+    # ---- construction and files ------------------------------------------------------
+
+    @classmethod
+    def build(cls, model: QincoModel, xt: np.ndarray, index_key: str, *, xt_codes: np.ndarray | None = None,
+              options: EncodeOptions | None = None, ef_construction: int = -1,
+              log: Callable[[str], None] = _quiet) -> "QincoIndex":
+        """A trained, empty index for `model` (see search.index.train_index)."""
+        index, _ = ivf_index.train_index(model, xt, index_key, xt_codes=xt_codes, options=options,
+                                         ef_construction=ef_construction, log=log)
+        return cls(index, model, options=options)
+
+    @classmethod
+    def read(cls, index_path, model: QincoModel, **kwargs) -> "QincoIndex":
+        return cls(ivf_index.read_index(index_path), model, **kwargs)
+
+    def write(self, path) -> None:
+        """Write the faiss index (atomically); the model is saved separately."""
+        ivf_index.write_index(self.index, path)
+
+    # ---- adding ----------------------------------------------------------------------
+
+    def add(self, x: np.ndarray, batch_size: int = DEFAULT_ADD_BATCH, log: Callable[[str], None] = _quiet) -> None:
+        """Encode raw vectors with the model (self.options) and add them, batch by batch;
+        ids continue from ntotal."""
+        if batch_size < 1:
+            raise ValueError(f"add batch size must be >= 1, got {batch_size}")
+        batches = (x[i:i + batch_size] for i in range(0, len(x), batch_size))
+        ivf_index.add_vectors(self.index, self.model, batches, expected_total=len(x), options=self.options, log=log)
+
+    def add_codes(self, codes: np.ndarray) -> None:
+        """Add vectors given by their model codes (n, M + 1)."""
+        ivf_index.add_codes(self.index, self.model, codes)
+
+    # ---- search parameters -----------------------------------------------------------
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def d(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def nprobe(self) -> int:
+        return int(self.index.nprobe)
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        if value < 1:
+            raise ValueError(f"nprobe must be >= 1, got {value}")
+        self.index.nprobe = int(value)
+
+    @property
+    def nshort(self) -> int:
+        return self._nshort
+
+    @nshort.setter
+    def nshort(self, value: int) -> None:
+        if value < 1:
+            raise ValueError(f"nshort must be >= 1, got {value}")
+        self._nshort = int(value)
+
+    @property
+    def efSearch(self) -> int:  # noqa: N802 (faiss's name)
+        return int(self._hnsw().efSearch)
+
+    @efSearch.setter
+    def efSearch(self, value: int) -> None:  # noqa: N802
+        if value < 1:
+            raise ValueError(f"efSearch must be >= 1, got {value}")
+        self._hnsw().efSearch = int(value)
+
+    def _hnsw(self):
+        quantizer = ivf_index.coarse_quantizer(self.index)
+        if not hasattr(quantizer, "hnsw"):
+            raise ValueError(f"efSearch needs an HNSW coarse quantizer; this index has {type(quantizer).__name__}")
+        return quantizer.hnsw
+
+    # ---- search ----------------------------------------------------------------------
+
+    def search_detailed(self, xq: np.ndarray, k: int) -> SearchResult:
+        """The search with its shortlist and timings (see rerank.SearchResult)."""
+        if not 1 <= k <= self.nshort:
+            raise ValueError(f"k={k} must lie in [1, nshort={self.nshort}]: only the shortlist is re-ranked")
+        xq = np.asarray(xq)
+        if xq.ndim != 2 or xq.shape[1] != self.d:
+            raise ValueError(f"queries have shape {xq.shape}, the index needs (nq, {self.d})")
+        if k not in self._rerankers:
+            self._rerankers[k] = Reranker(self.model, dtype=self.options.dtype, k=k)
+        return search_ivf(self.index, self.model, xq, self.nshort, self._rerankers[k])
+
+    def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(D, I), each (nq, k): exact squared distances and ids of the k nearest
+        vectors among each query's re-ranked shortlist; -1 / inf where fewer exist."""
+        r = self.search_detailed(xq, k)
+        return r.D, r.I

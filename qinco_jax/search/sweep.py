@@ -1,0 +1,80 @@
+"""The operating-point sweep of an IVF-QINCo index: search at every (or an autotuned
+sample of) nprobe x efSearch x nshort, as the reference's search_ivf.py; one result dict
+per point (the schema of `qinco_jax.report`)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+
+from qinco_jax import report
+from qinco_jax.metrics import one_recall_at
+from qinco_jax.model import QincoModel
+from qinco_jax.search.index import check_index_matches_model, coarse_quantizer, require_ivf_model
+from qinco_jax.search.rerank import Reranker, SearchResult, search_ivf
+
+
+def set_search_parameters(index, parameters: dict) -> None:
+    index.nprobe = int(parameters["nprobe"])
+    if "quantizer_efSearch" in parameters:
+        quantizer = coarse_quantizer(index)
+        if not hasattr(quantizer, "hnsw"):
+            raise ValueError("--quantizer_efSearch needs an HNSW coarse quantizer; this index has "
+                             f"{type(quantizer).__name__}")
+        quantizer.hnsw.efSearch = int(parameters["quantizer_efSearch"])
+
+
+def check_queries(model: QincoModel, xq: np.ndarray, gt: np.ndarray) -> None:
+    if np.ndim(xq) != 2 or np.shape(xq)[1] != model.d:
+        raise ValueError(f"queries have shape {np.shape(xq)}, the model ({model.describe()}) needs (nq, {model.d})")
+    if len(gt) != len(xq):
+        raise ValueError(f"{len(gt)} ground-truth rows for {len(xq)} queries")
+
+
+def operating_point(parameters: dict, r: SearchResult, gt: np.ndarray) -> dict:
+    """One result as the CLIs write it to --json (see qinco_jax.report)."""
+    return dict(parameters=parameters, t_search=r.t_search, t_decode=r.t_decode, t_dis=r.t_dis,
+                recalls=one_recall_at(r.I, gt), recalls_orig=one_recall_at(r.I_short, gt), nq=len(r.I))
+
+
+def explore(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe: Sequence[int],
+            nshort: Sequence[int], ef_search: Sequence[int] = (), n_autotune: int = 0,
+            reranker: Reranker | None = None, log: Callable[[str], None] = print) -> list[dict]:
+    """Search at every operating point of nprobe x efSearch x nshort (or n_autotune
+    sampled ones, skipping points that cannot be Pareto-optimal), as the reference.
+    Returns one dict per point: parameters, cno, recalls, recalls_orig, t_search,
+    t_decode, t_dis, nq."""
+    from faiss.contrib.evaluation import OperatingPointsWithRanges
+
+    model = require_ivf_model(model)
+    check_index_matches_model(index, model)
+    check_queries(model, xq, gt)
+    reranker = reranker or Reranker(model)
+    index.parallel_mode = 3  # as the reference: parallel over queries and lists
+    op = OperatingPointsWithRanges()
+    op.add_range("nprobe", [int(v) for v in nprobe])
+    if ef_search:
+        op.add_range("quantizer_efSearch", [int(v) for v in ef_search])
+    op.add_range("nshort", [int(v) for v in nshort])
+    experiments = op.sample_experiments(n_autotune, rs=np.random.RandomState(123))
+    log(f"{op.num_experiments()} operating points, running {len(experiments)}")
+    names = ["nprobe"] + (["quantizer_efSearch"] if ef_search else []) + ["nshort"]
+    log(report.format_header(names))
+    results = []
+    for cno in experiments:
+        key = op.cno_to_key(cno)
+        parameters = {k: int(v) for k, v in op.get_parameters(key).items()}
+        if n_autotune:
+            max_perf, min_time = op.predict_bounds(key)
+            if not op.is_pareto_optimal(max_perf, min_time):
+                log(f"{cno:4d} {str(parameters):55s} skipped: cannot be Pareto-optimal")
+                continue
+        set_search_parameters(index, parameters)  # the first point checks efSearch applies
+        r = search_ivf(index, model, xq, parameters["nshort"], reranker)
+        res = dict(operating_point(parameters, r, gt), cno=int(cno))
+        op.add_operating_point(key, res["recalls"]["1"], r.t_search + r.t_decode + r.t_dis)
+        results.append(res)
+        log(report.format_row(res, names, len(xq)))
+    return results
+
