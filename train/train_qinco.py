@@ -64,6 +64,9 @@ def add_model_args(p) -> None:
     group.add_argument("--h", default=256, type=int, help="hidden dimension of residual blocks")
     group.add_argument("--rq_beam_size", default=1, type=int, help="beam size for the initial residual quantizer")
     group.add_argument("--seed", default=1234, type=int, help="random seed of the network initialisation")
+    group.add_argument("--init", default="random", choices=["random", "rq_exact"],
+                       help="network initialisation: random (the reference's) or rq_exact (output layers "
+                            "zeroed: the untrained model decodes exactly as its RQ, training only improves it)")
 
 
 def add_optim_args(p) -> None:
@@ -243,6 +246,8 @@ def run(args, xt_all: np.ndarray, log=print):
     if args.ivf:
         kwargs["codebook0"] = ivf_centroids / scale
     params = init_params(config, jax.random.key(args.seed), **kwargs)
+    if args.init == "rq_exact":
+        params = rq_init.zero_network_init(params)
     model = QincoModel(config, params)
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params["steps"]))
     log(f"   nb trainable parameters {n_params + (0 if args.ivf else int(np.prod(params['codebook0'].shape)))}")
