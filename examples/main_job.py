@@ -14,6 +14,7 @@ An experiment driver for finding the demo's recipe; the final demo grows from it
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -64,6 +65,11 @@ def parse_args(argv=None):
     p.add_argument("--train_preselect", type=int, default=0)
     p.add_argument("--rq_beam", type=int, default=5, help="beam of the IVF-RQ baseline (faiss's default)")
     p.add_argument("--encode_beam", type=int, default=1, help="beam of the QINCo database encode")
+    p.add_argument("--encode_preselect", type=int, default=0,
+                   help="candidates pre-selected per step in the QINCo encodes (0: all K)")
+    p.add_argument("--aq_train", type=int, default=20_000,
+                   help="training vectors whose QINCo codes fit the AQ shortlist codebooks")
+    p.add_argument("--reuse_model", default="", help="skip training: this IVF-QINCo model (experiments)")
     p.add_argument("--nprobe", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--nshort", type=int, nargs="+", default=[10, 20, 50, 100])
     p.add_argument("--threads", type=int, default=0, help="faiss threads (0: faiss's default)")
@@ -96,19 +102,30 @@ def main(argv=None):
         km.train(xt_all)
         centroids = km.centroids
         save_npy(out / "centroids.npy", centroids)
-    with stage("IVF-QINCo training (RQ initialisation included)"):
-        res = train_qinco.main([
-            "--ivf", "--db", args.db, "--nt", str(args.nt), "--nval", str(args.nval), "--M", str(M),
-            "--L", str(args.L), "--h", str(args.h), "--lr", str(args.lr), "--batch_size", str(args.batch_size),
-            "--max_epochs", str(args.epochs), "--init", args.init, "--preselect", str(args.train_preselect),
-            "--IVF_centroids", str(out / "centroids.npy"), "--model", str(out / "model.pt"),
-            "--history", str(out / "train_history.json"), "--progress", "on", "--ngpu", "0"])
-        model = res.best
-        rq_init_mse = res.history["before"] if args.init == "rq_exact" else None
+    if args.reuse_model:
+        from qinco_jax import checkpoint
+
+        model, history = checkpoint.load_model(args.reuse_model), {"before": None, "epochs": []}
+        centroids = ivf.ivf_centroids(model)
+        hist_file = Path(args.reuse_model).parent / "train_history.json"
+        if hist_file.exists():
+            history = json.loads(hist_file.read_text())
+    else:
+        with stage("IVF-QINCo training (RQ initialisation included)"):
+            res = train_qinco.main([
+                "--ivf", "--db", args.db, "--nt", str(args.nt), "--nval", str(args.nval), "--M", str(M),
+                "--L", str(args.L), "--h", str(args.h), "--lr", str(args.lr), "--batch_size", str(args.batch_size),
+                "--max_epochs", str(args.epochs), "--init", args.init, "--preselect", str(args.train_preselect),
+                "--IVF_centroids", str(out / "centroids.npy"), "--model", str(out / "model.pt"),
+                "--history", str(out / "train_history.json"), "--progress", "on", "--ngpu", "0"])
+            model, history = res.best, res.history
+    rq_init_mse = history.get("before") if args.init == "rq_exact" else None
     xt = xt_all[:args.nt]
     with stage("IVF-QINCo index"):
-        index, _ = ivf.train_index(model, xt, f"IVF{args.n_centroids},RQ{M}x8_Nqint8")
-        xb_codes = codec.encode(model, xb, progress="encode database", beam=args.encode_beam)
+        search = dict(beam=args.encode_beam, preselect=args.encode_preselect)
+        index, _ = ivf.train_index(model, xt[:args.aq_train], f"IVF{args.n_centroids},RQ{M}x8_Nqint8",
+                                   encode_kwargs=search)
+        xb_codes = codec.encode(model, xb, progress="encode database", **search)
         ivf.add_codes(index, model, xb_codes)
         qinco_mse = mean_squared_error(codec.decode(model, xb_codes), xb)
         aq_mse = mean_squared_error(index.sa_decode(ivf.sa_codes(index, xb_codes)), xb)
@@ -136,8 +153,8 @@ def main(argv=None):
     ]
     data = {"name": ds.name, "d": ds.d, "nt": args.nt, "nval": args.nval, "nb": ds.nb, "nq": ds.nq,
             "K_IVF": args.n_centroids, "M": M, "L": args.L, "h": args.h, "epochs": args.epochs, "lr": args.lr,
-            "rq_init_val_mse": rq_init_mse, "qinco_val_mse": min(e["val_mse"] for e in res.history["epochs"])
-            if res.history["epochs"] else None, "stages": stage.times}
+            "rq_init_val_mse": rq_init_mse, "qinco_val_mse": min(e["val_mse"] for e in history["epochs"])
+            if history["epochs"] else None, "stages": stage.times}
     s = baselines.write_summary(out / "summary.json", data, methods)
     baselines.plot_methods(s, out / "pareto.png", title=f"{ds.name}: {M} bytes per vector, K_IVF={args.n_centroids}")
     print("\n" + baselines.format_mse_table(s))
