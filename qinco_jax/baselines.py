@@ -130,8 +130,6 @@ def search_sweep(index, xq: np.ndarray, gt: np.ndarray, nprobe: Sequence[int], k
                  repeats: int = 1, log: Callable[[str], None] | None = None) -> list[dict]:
     """Search at every nprobe: one operating point each (parameters, ms_per_query,
     recall@1, recall@10). The time is the best of `repeats` runs over all queries."""
-    import faiss
-
     xq = _f32(xq)
     gt = np.asarray(gt)
     if len(gt) != len(xq):
@@ -153,7 +151,6 @@ def search_sweep(index, xq: np.ndarray, gt: np.ndarray, nprobe: Sequence[int], k
         if log:
             log(f"  nprobe={p:<5d} {point['ms_per_query']:8.4f} ms/query  R@1 {point['recall@1']:.4f} "
                 f"R@10 {point['recall@10']:.4f}")
-    del faiss
     return points
 
 
