@@ -20,7 +20,7 @@ $(PY):
 	$(PIP) install -q --upgrade pip
 
 $(STAMP): pyproject.toml | $(PY)
-	$(PIP) install -q -e ".[$(strip $(EXTRA))]"
+	$(PIP) install -q -e ".[$(strip $(EXTRA)),demo]"
 	touch $@
 
 install: $(STAMP)

@@ -21,6 +21,8 @@ Names:
     of qinco_jax.vecs_io; without a ground-truth file it is computed exactly.
   * "synthetic" and "synthetic_small": a built-in, deterministic Gaussian mixture (the
     one the test fixtures were made from), generated in memory.
+  * "sift_images": real SIFT descriptors (128-d uint8, like BigANN) of the images that
+    scikit-image bundles, built on first use under the data root (qinco_jax.image_sift).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ SYNTHETIC_SIZES = {
 
 REFERENCE_NAMES = ("bigann1M", "bigann10M", "bigann100M", "bigann1B", "deep1M", "deep10M",
                    "deep100M", "deep1B", "FB_ssnpp1M", "Contriever1M")
-AVAILABLE_NAMES = REFERENCE_NAMES + tuple(SYNTHETIC_SIZES)
+BUILT_IN_REAL_NAMES = ("sift_images",)  # qinco_jax.image_sift.NAMED_SPECS
+AVAILABLE_NAMES = REFERENCE_NAMES + tuple(SYNTHETIC_SIZES) + BUILT_IN_REAL_NAMES
 
 # The reference's (and faiss's) guard: beyond this, get_database() would need hundreds
 # of GB; database_iterator() streams instead.
@@ -383,6 +386,10 @@ def get_dataset(name_or_folder: str | os.PathLike) -> Dataset:
     name = os.fspath(name_or_folder)
     if name in SYNTHETIC_SIZES:
         return _named_synthetic(name)
+    if name in BUILT_IN_REAL_NAMES:
+        from qinco_jax.image_sift import sift_images_dataset
+
+        return sift_images_dataset(name)
     ds = _reference_dataset(name)
     if ds is not None:
         return ds

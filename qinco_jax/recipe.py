@@ -24,6 +24,9 @@ from qinco_jax.config import VARIANTS, QincoConfig
 from qinco_jax.model import QincoModel, init_params
 
 
+INITS = ("random", "rq_exact")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """The model to train: QincoConfig's sizes without those that come from the data
@@ -36,6 +39,7 @@ class ModelSpec:
     variant: str = "qinco"   # "qinco", "lowrank" or "ivf" (then ivf_centroids are needed)
     rq_beam_size: int = 1    # beam of the initial faiss residual quantizer
     seed: int = 1234         # network initialisation
+    init: str = "random"     # "random" (the reference's) or "rq_exact" (output layers zeroed: starts at the RQ error)
     db_scale: float | None = None  # None: the maximum of the training set, as the reference
 
     def __post_init__(self):
@@ -44,6 +48,8 @@ class ModelSpec:
         if self.M < (1 if self.variant == "ivf" else 2):
             raise ValueError(f"M must be >= {1 if self.variant == 'ivf' else 2}, got {self.M}")
         rq_init.codebook_bits(self.K)
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.rq_beam_size < 1:
             raise ValueError(f"rq_beam_size must be >= 1, got {self.rq_beam_size}")
         if self.db_scale is not None and not self.db_scale > 0:
@@ -105,7 +111,10 @@ def initial_model(xt: np.ndarray, spec: ModelSpec, rq_codebooks: np.ndarray | No
         kwargs["codebooks"] = np.asarray(rq_codebooks, np.float32) / scale
     if centroids is not None:
         kwargs["codebook0"] = centroids / scale
-    return QincoModel(config, init_params(config, jax.random.key(spec.seed), **kwargs))
+    params = init_params(config, jax.random.key(spec.seed), **kwargs)
+    if spec.init == "rq_exact":
+        params = rq_init.zero_network_init(params)
+    return QincoModel(config, params)
 
 
 def count_trainable(model: QincoModel) -> int:

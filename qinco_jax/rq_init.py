@@ -69,3 +69,30 @@ def assign_to_centroids(x: np.ndarray, centroids: np.ndarray, batch_size: int = 
 
 def ivf_residuals(x: np.ndarray, centroids: np.ndarray, assign: np.ndarray) -> np.ndarray:
     return np.asarray(x, np.float32) - np.asarray(centroids, np.float32)[assign]
+
+
+
+
+def zero_network_init(params: dict) -> dict:
+    """The parameters with every step's network made the identity on its codeword: the
+    concat block (codeword and input halves and bias; for QINCo-LR only its low-rank
+    output `concat_out`, so that the gradient still reaches the two halves) and every
+    residual block's `down` kernel zeroed: the concat block gives c + 0 and every
+    residual block z + 0. Applied after the RQ codebooks are set, the model
+    decodes exactly as that RQ, so training starts at the RQ's error and the first
+    gradient steps can only improve it (the idea of QINCo2's zero-initialised output
+    layers). The `up` kernels keep their random values: the gradient reaches `down`
+    through them. Pure: returns a new pytree, the input is unchanged."""
+    import jax
+    import jax.numpy as jnp
+
+    steps = dict(params["steps"])
+    lowrank = "concat_out" in steps
+    zeroed = ("concat_out",) if lowrank else ("concat_codeword", "concat_input")
+    for name in list(steps):
+        layer = steps[name]
+        if name in zeroed:
+            steps[name] = jax.tree.map(jnp.zeros_like, layer)
+        elif name.startswith("residual_blocks_"):
+            steps[name] = {**layer, "down": jax.tree.map(jnp.zeros_like, layer["down"])}
+    return {**params, "steps": steps}

@@ -56,6 +56,9 @@ def add_model_args(p) -> None:
     group.add_argument("--h", default=256, type=int, help="hidden dimension of residual blocks")
     group.add_argument("--rq_beam_size", default=1, type=int, help="beam size for the initial residual quantizer")
     group.add_argument("--seed", default=1234, type=int, help="random seed of the network initialisation")
+    group.add_argument("--init", default="random", choices=["random", "rq_exact"],
+                       help="network initialisation: random (the reference's) or rq_exact (output layers "
+                            "zeroed: the untrained model decodes exactly as its RQ, training only improves it)")
 
 
 def add_optim_args(p) -> None:
@@ -155,7 +158,7 @@ def model_spec_from_args(args):
 
     variant = "ivf" if args.ivf else ("lowrank" if args.lowrank else "qinco")
     return ModelSpec(M=args.M, K=args.K, L=args.L, h=args.h, variant=variant, rq_beam_size=args.rq_beam_size,
-                     seed=args.seed, db_scale=args.db_scale if args.db_scale > 0 else None)
+                     seed=args.seed, init=args.init, db_scale=args.db_scale if args.db_scale > 0 else None)
 
 
 def train_config_from_args(args):
