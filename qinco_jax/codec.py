@@ -6,8 +6,9 @@ shorter than a batch are padded to the next power of two instead, which bounds t
 number of compilations to log2(batch_size) while keeping small calls (a search
 shortlist, a test) cheap.
 
-Scaling follows the reference exactly: x is divided by db_scale in float32 before the
-model sees it, reconstructions are multiplied by it.
+Normalisation follows the references exactly (model.Normalisation): QINCo v1 divides x
+by db_scale in float32 before the model sees it, QINCo2 computes (x - mean) / std;
+reconstructions are mapped back.
 """
 
 from __future__ import annotations
@@ -36,12 +37,24 @@ def backend() -> str:
     return "cpu" if jax.default_backend() == "cpu" else "gpu"
 
 
+def model_encode_defaults(model: AnyModel) -> tuple[int, int, str]:
+    """(beam, preselect, proxy) a model encodes with unless told otherwise: QINCo2's own
+    B and A with its substep codebooks (greedy, all K codewords when A = 0), and
+    greedy search over all K codewords for QINCo v1 (the reference's encoding)."""
+    if isinstance(model, PQQincoModel):
+        return 1, 0, "linear"
+    c = model.config
+    if c.is_qinco2:
+        return c.B, c.A, "substep" if c.has_substep else "linear"
+    return 1, 0, "linear"
+
+
 def default_encode_batch_size(model: AnyModel, beam: int = 1, preselect: int = 0) -> int:
     if isinstance(model, PQQincoModel):
         return min(default_encode_batch_size(s, beam, preselect) for s in model.subs)
     c = model.config
     candidates = c.K if not preselect or preselect >= c.K else preselect
-    per_vector = beam * candidates * max(c.d, c.h) * 4
+    per_vector = beam * candidates * max(c.d, c.embed_dim, c.h) * 4
     budget = ENCODE_ACTIVATION_BYTES[backend()]
     return int(max(8, min(16384, 2 ** int(np.log2(max(1, budget // per_vector))))))
 
@@ -117,23 +130,31 @@ def _cast(tree, dtype):
     return jax.tree.map(lambda a: a.astype(dtype), tree)
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "search"))
-def _encode_batch(params, x, dtype, search):
-    codes, xhat = qm.encode(_cast(params, dtype), x.astype(dtype), None, beam=search.beam,
-                             preselect=search.preselect, proxy=search.proxy)
-    return codes, jnp.sum((xhat.astype(jnp.float32) - x) ** 2, axis=1)
+def _network_params(params):
+    """The parameters the jitted kernels use (QINCo2's normalisation and running
+    statistics are applied on the host or not at all)."""
+    return {"codebook0": params["codebook0"], "steps": params["steps"]}
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "search"))
-def _encode_batch_code0(params, x, code0, dtype, search):
+@functools.partial(jax.jit, static_argnames=("dtype", "search", "outer_skip", "single_list"))
+def _encode_batch(params, x, dtype, search, outer_skip=False, single_list=False):
+    # single_list: QINCo2's IVF step keeps the one nearest list, whatever the beam.
+    code0 = qm.nearest_codeword(x, params["codebook0"]) if single_list else None
     codes, xhat = qm.encode(_cast(params, dtype), x.astype(dtype), code0, beam=search.beam,
-                             preselect=search.preselect, proxy=search.proxy)
+                             preselect=search.preselect, proxy=search.proxy, outer_skip=outer_skip)
     return codes, jnp.sum((xhat.astype(jnp.float32) - x) ** 2, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def decode_batch(params, codes, dtype):
-    return (qm.decode(_cast(params, dtype), codes).astype(jnp.float32),)
+@functools.partial(jax.jit, static_argnames=("dtype", "search", "outer_skip"))
+def _encode_batch_code0(params, x, code0, dtype, search, outer_skip=False):
+    codes, xhat = qm.encode(_cast(params, dtype), x.astype(dtype), code0, beam=search.beam,
+                             preselect=search.preselect, proxy=search.proxy, outer_skip=outer_skip)
+    return codes, jnp.sum((xhat.astype(jnp.float32) - x) ** 2, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "outer_skip"))
+def decode_batch(params, codes, dtype, outer_skip=False):
+    return (qm.decode(_cast(params, dtype), codes, outer_skip=outer_skip).astype(jnp.float32),)
 
 
 @jax.jit
@@ -171,11 +192,6 @@ def check_codes(model: AnyModel, codes: np.ndarray) -> np.ndarray:
     return codes.astype(np.int32, copy=False)
 
 
-def scale_input(model: QincoModel, x: np.ndarray) -> np.ndarray:
-    """x / db_scale in float32, as the reference computes it."""
-    return np.asarray(x, np.float32) / np.float32(model.config.db_scale)
-
-
 def nearest_rows(x: np.ndarray, codebook: np.ndarray, *, scale: float = 1.0, batch_size: int = 4096,
                  progress: str | None = None) -> np.ndarray:
     """The exact nearest row of `codebook` (int32) for every row of x / scale, in
@@ -190,15 +206,20 @@ def assign_ivf(model: QincoModel, x: np.ndarray, batch_size: int = 4096, progres
     """The exact nearest IVF centroid (first code) of every raw vector, in model units
     as the encoder computes it."""
     x = _check_vectors(model, x)
-    return nearest_rows(x, model.params["codebook0"], scale=model.config.db_scale, batch_size=batch_size,
-                        progress=progress)
+    codebook = jax.device_put(jnp.asarray(model.params["codebook0"], jnp.float32))
+    (codes,) = map_batches(lambda xb: _assign_batch(codebook, model.normalise(xb)), [x], batch_size, progress)
+    return codes
+
+
+PROXIES = ("substep", "linear", "codebook")
 
 
 @dataclasses.dataclass(frozen=True)
 class EncodeSearch:
-    """How codes are searched: greedy (beam=1, preselect=0, the reference), beam search
-    over `beam` partial codes, and/or the network run on `preselect` candidates per
-    step chosen by `proxy` (see model.QincoStep.preselected_candidates)."""
+    """How codes are searched: greedy (beam=1, preselect=0, QINCo v1's reference), beam
+    search over `beam` partial codes, and/or the network run on `preselect` candidates
+    per step chosen by `proxy` (see model.QincoStep.preselected_candidates; QINCo2
+    pre-selects with its substep codebooks, proxy "substep")."""
 
     beam: int = 1
     preselect: int = 0
@@ -209,32 +230,43 @@ class EncodeSearch:
             raise ValueError(f"beam size must be >= 1, got {self.beam}")
         if self.preselect < 0:
             raise ValueError(f"preselect must be >= 0 (0 = all K codewords), got {self.preselect}")
-        if self.proxy not in ("linear", "codebook"):
-            raise ValueError(f"pre-selection proxy must be 'linear' or 'codebook', got {self.proxy!r}")
+        if self.proxy not in PROXIES:
+            raise ValueError(f"pre-selection proxy must be one of {PROXIES}, got {self.proxy!r}")
 
 
 def encode(model: AnyModel, x: np.ndarray, *, batch_size: int | None = None, dtype=None,
            code0: np.ndarray | None = None, progress: str | None = None,
-           return_errors: bool = False, beam: int = 1, preselect: int = 0, proxy: str = "linear"):
+           return_errors: bool = False, beam: int | None = None, preselect: int | None = None,
+           proxy: str | None = None):
     """Codes (n, code_width) int32 of raw vectors x (n, d).
 
-    Greedy by default, as the reference encodes; `beam` > 1 keeps that many partial
-    codes per step, `preselect` = A < K runs the network on A pre-selected codewords
-    per step only (the QINCo2 paper's two speed/accuracy knobs; no retraining).
+    By default as the model's reference encodes (model_encode_defaults): greedy for
+    QINCo v1, QINCo2's beam of B with A candidates pre-selected by its substep
+    codebooks. `beam` > 1 keeps that many partial codes per step, `preselect` = A < K
+    runs the network on A pre-selected codewords per step only (the QINCo2 paper's two
+    speed/accuracy knobs; no retraining); None keeps the model's own value.
     code0: first codes to impose (IVF lists computed elsewhere, e.g. by an HNSW
     quantizer). return_errors: also return each vector's squared reconstruction error
     in raw units."""
     x = _check_vectors(model, x)
-    search = EncodeSearch(beam, preselect, proxy)
+    default_beam, default_preselect, default_proxy = model_encode_defaults(model)
+    search = EncodeSearch(default_beam if beam is None else beam,
+                          default_preselect if preselect is None else preselect,
+                          default_proxy if proxy is None else proxy)
+    if search.proxy == "substep" and not (isinstance(model, QincoModel) and model.config.has_substep):
+        raise ValueError(f"pre-selection proxy 'substep' needs substep codebooks, which {model.describe()} "
+                         "does not have (use 'linear' or 'codebook')")
     if isinstance(model, PQQincoModel):
         if code0 is not None:
             raise ValueError("code0 applies to IVF models, not to PQ-QINCo")
         return _encode_pq(model, x, batch_size, dtype, progress, return_errors, search)
     dt = resolve_dtype(dtype)
-    bs = default_encode_batch_size(model, beam, preselect) if batch_size is None else batch_size
-    params = jax.device_put(model.params)
+    bs = default_encode_batch_size(model, search.beam, search.preselect) if batch_size is None else batch_size
+    params = jax.device_put(_network_params(model.params))
+    c = model.config
     if code0 is None:
-        fn = lambda xb: _encode_batch(params, scale_input(model, xb), dt, search)
+        fn = lambda xb: _encode_batch(params, model.normalise(xb), dt, search, c.outer_skip,
+                                      c.is_qinco2 and c.is_ivf)
         codes, err = map_batches(fn, [x], bs, progress)
     else:
         code0 = np.asarray(code0).astype(np.int32).reshape(-1)
@@ -242,10 +274,10 @@ def encode(model: AnyModel, x: np.ndarray, *, batch_size: int | None = None, dty
             raise ValueError(f"code0 has {len(code0)} entries for {len(x)} vectors")
         if code0.min(initial=0) < 0 or code0.max(initial=0) >= model.config.codebook0_size:
             raise ValueError(f"code0 values must lie in [0, {model.config.codebook0_size})")
-        fn = lambda xb, cb: _encode_batch_code0(params, scale_input(model, xb), cb, dt, search)
+        fn = lambda xb, cb: _encode_batch_code0(params, model.normalise(xb), cb, dt, search, c.outer_skip)
         codes, err = map_batches(fn, [x, code0], bs, progress)
     if return_errors:
-        return codes, err * np.float32(model.config.db_scale) ** 2
+        return codes, err * model.normalisation.std ** 2
     return codes
 
 
@@ -256,10 +288,10 @@ def decode(model: AnyModel, codes: np.ndarray, *, batch_size: int | None = None,
     if isinstance(model, PQQincoModel):
         return _decode_pq(model, codes, batch_size, dtype, progress)
     dt = resolve_dtype(dtype)
-    params = jax.device_put(model.params)
-    fn = lambda cb: decode_batch(params, cb, dt)
+    params = jax.device_put(_network_params(model.params))
+    fn = lambda cb: decode_batch(params, cb, dt, model.config.outer_skip)
     (xhat,) = map_batches(fn, [codes], default_decode_batch_size() if batch_size is None else batch_size, progress)
-    return xhat * np.float32(model.config.db_scale)
+    return model.denormalise(xhat)
 
 
 def _split_columns(model: PQQincoModel, width_of) -> list[slice]:
