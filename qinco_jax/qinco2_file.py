@@ -203,7 +203,8 @@ def qinco2_state_dict(model: QincoModel) -> StateDict:
         if c.has_projections:
             sd[q + "in_proj.weight"] = s["in_proj"]["kernel"].T
             sd[q + "out_proj.weight"] = s["out_proj"]["kernel"].T
-    return {k: np.ascontiguousarray(v, np.float32) for k, v in sd.items()}
+    # np.array, not np.ascontiguousarray, which makes data_std's 0-d array 1-d.
+    return {k: np.array(v, np.float32, order="C") for k, v in sd.items()}
 
 
 def qinco2_parameters(config: QincoConfig) -> dict:
@@ -221,7 +222,7 @@ def qinco2_parameters(config: QincoConfig) -> dict:
 
 def _plain_tensor(writer: TorchWriter, array: np.ndarray):
     """A float32 tensor as state_dict() holds it (not an nn.Parameter)."""
-    a = np.ascontiguousarray(array, dtype="<f4")
+    a = np.array(array, dtype="<f4", order="C")  # keeps 0-d (data_std) 0-d
     key = str(len(writer.storages))
     writer.storages.append(a)
     stride = tuple(int(np.prod(a.shape[i + 1:])) for i in range(a.ndim))
