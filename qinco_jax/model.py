@@ -8,7 +8,11 @@ it into an input-dependent one: for a codeword c and the current reconstruction 
                                            Linear(2d -> h) then Linear(h -> d), no bias
     z = z + W2 relu(W1 z)          L residual blocks, d -> h -> d, no bias
 
-and x̂ moves to x̂ + z for the chosen codeword.
+and x̂ moves to x̂ + z for the chosen codeword. QINCo2 generalises the step (see
+QincoStep): projections d -> De -> d around the network, residual blocks of width De,
+an outer skip (x̂ moves to x̂ + c + out) and a substep codebook that pre-selects the
+codewords the network runs on; QINCo v1 is its configuration De = d, no outer skip
+(QINCo2's "qinco1_mode"), no substep.
 
 The concat block is linear, so it splits into a codeword half and an input half. The
 codeword half does not depend on x̂: `QincoStep.candidates` computes it once for the
@@ -21,9 +25,13 @@ Parameters form one plain pytree:
     {"codebook0": f32[K0, d],
      "steps": <QincoStep params, every leaf stacked along a leading axis of size S>}
 
-with S = M - 1 (QINCo, QINCo-LR) or M (IVF-QINCo). The top-level functions scan over
-the stacked steps, so a model compiles one step body whatever its M. Every size is
-read from the parameter shapes: the jitted functions need no static configuration.
+with S = M - 1 (QINCo, QINCo-LR) or M (IVF-QINCo). QINCo2 steps may add `in_proj`,
+`out_proj` and `substep_codebook` leaves, and a QINCo2 model adds two subtrees that
+are not trained by gradient: `normalisation` {mean f32[d], std f32[]} and
+`xtarget_stats` {mean, var: f32[M, d]} (running statistics used to re-initialise unused
+codewords). The top-level functions scan over the stacked steps, so a model compiles
+one step body whatever its M. Every size is read from the parameter shapes; the one
+non-size, whether a step adds its codeword (`outer_skip`, QINCo2), is a static flag.
 """
 
 from __future__ import annotations
