@@ -1,11 +1,13 @@
 """Loading and saving models: the reference's `.pt` files and our own directories.
 
-Two formats:
+Three formats:
 
-* `.pt` — the reference's: `torch.save` of a whole `model_qinco` module (QINCo,
+* `.pt` — QINCo v1's: `torch.save` of a whole `model_qinco` module (QINCo,
   QINCoLR, IVFQINCo or PQ_QINCo). Read and written without PyTorch by
   `qinco_jax.torch_pickle`; the files we write load with `torch.load(path,
   weights_only=False)` into the reference's own classes.
+* `.pt` — QINCo2's: a checkpoint dict with a state dict and its `parameters`
+  (`qinco_jax.qinco2_file`); QINCo2 models are saved in it.
 * a directory — ours: `model.json` (kind, configuration, format version) and an
   orbax checkpoint `params/` of the parameter pytree (model units, float32).
 
@@ -23,7 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from qinco_jax import torch_pickle
+from qinco_jax import qinco2_file, torch_pickle
 from qinco_jax.config import QincoConfig
 from qinco_jax.io import atomic_directory, atomic_path
 from qinco_jax.model import AnyModel, PQQincoModel, QincoModel, param_shapes
@@ -60,6 +62,11 @@ def load_model(path: str | os.PathLike) -> AnyModel:
             raise _not_a_checkpoint(path, f"a directory without {CONFIG_FILE}")
         return _load_directory(path)
     obj = torch_pickle.load_pt(path)  # says which files are missing, not zips, or unsafe
+    if qinco2_file.is_qinco2_checkpoint(obj):
+        try:
+            return qinco2_file.model_from_qinco2_checkpoint(obj, path.name)
+        except ValueError as e:  # CheckpointError included: name the file
+            raise CheckpointError(f"{path}: {e}") from None
     if not isinstance(obj, TorchModule):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a whole QINCo model "
                               "(a state dict or training checkpoint lacks the configuration and db_scale)")
@@ -203,6 +210,10 @@ def save_model(model: AnyModel, path: str | os.PathLike) -> None:
     if not isinstance(model, (QincoModel, PQQincoModel)):
         raise TypeError(f"expected a QincoModel or PQQincoModel, got {type(model).__name__}")
     path = Path(path)
+    if path.suffix == ".pt" and isinstance(model, QincoModel) and model.config.is_qinco2:
+        with atomic_path(path) as tmp:
+            qinco2_file.write_qinco2_pt(model, tmp, archive_name=path.stem)
+        return
     if path.suffix == ".pt":
         writer = TorchWriter()
         root = torch_module_of(writer, model)

@@ -6,8 +6,9 @@ shorter than a batch are padded to the next power of two instead, which bounds t
 number of compilations to log2(batch_size) while keeping small calls (a search
 shortlist, a test) cheap.
 
-Scaling follows the reference exactly: x is divided by db_scale in float32 before the
-model sees it, reconstructions are multiplied by it.
+Normalisation follows the references exactly (model.Normalisation): QINCo v1 divides x
+by db_scale in float32 before the model sees it, QINCo2 computes (x - mean) / std;
+reconstructions are mapped back.
 """
 
 from __future__ import annotations
@@ -36,12 +37,24 @@ def backend() -> str:
     return "cpu" if jax.default_backend() == "cpu" else "gpu"
 
 
+def model_encode_defaults(model: AnyModel) -> tuple[int, int, str]:
+    """(beam, preselect, proxy) a model encodes with unless told otherwise: QINCo2's own
+    B and A with its substep codebooks (greedy, all K codewords when A = 0), and
+    greedy search over all K codewords for QINCo v1 (the reference's encoding)."""
+    if isinstance(model, PQQincoModel):
+        return 1, 0, "linear"
+    c = model.config
+    if c.is_qinco2:
+        return c.B, c.A, "substep" if c.has_substep else "linear"
+    return 1, 0, "linear"
+
+
 def default_encode_batch_size(model: AnyModel, beam: int = 1, preselect: int = 0) -> int:
     if isinstance(model, PQQincoModel):
         return min(default_encode_batch_size(s, beam, preselect) for s in model.subs)
     c = model.config
     candidates = c.K if not preselect or preselect >= c.K else preselect
-    per_vector = beam * candidates * max(c.d, c.h) * 4
+    per_vector = beam * candidates * max(c.d, c.embed_dim, c.h) * 4
     budget = ENCODE_ACTIVATION_BYTES[backend()]
     return int(max(8, min(16384, 2 ** int(np.log2(max(1, budget // per_vector))))))
 
@@ -117,19 +130,29 @@ def _cast(tree, dtype):
     return jax.tree.map(lambda a: a.astype(dtype), tree)
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "search"))
-def encode_batch(params, x, code0, dtype, search: tuple[int, int, str]):
+def network_params(params):
+    """The parameters the jitted kernels use (QINCo2's normalisation and running
+    statistics are applied on the host or not at all)."""
+    return {"codebook0": params["codebook0"], "steps": params["steps"]}
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "search", "outer_skip", "single_list"))
+def encode_batch(params, x, code0, dtype, search: tuple[int, int, str], outer_skip: bool = False,
+                 single_list: bool = False):
     """One batch: codes and squared errors (model units); code0 None or imposed first
-    codes; search = (beam, preselect, proxy)."""
+    codes; search = (beam, preselect, proxy). single_list: the first step keeps the one
+    nearest codeword whatever the beam (QINCo2's IVF step)."""
     beam, preselect, proxy = search
+    if code0 is None and single_list:
+        code0 = qm.nearest_codeword(x, params["codebook0"])
     codes, xhat = qm.encode(_cast(params, dtype), x.astype(dtype), code0, beam=beam,
-                             preselect=preselect, proxy=proxy)
+                             preselect=preselect, proxy=proxy, outer_skip=outer_skip)
     return codes, jnp.sum((xhat.astype(jnp.float32) - x) ** 2, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("dtype",))
-def decode_batch(params, codes, dtype):
-    return (qm.decode(_cast(params, dtype), codes).astype(jnp.float32),)
+@functools.partial(jax.jit, static_argnames=("dtype", "outer_skip"))
+def decode_batch(params, codes, dtype, outer_skip=False):
+    return (qm.decode(_cast(params, dtype), codes, outer_skip=outer_skip).astype(jnp.float32),)
 
 
 @jax.jit
@@ -167,11 +190,6 @@ def check_codes(model: AnyModel, codes: np.ndarray) -> np.ndarray:
     return codes.astype(np.int32, copy=False)
 
 
-def scale_input(model: QincoModel, x: np.ndarray) -> np.ndarray:
-    """x / db_scale in float32, as the reference computes it."""
-    return np.asarray(x, np.float32) / np.float32(model.config.db_scale)
-
-
 def nearest_rows(x: np.ndarray, codebook: np.ndarray, *, scale: float = 1.0, batch_size: int = 4096,
                  progress: str | None = None) -> np.ndarray:
     """The exact nearest row of `codebook` (int32) for every row of x / scale, in
@@ -186,14 +204,9 @@ def assign_ivf(model: QincoModel, x: np.ndarray, batch_size: int = 4096, progres
     """The exact nearest IVF centroid (first code) of every raw vector, in model units
     as the encoder computes it."""
     x = _check_vectors(model, x)
-    return nearest_rows(x, model.params["codebook0"], scale=model.config.db_scale, batch_size=batch_size,
-                        progress=progress)
-
-
-def model_encode_defaults(model: AnyModel) -> tuple[int, int, str]:
-    """(beam, preselect, proxy) a model encodes with when EncodeOptions leaves them
-    None: greedy over all K codewords for every v1 model, as the reference."""
-    return 1, 0, "linear"
+    codebook = jax.device_put(jnp.asarray(model.params["codebook0"], jnp.float32))
+    (codes,) = map_batches(lambda xb: _assign_batch(codebook, model.normalise(xb)), [x], batch_size, progress)
+    return codes
 
 
 def resolve_options(model: AnyModel, options: EncodeOptions | None) -> EncodeOptions:
@@ -212,7 +225,9 @@ def encode(model: AnyModel, x: np.ndarray, options: EncodeOptions | None = None,
     options (EncodeOptions): greedy by default, as the reference encodes; beam > 1
     keeps that many partial codes per step, preselect = A < K runs the network on A
     pre-selected codewords per step only (the QINCo2 paper's two speed/accuracy knobs;
-    no retraining); dtype and batch_size say how the network runs.
+    no retraining); dtype and batch_size say how the network runs. Options left None
+    take the model's own values (model_encode_defaults): greedy for QINCo v1, QINCo2's
+    beam of B with A candidates pre-selected by its substep codebooks.
     code0: first codes to impose (IVF lists computed elsewhere, e.g. by an HNSW
     quantizer). return_errors: also return each vector's squared reconstruction error
     in raw units."""
@@ -222,12 +237,17 @@ def encode(model: AnyModel, x: np.ndarray, options: EncodeOptions | None = None,
         if code0 is not None:
             raise ValueError("code0 applies to IVF models, not to PQ-QINCo")
         return _encode_pq(model, x, opts, progress, return_errors)
+    if opts.proxy == "substep" and not model.config.has_substep:
+        raise ValueError(f"pre-selection proxy 'substep' needs substep codebooks, which {model.describe()} "
+                         "does not have (use 'linear' or 'codebook')")
     dt = resolve_dtype(opts.dtype)
     search = (opts.beam, opts.preselect, opts.proxy)
     bs = default_encode_batch_size(model, opts.beam, opts.preselect) if opts.batch_size is None else opts.batch_size
-    params = jax.device_put(model.params)
+    params = jax.device_put(network_params(model.params))
+    c = model.config
     if code0 is None:
-        fn = lambda xb: encode_batch(params, scale_input(model, xb), None, dt, search)
+        fn = lambda xb: encode_batch(params, model.normalise(xb), None, dt, search, c.outer_skip,
+                                     c.is_qinco2 and c.is_ivf)
         codes, err = map_batches(fn, [x], bs, progress)
     else:
         code0 = np.asarray(code0).astype(np.int32).reshape(-1)
@@ -235,10 +255,10 @@ def encode(model: AnyModel, x: np.ndarray, options: EncodeOptions | None = None,
             raise ValueError(f"code0 has {len(code0)} entries for {len(x)} vectors")
         if code0.min(initial=0) < 0 or code0.max(initial=0) >= model.config.codebook0_size:
             raise ValueError(f"code0 values must lie in [0, {model.config.codebook0_size})")
-        fn = lambda xb, cb: encode_batch(params, scale_input(model, xb), cb, dt, search)
+        fn = lambda xb, cb: encode_batch(params, model.normalise(xb), cb, dt, search, c.outer_skip)
         codes, err = map_batches(fn, [x, code0], bs, progress)
     if return_errors:
-        return codes, err * np.float32(model.config.db_scale) ** 2
+        return codes, err * model.normalisation.std ** 2
     return codes
 
 
@@ -249,10 +269,10 @@ def decode(model: AnyModel, codes: np.ndarray, *, batch_size: int | None = None,
     if isinstance(model, PQQincoModel):
         return _decode_pq(model, codes, batch_size, dtype, progress)
     dt = resolve_dtype(dtype)
-    params = jax.device_put(model.params)
-    fn = lambda cb: decode_batch(params, cb, dt)
+    params = jax.device_put(network_params(model.params))
+    fn = lambda cb: decode_batch(params, cb, dt, model.config.outer_skip)
     (xhat,) = map_batches(fn, [codes], default_decode_batch_size() if batch_size is None else batch_size, progress)
-    return xhat * np.float32(model.config.db_scale)
+    return model.denormalise(xhat)
 
 
 def _split_columns(model: PQQincoModel, width_of) -> list[slice]:

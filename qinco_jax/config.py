@@ -11,6 +11,7 @@ import dataclasses
 import math
 
 VARIANTS = ("qinco", "lowrank", "ivf")
+ARCHS = ("qinco", "qinco2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +26,16 @@ class QincoConfig:
     L: residual blocks per step.   h: hidden width of those blocks.
     variant: "qinco", "lowrank" (QINCo-LR: concat block 2d -> h -> d, no bias) or
        "ivf" (step 0 is a frozen IVF codebook of K_IVF centroids).
-    db_scale: inputs are divided by it before quantization, outputs multiplied.
+    db_scale: inputs are divided by it before quantization, outputs multiplied (QINCo v1;
+       QINCo2 models normalise with the per-dimension mean and scalar std stored in
+       their parameters, see model.Normalisation, and keep db_scale = 1).
+    arch: "qinco" (QINCo v1, the ICML 2024 model and file format) or "qinco2" (ICLR
+       2025: projections, outer skip, substep codebooks, mean/std normalisation).
+    de: QINCo2 embedding width of the step networks; 0 means d (no in/out projection).
+    A, B: QINCo2's encoding defaults: A codeword candidates pre-selected per beam entry
+       by the substep codebook (0 = all K, no substep codebook) and a beam of B.
+    qinco1_mode: a QINCo2 model without the outer skip (the step adds the network's
+       output alone, as QINCo v1 does).
     """
 
     d: int
@@ -36,6 +46,11 @@ class QincoConfig:
     variant: str = "qinco"
     K_IVF: int = 0
     db_scale: float = 1.0
+    arch: str = "qinco"
+    de: int = 0
+    A: int = 0
+    B: int = 1
+    qinco1_mode: bool = False
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -51,10 +66,47 @@ class QincoConfig:
             raise ValueError(f"K_IVF={self.K_IVF} given for a non-IVF variant {self.variant!r}")
         if not (self.db_scale > 0 and math.isfinite(self.db_scale)):
             raise ValueError(f"db_scale must be a positive finite number, got {self.db_scale}")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.de < 0 or self.A < 0 or self.B < 1:
+            raise ValueError(f"need de >= 0, A >= 0 and B >= 1, got de={self.de} A={self.A} B={self.B}")
+        if self.arch == "qinco":
+            if (self.de not in (0, self.d) or self.A or self.B != 1 or self.qinco1_mode):
+                raise ValueError("de, A, B and qinco1_mode are QINCo2 settings (arch='qinco2'); a QINCo v1 "
+                                 f"model has de=d, A=0, B=1, got de={self.de} A={self.A} B={self.B} "
+                                 f"qinco1_mode={self.qinco1_mode}")
+        else:
+            if self.variant == "lowrank":
+                raise ValueError("QINCo2 has no low-rank (QINCo-LR) variant")
+            if self.db_scale != 1.0:
+                raise ValueError("a QINCo2 model normalises with its stored mean and std: db_scale must be 1")
 
     @property
     def is_ivf(self) -> bool:
         return self.variant == "ivf"
+
+    @property
+    def is_qinco2(self) -> bool:
+        return self.arch == "qinco2"
+
+    @property
+    def embed_dim(self) -> int:
+        """Width De of the step networks (d unless QINCo2 projects to de)."""
+        return self.de or self.d
+
+    @property
+    def has_projections(self) -> bool:
+        return self.embed_dim != self.d
+
+    @property
+    def outer_skip(self) -> bool:
+        """Whether a step adds codeword + network output (QINCo2) or the output alone."""
+        return self.is_qinco2 and not self.qinco1_mode
+
+    @property
+    def has_substep(self) -> bool:
+        """Whether every neural step owns a substep codebook (QINCo2 with A > 0)."""
+        return self.is_qinco2 and self.A > 0
 
     @property
     def num_steps(self) -> int:
@@ -76,6 +128,11 @@ class QincoConfig:
         return (self.codebook0_size,) + (self.K,) * self.num_steps
 
     def describe(self) -> str:
+        if self.is_qinco2:
+            ivf = f"IVF{self.K_IVF}-" if self.is_ivf else ""
+            mode = " qinco1_mode" if self.qinco1_mode else ""
+            return (f"{ivf}QINCo2 d={self.d} M={self.M} K={self.K} L={self.L} de={self.embed_dim} "
+                    f"dh={self.h} A={self.A} B={self.B}{mode}")
         kind = {"qinco": "QINCo", "lowrank": "QINCo-LR", "ivf": f"IVF{self.K_IVF}-QINCo"}
         return (f"{kind[self.variant]} d={self.d} M={self.M} K={self.K} L={self.L} "
                 f"h={self.h} db_scale={self.db_scale:g}")
@@ -120,7 +177,7 @@ class PQConfig:
 
 
 ENCODE_DTYPES = ("float32", "float16", "bfloat16")
-PRESELECT_PROXIES = ("linear", "codebook")
+PRESELECT_PROXIES = ("linear", "codebook", "substep")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +189,8 @@ class EncodeOptions:
     preselect: codewords the network runs on per step, pre-selected by `proxy`
         (0 = all K).
     proxy: how pre-selection ranks codewords: "linear" (a least-squares linear proxy
-        of the step) or "codebook" (distance to the step's codebook).
+        of the step), "codebook" (distance to the step's codebook) or "substep"
+        (distance to QINCo2's substep codebook, as QINCo2 pre-selects).
     None in any of these three means "the model's default" (see
     `qinco_jax.codec.model_encode_defaults`), filled in by `resolved`.
     dtype: precision of the network (distances are always float32).

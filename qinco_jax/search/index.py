@@ -3,7 +3,7 @@ with QINCo codes (searching it, with a QINCo re-ranking of the shortlist, is `re
 
 The index is a faiss `IndexIVFResidualQuantizer` (key `IVF<K_IVF>[_HNSW32],RQ<M>x<b>_N…`):
 
-- its coarse quantizer holds the model's IVF centroids (codebook0 · db_scale), in a flat
+- its coarse quantizer holds the model's IVF centroids (codebook0 in raw units), in a flat
   or an HNSW index;
 - its fine codes are the QINCo codes themselves (columns 1..M of a model code), and its
   RQ codebooks are the least-squares additive approximation of QINCo for those codes
@@ -57,7 +57,7 @@ def require_ivf_model(model) -> QincoModel:
 
 def ivf_centroids(model: QincoModel) -> np.ndarray:
     """The IVF centroids in raw units, computed as the reference does (float32)."""
-    return np.asarray(model.params["codebook0"], np.float32) * np.float32(model.config.db_scale)
+    return model.denormalise(np.asarray(model.params["codebook0"], np.float32))
 
 
 def _faiss_message(e: Exception) -> str:

@@ -32,18 +32,19 @@ RERANK_K = 100  # results kept after re-ranking, as in the reference
 RERANK_ROWS = {"cpu": 8192, "gpu": 262144}
 
 
-def _rerank_impl(params, scale, xq, codes, valid, k, dtype):
-    """Decode (nq, ns, W) codes, exact squared distances to the queries (raw units) and
-    the k smallest per query; missing entries (valid False) rank last at +inf."""
+def _rerank_impl(params, mean, std, xq, codes, valid, k, dtype, outer_skip):
+    """Decode (nq, ns, W) codes, map them back to raw units (x = y * std + mean, the
+    model's normalisation), exact squared distances to the raw queries and the k
+    smallest per query; missing entries (valid False) rank last at +inf."""
     nq, ns, W = codes.shape
-    (xhat,) = codec.decode_batch(params, codes.reshape(nq * ns, W), dtype)
-    diff = xq[:, None, :] - (xhat * scale).reshape(nq, ns, -1)
+    (xhat,) = codec.decode_batch(params, codes.reshape(nq * ns, W), dtype, outer_skip)
+    diff = xq[:, None, :] - (xhat * std + mean).reshape(nq, ns, -1)
     dis = jnp.where(valid, jnp.sum(diff * diff, axis=-1), jnp.inf)
     neg, idx = jax.lax.top_k(-dis, k)
     return -neg, idx
 
 
-_rerank_batch = jax.jit(_rerank_impl, static_argnames=("k", "dtype"))
+_rerank_batch = jax.jit(_rerank_impl, static_argnames=("k", "dtype", "outer_skip"))
 
 
 class Reranker:
@@ -55,8 +56,13 @@ class Reranker:
 
     def __init__(self, model: QincoModel, *, dtype=None, rows_per_batch: int | None = None, k: int = RERANK_K):
         self.model = model
-        self.params = jax.device_put(model.params)
-        self.scale = jnp.float32(model.config.db_scale)
+        self.params = jax.device_put(codec.network_params(model.params))
+        norm = model.normalisation
+        # Every distance in raw units: reconstructions leave the model's normalised space
+        # (QINCo2: (x - mean) / std) before they meet the raw queries.
+        self.mean = jnp.asarray(norm.mean if norm.mean is not None else np.zeros(model.d), jnp.float32)
+        self.std = jnp.float32(norm.std)
+        self.outer_skip = model.config.outer_skip
         self.dtype = codec.resolve_dtype(dtype)
         self.rows = int(rows_per_batch or RERANK_ROWS[codec.backend()])
         self.k = k
@@ -76,7 +82,8 @@ class Reranker:
         W = self.model.config.code_width
         args = (np.zeros((qb, self.model.d), np.float32), np.zeros((qb, ns, W), np.int32),
                 np.ones((qb, ns), bool))
-        jax.block_until_ready(_rerank_batch(self.params, self.scale, *args, k=min(self.k, ns), dtype=self.dtype))
+        jax.block_until_ready(_rerank_batch(self.params, self.mean, self.std, *args, k=min(self.k, ns),
+                                            dtype=self.dtype, outer_skip=self.outer_skip))
         self._warm.add((qb, ns))
 
     def __call__(self, xq: np.ndarray, codes: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -86,7 +93,8 @@ class Reranker:
         nq, ns, W = codes.shape
         codes = np.where(valid[..., None], codes, 0).astype(np.int32)  # decodable placeholders
         k = min(self.k, ns)
-        fn = lambda q, c, v: _rerank_batch(self.params, self.scale, q, c, v, k=k, dtype=self.dtype)
+        fn = lambda q, c, v: _rerank_batch(self.params, self.mean, self.std, q, c, v, k=k, dtype=self.dtype,
+                                               outer_skip=self.outer_skip)
         return tuple(codec.map_batches(fn, [np.asarray(xq, np.float32), codes, np.asarray(valid, bool)],
                                        self._batch_queries(nq, ns)))
 
