@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Callable, Sequence
 
 import jax
@@ -29,6 +30,34 @@ DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat
 # them in the core caches; a GPU wants enough rows to fill its SMs.
 ENCODE_ACTIVATION_BYTES = {"cpu": 8 << 20, "gpu": 1 << 30}
 DECODE_BATCH = {"cpu": 4096, "gpu": 65536}
+
+# Precision of the float32 matrix products inside the codec's jitted kernels (encode,
+# decode, IVF assignment, and the re-ranking that decodes through them). GPUs run
+# float32 products in TF32 by default, which changes some codes; "highest" keeps full
+# float32 so that encoding agrees with the reference (and with the CPU) everywhere.
+# Faster GPU modes: "default" / "high" (TF32 or bf16 passes, as XLA picks) or a
+# jax.lax.DotAlgorithmPreset name such as "BF16_BF16_F32"; on a CPU all compute alike.
+# The command-line programs read QINCO_MATMUL_PRECISION.
+MATMUL_PRECISION_ENV = "QINCO_MATMUL_PRECISION"
+_matmul_precision = os.environ.get(MATMUL_PRECISION_ENV, "highest")
+
+
+def matmul_precision() -> str:
+    return _matmul_precision
+
+
+def set_matmul_precision(precision: str) -> None:
+    """Set the kernels' matmul precision (a jax.default_matmul_precision value). The
+    precision is read when a kernel compiles, so jax's compiled functions are cleared."""
+    global _matmul_precision
+    try:
+        with jax.default_matmul_precision(precision):
+            pass
+    except ValueError as e:
+        raise ValueError(f"unknown matmul precision {precision!r}: {e}") from None
+    if precision != _matmul_precision:
+        _matmul_precision = precision
+        jax.clear_caches()
 
 
 def backend() -> str:
@@ -119,26 +148,30 @@ def _cast(tree, dtype):
 
 @functools.partial(jax.jit, static_argnames=("dtype", "search"))
 def _encode_batch(params, x, dtype, search):
-    codes, xhat = qm.encode(_cast(params, dtype), x.astype(dtype), None, beam=search.beam,
-                             preselect=search.preselect, proxy=search.proxy)
-    return codes, jnp.sum((xhat.astype(jnp.float32) - x) ** 2, axis=1)
+    with jax.default_matmul_precision(_matmul_precision):
+        codes, xhat = qm.encode(_cast(params, dtype), x.astype(dtype), None, beam=search.beam,
+                                 preselect=search.preselect, proxy=search.proxy)
+        return codes, jnp.sum((xhat.astype(jnp.float32) - x) ** 2, axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "search"))
 def _encode_batch_code0(params, x, code0, dtype, search):
-    codes, xhat = qm.encode(_cast(params, dtype), x.astype(dtype), code0, beam=search.beam,
-                             preselect=search.preselect, proxy=search.proxy)
-    return codes, jnp.sum((xhat.astype(jnp.float32) - x) ** 2, axis=1)
+    with jax.default_matmul_precision(_matmul_precision):
+        codes, xhat = qm.encode(_cast(params, dtype), x.astype(dtype), code0, beam=search.beam,
+                                 preselect=search.preselect, proxy=search.proxy)
+        return codes, jnp.sum((xhat.astype(jnp.float32) - x) ** 2, axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def decode_batch(params, codes, dtype):
-    return (qm.decode(_cast(params, dtype), codes).astype(jnp.float32),)
+    with jax.default_matmul_precision(_matmul_precision):
+        return (qm.decode(_cast(params, dtype), codes).astype(jnp.float32),)
 
 
 @jax.jit
 def _assign_batch(codebook, x):
-    return (qm.nearest_codeword(x, codebook),)
+    with jax.default_matmul_precision(_matmul_precision):
+        return (qm.nearest_codeword(x, codebook),)
 
 
 # --------------------------------------------------------------------------------------
