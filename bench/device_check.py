@@ -185,6 +185,8 @@ class Reference:
 
         self.utils = reference_utils
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cpu":  # smoke mode: torch's thread pool spins on a busy machine
+            torch.set_num_threads(1)
 
     def load(self, path: str):
         net = self.torch.load(path, map_location=self.device, weights_only=False)
@@ -216,7 +218,7 @@ class Reference:
 # --------------------------------------------------------------------------------------
 
 
-def environment(ref: Reference | None) -> dict:
+def environment() -> dict:
     dev = jax.devices()[0]
     out = {"platform": dev.platform, "device_kind": dev.device_kind, "device_count": jax.device_count(),
            "jax": jax.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),
@@ -233,15 +235,6 @@ def environment(ref: Reference | None) -> dict:
         out["faiss"] = faiss.__version__
     except ImportError:
         out["faiss"] = None
-    if ref is not None:
-        out["reference"] = ref.info()
-    else:
-        try:
-            import torch
-
-            out["torch"] = torch.__version__
-        except ImportError:
-            out["torch"] = None
     return out
 
 
@@ -273,7 +266,7 @@ def encode_at(model, x, precision: str, dtype: str, errors: dict):
         codec.set_matmul_precision("highest")
 
 
-def fixtures_correctness(check: Check, ref: Reference | None) -> dict:
+def fixtures_correctness(check: Check) -> dict:
     """Every reference fixture at every precision: code agreement and decode error."""
     with np.load(os.path.join(FIXTURES, "reference_outputs.npz")) as f:
         outputs = {k: f[k] for k in f.files}
@@ -292,17 +285,32 @@ def fixtures_correctness(check: Check, ref: Reference | None) -> dict:
         res["decode_rel_error"] = float(np.linalg.norm(dec - dec_ref) / np.linalg.norm(dec_ref))
         if key == "ivf_qinco":  # the IVF lists imposed, as the index build does
             res["agreement_code0"] = float(np.mean(codec.encode(model, x, code0=codes_ref[:, 0]) == codes_ref))
-        if ref is not None and key != "pq_qinco":  # the reference itself on this device
-            net = ref.load(os.path.join(FIXTURES, fname))
-            with ref.torch.no_grad():
-                xt = ref.torch.from_numpy(x / np.float32(model.config.db_scale)).to(ref.device)
-                res["reference_on_device_agreement"] = float(np.mean(net.encode(xt)[0].cpu().numpy() == codes_ref))
         res["passed"] = (res["agreement"]["highest"] >= MIN_CODE_AGREEMENT
                          and res["decode_rel_error"] < MAX_DECODE_REL_ERROR
                          and res.get("agreement_code0", 1.0) >= MIN_CODE_AGREEMENT)
         passed &= res["passed"]
         out["models"][key] = res
     out["passed"] = bool(passed)
+    return out
+
+
+def load_reference(check: Check, reference_dir: str, holder: dict) -> dict:
+    """Import torch and the reference (after the JAX correctness sections, so that a
+    failure here loses none of them); its own encode of the fixtures on this device."""
+    ref = Reference(reference_dir)
+    holder["ref"] = ref
+    with np.load(os.path.join(FIXTURES, "reference_outputs.npz")) as f:
+        outputs = {k: f[k] for k in f.files}
+    out = ref.info()
+    out["fixture_agreement_on_device"] = {}
+    for key, fname in REFERENCE_MODELS.items():
+        if key == "pq_qinco":  # its encode is a numpy / faiss pipeline
+            continue
+        net = ref.load(os.path.join(FIXTURES, fname))
+        with ref.torch.no_grad():
+            xt = ref.torch.from_numpy(outputs["x"] / np.float32(net.db_scale)).to(ref.device)
+            codes = net.encode(xt)[0].cpu().numpy()
+        out["fixture_agreement_on_device"][key] = float(np.mean(codes == outputs[f"{key}_codes"]))
     return out
 
 
@@ -558,7 +566,7 @@ def ivf_assign_throughput(check: Check, ref: Reference | None) -> dict:
 def summary(r: dict) -> str:
     env = r.get("environment", {})
     lines = [f"QINCo device check ({r['mode']} mode) on {env.get('device_kind', '?')} x{env.get('device_count', '?')}, "
-             f"jax {env.get('jax', '?')}, torch {env.get('reference', {}).get('torch', env.get('torch'))}, "
+             f"jax {env.get('jax', '?')}, torch {r.get('reference', {}).get('torch')}, "
              f"faiss {env.get('faiss')}, {r['elapsed_s']:.0f} s of a {r['budget_s']:.0f} s budget"]
     fx = r.get("fixtures", {})
     if fx:
@@ -575,6 +583,11 @@ def summary(r: dict) -> str:
         lines.append("  IVF search: " + (sr["skipped"] if "skipped" in sr else
                                          f"max recall difference {sr['max_recall_difference']:.3f} over "
                                          f"{sr['points']} points: {'PASS' if sr['passed'] else 'FAIL'}"))
+    rf = r.get("reference")
+    if rf:
+        lines.append(f"reference on {rf['device']} (torch {rf['torch']}, TF32 {rf.get('allow_tf32')}): fixture codes "
+                     "equal to its CPU outputs: " + " ".join(
+                         f"{k} {100 * v:.1f}%" for k, v in rf["fixture_agreement_on_device"].items()))
     pp = r.get("paper_precision")
     if pp:
         lines.append("precision at the paper's size, codes equal to 'highest': " + " ".join(
@@ -635,23 +648,21 @@ def main(argv=None):
     sizes.update({k: getattr(args, k) for k in ("d", "M", "K", "L", "h", "k_ivf", "n_encode", "n_decode",
                                                  "train_batch") if getattr(args, k)})
     check = Check(args.out, sizes, mode, args.budget_s or sizes["budget_s"])
-    ref = None
-    if args.reference_dir:
-        try:
-            ref = Reference(args.reference_dir)
-        except Exception as e:  # noqa: BLE001
-            check.note(f"PyTorch reference not loaded ({type(e).__name__}: {e}): no ratios")
-    else:
+    if not args.reference_dir:
         check.note("no --reference_dir: the PyTorch reference is not timed, no ratios")
     if mode == "smoke":
         check.note("smoke mode (no GPU found or --mode smoke): small sizes, figures are not the paper's size")
 
     full = mode == "full"
-    check.section("environment", 0, environment, ref)
-    check.section("fixtures", 60 if full else 15, fixtures_correctness, check, ref)
+    check.section("environment", 0, environment)
+    check.section("fixtures", 60 if full else 15, fixtures_correctness, check)
     check.section("train", 30 if full else 10, train_correctness, check)
     check.section("ivf_search", 20 if full else 10, ivf_search_correctness, check)
     check.section("matmul", 15 if full else 3, matmul_rates, check)
+    holder: dict = {}
+    if args.reference_dir:
+        check.section("reference", 20 if full else 5, load_reference, check, args.reference_dir, holder)
+    ref = holder.get("ref")
     check.section("paper_precision", 40 if full else 5, paper_precision, check, ref)
     check.section("encode", 70 if full else 10, encode_throughput, check, ref)
     check.section("decode", 15 if full else 3, decode_throughput, check, ref)

@@ -33,5 +33,13 @@ fi
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}"
 
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit --format=csv > "$OUT/nvidia_smi.csv" 2>/dev/null || true
+rm -f "$OUT/summary.txt"
+rc=0
 # shellcheck disable=SC2086  # DEVICE_CHECK_ARGS is a list of flags
-exec "$PYTHON" bench/device_check.py --out "$OUT" ${REFERENCE_DIR:+--reference_dir "$REFERENCE_DIR"} ${DEVICE_CHECK_ARGS:-}
+"$PYTHON" bench/device_check.py --out "$OUT" ${REFERENCE_DIR:+--reference_dir "$REFERENCE_DIR"} \
+    ${DEVICE_CHECK_ARGS:-} || rc=$?
+if [ ! -f "$OUT/summary.txt" ]; then  # the driver died (a crash in a native library?)
+    echo "device_check.py exited with status $rc before its summary; the sections written so far:"
+    cat "$OUT/device_check.json" 2>/dev/null || echo "(no device_check.json)"
+fi
+exit "$rc"
