@@ -39,7 +39,18 @@ DECODE_BATCH = {"cpu": 4096, "gpu": 65536}
 # jax.lax.DotAlgorithmPreset name such as "BF16_BF16_F32"; on a CPU all compute alike.
 # The command-line programs read QINCO_MATMUL_PRECISION.
 MATMUL_PRECISION_ENV = "QINCO_MATMUL_PRECISION"
-_matmul_precision = os.environ.get(MATMUL_PRECISION_ENV, "highest")
+
+
+def _checked_precision(precision: str, what: str = "matmul precision") -> str:
+    try:
+        with jax.default_matmul_precision(precision):
+            pass
+    except ValueError as e:
+        raise ValueError(f"unknown {what} {precision!r}: {e}") from None
+    return precision
+
+
+_matmul_precision = _checked_precision(os.environ.get(MATMUL_PRECISION_ENV, "highest"), MATMUL_PRECISION_ENV)
 
 
 def matmul_precision() -> str:
@@ -50,11 +61,7 @@ def set_matmul_precision(precision: str) -> None:
     """Set the kernels' matmul precision (a jax.default_matmul_precision value). The
     precision is read when a kernel compiles, so jax's compiled functions are cleared."""
     global _matmul_precision
-    try:
-        with jax.default_matmul_precision(precision):
-            pass
-    except ValueError as e:
-        raise ValueError(f"unknown matmul precision {precision!r}: {e}") from None
+    precision = _checked_precision(precision)
     if precision != _matmul_precision:
         _matmul_precision = precision
         jax.clear_caches()

@@ -1,5 +1,9 @@
 """The codec's kernels compile their float32 matmuls at the chosen precision."""
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -38,3 +42,10 @@ def test_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="unknown matmul precision 'fastest'"):
         codec.set_matmul_precision("fastest")
     assert codec.matmul_precision() == "highest"
+
+
+def test_unknown_precision_in_the_environment_is_refused_at_import():
+    env = dict(os.environ, QINCO_MATMUL_PRECISION="fastest", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", "import qinco_jax.codec"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "unknown QINCO_MATMUL_PRECISION 'fastest'" in proc.stderr
