@@ -5,7 +5,7 @@
 
 PYTHON ?= python3
 VENV ?= .venv
-EXTRA ?= cpu            # cuda12 on a machine with NVIDIA GPUs (jax[cuda12] + faiss-gpu)
+EXTRA ?= cpu            # cuda12 / cuda13 on a machine with NVIDIA GPUs (see pyproject.toml)
 TORCH ?= torch==2.13.0  # only for the tests that check compatibility with the PyTorch reference
 DEMO_OUT ?= runs/demo
 

@@ -36,7 +36,7 @@ from qinco_jax import aq, codec, pairwise  # noqa: E402
 from qinco_jax.checkpoint import load_model  # noqa: E402
 from qinco_jax.config import QincoConfig  # noqa: E402
 from qinco_jax.io import write_bytes  # noqa: E402
-from qinco_jax.ivf import ivf_centroids  # noqa: E402
+from qinco_jax.search.index import ivf_centroids  # noqa: E402
 from qinco_jax.model import QincoModel  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")

@@ -155,7 +155,7 @@ def search_sweep(index, xq: np.ndarray, gt: np.ndarray, nprobe: Sequence[int], k
 
 
 def points_from_search_results(results: Sequence[dict], reranked: bool = True) -> list[dict]:
-    """Operating points of IVF-QINCo from qinco_jax.ivf.explore's results (or a
+    """Operating points of IVF-QINCo from qinco_jax.search.sweep.explore's results (or a
     search_ivf.py --json file): re-ranked (time: search + decode + distances) or the
     AQ shortlist alone (time: search)."""
     points = []

@@ -14,6 +14,7 @@ reconstructions are mapped back.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable, Sequence
 
 import jax
@@ -30,6 +31,41 @@ DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat
 # them in the core caches; a GPU wants enough rows to fill its SMs.
 ENCODE_ACTIVATION_BYTES = {"cpu": 8 << 20, "gpu": 1 << 30}
 DECODE_BATCH = {"cpu": 4096, "gpu": 65536}
+
+# Precision of the float32 matrix products inside the codec's jitted kernels (encode,
+# decode, IVF assignment, and the re-ranking that decodes through them). GPUs run
+# float32 products in TF32 by default, which changes some codes; "highest" keeps full
+# float32 so that encoding agrees with the reference (and with the CPU) everywhere.
+# Faster GPU modes: "default" / "high" (TF32 or bf16 passes, as XLA picks) or a
+# jax.lax.DotAlgorithmPreset name such as "BF16_BF16_F32"; on a CPU all compute alike.
+# The command-line programs read QINCO_MATMUL_PRECISION.
+MATMUL_PRECISION_ENV = "QINCO_MATMUL_PRECISION"
+
+
+def _checked_precision(precision: str, what: str = "matmul precision") -> str:
+    try:
+        with jax.default_matmul_precision(precision):
+            pass
+    except ValueError as e:
+        raise ValueError(f"unknown {what} {precision!r}: {e}") from None
+    return precision
+
+
+_matmul_precision = _checked_precision(os.environ.get(MATMUL_PRECISION_ENV, "highest"), MATMUL_PRECISION_ENV)
+
+
+def matmul_precision() -> str:
+    return _matmul_precision
+
+
+def set_matmul_precision(precision: str) -> None:
+    """Set the kernels' matmul precision (a jax.default_matmul_precision value). The
+    precision is read when a kernel compiles, so jax's compiled functions are cleared."""
+    global _matmul_precision
+    precision = _checked_precision(precision)
+    if precision != _matmul_precision:
+        _matmul_precision = precision
+        jax.clear_caches()
 
 
 def backend() -> str:
@@ -143,21 +179,24 @@ def encode_batch(params, x, code0, dtype, search: tuple[int, int, str], outer_sk
     codes; search = (beam, preselect, proxy). single_list: the first step keeps the one
     nearest codeword whatever the beam (QINCo2's IVF step)."""
     beam, preselect, proxy = search
-    if code0 is None and single_list:
-        code0 = qm.nearest_codeword(x, params["codebook0"])
-    codes, xhat = qm.encode(_cast(params, dtype), x.astype(dtype), code0, beam=beam,
-                             preselect=preselect, proxy=proxy, outer_skip=outer_skip)
-    return codes, jnp.sum((xhat.astype(jnp.float32) - x) ** 2, axis=1)
+    with jax.default_matmul_precision(_matmul_precision):
+        if code0 is None and single_list:
+            code0 = qm.nearest_codeword(x, params["codebook0"])
+        codes, xhat = qm.encode(_cast(params, dtype), x.astype(dtype), code0, beam=beam,
+                                 preselect=preselect, proxy=proxy, outer_skip=outer_skip)
+        return codes, jnp.sum((xhat.astype(jnp.float32) - x) ** 2, axis=1)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "outer_skip"))
 def decode_batch(params, codes, dtype, outer_skip=False):
-    return (qm.decode(_cast(params, dtype), codes, outer_skip=outer_skip).astype(jnp.float32),)
+    with jax.default_matmul_precision(_matmul_precision):
+        return (qm.decode(_cast(params, dtype), codes, outer_skip=outer_skip).astype(jnp.float32),)
 
 
 @jax.jit
 def _assign_batch(codebook, x):
-    return (qm.nearest_codeword(x, codebook),)
+    with jax.default_matmul_precision(_matmul_precision):
+        return (qm.nearest_codeword(x, codebook),)
 
 
 # --------------------------------------------------------------------------------------

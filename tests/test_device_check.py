@@ -1,0 +1,57 @@
+"""The prepared GPU check (bench/device_check.py) in its smoke mode, so that it is known
+to run before a GPU machine is lent: as there, without faiss."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# The GPU machines have no faiss: hide it, then run the driver as its script does.
+WITHOUT_FAISS = ("import runpy, sys; sys.modules['faiss'] = None; sys.argv = sys.argv[1:]; "
+                 "runpy.run_path(sys.argv[0], run_name='__main__')")
+TINY = ["--d", "16", "--M", "3", "--K", "16", "--L", "1", "--h", "16", "--k_ivf", "256",
+        "--n_encode", "256", "--n_decode", "1024", "--train_batch", "64"]
+
+
+def test_smoke_mode_without_faiss_passes_and_writes_every_figure(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_FAISS, str(ROOT / "bench" / "device_check.py"),
+                           "--out", str(tmp_path), "--budget_s", "600", *TINY], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads((tmp_path / "device_check.json").read_text())
+    assert r["mode"] == "smoke" and r["passed"] is True
+    assert r["environment"]["faiss"] is None and r["environment"]["platform"] == "cpu"
+    assert {s: v["status"] for s, v in r["sections"].items()} == {s: "ok" for s in (
+        "environment", "fixtures", "train", "ivf_search", "matmul", "paper_precision", "encode", "decode",
+        "train_step", "rerank", "ivf_assign")}
+    # correctness: every fixture agrees with the reference at the library's default precision
+    assert set(r["fixtures"]["models"]) == {"qinco", "qinco_lr", "ivf_qinco", "pq_qinco"}
+    assert all(m["agreement"]["highest"] >= 0.995 for m in r["fixtures"]["models"].values())
+    assert r["train"]["loss_last5"] < r["train"]["loss_first5"]
+    # the parts that need faiss say so instead of failing
+    assert "faiss" in r["ivf_search"]["skipped"] and "faiss" in r["rerank"]["skipped"]
+    assert r["encode"]["model"].startswith("QINCo d=16 M=3 K=16 L=1 h=16")
+    assert set(r["encode"]["settings"]) == {"beam1_pre0", "beam1_pre32", "beam1_pre16", "beam4_pre32", "beam8_pre0"}
+    assert r["encode"]["greedy_vectors_per_s"] > 0 and r["decode"]["vectors_per_s"] > 0
+    assert r["train_step"]["devices"] == 1 and r["train_step"]["mesh_axis"] == ["data"]
+    assert r["ivf_assign"]["k_ivf"] == 256 and r["matmul"]["float32_highest_gflops"] > 0
+    assert "no --reference_dir" in " ".join(r["notes"])
+    summary = (tmp_path / "summary.txt").read_text()
+    assert proc.stdout.rstrip().endswith(summary.rstrip()) and "overall: PASS" in summary
+
+
+def test_sections_beyond_the_budget_are_skipped_with_a_note(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "device_check.py"), "--out", str(tmp_path),
+                           "--budget_s", "2", *TINY], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    r = json.loads((tmp_path / "device_check.json").read_text())
+    assert proc.returncode == 1 and r["passed"] is False  # correctness was not shown
+    assert r["sections"]["environment"]["status"] == "ok"
+    skipped = [s for s, v in r["sections"].items() if v["status"] == "skipped"]
+    assert "fixtures" in skipped and "ivf_assign" in skipped
+    assert "s of the budget left" in r["sections"]["fixtures"]["note"]
+    assert "sections not completed: fixtures (skipped)" in proc.stdout
