@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from qinco_jax import codec
-from qinco_jax.codec import EncodeSearch
 from qinco_jax.config import QincoConfig
 from qinco_jax.model import QincoModel
 
@@ -17,7 +16,7 @@ CFG = QincoConfig(d=8, K=16, M=3, L=1, h=16, db_scale=10.0)
 
 def _dot_precisions(model):
     x = np.zeros((8, CFG.d), np.float32)
-    hlo = codec._encode_batch.lower(model.params, x, np.float32, EncodeSearch()).as_text()
+    hlo = codec.encode_batch.lower(codec.network_params(model.params), x, None, np.float32, (1, 0, "linear")).as_text()
     return {line.split("precision = [")[1].split(",")[0] for line in hlo.splitlines() if "dot_general" in line}
 
 
