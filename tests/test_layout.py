@@ -44,6 +44,24 @@ def test_script_folders_hold_only_shims_of_package_programs():
         assert len(code) <= 8, f"{p.relative_to(ROOT)} is not a shim ({len(code)} lines)"
 
 
+def _assert_shim(p: Path) -> None:
+    """p only imports one program of qinco_jax.cli and runs it, in a few lines."""
+    code = [ln for ln in p.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    tree = ast.parse(p.read_text())
+    imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
+    assert len(imports) == 1 and isinstance(imports[0], ast.ImportFrom), p
+    module = imports[0].module
+    assert module.startswith("qinco_jax.cli."), f"{p.relative_to(ROOT)} runs {module}"
+    assert callable(getattr(importlib.import_module(module), "run")), module
+    assert len(code) <= 8, f"{p.relative_to(ROOT)} is not a shim ({len(code)} lines)"
+
+
+def test_root_run_py_is_a_shim():
+    """QINCo2's `python run.py task=...` lives at the root, like the reference's."""
+    _assert_shim(ROOT / "run.py")
+    assert not PATH_EDIT.search((ROOT / "run.py").read_text())
+
+
 def test_no_sys_path_edits():
     files = [p for folder in ("qinco_jax", "tests", *SHIM_FOLDERS) for p in (ROOT / folder).rglob("*.py")]
     bad = [str(p.relative_to(ROOT)) for p in files if p.name != Path(__file__).name and PATH_EDIT.search(p.read_text())]
@@ -60,7 +78,7 @@ def entry_points() -> dict[str, str]:
 def test_every_entry_point_names_a_program():
     scripts = entry_points()
     assert {"qinco-train", "qinco-train-pq", "qinco-codec", "qinco-convert", "qinco-eval", "qinco-index",
-            "qinco-search-2stage", "qinco-plot"} <= set(scripts)
+            "qinco-search-2stage", "qinco-plot", "qinco-run"} <= set(scripts)
     for name, target in scripts.items():
         module, _, func = target.partition(":")
         assert module.startswith("qinco_jax.cli."), name

@@ -136,11 +136,11 @@ def test_encode_trainset_is_training_then_validation_vectors(qinco_data, tmp_pat
     out = tmp_path / "trainset.npz"
     run(f"task=encode db=deep1B encode_trainset=true model={Q1_MODEL} output={out}")
     learn = np.load(qinco_data / "learn.npy")  # 10,000 train + the last 10,000 (validation), in order
-    np.testing.assert_array_equal(code_parts.read_codes(out), codec.encode(checkpoint.load_model(Q1_MODEL), learn))
+    expected = codec.encode(checkpoint.load_model(Q1_MODEL), learn)
+    np.testing.assert_array_equal(code_parts.read_codes(out), expected)
     out2 = tmp_path / "trainset_small.npz"
     run(f"task=encode db=deep1B encode_trainset=true model={Q1_MODEL} output={out2} ds.trainset=300 ds.valset=200")
-    small = np.concatenate([learn[:300], learn[-200:]])
-    np.testing.assert_array_equal(code_parts.read_codes(out2), codec.encode(checkpoint.load_model(Q1_MODEL), small))
+    np.testing.assert_array_equal(code_parts.read_codes(out2), np.concatenate([expected[:300], expected[-200:]]))
 
 
 def test_two_process_encode_writes_two_parts_that_assemble_to_one(qinco_data, tmp_path, monkeypatch):
