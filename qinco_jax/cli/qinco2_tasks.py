@@ -149,6 +149,8 @@ def load_model(cfg: RunConfig, log: Log = print) -> QincoModel:
         given = getattr(cfg, key)
         if key == "de" and given == 0:
             given = c.d
+        if key == "ivf_K" and not c.is_ivf:
+            continue  # the reference reads ivf_K only for IVF models (the presets set it for all)
         if given is not None and given != of_model(c):
             raise RunConfigError(f"{key}={given} given, but model={cfg.model} has {key}={of_model(c)}")
     if cfg.A and c.is_qinco2 and not c.has_substep:
@@ -228,7 +230,8 @@ eval_time = eval
 def process_slot() -> tuple[int, int, Callable[[str], None] | None]:
     """(index, count, barrier) of this encoding process: from QINCO_PROCESS_INDEX /
     QINCO_PROCESS_COUNT when set, else from jax.distributed (started here when a cluster
-    launcher's variables are present, as `--distributed` does for training), else (0, 1)."""
+    launcher's variables are present, as `--distributed` does for training; the barrier
+    waits for every process), else (0, 1). Call it before any JAX computation."""
     env_i, env_n = os.environ.get(PROCESS_INDEX_ENV), os.environ.get(PROCESS_COUNT_ENV)
     if (env_i is None) != (env_n is None):
         raise RunConfigError(f"set both {PROCESS_INDEX_ENV} and {PROCESS_COUNT_ENV}, or neither")
@@ -244,7 +247,16 @@ def process_slot() -> tuple[int, int, Callable[[str], None] | None]:
     import jax
 
     if _launched_on_several_processes() and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+        # JAX reads the coordinator's address from JAX_COORDINATOR_ADDRESS itself; the
+        # process count and id come from the launcher (SLURM, Open MPI) or, with a bare
+        # coordinator address, from JAX_NUM_PROCESSES / JAX_PROCESS_ID.
+        def env_int(name):
+            v = os.environ.get(name)
+            if v is not None and not v.isdigit():
+                raise RunConfigError(f"{name}={v!r} must be a non-negative integer")
+            return None if v is None else int(v)
+
+        jax.distributed.initialize(num_processes=env_int("JAX_NUM_PROCESSES"), process_id=env_int("JAX_PROCESS_ID"))
     if jax.process_count() == 1:
         return 0, 1, None
     from jax.experimental import multihost_utils
@@ -265,6 +277,7 @@ def encode(cfg: RunConfig, log: Log = print) -> Path:
     """Codes of the database or training set in the reference's part files."""
     cfg = with_folder_data(cfg)
     check_task(cfg)
+    index, count, barrier = process_slot()  # before any JAX computation (jax.distributed)
     model = load_model(cfg, log)
     opts = encode_options(cfg, model)
     if cfg.encode_trainset:
@@ -276,7 +289,6 @@ def encode(cfg: RunConfig, log: Log = print) -> Path:
         log(f"Database: {vectors.shape}")
     if vectors.shape[1] != model.d:
         raise RunConfigError(f"the vectors have dimension {vectors.shape[1]}, model={cfg.model} encodes {model.d}")
-    index, count, barrier = process_slot()
     c = model.config
     header = CodeFileHeader(n_parts=count, K=c.K, M=c.M, D=model.d)
     width = c.M + 1 if c.is_ivf else c.M
