@@ -18,6 +18,11 @@ On a GPU (the full mode, < 8 minutes on an H100) it checks and measures, in orde
                 (training.make_mesh / make_train_step, the path that runs on eight
                 devices), IVF assignment to K_IVF = 2^20 centroids; encode's useful
                 FLOP rate as a fraction of the matmul rate;
+  qinco2        every QINCo2 fixture of tests/fixtures/qinco2 at each (A, B) the
+                reference recorded, on the device: rows of codes equal to the
+                reference's, MSE, decoding of the reference's codes; then QINCo2-S
+                (D = De = 128, Dh = 256, L = 2, M = 8, K = 256, random weights) encode
+                throughput at (A, B) = (16, 32);
   reference     with --reference_dir (a copy of the reference's qinco_v1 folder and
                 torch), the reference's own encode, decode, re-ranking, train step and
                 IVF assignment on the same device and weights, in the same run: ratios.
@@ -72,6 +77,19 @@ PRECISIONS = [
     ("bf16_passes", "BF16_BF16_F32", "float32"),
     ("bfloat16_network", "highest", "bfloat16"),
 ]
+# The QINCo2 fixtures: (file, key prefix in reference_outputs_qinco2.npz, [(A, B, key
+# suffix)]); qinco2_q1 at B=4 exists only on the reference's training path.
+QINCO2_FIXTURES = os.path.join(FIXTURES, "qinco2")
+QINCO2_MODELS = [
+    ("qinco2_d32_M4_K256_L2_de48_dh64_A8_B8.pt", "qinco2", [(8, 8, ""), (4, 1, ""), (16, 16, "")]),
+    ("qinco2_qinco1mode_d32_M4_K256_L2_dh64.pt", "qinco2_q1", [(0, 1, ""), (0, 4, "_train")]),
+    ("ivf_qinco2_d32_IVF64_M4_K256_L2_de48_dh64_A8_B8.pt", "ivf_qinco2", [(8, 8, ""), (4, 1, ""), (16, 16, "")]),
+]
+# What tests/test_qinco2.py requires of them on the CPU (issue 10).
+QINCO2_MIN_EQUAL_ROWS = 0.99
+QINCO2_MAX_MSE_REL = 1e-3
+# QINCo2-S encode setting timed (A pre-selected candidates, B beam)
+QINCO2_S_AB = (16, 32)
 # (beam, preselect) settings of the README's table, greedy first.
 ENCODE_SETTINGS = [(1, 0), (1, 32), (1, 16), (4, 32), (8, 0)]
 
@@ -82,10 +100,10 @@ ENCODE_SETTINGS = [(1, 0), (1, 32), (1, 16), (4, 32), (8, 0)]
 
 FULL = dict(d=128, M=8, K=256, L=2, h=256, n_encode=32768, n_encode_search=8192, n_decode=1 << 20,
             rerank_queries=1000, nshort=1000, train_batch=1024, train_steps=20, k_ivf=1 << 20,
-            n_assign=65536, matmul_n=8192, n_precision=4096, ref_encode=4096, budget_s=360)
+            n_assign=65536, matmul_n=8192, n_precision=4096, ref_encode=4096, n_qinco2=4096, budget_s=400)
 SMOKE = dict(d=32, M=4, K=64, L=1, h=32, n_encode=512, n_encode_search=256, n_decode=4096,
              rerank_queries=20, nshort=100, train_batch=256, train_steps=4, k_ivf=4096,
-             n_assign=1024, matmul_n=512, n_precision=256, ref_encode=256, budget_s=150)
+             n_assign=1024, matmul_n=512, n_precision=256, ref_encode=256, n_qinco2=128, budget_s=150)
 
 
 def has_gpu() -> bool:
@@ -293,6 +311,60 @@ def fixtures_correctness(check: Check) -> dict:
         passed &= res["passed"]
         out["models"][key] = res
     out["passed"] = bool(passed)
+    return out
+
+
+def qinco2_correctness(check: Check) -> dict:
+    """Every QINCo2 fixture at every (A, B) the reference recorded, encoded and decoded
+    on the device (library default precision) against the reference's outputs."""
+    with np.load(os.path.join(QINCO2_FIXTURES, "reference_outputs_qinco2.npz")) as f:
+        outputs = {k: f[k] for k in f.files}
+    x = outputs["x"]
+    out: dict = {"models": {}}
+    passed = True
+    for fname, prefix, settings in QINCO2_MODELS:
+        model = load_model(os.path.join(QINCO2_FIXTURES, fname))
+        for A, B, suffix in settings:
+            key = f"{prefix}_A{A}_B{B}"
+            codes, err = codec.encode(model, x, EncodeOptions(beam=B, preselect=A), return_errors=True)
+            ref_codes, ref_mse = outputs[f"{key}_codes{suffix}"], float(outputs[f"{key}_mse{suffix}"])
+            dec_ref = outputs[f"{key}_decoded{suffix}"]
+            dec = codec.decode(model, ref_codes)
+            res = {"equal_rows": float(np.mean(np.all(codes == ref_codes, axis=1))),
+                   "mse": float(err.mean()), "reference_mse": ref_mse,
+                   "mse_rel_diff": abs(float(err.mean()) - ref_mse) / ref_mse,
+                   "decode_rel_error": float(np.abs(dec - dec_ref).max() / np.abs(dec_ref).max())}
+            res["passed"] = bool(res["equal_rows"] >= QINCO2_MIN_EQUAL_ROWS and res["mse_rel_diff"] <= QINCO2_MAX_MSE_REL
+                                 and res["decode_rel_error"] <= MAX_DECODE_REL_ERROR)
+            passed &= res["passed"]
+            out["models"][key + suffix] = res
+    out["passed"] = bool(passed)
+    return out
+
+
+def qinco2_s_model(check: Check) -> QincoModel:
+    """QINCo2-S at the issue's size (De = D) in the full mode, the smoke sizes otherwise."""
+    s = check.sizes
+    A, _ = QINCO2_S_AB
+    return QincoModel.init(QincoConfig(d=s["d"], K=s["K"], M=s["M"], L=s["L"], h=s["h"], de=s["d"], arch="qinco2",
+                                       A=min(A, s["K"]), B=QINCO2_S_AB[1]), 0)
+
+
+def qinco2_encode_throughput(check: Check) -> dict:
+    """QINCo2-S encoding at (A, B) = (16, 32) with its substep pre-selection (random
+    weights; the figure depends on the sizes, not the values)."""
+    model = qinco2_s_model(check)
+    c = model.config
+    n = check.sizes["n_qinco2"]
+    x = np.random.RandomState(0).randn(n, c.d).astype(np.float32)
+    opts = EncodeOptions(beam=c.B, preselect=c.A, proxy="substep")
+    t = best_time(lambda: codec.encode(model, x, opts), check)
+    out = {"model": c.describe(), "A": c.A, "B": c.B, "n": n, "vectors_per_s": n / t,
+           "batch_size": codec.default_encode_batch_size(model, c.B, c.A),
+           "useful_gflops": n / t * flops_per_vector(c, c.A, c.B) / 1e9}
+    print(f"  QINCo2 encode A={c.A} B={c.B}: {n / t:,.0f} vec/s", flush=True)
+    check.note("the QINCo2 reference is not timed here (--reference_dir is the QINCo v1 folder); "
+               "bench/bench_qinco2.py times QINCo2 encoding against it")
     return out
 
 
@@ -585,6 +657,12 @@ def summary(r: dict) -> str:
         lines.append("  IVF search: " + (sr["skipped"] if "skipped" in sr else
                                          f"max recall difference {sr['max_recall_difference']:.3f} over "
                                          f"{sr['points']} points: {'PASS' if sr['passed'] else 'FAIL'}"))
+    q2 = r.get("qinco2")
+    if q2:
+        lines.append(f"correctness: QINCo2 fixtures {'PASS' if q2['passed'] else 'FAIL'}")
+        for k, m in q2["models"].items():
+            lines.append(f"  {k:22s} rows equal {100 * m['equal_rows']:.1f}%, MSE {m['mse']:.2f} "
+                         f"(reference {m['reference_mse']:.2f}), decode rel. error {m['decode_rel_error']:.1e}")
     rf = r.get("reference")
     if rf:
         lines.append(f"reference on {rf['device']} (torch {rf['torch']}, TF32 {rf.get('allow_tf32')}): fixture codes "
@@ -614,6 +692,10 @@ def summary(r: dict) -> str:
         v = r.get(key)
         if v:
             lines.append(f"{label}: " + (v["skipped"] if "skipped" in v else f"{v[unit]:,.0f} {unit.replace('_', ' ')}"))
+    qe = r.get("qinco2_encode")
+    if qe:
+        lines.append(f"QINCo2 encode {qe['model']} at A={qe['A']} B={qe['B']}: {qe['vectors_per_s']:,.0f} vec/s, "
+                     f"{qe['useful_gflops']:,.0f} useful GFLOP/s")
     tt = r.get("train_step")
     if tt:
         lines.append(f"sharded train step (batch {tt['batch_size']}, {tt['devices']} device(s)): "
@@ -660,6 +742,7 @@ def main(argv=None):
     check.section("fixtures", 60 if full else 15, fixtures_correctness, check)
     check.section("train", 30 if full else 10, train_correctness, check)
     check.section("ivf_search", 20 if full else 10, ivf_search_correctness, check)
+    check.section("qinco2", 30 if full else 15, qinco2_correctness, check)
     check.section("matmul", 15 if full else 3, matmul_rates, check)
     holder: dict = {}
     if args.reference_dir:
@@ -671,9 +754,10 @@ def main(argv=None):
     check.section("train_step", 40 if full else 10, train_throughput, check, ref)
     check.section("rerank", 20 if full else 5, rerank_throughput, check, ref)
     check.section("ivf_assign", 25 if full else 5, ivf_assign_throughput, check, ref)
+    check.section("qinco2_encode", 30 if full else 5, qinco2_encode_throughput, check)
 
     r = check.results
-    verdicts = [r.get(k, {}).get("passed") for k in ("fixtures", "train", "ivf_search")]
+    verdicts = [r.get(k, {}).get("passed") for k in ("fixtures", "train", "ivf_search", "qinco2")]
     r["passed"] = bool(all(v is not False for v in verdicts) and verdicts[0] and verdicts[1])
     check.save()
     text = summary(r)
