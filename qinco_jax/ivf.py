@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qinco_jax import aq, codec, packing
+from qinco_jax import aq, codec, packing, validation
 from qinco_jax.io import atomic_path
 from qinco_jax.metrics import one_recall_at
 from qinco_jax.model import QincoModel
@@ -200,7 +200,7 @@ def train_index(model: QincoModel, xt: np.ndarray, index_key: str, *, xt_codes: 
     coarse quantizer, the norm quantizer trained as the reference trains it."""
     model = require_ivf_model(model)
     index = new_index(model, index_key, ef_construction)  # checks the key first: fail fast
-    xt = np.asarray(xt, np.float32)
+    xt = validation.as_finite_float32(xt, "index training vectors")
     t0 = time.time()
     if xt_codes is None:
         log(f"encoding {len(xt)} training vectors")
@@ -219,9 +219,10 @@ def train_index(model: QincoModel, xt: np.ndarray, index_key: str, *, xt_codes: 
     log(f"AQ codebooks fitted in {t_train:.2f} s, MSE of the training residuals {mse:g}")
 
     t0 = time.time()
-    _coarse_quantizer(index).add(centroids)
-    faiss.copy_array_to_vector(np.ascontiguousarray(codebooks.ravel()), index.rq.codebooks)
-    index.rq.train_norm(len(err_norms), faiss.swig_ptr(err_norms))
+    with validation.faiss_step("index training (coarse quantizer, norm quantizer)", on=f"{len(xt)} training vectors"):
+        _coarse_quantizer(index).add(centroids)
+        faiss.copy_array_to_vector(np.ascontiguousarray(codebooks.ravel()), index.rq.codebooks)
+        index.rq.train_norm(len(err_norms), faiss.swig_ptr(err_norms))
     index.rq.is_trained = True
     index.is_trained = True
     t_index = time.time() - t0
@@ -283,7 +284,8 @@ def add_codes(index, model: QincoModel, codes: np.ndarray, first_id: int | None 
         first_id = index.ntotal
     order = np.argsort(codes[:, 0].astype(np.int64))
     sa = np.ascontiguousarray(sa_codes(index, codes[order], codebooks))
-    index.add_sa_codes(sa, (first_id + order).astype(np.int64))
+    with validation.faiss_step("adding codes to the index", on=f"{len(codes)} vectors from id {first_id}"):
+        index.add_sa_codes(sa, (first_id + order).astype(np.int64))
 
 
 def add_vectors(index, model: QincoModel, batches: Iterable[np.ndarray], *, code_batches: bool = False,
@@ -448,6 +450,7 @@ def set_search_parameters(index, parameters: dict) -> None:
 def _check_queries(model: QincoModel, xq: np.ndarray, gt: np.ndarray) -> None:
     if np.ndim(xq) != 2 or np.shape(xq)[1] != model.d:
         raise ValueError(f"queries have shape {np.shape(xq)}, the model ({model.describe()}) needs (nq, {model.d})")
+    validation.check_all_finite(xq, "queries")
     if len(gt) != len(xq):
         raise ValueError(f"{len(gt)} ground-truth rows for {len(xq)} queries")
 

@@ -31,7 +31,7 @@ except ImportError:  # run from a checkout without installing the package
 
 import numpy as np
 
-from qinco_jax import cli, datasets, packing
+from qinco_jax import cli, datasets, packing, validation
 
 TODO = ["train_centroids", "train", "add", "search"]
 
@@ -137,7 +137,8 @@ def train_centroids(args, ds) -> np.ndarray:
         raise cli.UsageError(f"{len(xt)} training vectors cannot make {args.n_centroids} centroids")
     gpu = faiss.get_num_gpus() > 0 if hasattr(faiss, "get_num_gpus") else False
     km = faiss.Kmeans(ds.d, args.n_centroids, niter=args.kmeans_iter, verbose=True, gpu=gpu)
-    km.train(np.ascontiguousarray(xt, dtype=np.float32))
+    with validation.faiss_step("k-means of the IVF centroids", on=f"{len(xt)} x {ds.d} training vectors of {ds.name}"):
+        km.train(validation.as_finite_float32(xt, "k-means training vectors"))
     return km.centroids
 
 
