@@ -55,17 +55,23 @@ def reset_peak() -> bool:
 class RssSampler(threading.Thread):
     def __init__(self, period: float = 0.002):
         super().__init__(daemon=True)
-        self.period, self.peak_kb, self._done = period, 0, threading.Event()
+        self.period, self._done = period, threading.Event()
+        self.peak_kb = dict.fromkeys(("VmRSS", "RssAnon", "RssFile"), 0)
+
+    def sample(self):
+        for k in self.peak_kb:
+            self.peak_kb[k] = max(self.peak_kb[k], status_kb(k))
 
     def run(self):
         while not self._done.is_set():
-            self.peak_kb = max(self.peak_kb, status_kb("VmRSS"))
+            self.sample()
             time.sleep(self.period)
 
-    def stop(self) -> int:
+    def stop(self) -> dict:
         self._done.set()
         self.join()
-        return max(self.peak_kb, status_kb("VmRSS"))
+        self.sample()
+        return self.peak_kb
 
 
 def write_random_bvecs(path: str, n: int, d: int, seed: int = 0, chunk: int = 1 << 16) -> None:
@@ -81,21 +87,25 @@ def write_random_bvecs(path: str, n: int, d: int, seed: int = 0, chunk: int = 1 
 
 
 def measure(path: str, batch_size: int, M: int = 2, K: int = 4) -> dict:
-    x = vecs_io.read_vectors(path)  # memory map
-    n, d = x.shape
+    """Peak memory of opening `path` (row headers checked) and encoding all of it."""
+    n, d = vecs_io.vectors_shape(path)
     config = QincoConfig(d=d, K=K, M=M, L=1, h=16, variant="qinco", db_scale=255.0)
     model = QincoModel(config, init_params(config, jax.random.key(0)))
     # compile, and let the allocators reach their steady state, outside the measurement
-    codec.encode(model, x[:64 * batch_size], batch_size=batch_size)
-    before_kb = status_kb("VmRSS")
+    warm = np.random.default_rng(1).integers(0, 256, (64 * batch_size, d), dtype=np.uint8)
+    codec.encode(model, warm, batch_size=batch_size)
+    del warm
+    before = {k: status_kb(k) for k in ("VmRSS", "RssAnon", "RssFile")}
+    before_kb = before["VmRSS"]
     hwm_reset = reset_peak()
     sampler = RssSampler()
     sampler.start()
     t0 = time.time()
+    x = vecs_io.read_vectors(path)  # memory map
     codes = codec.encode(model, x, batch_size=batch_size)
     seconds = time.time() - t0
-    sampled_kb = sampler.stop()
-    peak_kb = max(sampled_kb, status_kb("VmHWM")) if hwm_reset else sampled_kb
+    sampled = sampler.stop()
+    peak_kb = max(sampled["VmRSS"], status_kb("VmHWM")) if hwm_reset else sampled["VmRSS"]
     file_bytes = os.path.getsize(path)
     return {
         "file_bytes": file_bytes, "n": int(n), "d": int(d), "batch_size": batch_size,
@@ -103,6 +113,9 @@ def measure(path: str, batch_size: int, M: int = 2, K: int = 4) -> dict:
         "rss_before_bytes": before_kb * 1024, "peak_rss_bytes": peak_kb * 1024,
         "peak_increase_bytes": (peak_kb - before_kb) * 1024,
         "peak_increase_over_file": round((peak_kb - before_kb) * 1024 / file_bytes, 4),
+        # resident pages of the map (released as batches are done) / heap (batches, outputs)
+        "peak_file_increase_bytes": (sampled["RssFile"] - before["RssFile"]) * 1024,
+        "peak_anon_increase_bytes": (sampled["RssAnon"] - before["RssAnon"]) * 1024,
         "vmhwm_reset": hwm_reset, "encode_seconds": round(seconds, 2),
     }
 

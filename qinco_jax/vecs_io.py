@@ -32,7 +32,7 @@ BIN_DTYPES = {".fbin": np.dtype("<f4"), ".ibin": np.dtype("<i4"), ".u8bin": np.d
 EXTENSIONS = (".npy",) + tuple(VECS_DTYPES) + tuple(BIN_DTYPES)
 
 _WRITE_CHUNK = 1 << 16  # rows per write: bounds the temporary copy for huge arrays
-_HEADER_CHUNK = 1 << 20  # row headers checked per step: 4 MB at a time
+_HEADER_CHUNK_BYTES = 8 << 20  # file bytes whose row headers are checked per step (pages released after)
 
 
 def _extension(path: str | os.PathLike) -> str:
@@ -144,12 +144,13 @@ def read_vectors(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
 def _check_row_headers(path, rows: np.ndarray, d: int) -> None:
     """Every row of a .fvecs/.ivecs/.bvecs file repeats d; a row that says otherwise
     means the rows are misaligned and every later vector would be misread silently.
-    Checked through a strided view of the map, _HEADER_CHUNK headers at a time
-    (vectorised, bounded memory: one sequential pass over the file's pages)."""
+    Checked through a strided view of the map, a few MB of the file at a time
+    (vectorised; one sequential pass over the file's pages, released as it goes)."""
     heads = rows[:, :4]
-    for i0 in range(0, len(rows), _HEADER_CHUNK):
-        dims = np.ascontiguousarray(heads[i0:i0 + _HEADER_CHUNK]).view("<i4").ravel()
-        release(rows[i0:i0 + _HEADER_CHUNK])
+    chunk = max(1, _HEADER_CHUNK_BYTES // rows.shape[1])
+    for i0 in range(0, len(rows), chunk):
+        dims = np.ascontiguousarray(heads[i0:i0 + chunk]).view("<i4").ravel()
+        release(rows[i0:i0 + chunk])
         bad = np.flatnonzero(dims != d)
         if len(bad):
             r = i0 + int(bad[0])
