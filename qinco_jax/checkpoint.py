@@ -65,7 +65,7 @@ def load_model(path: str | os.PathLike) -> AnyModel:
                               "(a state dict or training checkpoint lacks the configuration and db_scale)")
     try:
         return model_from_torch_module(obj)
-    except ValueError as e:  # CheckpointError included: name the file
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:  # a damaged file: name it
         raise CheckpointError(f"{path}: {e}") from None
 
 

@@ -83,24 +83,40 @@ class TorchModule:
             raise CheckpointError(f"module {prefix or self.class_name!r} contains itself, or nests more than "
                                   f"{_MAX_MODULE_DEPTH} levels deep: not produced by torch.save")
         non_persistent = self.attrs.get("_non_persistent_buffers_set") or set()
-        for name, value in (self.attrs.get("_parameters") or {}).items():
+        if not isinstance(non_persistent, (set, frozenset)):
+            raise CheckpointError(f"module {prefix or self.class_name!r}: _non_persistent_buffers_set is a "
+                                  f"{type(non_persistent).__name__}, not a set")
+        for name, value in self._table("_parameters", prefix):
             if value is not None:
-                yield prefix + name, value
-        for name, value in (self.attrs.get("_buffers") or {}).items():
+                yield prefix + name, _tensor(value, prefix + name)
+        for name, value in self._table("_buffers", prefix):
             if value is not None and name not in non_persistent:
-                yield prefix + name, value
-        for name, sub in (self.attrs.get("_modules") or {}).items():
+                yield prefix + name, _tensor(value, prefix + name)
+        for name, sub in self._table("_modules", prefix):
             if sub is None:
                 continue
             if not isinstance(sub, TorchModule):
                 raise CheckpointError(f"sub-module {prefix + name!r} is a {type(sub).__name__}, not a module")
             yield from sub.named_tensors(prefix + name + ".", _path + (self,))
 
+    def _table(self, key: str, prefix: str):
+        """The (name, value) items of `_parameters`, `_buffers` or `_modules`: a dict by names."""
+        table = self.attrs.get(key) or {}
+        if not isinstance(table, dict) or not all(isinstance(k, str) for k in table):
+            raise CheckpointError(f"module {prefix or self.class_name!r}: {key} is not a dict of names")
+        return list(table.items())
+
     def state_dict(self) -> dict[str, np.ndarray]:
         return dict(self.named_tensors())
 
 
 _MAX_MODULE_DEPTH = 32
+
+
+def _tensor(value, name: str) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise CheckpointError(f"tensor {name!r} is a {type(value).__name__}, not a tensor")
+    return value
 
 _MODULE_CLASSES = {
     ("model_qinco", "QINCo"),

@@ -103,3 +103,11 @@ def test_a_module_that_contains_itself_is_refused(tmp_path):
     module = torch_pickle.load_pt(_with_pickle(tmp_path, pkl))
     with pytest.raises(CheckpointError, match="contains itself"):
         module.state_dict()
+
+
+def test_module_tables_of_the_wrong_type_are_refused(tmp_path):
+    # found by bench/fuzz_pt.py: _parameters keyed by a function (a swapped memo reference)
+    pkl = (b"\x80\x02cmodel_qinco\nQINCo\n)\x81}X\x0b\x00\x00\x00_parameters}ccollections\nOrderedDict\nNssb.")
+    module = torch_pickle.load_pt(_with_pickle(tmp_path, pkl))
+    with pytest.raises(CheckpointError, match="_parameters is not a dict of names"):
+        module.state_dict()
