@@ -282,7 +282,14 @@ def _load_build(self):
     # class) could change it for every later load.
     state = self.stack.pop()
     inst = self.stack[-1]
-    if isinstance(inst, (TorchModule, np.dtype)):
+    if isinstance(inst, TorchModule):
+        inst.__setstate__(state)
+    elif isinstance(inst, np.dtype):
+        # numpy's own state of a plain numeric dtype, and nothing else: numpy's
+        # __setstate__ fails badly (SystemError) on some malformed ones
+        if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3 and state[1] in ("<", ">", "|", "=")
+                and state[2:5] == (None, None, None) and state[5:] == (-1, -1, 0)):
+            raise CheckpointError(f"numpy dtype with a malformed state {str(state)[:80]}")
         inst.__setstate__(state)
     elif type(inst) is collections.OrderedDict and isinstance(state, dict) \
             and all(isinstance(k, str) for k in state):
@@ -399,7 +406,7 @@ def load_pt(path: str | os.PathLike) -> Any:
         except CheckpointError:
             raise
         except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError,
-                IndexError, KeyError, struct.error, OverflowError, RecursionError) as e:
+                IndexError, KeyError, struct.error, OverflowError, RecursionError, SystemError) as e:
             raise CheckpointError(f"{path}: corrupt pickle in data.pkl ({type(e).__name__}: {e})") from None
 
 

@@ -111,3 +111,10 @@ def test_module_tables_of_the_wrong_type_are_refused(tmp_path):
     module = torch_pickle.load_pt(_with_pickle(tmp_path, pkl))
     with pytest.raises(CheckpointError, match="_parameters is not a dict of names"):
         module.state_dict()
+
+
+def test_a_malformed_dtype_state_is_refused(tmp_path):
+    # found by bench/fuzz_pt.py: numpy's dtype.__setstate__ raised SystemError on it
+    pkl = b"\x80\x02cnumpy\ndtype\nX\x02\x00\x00\x00f4K\x00K\x01\x87R(K\x03X\x01\x00\x00\x00<NNNJ\xff\xff\xff\xffK\x05K\x00tb."
+    with pytest.raises(CheckpointError, match="malformed state"):
+        torch_pickle.load_pt(_with_pickle(tmp_path, pkl))
