@@ -280,6 +280,8 @@ def fuzz(cases: int, seed: int = 0, time_limit: float = 5.0, workdir: str | None
             if outcome == "failure":
                 failures.append({"case": case, "fixture": str(path.relative_to(FIXTURES)), "family": family,
                                  "detail": detail})
+                if log:
+                    log(f"FAILURE {failures[-1]}")
             if log and (case + 1) % 1000 == 0:
                 log(f"{case + 1} cases: {counts}")
     return {"cases": cases, "seed": seed, "fixtures": [str(p.relative_to(FIXTURES)) for p in paths],
