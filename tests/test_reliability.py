@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import FIXTURES, REFERENCE_MODELS
 
-from qinco_jax import codec, pairwise, pq, qinco2_recipe, recipe, rq_init, training, validation, vecs_io
+from qinco_jax import baselines, codec, pairwise, pq, qinco2_recipe, recipe, rq_init, training, validation, vecs_io
 from qinco_jax.cli import codec as codec_cli
 from qinco_jax.cli import index as index_cli
 from qinco_jax.cli import train as train_cli
@@ -220,6 +220,15 @@ def test_qinco2_entry_points_refuse_non_finite_vectors(xt):
     with pytest.raises(VectorInputError, match="pairwise decoder training vectors: row 3 "):
         pairwise.train_pairwise_decoder(with_bad(xt[:50], 3), np.zeros((50, 3), np.int32),
                                         np.zeros((4, xt.shape[1]), np.float32), 16, progress=False)
+
+
+def test_faiss_baselines_refuse_non_finite_vectors(xt):
+    centroids = xt[:8]
+    with pytest.raises(VectorInputError, match="training vectors: row 21 "):
+        baselines.build_ivf_pq(with_bad(xt[:300], 21), centroids, M=4, nbits=4)
+    index = baselines.build_ivf_rq(xt[:300], centroids, M=2, nbits=4)
+    with pytest.raises(VectorInputError, match="database vectors: row 130 "):  # numbered in the database
+        baselines.add_database(index, with_bad(xt[:200], 130), batch_size=64, progress=False)
 
 
 # --------------------------------------------------------------------------------------
