@@ -88,8 +88,9 @@ def train_pq(xt: np.ndarray, xval: np.ndarray, spec: PQSpec, cfg: training.Train
     """OPQ (trained on xt), split, train every sub-model (recipe.train_model; xval rotated
     and split alike validates it), recombine. sub_model_paths: where to save each
     sub-model; checkpoint_dir: one resumable checkpoint per sub-model in <dir>/sub<i>."""
-    xt = validation.as_finite_float32(xt, "training vectors")
-    xval = validation.as_finite_float32(xval, "validation vectors")
+    validation.check_all_finite(xt, "training vectors")  # dtype and values; no copy of float32 input
+    validation.check_all_finite(xval, "validation vectors")
+    xt, xval = np.asarray(xt, np.float32), np.asarray(xval, np.float32)
     if xt.ndim != 2 or xval.ndim != 2 or xt.shape[1] != xval.shape[1] or not len(xt) or not len(xval):
         raise ValueError(f"training vectors {xt.shape} and validation vectors {xval.shape} must be non-empty "
                          f"2-D arrays of the same dimension")

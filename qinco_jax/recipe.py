@@ -141,8 +141,9 @@ def train_model(xt: np.ndarray, xval: np.ndarray, spec: ModelSpec, cfg: training
     """Train a model of `spec` on raw vectors xt (validation xval), from a residual
     quantizer: `rq_codebooks` if given, else trained here (skipped when resuming from
     `checkpoint_dir`). See training.fit for model_path, checkpoint_dir, history_path."""
-    xt = validation.as_finite_float32(xt, "training vectors")
-    xval = validation.as_finite_float32(xval, "validation vectors")
+    validation.check_all_finite(xt, "training vectors")  # dtype and values; no copy of float32 input
+    validation.check_all_finite(xval, "validation vectors")
+    xt, xval = np.asarray(xt, np.float32), np.asarray(xval, np.float32)
     if xt.ndim != 2 or xval.ndim != 2 or xt.shape[1] != xval.shape[1]:
         raise ValueError(f"training vectors {xt.shape} and validation vectors {xval.shape} must be 2-D "
                          f"with the same dimension")
