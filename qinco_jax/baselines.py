@@ -26,6 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from qinco_jax import validation
 from qinco_jax.io import atomic_path
 from qinco_jax.metrics import mean_squared_error, one_recall_at
 from qinco_jax.report import pareto_front
@@ -49,15 +50,16 @@ class Method:
                 "points": [dict(p) for p in self.points]}
 
 
-def _f32(x: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(x, dtype=np.float32)
+def _f32(x: np.ndarray, what: str = "vectors", first_row: int = 0) -> np.ndarray:
+    """A float32 copy, refused (VectorInputError) if it holds NaN/Inf or is not real numbers."""
+    return validation.as_finite_float32(x, what, first_row)
 
 
 def flat_quantizer(centroids: np.ndarray):
     """A faiss IndexFlatL2 holding the IVF centroids (a trained coarse quantizer)."""
     import faiss
 
-    centroids = _f32(centroids)
+    centroids = _f32(centroids, "IVF centroids")
     if centroids.ndim != 2:
         raise ValueError(f"IVF centroids must be a (K_IVF, d) array, got shape {centroids.shape}")
     quantizer = faiss.IndexFlatL2(centroids.shape[1])
@@ -88,7 +90,8 @@ def build_ivf_pq(xt: np.ndarray, centroids: np.ndarray, M: int, nbits: int = 8):
     index = faiss.IndexIVFPQ(quantizer, d, quantizer.ntotal, M, nbits)
     index.own_fields = True
     quantizer.this.disown()  # owned by the index from here on
-    index.train(_f32(xt))    # the quantizer is already trained: only the PQ is
+    with validation.faiss_step(f"IVF-PQ training ({M}x{nbits} bits)", on=f"{len(xt)} x {d} training vectors"):
+        index.train(_f32(xt, "training vectors"))  # the quantizer is already trained: only the PQ is
     return index
 
 
@@ -107,7 +110,8 @@ def build_ivf_rq(xt: np.ndarray, centroids: np.ndarray, M: int, nbits: int = 8, 
     index.own_fields = True
     quantizer.this.disown()
     index.rq.max_beam_size = beam
-    index.train(_f32(xt))
+    with validation.faiss_step(f"IVF-RQ training ({M}x{nbits} bits)", on=f"{len(xt)} training vectors"):
+        index.train(_f32(xt, "training vectors"))
     return index
 
 
@@ -116,7 +120,7 @@ def add_database(index, xb: np.ndarray, batch_size: int = 65536, progress: bool 
 
     for i0 in tqdm(range(0, len(xb), batch_size), desc="adding database", unit="batch",
                    disable=progress is False, leave=False):
-        index.add(_f32(xb[i0:i0 + batch_size]))
+        index.add(_f32(xb[i0:i0 + batch_size], "database vectors", i0))
 
 
 def reconstruction_mse(index, x: np.ndarray) -> float:
@@ -130,7 +134,7 @@ def search_sweep(index, xq: np.ndarray, gt: np.ndarray, nprobe: Sequence[int], k
                  repeats: int = 1, log: Callable[[str], None] | None = None) -> list[dict]:
     """Search at every nprobe: one operating point each (parameters, ms_per_query,
     recall@1, recall@10). The time is the best of `repeats` runs over all queries."""
-    xq = _f32(xq)
+    xq = _f32(xq, "queries")
     gt = np.asarray(gt)
     if len(gt) != len(xq):
         raise ValueError(f"{len(gt)} ground-truth rows for {len(xq)} queries")

@@ -65,14 +65,14 @@ def load_model(path: str | os.PathLike) -> AnyModel:
     if qinco2_file.is_qinco2_checkpoint(obj):
         try:
             return qinco2_file.model_from_qinco2_checkpoint(obj, path.name)
-        except ValueError as e:  # CheckpointError included: name the file
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:  # a damaged file: name it
             raise CheckpointError(f"{path}: {e}") from None
     if not isinstance(obj, TorchModule):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a whole QINCo model "
                               "(a state dict or training checkpoint lacks the configuration and db_scale)")
     try:
         return model_from_torch_module(obj)
-    except ValueError as e:  # CheckpointError included: name the file
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:  # a damaged file: name it
         raise CheckpointError(f"{path}: {e}") from None
 
 

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qinco_jax import model as qm
+from qinco_jax import validation, vecs_io
 from qinco_jax.config import EncodeOptions
 from qinco_jax.model import AnyModel, PQQincoModel, QincoModel
 
@@ -132,10 +133,15 @@ def map_batches(fn: Callable, inputs: Sequence[np.ndarray], batch_size: int,
             bar.update(count)
 
     for i0 in range(0, n, bs):
-        batch = [_pad_rows(np.asarray(a[i0:i0 + bs]), bs) for a in inputs]
+        batch = [np.asarray(a[i0:i0 + bs]) for a in inputs]
+        for a, b in zip(inputs, batch):  # NaN/Inf never become codes; named with the row (and file)
+            validation.check_finite(b, "input vectors", i0, validation.source_of(a))
+        batch = [_pad_rows(b, bs) for b in batch]
         res = fn(*batch)
         if pending is not None:
             fetch(pending)
+            for a in inputs:  # a memory map's resident pages: a few batches, not the file
+                vecs_io.release(a[i0 - bs:i0])
         pending = (res, min(bs, n - i0))
     fetch(pending)
     if bar is not None:
@@ -205,7 +211,7 @@ def _assign_batch(codebook, x):
 
 
 def _check_vectors(model: AnyModel, x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x)
+    x = validation.check_vectors(x)  # dtype checked; a memory map stays one (map_batches names its file)
     if x.ndim != 2:
         raise ValueError(f"expected a 2-D array of vectors, got shape {x.shape}")
     if x.shape[1] != model.d:
@@ -323,7 +329,7 @@ def _split_columns(model: PQQincoModel, width_of) -> list[slice]:
 
 
 def _encode_pq(model: PQQincoModel, x, options: EncodeOptions, progress, return_errors):
-    xr = np.asarray(x, np.float32)
+    xr = validation.as_finite_float32(x, "input vectors")
     if model.opq is not None:
         xr = xr @ model.opq.T
     codes = np.concatenate(

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qinco_jax import vecs_io
+from qinco_jax import validation, vecs_io
 
 DEFAULT_DATA_ROOT = "data"
 GT_K = 100  # neighbours in computed ground truths, as in the published ones
@@ -100,7 +100,7 @@ def _iterate(x, nb, bs, split):
     nsplit, rank = split
     i0, i1 = nb * rank // nsplit, nb * (rank + 1) // nsplit
     for j0 in range(i0, i1, bs):
-        yield _float32(x[j0:min(j0 + bs, i1)])
+        yield validation.as_finite_float32(x[j0:min(j0 + bs, i1)], "database vectors", first_row=j0)
 
 
 def _slice_gt(gt: np.ndarray, k: int | None, name: str) -> np.ndarray:
@@ -240,7 +240,7 @@ class FileDataset(Dataset):
         n = self.nt if maxtrain is None else maxtrain
         if n > len(xt):
             raise ValueError(f"{self.name}: asked for {n} training vectors, {path} holds {len(xt)}")
-        return _float32(xt[:n])
+        return validation.as_finite_float32(xt[:n], "training vectors")
 
     def _base(self):
         path = self._require("base")
@@ -254,13 +254,13 @@ class FileDataset(Dataset):
         if self.nb > MAX_DATABASE_IN_MEMORY:
             raise ValueError(f"{self.name}: {self.nb} database vectors are too many to load at once; "
                              f"use database_iterator()")
-        return _float32(self._base()[:self.nb])
+        return validation.as_finite_float32(self._base()[:self.nb], "database vectors")
 
     def database_iterator(self, bs=128, split=(1, 0)):
         yield from _iterate(self._base(), self.nb, bs, split)
 
     def get_queries(self):
-        return _float32(vecs_io.read_vectors(self._require("query")))
+        return validation.as_finite_float32(vecs_io.read_vectors(self._require("query")), "queries")
 
     def get_groundtruth(self, k=None):
         if self._gt is None:

@@ -51,6 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import validation
 from .io import atomic_path
 from .torch_pickle import CheckpointError, TorchWriter, load_pt, write_pt
 
@@ -337,6 +338,7 @@ def train_pairwise_decoder(x: np.ndarray, codes: np.ndarray, ivf_centroids: np.n
     centroids = np.asarray(ivf_centroids)
     if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
         raise ValueError(f"training vectors must be a float array (n, D), got {x.dtype} {x.shape}")
+    validation.check_all_finite(x, "pairwise decoder training vectors")
     if centroids.ndim != 2 or centroids.shape[1] != x.shape[1] or len(centroids) == 0:
         raise ValueError(f"IVF centroids must be (nlist, {x.shape[1]}) with nlist > 0, got {centroids.shape}")
     codes = np.asarray(codes)

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from qinco_jax import recipe, training
+from qinco_jax import recipe, training, validation
 from qinco_jax.model import AnyModel, PQQincoModel, QincoModel
 
 
@@ -53,7 +53,8 @@ def train_opq(xt: np.ndarray, nsub: int, opq_dim: int | None = None, log: Callab
         raise ValueError(f"the OPQ output dimension {d_out} is not divisible by the number of sub-vectors {nsub}")
     log(f"training OPQ {d} -> {d_out} for {nsub} sub-vectors")
     opq = faiss.OPQMatrix(d, nsub, d_out)
-    opq.train(np.ascontiguousarray(xt, np.float32))
+    with validation.faiss_step("OPQ training", on=f"{len(xt)} x {d} training vectors"):
+        opq.train(validation.as_finite_float32(xt, "OPQ training vectors"))
     return faiss.vector_to_array(opq.A).reshape(opq.d_out, opq.d_in).astype(np.float32)
 
 
@@ -87,6 +88,8 @@ def train_pq(xt: np.ndarray, xval: np.ndarray, spec: PQSpec, cfg: training.Train
     """OPQ (trained on xt), split, train every sub-model (recipe.train_model; xval rotated
     and split alike validates it), recombine. sub_model_paths: where to save each
     sub-model; checkpoint_dir: one resumable checkpoint per sub-model in <dir>/sub<i>."""
+    validation.check_all_finite(xt, "training vectors")  # dtype and values; no copy of float32 input
+    validation.check_all_finite(xval, "validation vectors")
     xt, xval = np.asarray(xt, np.float32), np.asarray(xval, np.float32)
     if xt.ndim != 2 or xval.ndim != 2 or xt.shape[1] != xval.shape[1] or not len(xt) or not len(xval):
         raise ValueError(f"training vectors {xt.shape} and validation vectors {xval.shape} must be non-empty "

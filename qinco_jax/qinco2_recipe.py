@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qinco_jax import validation
 from qinco_jax.metrics import mean_squared_error
 
 # The reference's constants.
@@ -415,7 +416,9 @@ def train_rq_init(xt: np.ndarray, M: int, K: int, *, ivf_centroids: np.ndarray |
     the M trained ones. qinco1_mode: a faiss ResidualQuantizer with one codebook per
     stage (the reference trains M (+1 with IVF) such stages on the raw vectors, ignoring
     the IVF; its first M are returned, as the reference hands them to the steps)."""
-    xt = np.ascontiguousarray(xt, np.float32)
+    xt = validation.as_finite_float32(xt, "training vectors")
+    if xval is not None:
+        validation.check_all_finite(xval, "validation vectors")
     n_stages = M + (1 if ivf_centroids is not None else 0)
     if len(xt) < K:
         raise ValueError(f"the RQ initialisation needs at least K={K} training vectors, got {len(xt)}")
@@ -428,7 +431,8 @@ def train_rq_init(xt: np.ndarray, M: int, K: int, *, ivf_centroids: np.ndarray |
         rqs, residual, books = [], xt.copy(), []
         for _ in range(n_stages):
             rq = faiss.ResidualQuantizer(xt.shape[1], 1, nbits)
-            rq.train(residual)
+            with validation.faiss_step(f"RQ training (1x{nbits} bits)", on=f"{len(xt)} x {xt.shape[1]} training vectors"):
+                rq.train(residual)
             residual = residual - rq.decode(rq.compute_codes(residual))
             rqs.append(rq)
             books.append(faiss.vector_float_to_array(rq.codebooks).reshape(K, -1))

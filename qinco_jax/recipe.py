@@ -19,7 +19,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from qinco_jax import rq_init, training
+from qinco_jax import rq_init, training, validation
 from qinco_jax.config import VARIANTS, QincoConfig
 from qinco_jax.model import QincoModel, init_params
 
@@ -71,7 +71,7 @@ def check_ivf_centroids(spec: ModelSpec, centroids: np.ndarray | None, d: int) -
         return None
     if centroids is None:
         raise ValueError("an IVF-QINCo model needs IVF centroids (K_IVF x d)")
-    c = np.asarray(centroids, np.float32)
+    c = validation.as_finite_float32(centroids, "IVF centroids")
     if c.ndim != 2 or c.shape[1] != d:
         raise ValueError(f"IVF centroids have shape {c.shape}: their dimension must be the training vectors' d={d}")
     return c
@@ -141,6 +141,8 @@ def train_model(xt: np.ndarray, xval: np.ndarray, spec: ModelSpec, cfg: training
     """Train a model of `spec` on raw vectors xt (validation xval), from a residual
     quantizer: `rq_codebooks` if given, else trained here (skipped when resuming from
     `checkpoint_dir`). See training.fit for model_path, checkpoint_dir, history_path."""
+    validation.check_all_finite(xt, "training vectors")  # dtype and values; no copy of float32 input
+    validation.check_all_finite(xval, "validation vectors")
     xt, xval = np.asarray(xt, np.float32), np.asarray(xval, np.float32)
     if xt.ndim != 2 or xval.ndim != 2 or xt.shape[1] != xval.shape[1]:
         raise ValueError(f"training vectors {xt.shape} and validation vectors {xval.shape} must be 2-D "

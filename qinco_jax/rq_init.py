@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from qinco_jax import codec
+from qinco_jax import codec, validation
 from qinco_jax.metrics import mean_squared_error
 
 
@@ -32,7 +32,7 @@ def train_rq(xt: np.ndarray, M: int, K: int, beam_size: int = 1, xval: np.ndarra
     import faiss
     from faiss.contrib.inspect_tools import get_additive_quantizer_codebooks
 
-    xt = np.ascontiguousarray(xt, dtype=np.float32)
+    xt = validation.as_finite_float32(xt, "RQ training vectors")
     nbit = codebook_bits(K)
     if beam_size < 1:
         raise ValueError(f"RQ beam size must be >= 1, got {beam_size}")
@@ -42,7 +42,8 @@ def train_rq(xt: np.ndarray, M: int, K: int, beam_size: int = 1, xval: np.ndarra
     t0 = time.time()
     rq = faiss.ResidualQuantizer(xt.shape[1], M, nbit)
     rq.max_beam_size = beam_size
-    rq.train(xt)
+    with validation.faiss_step(f"RQ training ({M}x{nbit} bits)", on=f"{xt.shape[0]} x {xt.shape[1]} training vectors"):
+        rq.train(xt)
     msg = f"[{time.time() - t0:.2f} s] RQ trained: train MSE={rq_mse(rq, xt):g}"
     if xval is not None and len(xval):
         msg += f" validation MSE={rq_mse(rq, np.ascontiguousarray(xval, dtype=np.float32)):g}"

@@ -26,8 +26,10 @@ import collections
 import dataclasses
 import hashlib
 import io
+import math
 import os
 import pickle
+import pickletools
 import struct
 import types
 import zipfile
@@ -74,26 +76,47 @@ class TorchModule:
     def __repr__(self):
         return f"<{self.torch_class} stand-in>"
 
-    def named_tensors(self, prefix: str = ""):
+    def named_tensors(self, prefix: str = "", _path: tuple = ()):
         """(name, array) of every parameter and persistent buffer, in torch's
         state_dict order and naming."""
+        if any(m is self for m in _path) or len(_path) > _MAX_MODULE_DEPTH:
+            raise CheckpointError(f"module {prefix or self.class_name!r} contains itself, or nests more than "
+                                  f"{_MAX_MODULE_DEPTH} levels deep: not produced by torch.save")
         non_persistent = self.attrs.get("_non_persistent_buffers_set") or set()
-        for name, value in (self.attrs.get("_parameters") or {}).items():
+        if not isinstance(non_persistent, (set, frozenset)):
+            raise CheckpointError(f"module {prefix or self.class_name!r}: _non_persistent_buffers_set is a "
+                                  f"{type(non_persistent).__name__}, not a set")
+        for name, value in self._table("_parameters", prefix):
             if value is not None:
-                yield prefix + name, value
-        for name, value in (self.attrs.get("_buffers") or {}).items():
+                yield prefix + name, _tensor(value, prefix + name)
+        for name, value in self._table("_buffers", prefix):
             if value is not None and name not in non_persistent:
-                yield prefix + name, value
-        for name, sub in (self.attrs.get("_modules") or {}).items():
+                yield prefix + name, _tensor(value, prefix + name)
+        for name, sub in self._table("_modules", prefix):
             if sub is None:
                 continue
             if not isinstance(sub, TorchModule):
                 raise CheckpointError(f"sub-module {prefix + name!r} is a {type(sub).__name__}, not a module")
-            yield from sub.named_tensors(prefix + name + ".")
+            yield from sub.named_tensors(prefix + name + ".", _path + (self,))
+
+    def _table(self, key: str, prefix: str):
+        """The (name, value) items of `_parameters`, `_buffers` or `_modules`: a dict by names."""
+        table = self.attrs.get(key) or {}
+        if not isinstance(table, dict) or not all(isinstance(k, str) for k in table):
+            raise CheckpointError(f"module {prefix or self.class_name!r}: {key} is not a dict of names")
+        return list(table.items())
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return dict(self.named_tensors())
 
+
+_MAX_MODULE_DEPTH = 32
+
+
+def _tensor(value, name: str) -> np.ndarray:
+    if not isinstance(value, np.ndarray):
+        raise CheckpointError(f"tensor {name!r} is a {type(value).__name__}, not a tensor")
+    return value
 
 _MODULE_CLASSES = {
     ("model_qinco", "QINCo"),
@@ -187,6 +210,9 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
             and ints(tuple(stride)) and len(size) == len(stride)):
         raise CheckpointError(f"tensor with invalid layout: offset {storage_offset}, size {size}, stride {stride}")
     size, stride = tuple(size), tuple(stride)
+    if len(size) > 8 or any(n >= 1 << 31 for n in size) or math.prod(size) > len(storage):
+        # torch.save writes a parameter's own storage: it never holds more elements than that
+        raise CheckpointError(f"tensor of size {size[:8]} is larger than its storage of {len(storage)} elements")
     if 0 in size:
         return np.zeros(size, storage.dtype)
     last = storage_offset + sum((n - 1) * s for n, s in zip(size, stride))
@@ -224,7 +250,64 @@ _CALLABLES: dict[tuple[str, str], Callable] = {
 # --------------------------------------------------------------------------------------
 
 
-class _SafeUnpickler(pickle.Unpickler):
+# The opcodes of protocol-2 pickles as torch.save writes them (and a few harmless
+# relatives of later protocols). Everything else is refused before it runs: the text
+# opcodes of protocol 0 (INST/OBJ call classes), copyreg extensions, out-of-band
+# buffers, and the opcodes with 8-byte lengths or unbounded integers (LONG4), whose
+# lengths could size an allocation.
+_ALLOWED_OPCODES = frozenset(
+    "PROTO STOP MARK POP POP_MARK DUP NONE NEWTRUE NEWFALSE BININT BININT1 BININT2 LONG1 BINFLOAT "
+    "BINUNICODE SHORT_BINUNICODE BINSTRING SHORT_BINSTRING BINBYTES SHORT_BINBYTES "
+    "EMPTY_TUPLE TUPLE TUPLE1 TUPLE2 TUPLE3 EMPTY_LIST APPEND APPENDS LIST EMPTY_DICT DICT SETITEM SETITEMS "
+    "GLOBAL STACK_GLOBAL REDUCE NEWOBJ BUILD BINPERSID BINPUT LONG_BINPUT MEMOIZE BINGET LONG_BINGET".split())
+
+
+class _Dispatch(dict):
+    """pickle's opcode table, reduced to _ALLOWED_OPCODES; any other opcode is refused."""
+
+    def __missing__(self, code):
+        name = _OPCODE_NAMES.get(code, f"0x{code:02x}")
+        raise CheckpointError(f"pickle opcode {name} is not allowed in a QINCo checkpoint")
+
+
+_OPCODE_NAMES = {op.code.encode("latin1")[0]: op.name for op in pickletools.opcodes}
+_DISPATCH = _Dispatch({code: fn for code, fn in pickle._Unpickler.dispatch.items()
+                       if _OPCODE_NAMES.get(code) in _ALLOWED_OPCODES})
+
+
+def _load_build(self):
+    # BUILD sets the state of the object under it. Only the stand-ins of modules, numpy
+    # dtypes and state dicts (torch sets their `_metadata`) take one, all fresh objects
+    # of this load: BUILD on anything else (a function of the allow-list, a stand-in
+    # class) could change it for every later load.
+    state = self.stack.pop()
+    inst = self.stack[-1]
+    if isinstance(inst, TorchModule):
+        inst.__setstate__(state)
+    elif isinstance(inst, np.dtype):
+        # numpy's own state of a plain numeric dtype, and nothing else: numpy's
+        # __setstate__ fails badly (SystemError) on some malformed ones
+        if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3 and state[1] in ("<", ">", "|", "=")
+                and state[2:5] == (None, None, None) and state[5:] == (-1, -1, 0)):
+            raise CheckpointError(f"numpy dtype with a malformed state {str(state)[:80]}")
+        inst.__setstate__(state)
+    elif type(inst) is collections.OrderedDict and isinstance(state, dict) \
+            and all(isinstance(k, str) for k in state):
+        inst.__dict__.update(state)
+    else:
+        raise CheckpointError(f"pickle sets the state of a {type(inst).__name__}: not produced by torch.save")
+
+
+_DISPATCH[pickle.BUILD[0]] = _load_build
+
+
+class _SafeUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler (its memo is a dict and it reads lengths from the data
+    actually present: no field of the file sizes an allocation), with the opcode table
+    above and every global through find_class's allow-list."""
+
+    dispatch = _DISPATCH
+
     def __init__(self, data: bytes, load_storage: Callable, path: str):
         super().__init__(io.BytesIO(data))
         self._load_storage = load_storage
@@ -281,7 +364,7 @@ def _open_zip(path: str) -> zipfile.ZipFile:
                               "(expected a .pt file or a qinco-jax model directory)")
     try:
         return zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
+    except _ZIP_ERRORS as e:
         raise CheckpointError(f"{path}: truncated or corrupt zip archive ({e})") from None
 
 
@@ -323,14 +406,28 @@ def load_pt(path: str | os.PathLike) -> Any:
         except CheckpointError:
             raise
         except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError,
-                IndexError, KeyError, struct.error) as e:
+                IndexError, KeyError, struct.error, OverflowError, RecursionError, SystemError) as e:
             raise CheckpointError(f"{path}: corrupt pickle in data.pkl ({type(e).__name__}: {e})") from None
 
 
+# What zipfile raises on damaged archives (RuntimeError: a flipped "encrypted" flag).
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError, RuntimeError,
+               struct.error, OverflowError, IndexError, KeyError)
+
+
 def _read(zf: zipfile.ZipFile, name: str, path: str) -> bytes:
+    """An entry's bytes, after checking its sizes against the file (a damaged size field
+    must not size an allocation); zipfile checks the entry's CRC-32 as it reads."""
     try:
-        return zf.read(name)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
+        info = zf.getinfo(name)
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(f"{path}: entry {name!r} is compressed (method {info.compress_type}); "
+                                  "torch.save stores entries uncompressed")
+        if info.file_size != info.compress_size or info.file_size > os.path.getsize(path):
+            raise CheckpointError(f"{path}: entry {name!r} claims {info.file_size} bytes, more than the "
+                                  f"archive holds: truncated or corrupt")
+        return zf.read(info)
+    except _ZIP_ERRORS as e:
         raise CheckpointError(f"{path}: cannot read {name!r} from the archive, truncated or corrupt ({e})") \
             from None
 

@@ -50,7 +50,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qinco_jax import codec
+from qinco_jax import codec, validation
 from qinco_jax import model as qm
 from qinco_jax.config import EncodeOptions
 from qinco_jax.io import write_bytes
@@ -337,6 +337,8 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
         raise ValueError(f"training vectors have shape {xt.shape}, the model needs dimension {config.d}")
     if len(xt) == 0:
         raise ValueError("no training vectors")
+    validation.check_all_finite(xt, "training vectors")
+    validation.check_all_finite(xval, "validation vectors")
     if xval.ndim != 2 or xval.shape[1] != config.d or len(xval) == 0:
         raise ValueError(f"validation vectors have shape {xval.shape}, the model needs (n >= 1, {config.d})")
     if config.is_ivf:

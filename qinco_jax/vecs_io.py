@@ -8,14 +8,16 @@ Formats, chosen by the file's extension:
     .fbin .ibin .u8bin      big-ann-benchmarks: an int32 n and an int32 d, then n x d
                             float32 / int32 / uint8 values
 
-Readers memory-map by default, so opening the one-billion-vector BigANN base file costs
-nothing until rows are sliced. Every reader checks the file's size against its header
-before mapping it: a truncated download fails with a message naming the file, instead
+Readers memory-map by default: rows are read when sliced. Every reader checks the
+file's size against its header before mapping it, and a .fvecs/.ivecs/.bvecs reader
+checks every row's dimension header (one vectorised pass over the map): a truncated
+download or misaligned rows fail with a message naming the file and the row, instead
 of a reshape error or silently wrong vectors. All formats are little-endian.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 
@@ -30,6 +32,7 @@ BIN_DTYPES = {".fbin": np.dtype("<f4"), ".ibin": np.dtype("<i4"), ".u8bin": np.d
 EXTENSIONS = (".npy",) + tuple(VECS_DTYPES) + tuple(BIN_DTYPES)
 
 _WRITE_CHUNK = 1 << 16  # rows per write: bounds the temporary copy for huge arrays
+_HEADER_CHUNK_BYTES = 8 << 20  # file bytes whose row headers are checked per step (pages released after)
 
 
 def _extension(path: str | os.PathLike) -> str:
@@ -118,18 +121,15 @@ def read_vectors(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
             raise ValueError(f"{path}: not a readable .npy file ({e})") from None
         if x.ndim != 2:
             raise ValueError(f"{path}: expected a 2-D array of vectors, got shape {x.shape}")
+        if x.dtype.kind not in "fiu" or x.dtype.fields is not None:  # complex, bool, object, strings...
+            raise ValueError(f"{path}: holds elements of dtype {x.dtype}; vector files hold real numbers "
+                             "(float or integer)")
         return x
     if ext in VECS_DTYPES:
         n, d, row = _vecs_layout(path, ext)
         raw = np.memmap(path, dtype="u1", mode="r") if mmap else np.fromfile(path, dtype="u1")
         rows = raw.reshape(n, row)
-        # Every row repeats d; a file with mixed dimensions would be misread silently.
-        # A memory map checks the last row only (reading every header of a 100 GB file
-        # would read the file); an in-memory read checks them all.
-        heads = rows[-1:, :4] if mmap else rows[:, :4]
-        if n and np.any(np.ascontiguousarray(heads).view("<i4") != d):
-            raise ValueError(f"{path}: rows of different dimensions (the first is {d}); "
-                             f"not a valid {ext[1:]} file")
+        _check_row_headers(path, rows, d)
         x = rows[:, 4:].view(VECS_DTYPES[ext]) if VECS_DTYPES[ext].itemsize > 1 else rows[:, 4:]
         return x if mmap else np.ascontiguousarray(x)
     n, d = _bin_layout(path, ext)
@@ -139,6 +139,43 @@ def read_vectors(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
             return np.zeros((0, d), dtype)
         return np.memmap(path, dtype=dtype, mode="r", offset=8, shape=(n, d))
     return np.fromfile(path, dtype=dtype, offset=8).reshape(n, d)
+
+
+def _check_row_headers(path, rows: np.ndarray, d: int) -> None:
+    """Every row of a .fvecs/.ivecs/.bvecs file repeats d; a row that says otherwise
+    means the rows are misaligned and every later vector would be misread silently.
+    Checked through a strided view of the map, a few MB of the file at a time
+    (vectorised; one sequential pass over the file's pages, released as it goes)."""
+    heads = rows[:, :4]
+    chunk = max(1, _HEADER_CHUNK_BYTES // rows.shape[1])
+    for i0 in range(0, len(rows), chunk):
+        dims = np.ascontiguousarray(heads[i0:i0 + chunk]).view("<i4").ravel()
+        release(rows[i0:i0 + chunk])
+        bad = np.flatnonzero(dims != d)
+        if len(bad):
+            r = i0 + int(bad[0])
+            raise ValueError(f"{path}: row {r} says dimension {int(dims[bad[0]])}, the first row says {d}: "
+                             f"rows of different dimensions, or a corrupt {Path(path).suffix[1:]} file")
+
+
+def release(rows: np.ndarray) -> None:
+    """Unmap the pages of rows of a read-only memory map once they have been read.
+
+    Streaming a file larger than RAM through a map leaves every page read resident
+    in the process (the kernel reclaims them only under pressure): the process's
+    resident size grows to the file's. Releasing each batch once used keeps it to a
+    few batches; the pages stay in the page cache and a later access reads them
+    again. No-op for anything but a read-only np.memmap (a copy-on-write map would
+    lose its changes)."""
+    mm = getattr(rows, "_mmap", None)
+    if not isinstance(rows, np.memmap) or mm is None or rows.mode != "r" or rows.size == 0 \
+            or not hasattr(mm, "madvise"):
+        return
+    start = rows.__array_interface__["data"][0] - np.frombuffer(mm, np.uint8).ctypes.data
+    span = (len(rows) - 1) * rows.strides[0] + rows.itemsize * int(np.prod(rows.shape[1:]))
+    page = mmap.PAGESIZE
+    first, last = start // page * page, -(-(start + span) // page) * page
+    mm.madvise(mmap.MADV_DONTNEED, first, min(last, len(mm)) - first)
 
 
 def _check_lossless(path, array: np.ndarray, dtype: np.dtype) -> None:

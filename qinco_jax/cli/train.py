@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qinco_jax import cli
+from qinco_jax import cli, validation
 
 DEFAULT_TODO = ["train_rq", "train"]
 
@@ -116,12 +116,12 @@ def load_training_vectors(args, log=print) -> np.ndarray:
         if len(x) < need:
             raise cli.UsageError(f"not enough training vectors in {args.training_data}: {len(x)} < "
                                  f"--nt {args.nt} + --nval {args.nval}")
-        return np.array(x[:need], dtype=np.float32)
+        return validation.as_finite_float32(x[:need], "training vectors")  # checked as copied: one read
     from qinco_jax.datasets import get_dataset
 
     ds = get_dataset(args.db)
     log(f"loading training vectors of data set {args.db}: {ds}")
-    x = np.asarray(ds.get_train(maxtrain=need), dtype=np.float32)
+    x = validation.as_finite_float32(ds.get_train(maxtrain=need), "training vectors")
     if len(x) < need:
         raise cli.UsageError(f"not enough training vectors in data set {args.db}: {len(x)} < "
                              f"--nt {args.nt} + --nval {args.nval}")
@@ -146,7 +146,7 @@ def check_args(args) -> None:
 def load_ivf_centroids(path: str, d: int) -> np.ndarray:
     from qinco_jax.vecs_io import read_vectors
 
-    c = np.asarray(read_vectors(path, mmap=False), dtype=np.float32)
+    c = validation.as_finite_float32(read_vectors(path), "IVF centroids")
     if c.ndim != 2 or c.shape[1] != d:
         raise cli.UsageError(f"IVF centroids {path} have shape {c.shape}: their dimension must be the "
                              f"training vectors' d={d}")

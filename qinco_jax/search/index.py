@@ -37,7 +37,7 @@ from typing import Callable, Iterable
 import faiss
 import numpy as np
 
-from qinco_jax import aq, codec, packing
+from qinco_jax import aq, codec, packing, validation
 from qinco_jax.config import EncodeOptions
 from qinco_jax.io import atomic_path
 from qinco_jax.model import QincoModel
@@ -184,7 +184,7 @@ def train_index(model: QincoModel, xt: np.ndarray, index_key: str, *, xt_codes: 
     coarse quantizer, the norm quantizer trained as the reference trains it."""
     model = require_ivf_model(model)
     index = new_index(model, index_key, ef_construction)  # checks the key first: fail fast
-    xt = np.asarray(xt, np.float32)
+    xt = validation.as_finite_float32(xt, "index training vectors")
     t0 = time.time()
     if xt_codes is None:
         log(f"encoding {len(xt)} training vectors")
@@ -203,9 +203,10 @@ def train_index(model: QincoModel, xt: np.ndarray, index_key: str, *, xt_codes: 
     log(f"AQ codebooks fitted in {t_train:.2f} s, MSE of the training residuals {mse:g}")
 
     t0 = time.time()
-    coarse_quantizer(index).add(centroids)
-    faiss.copy_array_to_vector(np.ascontiguousarray(codebooks.ravel()), index.rq.codebooks)
-    index.rq.train_norm(len(err_norms), faiss.swig_ptr(err_norms))
+    with validation.faiss_step("index training (coarse quantizer, norm quantizer)", on=f"{len(xt)} training vectors"):
+        coarse_quantizer(index).add(centroids)
+        faiss.copy_array_to_vector(np.ascontiguousarray(codebooks.ravel()), index.rq.codebooks)
+        index.rq.train_norm(len(err_norms), faiss.swig_ptr(err_norms))
     index.rq.is_trained = True
     index.is_trained = True
     t_index = time.time() - t0
@@ -267,7 +268,8 @@ def add_codes(index, model: QincoModel, codes: np.ndarray, first_id: int | None 
         first_id = index.ntotal
     order = np.argsort(codes[:, 0].astype(np.int64))
     sa = np.ascontiguousarray(sa_codes(index, codes[order], codebooks))
-    index.add_sa_codes(sa, (first_id + order).astype(np.int64))
+    with validation.faiss_step("adding codes to the index", on=f"{len(codes)} vectors from id {first_id}"):
+        index.add_sa_codes(sa, (first_id + order).astype(np.int64))
 
 
 def add_vectors(index, model: QincoModel, batches: Iterable[np.ndarray], *, code_batches: bool = False,
@@ -282,8 +284,9 @@ def add_vectors(index, model: QincoModel, batches: Iterable[np.ndarray], *, code
     for i, batch in enumerate(batches):
         if code_batches:
             codes = check_model_codes(model, batch, None, f"code batch {i}")
-        else:
-            codes = codec.encode(model, np.asarray(batch, np.float32), options, progress=f"encode db batch {i}")
+        else:  # dtype and finite values checked as the batch is copied, rows numbered in the whole database
+            batch = validation.as_finite_float32(batch, "database vectors", first_row=index.ntotal - n_before)
+            codes = codec.encode(model, batch, options, progress=f"encode db batch {i}")
         add_codes(index, model, codes, codebooks=codebooks)
         log(f"  [{time.time() - t0:.2f} s] added {index.ntotal - n_before} vectors")
     added = index.ntotal - n_before
@@ -318,5 +321,6 @@ def train_ivf_centroids(xt: np.ndarray, n_centroids: int, niter: int = 10, *, ve
         raise ValueError(f"{len(xt)} training vectors cannot make {n_centroids} centroids")
     gpu = faiss.get_num_gpus() > 0 if hasattr(faiss, "get_num_gpus") else False
     km = faiss.Kmeans(xt.shape[1], n_centroids, niter=niter, verbose=verbose, gpu=gpu)
-    km.train(np.ascontiguousarray(xt, dtype=np.float32))
+    with validation.faiss_step("k-means of the IVF centroids", on=f"{len(xt)} x {xt.shape[1]} training vectors"):
+        km.train(validation.as_finite_float32(xt, "k-means training vectors"))
     return km.centroids

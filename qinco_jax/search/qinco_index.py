@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 
+from qinco_jax import validation
 from qinco_jax.config import EncodeOptions
 from qinco_jax.model import QincoModel
 from qinco_jax.search import index as ivf_index
@@ -130,6 +131,7 @@ class QincoIndex:
         xq = np.asarray(xq)
         if xq.ndim != 2 or xq.shape[1] != self.d:
             raise ValueError(f"queries have shape {xq.shape}, the index needs (nq, {self.d})")
+        validation.check_all_finite(xq, "queries")
         if k not in self._rerankers:
             self._rerankers[k] = Reranker(self.model, dtype=self.options.dtype, k=k)
         return search_ivf(self.index, self.model, xq, self.nshort, self._rerankers[k])

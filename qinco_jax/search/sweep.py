@@ -8,7 +8,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from qinco_jax import report
+from qinco_jax import report, validation
 from qinco_jax.metrics import one_recall_at
 from qinco_jax.model import QincoModel
 from qinco_jax.search.index import check_index_matches_model, coarse_quantizer, require_ivf_model
@@ -28,6 +28,7 @@ def set_search_parameters(index, parameters: dict) -> None:
 def check_queries(model: QincoModel, xq: np.ndarray, gt: np.ndarray) -> None:
     if np.ndim(xq) != 2 or np.shape(xq)[1] != model.d:
         raise ValueError(f"queries have shape {np.shape(xq)}, the model ({model.describe()}) needs (nq, {model.d})")
+    validation.check_all_finite(xq, "queries")
     if len(gt) != len(xq):
         raise ValueError(f"{len(gt)} ground-truth rows for {len(xq)} queries")
 
