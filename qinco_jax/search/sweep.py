@@ -50,12 +50,17 @@ def operating_point(parameters: dict, r: SearchResult, gt: np.ndarray) -> dict:
 def explore(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe: Sequence[int],
             nshort: Sequence[int], ef_search: Sequence[int] = (), n_autotune: int = 0,
             reranker: Reranker | None = None, mid: PairwiseReranker | None = None,
-            nmid_short: Sequence[int] = (), log: Callable[[str], None] = print) -> list[dict]:
+            nmid_short: Sequence[int] = (), previous: Sequence[dict] = (),
+            on_result: Callable[[list[dict]], None] | None = None,
+            log: Callable[[str], None] = print) -> list[dict]:
     """Search at every operating point of nprobe x efSearch x nshort (x nmid_short when
     a pairwise stage `mid` is given: see `search.pairwise_stage.middle_stage`), or at
     n_autotune sampled ones, skipping points that cannot be Pareto-optimal, as the
     reference. Returns one dict per point: parameters, cno, recalls, recalls_orig,
-    t_search, t_decode, t_dis, nq (and with `mid`: t_mid, recalls_mid)."""
+    t_search, t_decode, t_dis, nq (and with `mid`: t_mid, recalls_mid).
+    previous: results of an earlier run (resume): their points are not searched again,
+    they feed the pruning and are returned first. on_result(results so far) is called
+    after every new point (e.g. to save them)."""
     from faiss.contrib.evaluation import OperatingPointsWithRanges
 
     model = require_ivf_model(model)
@@ -83,10 +88,16 @@ def explore(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe:
     names = ["nprobe"] + (["quantizer_efSearch"] if ef_search else []) + ["nshort"] \
         + (["nmid_short"] if mid is not None else [])
     log(report.format_header(names))
-    results = []
+    results = list(previous)
+    done = {tuple(sorted(r["parameters"].items())): r for r in previous}
     for cno in experiments:
         key = op.cno_to_key(cno)
         parameters = {k: int(v) for k, v in op.get_parameters(key).items()}
+        if tuple(sorted(parameters.items())) in done:
+            old = done[tuple(sorted(parameters.items()))]
+            op.add_operating_point(key, old["recalls"]["1"], report.total_seconds(old))
+            log(f"{cno:4d} {str(parameters):55s} loaded from the previous results")
+            continue
         if n_autotune:
             max_perf, min_time = op.predict_bounds(key)
             if not op.is_pareto_optimal(max_perf, min_time):
@@ -99,5 +110,7 @@ def explore(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe:
         op.add_operating_point(key, res["recalls"]["1"], report.total_seconds(res))
         results.append(res)
         log(report.format_row(res, names, len(xq)))
+        if on_result is not None:
+            on_result(results)
     return results
 
