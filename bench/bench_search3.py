@@ -35,6 +35,8 @@ import tempfile
 
 import numpy as np
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
 from qinco_jax import checkpoint, codec, pairwise, report
 from qinco_jax.search import index as ivf
 from qinco_jax.search import pairwise_stage
