@@ -7,7 +7,9 @@ and an operating point is
     {"parameters": {...}, "recalls": {"1": r, "10": r, "100": r}, "recalls_orig": {...},
      "t_search": s, "t_decode": s, "t_dis": s, "nq": n}
 with times in seconds for the whole query set; "recalls_orig" are the recalls of the
-shortlist before QINCo re-ranking. `load_results` also reads a bare list of points
+shortlist before QINCo re-ranking. A three-stage search (pairwise decoder) adds
+"nmid_short" to the parameters, "t_mid" (the pairwise stage) and "recalls_mid" (the
+pairwise stage's shortlist of nshort). `load_results` also reads a bare list of points
 (files written before this schema).
 """
 
@@ -52,7 +54,8 @@ def queries_in(results: Sequence[Result]) -> int:
 
 
 def total_seconds(r: Result) -> float:
-    return float(r["t_search"]) + float(r.get("t_decode", 0.0)) + float(r.get("t_dis", 0.0))
+    return (float(r["t_search"]) + float(r.get("t_mid", 0.0)) + float(r.get("t_decode", 0.0))
+            + float(r.get("t_dis", 0.0)))
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -79,10 +82,12 @@ def format_row(r: Result, param_names: Sequence[str], nq: int) -> str:
     milliseconds per query and their split (printed as a sweep runs, and by format_table)."""
     p = " ".join(f"{str(r['parameters'].get(k, '')):>8s}" for k in param_names)
     o, q = r.get("recalls_orig", {}), r["recalls"]
-    ms = [1000 * float(r.get(t, 0.0)) / nq for t in ("t_search", "t_decode", "t_dis")]
+    stages = ("t_search", "t_mid", "t_decode", "t_dis") if "t_mid" in r else ("t_search", "t_decode", "t_dis")
+    ms = " + ".join(f"{1000 * float(r.get(t, 0.0)) / nq:.4f}" for t in stages)
+    mid = " (search + mid + decode + dis)" if "t_mid" in r else ""
     return (f"{p} | {o.get('1', float('nan')):7.3f} {o.get('10', float('nan')):6.3f} "
             f"{o.get('100', float('nan')):6.3f} | {q['1']:9.3f} {q['10']:6.3f} {q['100']:6.3f} | "
-            f"{1000 * total_seconds(r) / nq:8.3f} ({ms[0]:.4f} + {ms[1]:.4f} + {ms[2]:.4f})")
+            f"{1000 * total_seconds(r) / nq:8.3f} ({ms}){mid}")
 
 
 def param_names(results: Sequence[Result]) -> list[str]:
@@ -113,10 +118,13 @@ def plot_recall_vs_time(results: Sequence[Result], nq: int, path: str | os.PathL
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    series = [("QINCo re-ranked", "recalls", total_seconds, "tab:red"),
-              ("AQ shortlist only", "recalls_orig", lambda r: float(r["t_search"]), "tab:blue")]
-    for label, key, seconds, color in series:
-        pts = [(1000 * seconds(r) / nq, r[key]["1"]) for r in results if key in r]
+    three = lambda r: int(r["parameters"].get("nmid_short", 0)) > 1  # noqa: E731
+    series = [("QINCo re-ranked", "recalls", total_seconds, "tab:red", lambda r: not three(r)),
+              ("pairwise + QINCo re-ranked", "recalls", total_seconds, "tab:green", three),
+              ("AQ shortlist only", "recalls_orig", lambda r: float(r["t_search"]), "tab:blue",
+               lambda r: not three(r))]
+    for label, key, seconds, color, keep in series:
+        pts = [(1000 * seconds(r) / nq, r[key]["1"]) for r in results if key in r and keep(r)]
         if not pts:
             continue
         ax.scatter(*zip(*pts), s=12, color=color, alpha=0.4)

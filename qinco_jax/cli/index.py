@@ -7,9 +7,15 @@ Steps (--todo), in this order:
                    model's centroids in the coarse quantizer -> trained index (--trained_index)
   add              encode the database (or read --xb_codes files) and fill the inverted
                    lists -> full index (--index)
+  train_pairwise_decoder
+                   train QINCo2's pairwise additive decoder on the training set's model
+                   codes (encoded, or read from --xt_codes) -> --pairwise_decoder (.pt,
+                   the reference's format); not in the default --todo
   search           shortlist of nshort from the index, QINCo decoding of the shortlist and
                    exact re-ranking, for every nprobe x efSearch x nshort; prints a table
-                   and writes the results to --json
+                   and writes the results to --json. With --pairwise_decoder: the
+                   three-stage search (faiss returns nmid_short * nshort entries, the
+                   pairwise decoder keeps nshort of them for QINCo), over --nmid_short too
 
     python search/search_ivf.py --db bigann10M --model models/bigann_IVF65k_16x8_L2.pt \\
         --index index/bigann10M_IVF65k_16x8_L2.faissindex --index_key IVF65536,RQ16x8_Nqint8
@@ -26,7 +32,7 @@ import numpy as np
 
 from qinco_jax import cli, datasets, packing
 
-TODO = ["train_centroids", "train", "add", "search"]
+TODO = ["train_centroids", "train", "add", "train_pairwise_decoder", "search"]
 
 
 def build_parser():
@@ -73,6 +79,14 @@ def build_parser():
                    help="nprobe settings to try")
     g.add_argument("--nshort", default=[10, 20, 50, 100, 200, 500, 1000], type=int, nargs="+",
                    help="shortlist sizes to try")
+    g.add_argument("--pairwise_decoder", default="",
+                   help="pairwise decoder file (.pt): written by --todo train_pairwise_decoder, used by search "
+                   "as the middle re-ranking stage")
+    g.add_argument("--nmid_short", default=[2, 4], type=int, nargs="+",
+                   help="with --pairwise_decoder: faiss shortlists of nmid_short * nshort entries (capped at "
+                   "8000) to try, cut to nshort by the pairwise decoder (0 or 1: no middle stage)")
+    g.add_argument("--n_pairwise_codebooks", default=2, type=int,
+                   help="pairwise tables per model code step (the reference's n_pairwise_codebooks)")
     g.add_argument("--n_autotune", default=0, type=int,
                    help="number of autotune experiments, skipping non-Pareto-optimal ones (0 = exhaustive)")
     return p
@@ -90,6 +104,13 @@ def check_args(args) -> None:
         bad = [v for v in getattr(args, name) if v < 1]
         if bad:
             raise cli.UsageError(f"--{name} values must be >= 1, got {bad}")
+    bad = [v for v in args.nmid_short if v < 0]
+    if bad:
+        raise cli.UsageError(f"--nmid_short values must be >= 0, got {bad}")
+    if args.n_pairwise_codebooks < 1:
+        raise cli.UsageError(f"--n_pairwise_codebooks must be >= 1, got {args.n_pairwise_codebooks}")
+    if "train_pairwise_decoder" in args.todo and not args.pairwise_decoder:
+        raise cli.UsageError("--todo train_pairwise_decoder needs --pairwise_decoder to store it")
     if args.bs is not None and args.bs < 1:
         raise cli.UsageError(f"--bs must be >= 1, got {args.bs}")
     if args.n_autotune < 0:
@@ -179,6 +200,21 @@ def run_add(args, model, ds, index, stats) -> None:
     log(f"add done in {t:.3f} s, {index.ntotal} vectors")
 
 
+def run_train_pairwise(args, model, ds):
+    from qinco_jax import pairwise
+    from qinco_jax.search import pairwise_stage
+
+    xt = ds.get_train(args.nt)
+    xt_codes = packing.read_codes_file(args.xt_codes, model) if args.xt_codes else None
+    log(f"training the pairwise decoder on {xt.shape} vectors ({args.n_pairwise_codebooks} tables per step)")
+    training = pairwise_stage.train_for_model(model, xt, xt_codes, n_tables_per_code=args.n_pairwise_codebooks,
+                                              options=encode_options(args))
+    log(f"pairwise decoder training MSE {training.train_mse[-1]:g} (IVF centroids alone {training.train_mse[0]:g})")
+    pairwise.save_pairwise_decoder(training.decoder, args.pairwise_decoder)
+    log(f"stored the pairwise decoder in {args.pairwise_decoder}")
+    return training
+
+
 def run_search(args, model, ds, index) -> list[dict]:
     from qinco_jax import report
     from qinco_jax.search import index as ivf
@@ -192,9 +228,15 @@ def run_search(args, model, ds, index) -> list[dict]:
     gt = ds.get_groundtruth()
     log(f"queries {xq.shape}, ground truth {gt.shape}")
     reranker = Reranker(model, dtype=cli.dtype_from_args(args))
+    mid = None
+    if args.pairwise_decoder:
+        from qinco_jax.search import pairwise_stage
+
+        mid = pairwise_stage.middle_stage(pairwise_stage.load_for_model(args.pairwise_decoder, model), model)
+        log(f"three-stage search with the pairwise decoder {args.pairwise_decoder}, nmid_short {args.nmid_short}")
     results = explore(index, model, xq, gt, nprobe=args.nprobe, nshort=args.nshort,
-                          ef_search=args.quantizer_efSearch, n_autotune=args.n_autotune,
-                          reranker=reranker, log=log)
+                      ef_search=args.quantizer_efSearch, n_autotune=args.n_autotune,
+                      reranker=reranker, mid=mid, nmid_short=args.nmid_short, log=log)
     log("\n" + report.format_table(results, len(xq)))
     return results
 
@@ -245,6 +287,10 @@ def main(argv=None):
         if args.index:
             ivf.write_index(index, args.index)
             log(f"stored index in {args.index}")
+
+    if "train_pairwise_decoder" in args.todo:
+        log("====================== training the pairwise decoder")
+        run_train_pairwise(args, model, ds)
 
     if "search" in args.todo:
         log("====================== searching")

@@ -109,18 +109,26 @@ def rq_nbits(index) -> list[int]:
 def check_index_matches_model(index, model: QincoModel, what: str = "the index") -> None:
     """Raise a ValueError naming the first property of `index` that `model` cannot fill."""
     c = require_ivf_model(model).config
-    if index.d != c.d:
-        raise ValueError(f"{what} has dimension d={index.d}, the model ({c.describe()}) has d={c.d}")
+    check_index_layout(index, d=c.d, nlist=c.K_IVF, M=c.M, K=c.K, what=what, model=c.describe())
+
+
+def check_index_layout(index, *, d: int, nlist: int, M: int, K: int, what: str = "the index",
+                       model: str = "") -> None:
+    """Raise a ValueError naming the first property of `index` that codes of M steps of
+    K codewords over nlist lists in dimension d (a model's, or a codes file's) cannot fill."""
+    of = f"the model ({model})" if model else "the codes"
+    if index.d != d:
+        raise ValueError(f"{what} has dimension d={index.d}, {of} has d={d}")
     if index.metric_type != faiss.METRIC_L2:
         raise ValueError(f"{what} does not use the L2 metric; QINCo re-ranking is L2")
-    if index.nlist != c.K_IVF:
-        raise ValueError(f"{what} has nlist={index.nlist} inverted lists, the model has K_IVF={c.K_IVF} centroids")
-    if index.rq.M != c.M:
-        raise ValueError(f"{what} has {index.rq.M} RQ codebooks, the model has M={c.M} QINCo steps")
+    if index.nlist != nlist:
+        raise ValueError(f"{what} has nlist={index.nlist} inverted lists, {of} has K_IVF={nlist} centroids")
+    if index.rq.M != M:
+        raise ValueError(f"{what} has {index.rq.M} RQ codebooks, {of} has M={M} QINCo steps")
     nbits = rq_nbits(index)
-    want = packing.bits_for(c.K)
-    if (1 << want) != c.K or any(b != want for b in nbits):
-        raise ValueError(f"{what} has RQ codes of {nbits} bits, the model's K={c.K} needs "
+    want = packing.bits_for(K)
+    if (1 << want) != K or any(b != want for b in nbits):
+        raise ValueError(f"{what} has RQ codes of {nbits} bits, {of} K={K} needs "
                          f"{want} bits per code (K a power of two)")
     if not index.by_residual:
         raise ValueError(f"{what} does not encode residuals (by_residual is off)")
@@ -183,7 +191,7 @@ def train_index(model: QincoModel, xt: np.ndarray, index_key: str, *, xt_codes: 
     QINCo codes (encoded here unless `xt_codes` is given), the model's centroids in the
     coarse quantizer, the norm quantizer trained as the reference trains it."""
     model = require_ivf_model(model)
-    index = new_index(model, index_key, ef_construction)  # checks the key first: fail fast
+    new_index(model, index_key, ef_construction)  # checks the key first: fail fast
     xt = validation.as_finite_float32(xt, "index training vectors")
     t0 = time.time()
     if xt_codes is None:
@@ -191,16 +199,52 @@ def train_index(model: QincoModel, xt: np.ndarray, index_key: str, *, xt_codes: 
         xt_codes = codec.encode(model, xt, options, progress="encode train")
     xt_codes = check_model_codes(model, xt_codes, len(xt), "training codes")
     t_encode = time.time() - t0
+    index, stats = train_index_on_codes(ivf_centroids(model), xt, xt_codes, index_key, model.config.K,
+                                        ef_construction=ef_construction, log=log)
+    return index, dataclasses.replace(stats, t_encode=t_encode)
+
+
+def train_index_on_codes(centroids: np.ndarray, xt: np.ndarray, xt_codes: np.ndarray, index_key: str, K: int, *,
+                         ef_construction: int = -1, max_training: int | None = None,
+                         log: Callable[[str], None] = print) -> tuple[faiss.IndexIVFResidualQuantizer, TrainStats]:
+    """A trained, empty IVF-RQ index from the IVF centroids (raw units), raw training
+    vectors and their model codes (n, 1 + M) alone — no model needed, as QINCo2's
+    `run.py task=build_index` builds it: AQ codebooks fitted by least squares to the
+    residuals xt - centroids[list] on the first `max_training` vectors (the reference's
+    search.aq_training_samples; all by default), the norm quantizer trained on the AQ
+    errors of all of them, the centroids in the coarse quantizer."""
+    centroids = np.ascontiguousarray(validation.as_finite_float32(centroids, "IVF centroids"))
+    xt = validation.as_finite_float32(xt, "index training vectors")
+    xt_codes = np.asarray(xt_codes)
+    if centroids.ndim != 2 or xt.ndim != 2 or centroids.shape[1] != xt.shape[1]:
+        raise ValueError(f"IVF centroids {centroids.shape} and training vectors {xt.shape} must be (nlist, d) "
+                         "and (n, d) of the same d")
+    if xt_codes.ndim != 2 or len(xt_codes) != len(xt) or xt_codes.shape[1] < 2:
+        raise ValueError(f"training codes have shape {xt_codes.shape}, expected ({len(xt)}, 1 + M)")
+    if xt_codes.min() < 0 or xt_codes[:, 0].max() >= len(centroids) or xt_codes[:, 1:].max() >= K:
+        raise ValueError(f"training codes out of range: lists must lie in [0, {len(centroids)}), "
+                         f"step codes in [0, {K})")
+    try:
+        index = as_ivf_index(faiss.index_factory(xt.shape[1], index_key))
+    except RuntimeError as e:
+        raise ValueError(f"faiss cannot build index key {index_key!r}: {_faiss_message(e)}") from None
+    check_index_layout(index, d=xt.shape[1], nlist=len(centroids), M=xt_codes.shape[1] - 1, K=K,
+                       what=f"index key {index_key!r}")
+    if ef_construction > 0:
+        quantizer = coarse_quantizer(index)
+        if not hasattr(quantizer, "hnsw"):
+            raise ValueError(f"efConstruction needs an HNSW coarse quantizer, {index_key!r} has none")
+        quantizer.hnsw.efConstruction = ef_construction
 
     t0 = time.time()
-    centroids = ivf_centroids(model)
     residuals = xt - centroids[xt_codes[:, 0]]
-    codebooks = aq.fit_codebooks(residuals, xt_codes[:, 1:], model.config.K)
+    nt = len(xt) if max_training is None else max(1, min(len(xt), int(max_training)))
+    codebooks = aq.fit_codebooks(residuals[:nt], xt_codes[:nt, 1:], K)
     recons = aq.reconstruct(xt_codes[:, 1:], codebooks)
     err_norms = np.ascontiguousarray(((recons - residuals) ** 2).sum(1), dtype=np.float32)
     mse = float(err_norms.astype(np.float64).mean())
     t_train = time.time() - t0
-    log(f"AQ codebooks fitted in {t_train:.2f} s, MSE of the training residuals {mse:g}")
+    log(f"AQ codebooks fitted on {nt} vectors in {t_train:.2f} s, MSE of the training residuals {mse:g}")
 
     t0 = time.time()
     with validation.faiss_step("index training (coarse quantizer, norm quantizer)", on=f"{len(xt)} training vectors"):
@@ -210,7 +254,7 @@ def train_index(model: QincoModel, xt: np.ndarray, index_key: str, *, xt_codes: 
     index.rq.is_trained = True
     index.is_trained = True
     t_index = time.time() - t0
-    return index, TrainStats(mse, t_encode, t_train, t_index)
+    return index, TrainStats(mse, 0.0, t_train, t_index)
 
 
 def index_codebooks(index) -> np.ndarray:
@@ -256,14 +300,28 @@ def sa_codes(index, codes: np.ndarray, codebooks: np.ndarray | None = None) -> n
     return np.hstack([encode_listnos(codes[:, 0], index.coarse_code_size()), packed])
 
 
-def add_codes(index, model: QincoModel, codes: np.ndarray, first_id: int | None = None,
+def check_index_codes(index, codes: np.ndarray, what: str = "codes to add") -> np.ndarray:
+    """Codes (n, 1 + M) as int32 after checking they fit the index (no model at hand)."""
+    codes = np.asarray(codes)
+    M, K = index.rq.M, 1 << rq_nbits(index)[0]
+    if codes.ndim != 2 or codes.shape[1] != M + 1 or not np.issubdtype(codes.dtype, np.integer):
+        raise ValueError(f"{what} are {codes.dtype} {codes.shape}: the index needs integer codes (n, {M + 1}) "
+                         f"(IVF list + {M} steps)")
+    if len(codes) and (codes.min() < 0 or codes[:, 0].max() >= index.nlist or codes[:, 1:].max() >= K):
+        raise ValueError(f"{what} out of range: lists must lie in [0, {index.nlist}), step codes in [0, {K})")
+    return codes.astype(np.int32)
+
+
+def add_codes(index, model: QincoModel | None, codes: np.ndarray, first_id: int | None = None,
               codebooks: np.ndarray | None = None) -> None:
     """Append vectors given by their model codes; ids are first_id, first_id + 1, ...
     (default: the index's current size). One C++ call fills all lists, after sorting the
     entries by list with numpy's default argsort, as the reference's add does: built
     from the same codes in the same batches, the lists hold the same entries in the same
-    order (which decides ties between entries with equal codes at search time)."""
-    codes = check_model_codes(model, codes, None, "codes to add")
+    order (which decides ties between entries with equal codes at search time).
+    model None: the codes are checked against the index alone."""
+    codes = (check_index_codes(index, codes) if model is None
+             else check_model_codes(model, codes, None, "codes to add"))
     if first_id is None:
         first_id = index.ntotal
     order = np.argsort(codes[:, 0].astype(np.int64))

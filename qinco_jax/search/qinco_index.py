@@ -6,8 +6,13 @@
     D, I = index.search(xq, 10)                                  # shortlist, QINCo re-ranking
     index.write("db.faissindex"); index = QincoIndex.read("db.faissindex", model)
 
-The search is the two stages of `rerank.search_ivf`: faiss returns the nshort best
-entries by the AQ approximation, QINCo decodes them and ranks them exactly.
+The search is the stages of `rerank.search_ivf`: faiss returns the nshort best entries
+by the AQ approximation, QINCo decodes them and ranks them exactly. With a pairwise
+decoder (QINCo2's three-stage search) faiss returns nmid_short * nshort entries and the
+pairwise decoder keeps the nshort nearest before QINCo decodes them:
+
+    index.pairwise_decoder = pairwise.load_pairwise_decoder("pairwise.pt")
+    index.nmid_short = 4
 """
 
 from __future__ import annotations
@@ -16,11 +21,12 @@ from typing import Callable
 
 import numpy as np
 
-from qinco_jax import validation
+from qinco_jax import pairwise, validation
 from qinco_jax.config import EncodeOptions
 from qinco_jax.model import QincoModel
 from qinco_jax.search import index as ivf_index
-from qinco_jax.search.rerank import Reranker, SearchResult, search_ivf
+from qinco_jax.search import pairwise_stage
+from qinco_jax.search.rerank import PairwiseReranker, Reranker, SearchResult, search_ivf
 
 DEFAULT_ADD_BATCH = 1 << 16  # database vectors encoded and added per batch
 
@@ -32,16 +38,22 @@ def _quiet(_msg: str) -> None:
 class QincoIndex:
     """A faiss IVF-RQ index (`faiss.IndexIVFResidualQuantizer`) and the IVF-QINCo model
     whose codes it holds. Settable search parameters: nprobe (lists visited), nshort
-    (shortlist re-ranked by QINCo), efSearch (of an HNSW coarse quantizer).
+    (shortlist re-ranked by QINCo), efSearch (of an HNSW coarse quantizer), and with a
+    `pairwise_decoder`: nmid_short (faiss returns nmid_short * nshort entries, capped as
+    `rerank.shortlist_length` says, for the pairwise stage to cut to nshort).
     options: how `add` encodes (and the re-ranking's dtype)."""
 
-    def __init__(self, index, model: QincoModel, *, options: EncodeOptions | None = None, nshort: int = 100):
+    def __init__(self, index, model: QincoModel, *, options: EncodeOptions | None = None, nshort: int = 100,
+                 pairwise_decoder: pairwise.PairwiseDecoder | None = None, nmid_short: int = 0):
         self.index = ivf_index.as_ivf_index(index)
         self.model = ivf_index.require_ivf_model(model)
         ivf_index.check_index_matches_model(self.index, self.model)
         self.options = options or EncodeOptions()
         self.nshort = nshort
+        self.nmid_short = nmid_short
         self._rerankers: dict[int, Reranker] = {}
+        self._mid: PairwiseReranker | None = None
+        self.pairwise_decoder = pairwise_decoder
 
     # ---- construction and files ------------------------------------------------------
 
@@ -107,6 +119,26 @@ class QincoIndex:
         self._nshort = int(value)
 
     @property
+    def nmid_short(self) -> int:
+        return self._nmid_short
+
+    @nmid_short.setter
+    def nmid_short(self, value: int) -> None:
+        if value < 0:
+            raise ValueError(f"nmid_short must be >= 0, got {value}")
+        self._nmid_short = int(value)
+
+    @property
+    def pairwise_decoder(self) -> pairwise.PairwiseDecoder | None:
+        return self._pairwise_decoder
+
+    @pairwise_decoder.setter
+    def pairwise_decoder(self, decoder: pairwise.PairwiseDecoder | None) -> None:
+        """Set (checked against the model) or remove (None) the middle stage."""
+        self._mid = None if decoder is None else pairwise_stage.middle_stage(decoder, self.model)
+        self._pairwise_decoder = decoder
+
+    @property
     def efSearch(self) -> int:  # noqa: N802 (faiss's name)
         return int(self._hnsw().efSearch)
 
@@ -134,7 +166,8 @@ class QincoIndex:
         validation.check_all_finite(xq, "queries")
         if k not in self._rerankers:
             self._rerankers[k] = Reranker(self.model, dtype=self.options.dtype, k=k)
-        return search_ivf(self.index, self.model, xq, self.nshort, self._rerankers[k])
+        return search_ivf(self.index, self.model, xq, self.nshort, self._rerankers[k], mid=self._mid,
+                          nmid_short=self.nmid_short)
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(D, I), each (nq, k): exact squared distances and ids of the k nearest

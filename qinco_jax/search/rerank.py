@@ -8,8 +8,17 @@ Re-ranking breaks ties between equal distances by shortlist position; the refere
 numpy argsort breaks them its own (unspecified) way, so recalls can differ by a query
 or so where the true neighbour shares its code with other vectors.
 
+With a pairwise decoder (QINCo2's three-stage search) faiss returns
+`shortlist_length(nshort, nmid_short)` = nmid_short * nshort entries (capped at
+MAX_SHORTLIST, as the reference caps them), the pairwise additive decoder
+(`qinco_jax.pairwise`) reconstructs them cheaply and keeps the nshort nearest by exact
+raw-unit distance, and only those nshort reach the full model. Every distance in both
+re-ranking stages is in raw units: the model's reconstructions are denormalised, the
+pairwise decoder's are raw-unit IVF centroids plus raw-unit tables.
+
 Timings reported per operating point, for the whole query set: t_search (faiss
-shortlist with codes), t_decode (unpacking the shortlist's codes, then the jitted
+shortlist with codes), t_mid (the pairwise stage: decode, exact distances, top
+nshort; 0 without one), t_decode (unpacking the shortlist's codes, then the jitted
 decode + exact distances + top 100, which the reference times as two steps: decode,
 then distances and sort), t_dis (gathering the result ids on the host).
 """
@@ -23,13 +32,33 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qinco_jax import codec
+from qinco_jax import codec, pairwise
 from qinco_jax.model import QincoModel
 from qinco_jax.search.index import split_search_codes
 
 RERANK_K = 100  # results kept after re-ranking, as in the reference
 # Shortlist rows decoded per jitted call: bounds the (rows x max(d, h)) activations.
 RERANK_ROWS = {"cpu": 8192, "gpu": 262144}
+# The most entries faiss is asked for in a three-stage search (the reference's cap).
+MAX_SHORTLIST = 8000
+# Shortlist rows the pairwise stage reconstructs per jitted call (T look-ups of D floats each).
+PAIRWISE_ROWS = {"cpu": 65536, "gpu": 1 << 20}
+
+
+def shortlist_length(nshort: int, nmid_short: int) -> int:
+    """Entries asked from faiss: nmid_short * nshort, capped at MAX_SHORTLIST as the
+    reference caps it, and never fewer than nshort (nmid_short 0 or 1: two stages)."""
+    if nshort < 1 or nmid_short < 0:
+        raise ValueError(f"need nshort >= 1 and nmid_short >= 0, got {nshort} and {nmid_short}")
+    return max(nshort, min(nmid_short * nshort, MAX_SHORTLIST))
+
+
+def _batch_queries(rows: int, nq: int, ns: int) -> int:
+    """Queries per jitted call: at most `rows` shortlist entries, and the nq queries
+    split into equal batches so that padding the last one wastes little."""
+    most = max(1, rows // ns)
+    n_batches = -(-max(nq, 1) // most)
+    return -(-max(nq, 1) // n_batches)
 
 
 def _rerank_impl(params, mean, std, xq, codes, valid, k, dtype, outer_skip):
@@ -66,14 +95,11 @@ class Reranker:
         self.dtype = codec.resolve_dtype(dtype)
         self.rows = int(rows_per_batch or RERANK_ROWS[codec.backend()])
         self.k = k
+        self.rows_decoded = 0  # shortlist entries decoded by the model so far (not the padding)
         self._warm: set[tuple[int, int]] = set()
 
     def _batch_queries(self, nq: int, ns: int) -> int:
-        """Queries per jitted call: at most `rows` shortlist entries, and the nq queries
-        split into equal batches so that padding the last one wastes little."""
-        most = max(1, self.rows // ns)
-        n_batches = -(-max(nq, 1) // most)
-        return -(-max(nq, 1) // n_batches)
+        return _batch_queries(self.rows, nq, ns)
 
     def warm_up(self, nq: int, ns: int) -> None:
         qb = self._batch_queries(nq, ns)
@@ -93,10 +119,73 @@ class Reranker:
         nq, ns, W = codes.shape
         codes = np.where(valid[..., None], codes, 0).astype(np.int32)  # decodable placeholders
         k = min(self.k, ns)
+        self.rows_decoded += nq * ns
         fn = lambda q, c, v: _rerank_batch(self.params, self.mean, self.std, q, c, v, k=k, dtype=self.dtype,
                                                outer_skip=self.outer_skip)
         return tuple(codec.map_batches(fn, [np.asarray(xq, np.float32), codes, np.asarray(valid, bool)],
                                        self._batch_queries(nq, ns)))
+
+
+def _pairwise_rank_impl(decoder, centroids, xq, codes, valid, k):
+    """Pairwise reconstructions (raw units) of (nq, ns, W) codes, exact squared
+    distances to the raw queries, the k smallest per query; missing entries last."""
+    nq, ns, W = codes.shape
+    xhat = pairwise.decode_batch(decoder, centroids, codes.reshape(nq * ns, W))
+    diff = xq[:, None, :] - xhat.reshape(nq, ns, -1)
+    dis = jnp.where(valid, jnp.sum(diff * diff, axis=-1), jnp.inf)
+    neg, idx = jax.lax.top_k(-dis, k)
+    return -neg, idx
+
+
+_pairwise_rank = jax.jit(_pairwise_rank_impl, static_argnames=("k",))
+
+
+class PairwiseReranker:
+    """The middle stage: the pairwise additive decoder re-ranks a long shortlist and
+    keeps the k nearest entries by exact raw-unit distance, per query batch (fixed
+    shapes per (shortlist length, k), so each pair compiles once; `warm_up` does it
+    outside the timed region).
+
+    ivf_centroids: the IVF centroids in raw units (`index.ivf_centroids(model)`), the
+    ones the decoder's tables were trained against."""
+
+    def __init__(self, decoder: pairwise.PairwiseDecoder, ivf_centroids: np.ndarray, *,
+                 rows_per_batch: int | None = None):
+        pairwise.check_layout(decoder)
+        self.centroids = jnp.asarray(pairwise.check_centroids(decoder, ivf_centroids))
+        self.decoder = jax.device_put(decoder)
+        self.rows = int(rows_per_batch or PAIRWISE_ROWS[codec.backend()])
+        self.rows_decoded = 0
+        self._warm: set[tuple[int, int, int]] = set()
+
+    @property
+    def K(self) -> int:
+        return self.decoder.K
+
+    @property
+    def nlist(self) -> int:
+        return self.decoder.nlist
+
+    def warm_up(self, nq: int, ns: int, k: int, width: int) -> None:
+        qb = _batch_queries(self.rows, nq, ns)
+        if (qb, ns, k) in self._warm:
+            return
+        args = (np.zeros((qb, self.decoder.d), np.float32), np.zeros((qb, ns, width), np.int32),
+                np.ones((qb, ns), bool))
+        jax.block_until_ready(_pairwise_rank(self.decoder, self.centroids, *args, k=k))
+        self._warm.add((qb, ns, k))
+
+    def __call__(self, xq: np.ndarray, codes: np.ndarray, valid: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """xq (nq, d) raw; codes (nq, ns, 1 + M) with the IVF list in column 0; valid
+        (nq, ns). Returns the pairwise distances and the shortlist positions of the
+        min(k, ns) nearest entries, best first; missing ones last at +inf."""
+        nq, ns, _ = codes.shape
+        codes = np.where(valid[..., None], codes, 0).astype(np.int32)
+        k = min(k, ns)
+        self.rows_decoded += nq * ns
+        fn = lambda q, c, v: _pairwise_rank(self.decoder, self.centroids, q, c, v, k=k)
+        return tuple(codec.map_batches(fn, [np.asarray(xq, np.float32), codes, np.asarray(valid, bool)],
+                                       _batch_queries(self.rows, nq, ns)))
 
 
 def gather_ids(ids: np.ndarray, D: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -110,32 +199,52 @@ def gather_ids(ids: np.ndarray, D: np.ndarray, positions: np.ndarray) -> np.ndar
 class SearchResult:
     D: np.ndarray  # (nq, <=100) exact distances after re-ranking
     I: np.ndarray  # (nq, <=100) ids after re-ranking
-    I_short: np.ndarray  # (nq, nshort) the index's shortlist (AQ order)
+    I_short: np.ndarray  # (nq, n) the index's shortlist (AQ order; n = shortlist_length(nshort, nmid_short))
     t_search: float
     t_decode: float
     t_dis: float
+    t_mid: float = 0.0  # the pairwise stage (0 without one)
+    I_mid: np.ndarray | None = None  # (nq, nshort) the pairwise stage's shortlist, best first
 
 
-def shortlist_and_rerank(shortlist, to_codes, xq: np.ndarray, nshort: int, reranker: Reranker) -> SearchResult:
-    """The two stages, timed alike for the IVF and the flat search: `shortlist(xq, nshort)`
-    -> (ids, payload) is t_search; `to_codes(ids, payload)` -> (model codes, valid) and
-    the re-ranking are t_decode; gathering the result ids is t_dis."""
+def shortlist_and_rerank(shortlist, to_codes, xq: np.ndarray, nshort: int, reranker: Reranker, *,
+                         mid: PairwiseReranker | None = None, nmid_short: int = 0) -> SearchResult:
+    """The two or three stages, timed alike for the IVF and the flat search:
+    `shortlist(xq, n)` -> (ids, payload) is t_search (n = nshort, or with a middle
+    stage `shortlist_length(nshort, nmid_short)`); `to_codes(ids, payload)` -> (model
+    codes, valid) and the re-ranking are t_decode; the pairwise stage cutting the n
+    entries to nshort is t_mid; gathering the result ids is t_dis. The middle stage
+    runs only when `mid` is given and n > nshort (as the reference)."""
     xq = np.ascontiguousarray(xq, np.float32)
+    n = shortlist_length(nshort, nmid_short) if mid is not None else nshort
+    three = mid is not None and n > nshort
     reranker.warm_up(len(xq), nshort)
+    if three:
+        mid.warm_up(len(xq), n, nshort, reranker.model.config.code_width)
     t0 = time.time()
-    I, payload = shortlist(xq, nshort)
+    I, payload = shortlist(xq, n)
     t1 = time.time()
     codes, valid = to_codes(I, payload)
+    t_mid, I_mid, I_final = 0.0, None, I
+    if three:
+        tm = time.time()
+        D_mid, pos = mid(xq, codes, valid, nshort)
+        codes = np.take_along_axis(codes, pos[..., None], axis=1)
+        valid = np.isfinite(D_mid)
+        I_mid = I_final = gather_ids(I, D_mid, pos)
+        t_mid = time.time() - tm
     D, positions = reranker(xq, codes, valid)
     t2 = time.time()
-    I_ref = gather_ids(I, D, positions)
+    I_ref = gather_ids(I_final, D, positions)
     t3 = time.time()
-    return SearchResult(D, I_ref, I, t1 - t0, t2 - t1, t3 - t2)
+    return SearchResult(D, I_ref, I, t1 - t0, t2 - t1 - t_mid, t3 - t2, t_mid, I_mid)
 
 
-def search_ivf(index, model: QincoModel, xq: np.ndarray, nshort: int, reranker: Reranker) -> SearchResult:
-    """One search at the index's current nprobe / efSearch: faiss shortlist of nshort
-    with the codes and list numbers of its entries, QINCo re-ranking."""
+def search_ivf(index, model: QincoModel, xq: np.ndarray, nshort: int, reranker: Reranker, *,
+               mid: PairwiseReranker | None = None, nmid_short: int = 0) -> SearchResult:
+    """One search at the index's current nprobe / efSearch: faiss shortlist (of
+    nshort, or nmid_short * nshort with a pairwise stage `mid`) with the codes and list
+    numbers of its entries, pairwise re-ranking to nshort, QINCo re-ranking."""
 
     def shortlist(q, ns):
         _, I, raw = index.search_and_return_codes(q, ns, include_listnos=True)
@@ -147,5 +256,4 @@ def search_ivf(index, model: QincoModel, xq: np.ndarray, nshort: int, reranker: 
         codes = np.concatenate([np.where(valid, listnos, 0)[..., None].astype(np.int32), fine], axis=2)
         return codes, valid
 
-    return shortlist_and_rerank(shortlist, to_codes, xq, nshort, reranker)
-
+    return shortlist_and_rerank(shortlist, to_codes, xq, nshort, reranker, mid=mid, nmid_short=nmid_short)

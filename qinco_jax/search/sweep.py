@@ -1,6 +1,11 @@
 """The operating-point sweep of an IVF-QINCo index: search at every (or an autotuned
-sample of) nprobe x efSearch x nshort, as the reference's search_ivf.py; one result dict
-per point (the schema of `qinco_jax.report`)."""
+sample of) nprobe x efSearch x nshort (x nmid_short with a pairwise decoder: QINCo2's
+three-stage search), as the reference's search_ivf.py / run.py task=search; one result
+dict per point (the schema of `qinco_jax.report`).
+
+Pruning (n_autotune > 0) uses faiss's OperatingPointsWithRanges, which assumes recall
+and time grow with every axis; that holds for nmid_short as for the others (a longer
+faiss shortlist, more pairwise decodes), so the same pruning covers the 4-axis grid."""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from qinco_jax import report, validation
 from qinco_jax.metrics import one_recall_at
 from qinco_jax.model import QincoModel
 from qinco_jax.search.index import check_index_matches_model, coarse_quantizer, require_ivf_model
-from qinco_jax.search.rerank import Reranker, SearchResult, search_ivf
+from qinco_jax.search.rerank import PairwiseReranker, Reranker, SearchResult, search_ivf
 
 
 def set_search_parameters(index, parameters: dict) -> None:
@@ -35,47 +40,78 @@ def check_queries(model: QincoModel, xq: np.ndarray, gt: np.ndarray) -> None:
 
 def operating_point(parameters: dict, r: SearchResult, gt: np.ndarray) -> dict:
     """One result as the CLIs write it to --json (see qinco_jax.report)."""
-    return dict(parameters=parameters, t_search=r.t_search, t_decode=r.t_decode, t_dis=r.t_dis,
-                recalls=one_recall_at(r.I, gt), recalls_orig=one_recall_at(r.I_short, gt), nq=len(r.I))
+    res = dict(parameters=parameters, t_search=r.t_search, t_decode=r.t_decode, t_dis=r.t_dis,
+               recalls=one_recall_at(r.I, gt), recalls_orig=one_recall_at(r.I_short, gt), nq=len(r.I))
+    if "nmid_short" in parameters:
+        res["t_mid"] = r.t_mid
+        res["recalls_mid"] = one_recall_at(r.I_short if r.I_mid is None else r.I_mid, gt)
+    return res
 
 
 def explore(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe: Sequence[int],
             nshort: Sequence[int], ef_search: Sequence[int] = (), n_autotune: int = 0,
-            reranker: Reranker | None = None, log: Callable[[str], None] = print) -> list[dict]:
-    """Search at every operating point of nprobe x efSearch x nshort (or n_autotune
-    sampled ones, skipping points that cannot be Pareto-optimal), as the reference.
-    Returns one dict per point: parameters, cno, recalls, recalls_orig, t_search,
-    t_decode, t_dis, nq."""
+            reranker: Reranker | None = None, mid: PairwiseReranker | None = None,
+            nmid_short: Sequence[int] = (), previous: Sequence[dict] = (),
+            on_result: Callable[[list[dict]], None] | None = None,
+            log: Callable[[str], None] = print) -> list[dict]:
+    """Search at every operating point of nprobe x efSearch x nshort (x nmid_short when
+    a pairwise stage `mid` is given: see `search.pairwise_stage.middle_stage`), or at
+    n_autotune sampled ones, skipping points that cannot be Pareto-optimal, as the
+    reference. Returns one dict per point: parameters, cno, recalls, recalls_orig,
+    t_search, t_decode, t_dis, nq (and with `mid`: t_mid, recalls_mid).
+    previous: results of an earlier run (resume): their points are not searched again,
+    they feed the pruning and are returned first. on_result(results so far) is called
+    after every new point (e.g. to save them)."""
     from faiss.contrib.evaluation import OperatingPointsWithRanges
 
     model = require_ivf_model(model)
     check_index_matches_model(index, model)
     check_queries(model, xq, gt)
     reranker = reranker or Reranker(model)
+    if mid is not None:
+        if not nmid_short:
+            raise ValueError("a pairwise decoder needs nmid_short values (faiss returns nmid_short * nshort entries)")
+        if any(v < 0 for v in nmid_short):
+            raise ValueError(f"nmid_short values must be >= 0, got {list(nmid_short)}")
+        if (mid.nlist, mid.K) != (model.config.K_IVF, model.config.K):
+            raise ValueError(f"the pairwise decoder (nlist={mid.nlist}, K={mid.K}) does not fit the model "
+                             f"({model.describe()})")
     index.parallel_mode = 3  # as the reference: parallel over queries and lists
     op = OperatingPointsWithRanges()
     op.add_range("nprobe", [int(v) for v in nprobe])
     if ef_search:
         op.add_range("quantizer_efSearch", [int(v) for v in ef_search])
     op.add_range("nshort", [int(v) for v in nshort])
+    if mid is not None:
+        op.add_range("nmid_short", [int(v) for v in nmid_short])
     experiments = op.sample_experiments(n_autotune, rs=np.random.RandomState(123))
     log(f"{op.num_experiments()} operating points, running {len(experiments)}")
-    names = ["nprobe"] + (["quantizer_efSearch"] if ef_search else []) + ["nshort"]
+    names = ["nprobe"] + (["quantizer_efSearch"] if ef_search else []) + ["nshort"] \
+        + (["nmid_short"] if mid is not None else [])
     log(report.format_header(names))
-    results = []
+    results = list(previous)
+    done = {tuple(sorted(r["parameters"].items())): r for r in previous}
     for cno in experiments:
         key = op.cno_to_key(cno)
         parameters = {k: int(v) for k, v in op.get_parameters(key).items()}
+        if tuple(sorted(parameters.items())) in done:
+            old = done[tuple(sorted(parameters.items()))]
+            op.add_operating_point(key, old["recalls"]["1"], report.total_seconds(old))
+            log(f"{cno:4d} {str(parameters):55s} loaded from the previous results")
+            continue
         if n_autotune:
             max_perf, min_time = op.predict_bounds(key)
             if not op.is_pareto_optimal(max_perf, min_time):
                 log(f"{cno:4d} {str(parameters):55s} skipped: cannot be Pareto-optimal")
                 continue
         set_search_parameters(index, parameters)  # the first point checks efSearch applies
-        r = search_ivf(index, model, xq, parameters["nshort"], reranker)
+        r = search_ivf(index, model, xq, parameters["nshort"], reranker, mid=mid,
+                       nmid_short=parameters.get("nmid_short", 0))
         res = dict(operating_point(parameters, r, gt), cno=int(cno))
-        op.add_operating_point(key, res["recalls"]["1"], r.t_search + r.t_decode + r.t_dis)
+        op.add_operating_point(key, res["recalls"]["1"], report.total_seconds(res))
         results.append(res)
         log(report.format_row(res, names, len(xq)))
+        if on_result is not None:
+            on_result(results)
     return results
 

@@ -1,0 +1,231 @@
+"""QINCo2's `run.py` search tasks: train_pairwise_decoder, build_index, search.
+
+Each is a function `task(cfg: RunConfig, log=print)` (the task registry of
+`qinco_jax.cli.run`); the work is done by the library (`qinco_jax.search`,
+`qinco_jax.pairwise`), these functions read the files the keys name and write the output.
+
+    run.py task=train_pairwise_decoder ivf_centroids=c.npy trainset=xt.npy \\
+        encoded_trainset=xt_codes.npz output=pairwise.pt           [K=..., n_pairwise_codebooks=2]
+    run.py task=build_index ivf_centroids=c.npy trainset=xt.npy encoded_trainset=xt_codes.npz \\
+        encoded_db=xb_codes.npz output=index.faissindex             [search.index_key=...]
+    run.py task=search model=m.pt index=index.faissindex queries=xq.npy queries_gt=gt.npy \\
+        [pairwise_decoder=pairwise.pt search.nmid_short=[2,4]] output=results.json [resume=true]
+
+Codes files: QINCo2's `.npz` header + `.part_<i>.npz` parts (`qinco_jax.code_parts`) or a
+plain `.npy` array (n, 1 + M). The encoded training set holds the codes of the whole
+training file; as in the reference, its first rows go with the training vectors (the
+file minus its last ds.valset rows, at most ds.trainset of them) and its last ds.valset
+rows with the validation vectors.
+
+Differences from the reference, on purpose:
+- every distance is in raw units (the reference's search compares raw queries with
+  normalised reconstructions, and its pairwise stage adds normalised centroids to raw
+  corrections); its re-ranked recalls are wrong whenever mean != 0 or std != 1;
+- fewer IVF centroids than K, and coarse codes of any size, work;
+- search needs index=: the reference's full-database search (db= without index=) is
+  `qinco-search-2stage`'s flat search here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from qinco_jax import pairwise, vecs_io
+from qinco_jax.run_config import RunConfig, RunConfigError, check_task, index_key, resolve_data
+
+Log = Callable[[str], None]
+ADD_BATCH = 1_000_000  # database codes added per batch (the reference's)
+EF_CONSTRUCTION = 20  # efConstruction of the HNSW coarse quantizer, as the reference builds it
+
+
+# --------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------
+
+
+def _vectors(path: str | None, role: str) -> np.ndarray:
+    if not path:
+        raise RunConfigError(f"no {role} file given")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{role} file {path} not found")
+    return vecs_io.read_vectors(path, mmap=True)
+
+
+def read_codes(path: str) -> np.ndarray:
+    """Codes (n, 1 + M) from QINCo2's .npz parts or a .npy array."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"codes file {path} not found")
+    if path.endswith(".npz"):
+        from qinco_jax.code_parts import read_codes as read_parts
+
+        codes = read_parts(path)
+    elif path.endswith(".npy"):
+        codes = np.load(path)
+    else:
+        raise RunConfigError(f"codes file {path}: expected QINCo2's .npz (task=encode) or a .npy array")
+    codes = np.asarray(codes)
+    if codes.ndim != 2 or codes.shape[1] < 2 or not np.issubdtype(codes.dtype, np.integer):
+        raise RunConfigError(f"codes file {path} holds {codes.dtype} {codes.shape}, expected integer codes "
+                             "(n, 1 + M) with the IVF list first")
+    return codes
+
+
+def ivf_centroids_file(cfg: RunConfig) -> np.ndarray:
+    if not cfg.ivf_centroids:
+        raise RunConfigError(f"task={cfg.task} needs ivf_centroids=<file.npy>")
+    c = np.load(cfg.ivf_centroids)
+    if c.ndim != 2:
+        raise RunConfigError(f"ivf_centroids={cfg.ivf_centroids} holds an array of shape {c.shape}, not (nlist, d)")
+    if cfg.ivf_K is not None and cfg.ivf_K != len(c):
+        raise RunConfigError(f"ivf_K={cfg.ivf_K} given, but ivf_centroids={cfg.ivf_centroids} holds {len(c)} centroids")
+    return c.astype(np.float32)
+
+
+def encoded_training_set(cfg: RunConfig, log: Log) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(xt, xt_codes, xval, xval_codes) split as the reference splits them."""
+    path = resolve_data(cfg).trainset
+    xt_all = _vectors(path, "training")
+    nval = cfg.ds.valset
+    if not 0 < nval <= len(xt_all) // 2:
+        raise RunConfigError(f"ds.valset={nval} must be positive and at most half of the {len(xt_all)} "
+                             f"vectors of {path}")
+    xt, xval = xt_all[:-nval], xt_all[-nval:]
+    nt = min(cfg.ds.trainset or len(xt), len(xt))
+    codes = read_codes(cfg.encoded_trainset)
+    if nt + nval > len(codes):
+        raise RunConfigError(f"encoded_trainset={cfg.encoded_trainset} holds {len(codes)} codes, fewer than the "
+                             f"{nt} training + {nval} validation vectors")
+    log(f"{nt} training vectors, {nval} validation vectors, codes of width {codes.shape[1]}")
+    return (np.asarray(xt[:nt], np.float32), codes[:nt], np.asarray(xval, np.float32), codes[-nval:])
+
+
+def _codebook_size(cfg: RunConfig, codes: np.ndarray) -> int:
+    if cfg.K is not None:
+        return int(cfg.K)
+    if cfg.model:
+        from qinco_jax import checkpoint
+
+        return int(checkpoint.load_model(cfg.model).config.K)
+    raise RunConfigError(f"task={cfg.task} needs K=<codebook size> (or model=<file.pt>)")
+
+
+def _check_codes(codes: np.ndarray, centroids: np.ndarray, K: int, what: str) -> None:
+    if codes.min() < 0 or codes[:, 0].max() >= len(centroids) or codes[:, 1:].max() >= K:
+        raise RunConfigError(f"{what}: IVF lists must lie in [0, {len(centroids)}) and step codes in [0, {K}); "
+                             f"got lists up to {codes[:, 0].max()} and codes up to {codes[:, 1:].max()}")
+
+
+# --------------------------------------------------------------------------------------
+# Tasks
+# --------------------------------------------------------------------------------------
+
+
+def train_pairwise_decoder(cfg: RunConfig, log: Log = print) -> pairwise.PairwiseTraining:
+    """Train the pairwise decoder on the encoded training set, in raw units (residuals
+    to the raw IVF centroids of ivf_centroids=), n_pairwise_codebooks * M tables; write
+    it in the reference's format to output=."""
+    check_task(cfg)
+    centroids = ivf_centroids_file(cfg)
+    xt, codes, xval, val_codes = encoded_training_set(cfg, log)
+    K = _codebook_size(cfg, codes)
+    _check_codes(codes, centroids, K, f"encoded_trainset={cfg.encoded_trainset}")
+    M = codes.shape[1] - 1
+    if cfg.M is not None and cfg.M != M:
+        raise RunConfigError(f"M={cfg.M} given, but the codes of {cfg.encoded_trainset} have M={M} steps")
+    if cfg.n_pairwise_codebooks < 1:
+        raise RunConfigError(f"n_pairwise_codebooks must be >= 1, got {cfg.n_pairwise_codebooks}")
+    log(f"training {cfg.n_pairwise_codebooks * M} pairwise tables of {K}x{K} rows")
+    training = pairwise.train_pairwise_decoder(xt, codes, centroids, K, n_tables=cfg.n_pairwise_codebooks * M,
+                                               seed=cfg.seed, progress=cfg.verbose)
+    pairwise.save_pairwise_decoder(training.decoder, cfg.output)
+    val = pairwise.decode(training.decoder, val_codes, centroids)
+    val_mse = float(((val - xval) ** 2).sum(1).mean()) * resolve_data(cfg).mse_scale
+    log(f"train MSE {training.train_mse[-1] * resolve_data(cfg).mse_scale:.6g} "
+        f"(IVF centroids alone: {training.train_mse[0] * resolve_data(cfg).mse_scale:.6g}), val MSE {val_mse:.6g}")
+    log(f"saved the pairwise decoder to {cfg.output}")
+    return training
+
+
+def build_index(cfg: RunConfig, log: Log = print):
+    """The IVF-RQ index of QINCo(2) codes: AQ codebooks fitted by least squares to the
+    encoded training set (search.aq_training_samples of them), the database codes of
+    encoded_db= added in bulk; written to output=. Needs no model."""
+    from qinco_jax.search import index as ivf
+
+    check_task(cfg)
+    centroids = ivf_centroids_file(cfg)
+    xt, codes, _, _ = encoded_training_set(cfg, log)
+    K = _codebook_size(cfg, codes)
+    _check_codes(codes, centroids, K, f"encoded_trainset={cfg.encoded_trainset}")
+    M = codes.shape[1] - 1
+    key = index_key(cfg, ivf_K=len(centroids), M=M)
+    log(f"index {key}")
+    index, stats = ivf.train_index_on_codes(centroids, xt, codes, key, K, ef_construction=EF_CONSTRUCTION,
+                                            max_training=cfg.search.aq_training_samples, log=log)
+    xb_codes = read_codes(cfg.encoded_db)
+    limit = resolve_data(cfg).db_limit
+    if limit is not None:
+        xb_codes = xb_codes[:limit]
+    codebooks = ivf.index_codebooks(index)
+    for i0 in range(0, len(xb_codes), ADD_BATCH):
+        ivf.add_codes(index, None, xb_codes[i0:i0 + ADD_BATCH], codebooks=codebooks)
+        log(f"  added {index.ntotal} / {len(xb_codes)} codes")
+    ivf.write_index(index, cfg.output)
+    log(f"saved the index ({index.ntotal} vectors, AQ MSE of the training residuals "
+        f"{stats.mse_train_residuals:g}) to {cfg.output}")
+    return index
+
+
+def search(cfg: RunConfig, log: Log = print) -> list[dict]:
+    """Search index= with model= (and pairwise_decoder=: the three-stage search) at
+    every operating point of search.nprobe x quantizer_efSearch x nshort (x nmid_short),
+    skipping points that cannot be Pareto-optimal as the reference does; the results
+    (qinco_jax.report's schema) go to output= after every point, and resume=true
+    continues from them."""
+    import faiss
+
+    from qinco_jax import checkpoint, report
+    from qinco_jax.search import index as ivf
+    from qinco_jax.search import pairwise_stage
+    from qinco_jax.search.rerank import Reranker
+    from qinco_jax.search.sweep import explore
+
+    check_task(cfg)
+    if not cfg.index:
+        raise RunConfigError("task=search without index= (the reference's full-database search) is not "
+                             "provided here: use qinco-search-2stage, or build an index (task=build_index)")
+    data = resolve_data(cfg)
+    model = checkpoint.load_model(cfg.model)
+    ivf.require_ivf_model(model)
+    index = ivf.read_index(cfg.index, "index")
+    ivf.check_index_matches_model(index, model, f"index {cfg.index}")
+    xq = np.asarray(_vectors(data.queries, "queries"), np.float32)
+    gt = np.asarray(_vectors(data.queries_gt, "ground-truth"))
+    if cfg.search.nthreads > 0:
+        faiss.omp_set_num_threads(int(cfg.search.nthreads))
+    mid = None
+    if cfg.pairwise_decoder:
+        mid = pairwise_stage.middle_stage(pairwise_stage.load_for_model(cfg.pairwise_decoder, model), model)
+        log(f"three-stage search with the pairwise decoder {cfg.pairwise_decoder}")
+    metadata = dict(nq=len(xq), model=model.describe(), index=cfg.index, pairwise_decoder=cfg.pairwise_decoder)
+    previous: list[dict] = []
+    if cfg.resume and cfg.output and Path(cfg.output).exists():
+        previous = report.load_results(cfg.output)
+        log(f"resuming from {len(previous)} results in {cfg.output}")
+
+    def save(results):
+        if cfg.output:
+            report.save_results(cfg.output, results, **metadata)
+
+    s = cfg.search
+    n_points = len(s.nprobe) * max(1, len(s.quantizer_efSearch)) * len(s.nshort) * (len(s.nmid_short) if mid else 1)
+    results = explore(index, model, xq, gt, nprobe=s.nprobe, nshort=s.nshort, ef_search=s.quantizer_efSearch,
+                      n_autotune=n_points, reranker=Reranker(model), mid=mid, nmid_short=s.nmid_short,
+                      previous=previous, on_result=save, log=log)
+    save(results)
+    log("\n" + report.format_table(results, len(xq)))
+    return results

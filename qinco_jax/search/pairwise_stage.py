@@ -1,0 +1,77 @@
+"""The pairwise decoder of an IVF model (QINCo2 or v1), for the middle search stage.
+
+`train_for_model` trains a `qinco_jax.pairwise` decoder from a model, its IVF centroids
+(raw units; by default the model's own), training vectors and their model codes (encoded
+here unless given); `middle_stage` checks that a decoder fits a model and wraps it in the
+jitted `rerank.PairwiseReranker`. Everything is in raw units whatever the model's
+normalisation (QINCo2 mean/std, v1 db_scale): the decoder's tables approximate
+x - centroid[list] for raw x and raw centroids, so its reconstructions meet raw queries.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from qinco_jax import codec, pairwise
+from qinco_jax.config import EncodeOptions
+from qinco_jax.model import QincoModel
+from qinco_jax.search.index import check_model_codes, ivf_centroids as model_ivf_centroids, require_ivf_model
+from qinco_jax.search.rerank import PairwiseReranker
+
+
+def check_decoder_fits(decoder: pairwise.PairwiseDecoder, model: QincoModel, what: str = "the pairwise decoder") -> None:
+    """A ValueError naming the first property of `decoder` that does not fit `model`."""
+    c = require_ivf_model(model).config
+    if decoder.d != c.d:
+        raise ValueError(f"{what} reconstructs vectors of dimension {decoder.d}, the model ({c.describe()}) has d={c.d}")
+    if decoder.nlist != c.K_IVF:
+        raise ValueError(f"{what} covers {decoder.nlist} IVF lists, the model has K_IVF={c.K_IVF}")
+    if decoder.K != c.K:
+        raise ValueError(f"{what} has tables of {decoder.K}x{decoder.K} rows (K={decoder.K}), the model has K={c.K}")
+    if decoder.min_code_width > c.code_width:
+        raise ValueError(f"{what} reads code streams up to {int(np.max(decoder.pairs))}, beyond the model's "
+                         f"M={c.M} codes plus {pairwise.IVF_SUBCODE_STAGES} IVF sub-codes")
+
+
+def load_for_model(path: str | os.PathLike, model: QincoModel) -> pairwise.PairwiseDecoder:
+    """Read a pairwise decoder file (the reference's format) and check it fits `model`."""
+    decoder = pairwise.load_pairwise_decoder(path)
+    check_decoder_fits(decoder, model, f"pairwise decoder {os.fspath(path)}")
+    return decoder
+
+
+def middle_stage(decoder: pairwise.PairwiseDecoder, model: QincoModel,
+                 ivf_centroids: np.ndarray | None = None) -> PairwiseReranker:
+    """The jitted middle re-ranking stage of `decoder` for `model`'s codes; the IVF
+    centroids default to the model's own (raw units)."""
+    check_decoder_fits(decoder, model)
+    centroids = model_ivf_centroids(model) if ivf_centroids is None else np.asarray(ivf_centroids, np.float32)
+    return PairwiseReranker(decoder, centroids)
+
+
+def train_for_model(model: QincoModel, xt: np.ndarray, xt_codes: np.ndarray | None = None, *,
+                    ivf_centroids: np.ndarray | None = None, n_tables_per_code: int = pairwise.DEFAULT_TABLES_PER_CODE,
+                    options: EncodeOptions | None = None, seed: int = 0,
+                    progress: bool = True) -> pairwise.PairwiseTraining:
+    """Train the pairwise decoder of an IVF model on raw training vectors xt (n, d):
+    their model codes `xt_codes` (n, 1 + M) are encoded here (with `options`) unless
+    given; `ivf_centroids` (raw units) default to the model's. n_tables_per_code * M
+    tables (the reference's n_pairwise_codebooks, default 2). Works with any number of
+    IVF lists, fewer than K included (see `qinco_jax.pairwise`)."""
+    model = require_ivf_model(model)
+    xt = np.asarray(xt, np.float32)
+    if xt.ndim != 2 or xt.shape[1] != model.d:
+        raise ValueError(f"training vectors have shape {xt.shape}, the model ({model.describe()}) needs (n, {model.d})")
+    if n_tables_per_code < 1:
+        raise ValueError(f"n_pairwise_codebooks (tables per code) must be >= 1, got {n_tables_per_code}")
+    if xt_codes is None:
+        xt_codes = codec.encode(model, xt, options, progress="encode train" if progress else None)
+    xt_codes = check_model_codes(model, xt_codes, len(xt), "training codes")
+    centroids = model_ivf_centroids(model) if ivf_centroids is None else np.asarray(ivf_centroids, np.float32)
+    if centroids.shape != (model.config.K_IVF, model.d):
+        raise ValueError(f"IVF centroids of shape {centroids.shape}, the model needs ({model.config.K_IVF}, {model.d})")
+    return pairwise.train_pairwise_decoder(xt, xt_codes, centroids, model.config.K,
+                                           n_tables=n_tables_per_code * model.config.M, seed=seed,
+                                           progress=progress)
