@@ -18,6 +18,7 @@ minutes on 2 cores, install included).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -59,7 +60,8 @@ class MainJobConfig:
     # search sweeps
     nprobe: tuple[int, ...] = (1, 2, 4, 8, 16)
     nshort: tuple[int, ...] = (10, 20, 50)
-    faiss_threads: int = 1          # 0: faiss's default (all cores; its threads spin on a busy machine)
+    search_threads: int = 1         # faiss threads while searching (timed; 0: faiss's default, all cores)
+    build_threads: int = 0          # faiss threads while building (k-means, RQ, PQ; 0: faiss's default)
     # IVF-QINCo2 beside IVF-QINCo (needs the QINCo2 training recipe)
     qinco2: bool = False
     qinco2_L: int = 1
@@ -79,7 +81,9 @@ class MainJobConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"main job: {key} must be >= 1, got {getattr(self, key)}")
-        for key in ("epochs", "qinco2_epochs", "train_preselect", "encode_preselect", "faiss_threads"):
+        nonnegative = ("epochs", "qinco2_epochs", "train_preselect", "encode_preselect", "search_threads",
+                       "build_threads")
+        for key in nonnegative:
             if getattr(self, key) < 0:
                 raise ValueError(f"main job: {key} must be >= 0, got {getattr(self, key)}")
         if not self.nprobe or not self.nshort or min(self.nprobe + self.nshort) < 1:
@@ -139,15 +143,16 @@ def _encode_options(cfg: MainJobConfig, model=None):
     return EncodeOptions(beam=cfg.encode_beam, preselect=cfg.encode_preselect or None)
 
 
-def train_qinco(cfg: MainJobConfig, xt, xval, centroids, log) -> tuple[object, dict]:
-    """The IVF-QINCo model of the recipe and its training history."""
+def train_qinco(cfg: MainJobConfig, xt, xval, centroids, log, rq_codebooks=None) -> tuple[object, dict]:
+    """The IVF-QINCo model of the recipe and its training history, from the RQ codebooks
+    `rq_codebooks` (M, K, d) on the residuals to the IVF centroids (None: trained here)."""
     from qinco_jax import recipe, training
     from qinco_jax.config import EncodeOptions
 
     spec = recipe.ModelSpec(M=cfg.M, L=cfg.L, h=cfg.h, variant="ivf", init=cfg.init)
     tc = training.TrainConfig(lr=cfg.lr, max_epochs=cfg.epochs, batch_size=cfg.batch_size, ngpu=0,
                               encode=EncodeOptions(preselect=cfg.train_preselect or None), progress=cfg.progress)
-    res = recipe.train_model(xt, xval, spec, tc, ivf_centroids=centroids, log=log)
+    res = recipe.train_model(xt, xval, spec, tc, ivf_centroids=centroids, rq_codebooks=rq_codebooks, log=log)
     return res.best, res.history
 
 
@@ -159,6 +164,11 @@ def train_qinco2(cfg: MainJobConfig, xt, xval, centroids, log) -> tuple[object, 
     spec = recipe.ModelSpec(arch="qinco2", M=cfg.M, L=cfg.qinco2_L, h=cfg.qinco2_h, de=cfg.qinco2_de,
                             A=cfg.qinco2_A, B=cfg.qinco2_B, variant="ivf", init=cfg.init)
     overrides = dict(max_epochs=cfg.qinco2_epochs, batch_size=cfg.batch_size, ngpu=0, progress=cfg.progress)
+    fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
+    if "epochs" in fields and cfg.qinco2_epochs > 0:  # the cosine schedule spans this short run, not 60 epochs
+        overrides["epochs"] = cfg.qinco2_epochs
+        if "ramp_epochs" in fields:
+            overrides["ramp_epochs"] = min(3.0, cfg.qinco2_epochs / 3)
     if cfg.qinco2_lr is not None:
         overrides["lr"] = cfg.qinco2_lr
     res = recipe.train_model(xt, xval, spec, training.qinco2_train_config(**overrides), ivf_centroids=centroids,
@@ -195,7 +205,7 @@ def validation_mse_table(model, xval, cfg: MainJobConfig, val: dict) -> list[tup
 
     rows = []
     if val.get("rq_init") is not None:
-        rows.append(("RQ (QINCo's initialisation, greedy)", float(val["rq_init"])))
+        rows.append(("IVF-RQ codebooks, greedy encode (QINCo's start)", float(val["rq_init"])))
     rows.append(("IVF-QINCo, greedy encode", training.validation_mse(model, xval)))
     rows.append((f"IVF-QINCo, beam {cfg.encode_beam} over {cfg.encode_preselect or 'all'} pre-selected",
                  training.validation_mse(model, xval, _encode_options(cfg))))
@@ -231,8 +241,8 @@ def run(cfg: MainJobConfig = MainJobConfig(), log: Callable[[str], None] = print
     from qinco_jax.io import save_npy
 
     before_threads = faiss.omp_get_max_threads()
-    if cfg.faiss_threads:
-        faiss.omp_set_num_threads(cfg.faiss_threads)
+    if cfg.build_threads:
+        faiss.omp_set_num_threads(cfg.build_threads)
     try:
         return _run(cfg, log, datasets, save_npy)
     finally:
@@ -240,6 +250,8 @@ def run(cfg: MainJobConfig = MainJobConfig(), log: Callable[[str], None] = print
 
 
 def _run(cfg: MainJobConfig, log, datasets, save_npy) -> dict:
+    import faiss
+
     from qinco_jax.search import index as ivf
 
     out = Path(cfg.out)
@@ -261,13 +273,25 @@ def _run(cfg: MainJobConfig, log, datasets, save_npy) -> dict:
         centroids = ivf.train_ivf_centroids(xt_all, cfg.n_centroids, cfg.kmeans_niter, verbose=cfg.progress)
         save_npy(out / "centroids.npy", centroids)
 
+    with stage("IVF-PQ index"):
+        pq = baselines.build_ivf_pq(xt, centroids, M)
+        baselines.add_database(pq, xb, progress=cfg.progress)
+        pq_mse = baselines.reconstruction_mse(pq, xb)
+    with stage("IVF-RQ index"):
+        rq = baselines.build_ivf_rq(xt, centroids, M, beam=cfg.rq_beam)
+        baselines.add_database(rq, xb, progress=cfg.progress)
+        rq_mse = baselines.reconstruction_mse(rq, xb)
+        # IVF-QINCo starts from these very codebooks (exact-RQ initialisation)
+        rq_codebooks = baselines.rq_codebooks(rq)
+
     trained: list[TrainedIvfModel] = []
     val_rows: list[tuple[str, float]] = []
     histories = {}
-    families = [(QINCO_NAME, train_qinco, cfg.epochs)] + ([(QINCO2_NAME, train_qinco2, cfg.qinco2_epochs)]
-                                                          if cfg.qinco2 else [])
+    families = [(QINCO_NAME, functools.partial(train_qinco, rq_codebooks=rq_codebooks), cfg.epochs)]
+    if cfg.qinco2:
+        families.append((QINCO2_NAME, train_qinco2, cfg.qinco2_epochs))
     for name, train_fn, epochs in families:
-        with stage(f"{name} training ({epochs} epochs, RQ initialisation included)"):
+        with stage(f"{name} training ({epochs} epochs)"):
             model, history = train_fn(cfg, xt, xval, centroids, log)
         with stage(f"{name} index"):
             t = build_qinco_index(name, model, history, cfg, xt, xb, log)
@@ -277,17 +301,10 @@ def _run(cfg: MainJobConfig, log, datasets, save_npy) -> dict:
             with stage(f"{name} validation MSE"):
                 val_rows = validation_mse_table(model, xval, cfg, t.val_mse)
 
-    with stage("IVF-PQ index"):
-        pq = baselines.build_ivf_pq(xt, centroids, M)
-        baselines.add_database(pq, xb, progress=cfg.progress)
-        pq_mse = baselines.reconstruction_mse(pq, xb)
-    with stage("IVF-RQ index"):
-        rq = baselines.build_ivf_rq(xt, centroids, M, beam=cfg.rq_beam)
-        baselines.add_database(rq, xb, progress=cfg.progress)
-        rq_mse = baselines.reconstruction_mse(rq, xb)
-
     rq_name = f"{RQ_NAME} (beam {cfg.rq_beam})"
     methods: list[baselines.Method] = []
+    if cfg.search_threads:  # each method timed on the same number of faiss threads
+        faiss.omp_set_num_threads(cfg.search_threads)
     with stage("search"):
         log(PQ_NAME)
         methods.append(baselines.Method(PQ_NAME, M, pq_mse, tuple(baselines.search_sweep(pq, xq, gt, cfg.nprobe,
