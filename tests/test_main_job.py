@@ -62,6 +62,11 @@ def test_cli_flags_map_onto_the_config():
         main_job_cli.config_from_args(main_job_cli.build_parser().parse_args(["--nprobe", "300"]))
 
 
+def test_every_flag_is_explained():
+    assert set(main_job_cli.HELP) == {f.name for f in dataclasses.fields(MainJobConfig)}
+    assert "default: 256" in main_job_cli.build_parser().format_help().replace("\n", " ").replace("  ", " ")
+
+
 @pytest.mark.parametrize("bad", [dict(M=0), dict(nshort=()), dict(init="zeros"), dict(epochs=-1)])
 def test_bad_configs_are_refused(bad):
     with pytest.raises(ValueError):
