@@ -61,7 +61,7 @@ class MainJobConfig:
     nprobe: tuple[int, ...] = (1, 2, 4, 8, 16)
     nshort: tuple[int, ...] = (10, 20, 50)
     search_threads: int = 1         # faiss threads while searching (timed; 0: faiss's default, all cores)
-    build_threads: int = 0          # faiss threads while building (k-means, RQ, PQ; 0: faiss's default)
+    build_threads: int = 1          # faiss threads while building (0: all cores; they spin on a busy machine)
     # IVF-QINCo2 beside IVF-QINCo (needs the QINCo2 training recipe)
     qinco2: bool = False
     qinco2_L: int = 1

@@ -40,7 +40,7 @@ HELP = {
     "nprobe": "IVF lists visited: the search sweep of every method",
     "nshort": "shortlist lengths re-ranked by QINCo (IVF-QINCo sweep, x nprobe)",
     "search_threads": "faiss threads while searching, the same for every method (0: all cores)",
-    "build_threads": "faiss threads while building (k-means, PQ, RQ; 0: all cores)",
+    "build_threads": "faiss threads while building (k-means, PQ, RQ; 0: all cores, which spin on a busy machine)",
     "qinco2": "also train and search IVF-QINCo2 (needs the QINCo2 training recipe)",
     "qinco2_L": "IVF-QINCo2 residual blocks per step",
     "qinco2_h": "IVF-QINCo2 hidden dimension",
