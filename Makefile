@@ -1,5 +1,6 @@
 # The two set-up commands of the README, for a fresh machine:
-#   make demo   installs what it needs in .venv and runs the small-scale IVF-QINCo example
+#   make demo   installs what it needs in .venv and runs the main job (IVF-QINCo against faiss
+#               IVF-PQ / IVF-RQ on the built-in real descriptors; DEMO_ARGS='--epochs 5' etc.)
 #   make test   installs the test dependencies in .venv and runs the test suite (.ci/run)
 # Both are idempotent: a second run reuses .venv.
 
@@ -8,6 +9,7 @@ VENV ?= .venv
 EXTRA ?= cpu            # cuda12 / cuda13 on a machine with NVIDIA GPUs (see pyproject.toml)
 TORCH ?= torch==2.13.0  # only for the tests that check compatibility with the PyTorch reference
 DEMO_OUT ?= runs/demo
+DEMO_ARGS ?=
 
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
@@ -32,7 +34,7 @@ $(VENV)/.installed-test: $(STAMP)
 install-test: $(VENV)/.installed-test
 
 demo: install
-	PYTHON=$(PY) OUT=$(DEMO_OUT) bash examples/small_scale.sh
+	$(PY) -m qinco_jax.cli.main_job --out $(DEMO_OUT) $(DEMO_ARGS)
 
 test: install-test
 	QINCO_REQUIRE_TORCH=1 $(PY) -m pytest -q tests

@@ -115,6 +115,18 @@ def build_ivf_rq(xt: np.ndarray, centroids: np.ndarray, M: int, nbits: int = 8, 
     return index
 
 
+def rq_codebooks(index) -> np.ndarray:
+    """The codebooks (M, K, d) of an IVF-RQ index's residual quantizer (raw units, on the
+    residuals to the IVF centroids): what IVF-QINCo's exact-RQ initialisation starts from."""
+    import faiss
+
+    rq = index.rq
+    nbits = faiss.vector_to_array(rq.nbits)
+    if len(set(nbits.tolist())) != 1:
+        raise ValueError(f"IVF-RQ codebooks of unequal sizes ({nbits.tolist()} bits) cannot be stacked")
+    return faiss.vector_to_array(rq.codebooks).reshape(rq.M, 1 << int(nbits[0]), rq.d).copy()
+
+
 def add_database(index, xb: np.ndarray, batch_size: int = 65536, progress: bool | None = None) -> None:
     from tqdm import tqdm
 

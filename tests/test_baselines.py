@@ -59,6 +59,21 @@ def test_mse_below_the_coarse_quantizer_alone(data, indexes):
         assert 0 < mse < 0.5 * ivf_only
 
 
+def test_rq_codebooks_decode_as_the_index(data, indexes):
+    """The codebooks IVF-QINCo starts from: the sum of the coded codewords is faiss's
+    decode of the residual."""
+    _, xb, _, _, centroids = data
+    _, rq = indexes
+    books = baselines.rq_codebooks(rq)
+    assert books.shape == (4, 256, xb.shape[1])
+    residuals = np.ascontiguousarray(xb[:50] - centroids[rq.quantizer.assign(xb[:50], 1)[:, 0]])
+    packed = rq.rq.compute_codes(residuals)
+    codes = packed[:, :4].astype(np.int64)  # 8-bit codes first, then the quantised norm
+    ours = sum(books[m][codes[:, m]] for m in range(4))
+    np.testing.assert_allclose(ours, rq.rq.decode(packed), rtol=1e-5, atol=1e-3)
+    assert np.mean((ours - residuals) ** 2) < np.mean(residuals ** 2)
+
+
 def test_search_sweep_points(data, indexes):
     _, _, xq, gt, _ = data
     for index in indexes:

@@ -1,0 +1,363 @@
+"""The main job (`make demo`): IVF-QINCo against what a user would otherwise pick at the
+same code size, faiss IVF-PQ and IVF-RQ, on the same IVF centroids, on real descriptors.
+
+    from qinco_jax.main_job import MainJobConfig, run
+    summary = run(MainJobConfig(out="runs/demo"))
+
+Stages: data set (built on first use) -> k-means IVF centroids -> IVF-QINCo training
+(exact-RQ initialisation: training starts at the RQ's error) -> IVF-QINCo index (AQ
+shortlist fitted to the QINCo codes + QINCo re-ranking), IVF-PQ and IVF-RQ indexes ->
+search sweeps over nprobe (x nshort) -> MSE table, `summary.json`, `pareto.png` in `out`.
+Optional: IVF-QINCo2 beside IVF-QINCo (`qinco2=True`). Every stage's wall and CPU
+seconds are stored in the summary's data section.
+
+The defaults are the best recipe measured on `sift_images` within the demo's budget (10
+minutes on 2 cores, install included).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from qinco_jax import baselines
+
+PQ_NAME, RQ_NAME, QINCO_NAME, QINCO2_NAME = "IVF-PQ", "IVF-RQ", "IVF-QINCo", "IVF-QINCo2"
+SHORTLIST_SUFFIX = ": AQ shortlist only"
+
+
+@dataclasses.dataclass(frozen=True)
+class MainJobConfig:
+    """Everything the main job does, sizes and recipe. Bytes per vector: M (8-bit codes)."""
+
+    db: str = "sift_images"
+    out: str = "runs/demo"
+    # IVF and code size, shared by every method
+    n_centroids: int = 256
+    kmeans_niter: int = 10
+    M: int = 8
+    # IVF-QINCo model and training (nt training vectors, nval held out for validation)
+    nt: int = 95_000
+    nval: int = 5_000
+    L: int = 1
+    h: int = 64
+    epochs: int = 3
+    lr: float = 1e-4
+    batch_size: int = 256
+    init: str = "rq_exact"          # "rq_exact" (starts at the RQ error) or "random" (the reference's)
+    train_preselect: int = 64       # candidates pre-selected per step while training (0: all K)
+    # encoding of the database (and of the vectors that fit the AQ shortlist codebooks)
+    encode_beam: int = 8
+    encode_preselect: int = 32      # 0: all K
+    aq_train: int = 10_000
+    # baselines
+    rq_beam: int = baselines.DEFAULT_RQ_BEAM
+    # search sweeps
+    nprobe: tuple[int, ...] = (1, 2, 4, 8, 16)
+    nshort: tuple[int, ...] = (10, 20, 50)
+    search_threads: int = 1         # faiss threads while searching (timed; 0: faiss's default, all cores)
+    build_threads: int = 1          # faiss threads while building (0: all cores; they spin on a busy machine)
+    # IVF-QINCo2 beside IVF-QINCo (needs the QINCo2 training recipe)
+    qinco2: bool = False
+    qinco2_L: int = 1
+    qinco2_h: int = 64
+    qinco2_de: int = 64
+    qinco2_A: int = 16
+    qinco2_B: int = 8
+    qinco2_epochs: int = 3
+    qinco2_lr: float | None = None  # None: QINCo2's default
+    progress: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "nprobe", tuple(int(p) for p in self.nprobe))
+        object.__setattr__(self, "nshort", tuple(int(s) for s in self.nshort))
+        positive = ("n_centroids", "kmeans_niter", "M", "nt", "nval", "L", "h", "batch_size", "encode_beam",
+                    "aq_train", "rq_beam", "qinco2_L", "qinco2_h", "qinco2_de", "qinco2_A", "qinco2_B")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise ValueError(f"main job: {key} must be >= 1, got {getattr(self, key)}")
+        nonnegative = ("epochs", "qinco2_epochs", "train_preselect", "encode_preselect", "search_threads",
+                       "build_threads")
+        for key in nonnegative:
+            if getattr(self, key) < 0:
+                raise ValueError(f"main job: {key} must be >= 0, got {getattr(self, key)}")
+        if not self.nprobe or not self.nshort or min(self.nprobe + self.nshort) < 1:
+            raise ValueError(f"main job: nprobe and nshort need values >= 1, got {self.nprobe} and {self.nshort}")
+        if max(self.nprobe) > self.n_centroids:
+            raise ValueError(f"main job: nprobe {max(self.nprobe)} > n_centroids {self.n_centroids}")
+        if self.init not in ("rq_exact", "random"):
+            raise ValueError(f"main job: init must be 'rq_exact' or 'random', got {self.init!r}")
+        if not self.lr > 0 or (self.qinco2_lr is not None and not self.qinco2_lr > 0):
+            raise ValueError("main job: learning rates must be > 0")
+
+    @property
+    def index_key(self) -> str:
+        return f"IVF{self.n_centroids},RQ{self.M}x8_Nqint8"
+
+
+class Stages:
+    """Times named stages (wall and process-CPU seconds) and logs their start and end."""
+
+    def __init__(self, log: Callable[[str], None]):
+        self.log = log
+        self.times: dict[str, dict] = {}
+
+    def __call__(self, name: str):
+        stages = self
+
+        class _Stage:
+            def __enter__(self):
+                stages.log(f"\n=== {name} ===")
+                self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+            def __exit__(self, *exc):
+                wall, cpu = time.perf_counter() - self.t0, time.process_time() - self.c0
+                stages.times[name] = {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2)}
+                stages.log(f"--- {name}: {wall:.1f} s wall, {cpu:.1f} s CPU")
+
+        return _Stage()
+
+
+@dataclasses.dataclass
+class TrainedIvfModel:
+    """An IVF-QINCo(2) model, its IVF index and its database codes' MSEs."""
+
+    name: str
+    model: object
+    index: object
+    db_mse: float           # QINCo decode of the database codes
+    shortlist_mse: float    # the AQ approximation the shortlist searches with
+    val_mse: dict           # validation MSE: {"rq_init": ..., "trained": ...}
+
+
+def _encode_options(cfg: MainJobConfig, model=None):
+    from qinco_jax.config import EncodeOptions
+
+    if model is not None and model.config.is_qinco2:
+        return EncodeOptions()  # the model's own beam B over A pre-selected candidates
+    return EncodeOptions(beam=cfg.encode_beam, preselect=cfg.encode_preselect or None)
+
+
+def train_qinco(cfg: MainJobConfig, xt, xval, centroids, log, rq_codebooks=None) -> tuple[object, dict]:
+    """The IVF-QINCo model of the recipe and its training history, from the RQ codebooks
+    `rq_codebooks` (M, K, d) on the residuals to the IVF centroids (None: trained here)."""
+    from qinco_jax import recipe, training
+    from qinco_jax.config import EncodeOptions
+
+    spec = recipe.ModelSpec(M=cfg.M, L=cfg.L, h=cfg.h, variant="ivf", init=cfg.init)
+    tc = training.TrainConfig(lr=cfg.lr, max_epochs=cfg.epochs, batch_size=cfg.batch_size, ngpu=0,
+                              encode=EncodeOptions(preselect=cfg.train_preselect or None), progress=cfg.progress)
+    res = recipe.train_model(xt, xval, spec, tc, ivf_centroids=centroids, rq_codebooks=rq_codebooks, log=log)
+    return res.best, res.history
+
+
+def train_qinco2(cfg: MainJobConfig, xt, xval, centroids, log) -> tuple[object, dict]:
+    """The IVF-QINCo2 model (the QINCo2 training recipe, its defaults but sizes and
+    length) and its training history."""
+    from qinco_jax import recipe, training
+
+    spec = recipe.ModelSpec(arch="qinco2", M=cfg.M, L=cfg.qinco2_L, h=cfg.qinco2_h, de=cfg.qinco2_de,
+                            A=cfg.qinco2_A, B=cfg.qinco2_B, variant="ivf", init=cfg.init)
+    overrides = dict(max_epochs=cfg.qinco2_epochs, batch_size=cfg.batch_size, ngpu=0, progress=cfg.progress)
+    fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
+    if "epochs" in fields and cfg.qinco2_epochs > 0:  # the cosine schedule spans this short run, not 60 epochs
+        overrides["epochs"] = cfg.qinco2_epochs
+        if "ramp_epochs" in fields:
+            overrides["ramp_epochs"] = min(3.0, cfg.qinco2_epochs / 3)
+    if cfg.qinco2_lr is not None:
+        overrides["lr"] = cfg.qinco2_lr
+    res = recipe.train_model(xt, xval, spec, training.qinco2_train_config(**overrides), ivf_centroids=centroids,
+                             log=log)
+    return res.best, res.history
+
+
+def _val_mse(history: dict, init: str) -> dict:
+    epochs = history.get("epochs") or []
+    return {"rq_init": history.get("before") if init == "rq_exact" else None,
+            "trained": min(e["val_mse"] for e in epochs) if epochs else None}
+
+
+def encode_in_lists(model, x, options, progress: str | None = None):
+    """Codes of x whose first code (the IVF list) is the nearest centroid, as faiss's
+    IVF assigns: a beam search left free to pick another list lowers the MSE but files
+    vectors under lists that queries near them do not probe."""
+    from qinco_jax import codec
+
+    if model.config.is_qinco2:
+        return codec.encode(model, x, options, progress=progress)  # QINCo2 keeps the nearest list itself
+    return codec.encode(model, x, options, code0=codec.assign_ivf(model, x), progress=progress)
+
+
+def build_qinco_index(name: str, model, history: dict, cfg: MainJobConfig, xt, xb, log) -> TrainedIvfModel:
+    """AQ shortlist codebooks fitted to the QINCo codes of aq_train training vectors, the
+    database encoded (beam search within each vector's nearest IVF list) and added."""
+    from qinco_jax import codec
+    from qinco_jax.metrics import mean_squared_error
+    from qinco_jax.search import index as ivf
+
+    options = _encode_options(cfg, model)
+    xt_aq = xt[:cfg.aq_train]
+    xt_codes = encode_in_lists(model, xt_aq, options, progress=f"{name}: encode AQ training set" if cfg.progress
+                               else None)
+    index, _ = ivf.train_index(model, xt_aq, cfg.index_key, xt_codes=xt_codes, options=options, log=log)
+    codes = encode_in_lists(model, xb, options, progress=f"{name}: encode database" if cfg.progress else None)
+    ivf.add_codes(index, model, codes)
+    db_mse = mean_squared_error(codec.decode(model, codes), xb)
+    shortlist_mse = mean_squared_error(index.sa_decode(ivf.sa_codes(index, codes)), xb)
+    return TrainedIvfModel(name, model, index, db_mse, shortlist_mse, _val_mse(history, cfg.init))
+
+
+def validation_mse_table(model, xval, cfg: MainJobConfig, val: dict) -> list[tuple[str, float]]:
+    """Validation MSE rows: the RQ QINCo starts from, QINCo encoded greedily (the
+    reference's encode), QINCo with the demo's beam / pre-selection setting within the
+    nearest IVF list (as the database) and with the list free too."""
+    from qinco_jax import training
+    from qinco_jax.metrics import mean_squared_error
+    from qinco_jax import codec
+
+    options = _encode_options(cfg)
+    setting = f"beam {cfg.encode_beam} over {cfg.encode_preselect or 'all'} pre-selected"
+    rows = []
+    if val.get("rq_init") is not None:
+        rows.append(("IVF-RQ codebooks, greedy encode (QINCo's start)", float(val["rq_init"])))
+    rows.append(("IVF-QINCo, greedy encode", training.validation_mse(model, xval)))
+    in_lists = mean_squared_error(codec.decode(model, encode_in_lists(model, xval, options)), xval)
+    rows.append((f"IVF-QINCo, {setting}, nearest list (as indexed)", in_lists))
+    rows.append((f"IVF-QINCo, {setting}, list chosen by the beam", training.validation_mse(model, xval, options)))
+    return rows
+
+
+def format_equal_time(methods: Sequence[baselines.Method], target: str) -> str:
+    """For each point of `target`, the best recall@1 of every other method within its time."""
+    by_name = {m.name: m for m in methods}
+    others = [m for m in methods if m.name != target and not m.name.endswith(SHORTLIST_SUFFIX)]
+    lines = [f"recall@1 at equal time: each {target} point against the best point of each method within its time",
+             f"{'ms/query':>9s} {target:>11s} " + " ".join(f"{m.name:>11s}" for m in others) + "  parameters"]
+    for p in sorted(by_name[target].points, key=lambda p: p["ms_per_query"]):
+        t = p["ms_per_query"]
+        lines.append(f"{t:9.3f} {p['recall@1']:11.3f} "
+                     + " ".join(f"{baselines.best_recall_within(m.points, t):11.3f}" for m in others)
+                     + f"  {p['parameters']}")
+    return "\n".join(lines)
+
+
+def _sweep_ivf(trained: TrainedIvfModel, xq, gt, cfg: MainJobConfig, log) -> list[dict]:
+    from qinco_jax.search.sweep import explore
+
+    return explore(trained.index, trained.model, xq, gt, nprobe=cfg.nprobe, nshort=cfg.nshort, log=log)
+
+
+def run(cfg: MainJobConfig = MainJobConfig(), log: Callable[[str], None] = print) -> dict:
+    """Run the main job; writes summary.json, pareto.png and centroids.npy to cfg.out and
+    returns the summary ({"data": ..., "methods": [...]}, see baselines)."""
+    import faiss
+
+    from qinco_jax import datasets
+    from qinco_jax.io import save_npy
+
+    before_threads = faiss.omp_get_max_threads()
+    if cfg.build_threads:
+        faiss.omp_set_num_threads(cfg.build_threads)
+    try:
+        return _run(cfg, log, datasets, save_npy)
+    finally:
+        faiss.omp_set_num_threads(before_threads)
+
+
+def _run(cfg: MainJobConfig, log, datasets, save_npy) -> dict:
+    import faiss
+
+    from qinco_jax.search import index as ivf
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Stages(log)
+    M = cfg.M
+
+    with stage("data"):
+        ds = datasets.get_dataset(cfg.db)
+        xt_all = np.asarray(ds.get_train(cfg.nt + cfg.nval), np.float32)
+        if len(xt_all) < cfg.nt + cfg.nval:
+            raise ValueError(f"{cfg.db} has {len(xt_all)} training vectors, the job needs nt + nval = "
+                             f"{cfg.nt + cfg.nval}")
+        xt, xval = xt_all[:cfg.nt], xt_all[cfg.nt:]
+        xb = np.asarray(ds.get_database(), np.float32)
+        xq, gt = np.asarray(ds.get_queries(), np.float32), ds.get_groundtruth()
+        log(str(ds))
+    with stage("IVF k-means"):
+        centroids = ivf.train_ivf_centroids(xt_all, cfg.n_centroids, cfg.kmeans_niter, verbose=cfg.progress)
+        save_npy(out / "centroids.npy", centroids)
+
+    with stage("IVF-PQ index"):
+        pq = baselines.build_ivf_pq(xt, centroids, M)
+        baselines.add_database(pq, xb, progress=cfg.progress)
+        pq_mse = baselines.reconstruction_mse(pq, xb)
+    with stage("IVF-RQ index"):
+        rq = baselines.build_ivf_rq(xt, centroids, M, beam=cfg.rq_beam)
+        baselines.add_database(rq, xb, progress=cfg.progress)
+        rq_mse = baselines.reconstruction_mse(rq, xb)
+        # IVF-QINCo starts from these very codebooks (exact-RQ initialisation)
+        rq_codebooks = baselines.rq_codebooks(rq)
+
+    trained: list[TrainedIvfModel] = []
+    val_rows: list[tuple[str, float]] = []
+    histories = {}
+    families = [(QINCO_NAME, functools.partial(train_qinco, rq_codebooks=rq_codebooks), cfg.epochs)]
+    if cfg.qinco2:
+        families.append((QINCO2_NAME, train_qinco2, cfg.qinco2_epochs))
+    for name, train_fn, epochs in families:
+        with stage(f"{name} training ({epochs} epochs)"):
+            model, history = train_fn(cfg, xt, xval, centroids, log)
+        with stage(f"{name} index"):
+            t = build_qinco_index(name, model, history, cfg, xt, xb, log)
+        trained.append(t)
+        histories[name] = t.val_mse
+        if name == QINCO_NAME:
+            with stage(f"{name} validation MSE"):
+                val_rows = validation_mse_table(model, xval, cfg, t.val_mse)
+
+    rq_name = f"{RQ_NAME} (beam {cfg.rq_beam})"
+    methods: list[baselines.Method] = []
+    if cfg.search_threads:  # each method timed on the same number of faiss threads
+        faiss.omp_set_num_threads(cfg.search_threads)
+    with stage("search"):
+        log(PQ_NAME)
+        methods.append(baselines.Method(PQ_NAME, M, pq_mse, tuple(baselines.search_sweep(pq, xq, gt, cfg.nprobe,
+                                                                                          log=log))))
+        log(rq_name)
+        methods.append(baselines.Method(rq_name, M, rq_mse, tuple(baselines.search_sweep(rq, xq, gt, cfg.nprobe,
+                                                                                          log=log))))
+        for t in trained:
+            log(t.name)
+            results = _sweep_ivf(t, xq, gt, cfg, log)
+            methods.append(baselines.Method(t.name + SHORTLIST_SUFFIX, M, t.shortlist_mse,
+                                            tuple(baselines.points_from_search_results(results, reranked=False))))
+            methods.append(baselines.Method(t.name, M, t.db_mse, tuple(baselines.points_from_search_results(results))))
+
+    data = {"name": ds.name, "d": int(ds.d), "nt": cfg.nt, "nval": cfg.nval, "nb": int(len(xb)), "nq": int(len(xq)),
+            "K_IVF": cfg.n_centroids, "M": M, "config": _jsonable(dataclasses.asdict(cfg)),
+            "val_mse": {name: v for name, v in histories.items()},
+            "val_mse_table": [{"name": n, "mse": float(v)} for n, v in val_rows],
+            "stages": stage.times,
+            "total": {"wall_s": round(sum(v["wall_s"] for v in stage.times.values()), 1),
+                      "cpu_s": round(sum(v["cpu_s"] for v in stage.times.values()), 1)}}
+    s = baselines.write_summary(out / "summary.json", data, methods)
+    baselines.plot_methods(s, out / "pareto.png",
+                           title=f"{ds.name}: {M} bytes per vector, K_IVF={cfg.n_centroids}, {len(xq)} queries")
+    log("\ndatabase MSE (every method at the same bytes per vector)\n" + baselines.format_mse_table(s))
+    if val_rows:
+        log("\nvalidation MSE\n" + "\n".join(f"{n:50s} {v:12.6g}" for n, v in val_rows))
+    for t in trained:
+        log("\n" + format_equal_time(methods, t.name))
+    log(f"\ntotal {data['total']['wall_s']:.0f} s wall, {data['total']['cpu_s']:.0f} s CPU; "
+        f"results in {out}/summary.json, plot {out}/pareto.png")
+    return s
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
