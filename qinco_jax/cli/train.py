@@ -256,7 +256,7 @@ def train_from_args(args, xt_all: np.ndarray, log=print):
             save_npy(args.RQ_filename, rq_codebooks)
     if "train" not in args.todo:
         return None
-    if rq_codebooks is None and not resuming:
+    if rq_codebooks is None and not resuming and not spec.is_qinco2:
         log(f"reading RQ codebooks from {args.RQ_filename}")
         rq_codebooks = np.load(args.RQ_filename)
     if not args.model:
