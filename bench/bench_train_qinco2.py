@@ -81,7 +81,7 @@ def main():
         t0 = time.time()
         log = reference(args.reference_dir, x, args.seeds[0])
         print(f"reference run took {time.time() - t0:.1f} s")
-        found = [float(v) for v in re.findall(r"[Ee]poch[^\n]*?([0-9.]+)\s*s", log)]
+        found = [float(v) for v in re.findall(r"[Ee]poch[^\n]*?([0-9]+\.[0-9]+)\s*s\b", log)]
         if found:
             ref_secs, src = float(np.median(found)), "measured in this run"
     print(f"reference: val MSE per epoch {np.round(ref_curve, 1).tolist()}, s/epoch {ref_secs:.3f} ({src})")
