@@ -28,6 +28,14 @@ whole run and any number of devices computes the same update as one.
 The learning rate is a traced argument (optax.inject_hyperparams): changing it never
 recompiles.
 
+QINCo2 models train with QINCo2's recipe instead (qinco2_recipe; `qinco2_train_config`
+gives its defaults): AdamW with gradients clipped by value, the rate set per batch by a
+linear ramp then a cosine, epochs of `epoch_size` samples cycling through a fixed
+shuffled order, a loss adding each step's substep-codebook error, codes from an encode
+with the model's own A and B, running target statistics (frozen, outside the gradient
+like the normalisation) that re-draw the codewords an epoch did not use, after the best
+model is written. `dtype="bfloat16"` runs that network in bfloat16 on float32 weights.
+
 Multi-host: call `jax.distributed.initialize()` before anything else (train_qinco.py
 --distributed). Every process runs this same loop on the same data order, feeds its
 own slice of each global batch (`jax.make_array_from_process_local_data`) and the mesh
@@ -202,7 +210,8 @@ def batch_loss(trainable: Params, frozen: Params, x: jax.Array, code0, weights: 
 
 
 def qinco2_batch_loss(trainable: Params, frozen: Params, x: jax.Array, code0, weights: jax.Array,
-                      encode_fn: Callable, *, is_ivf: bool, K: int, dtype=jnp.float32):
+                      encode_fn: Callable, *, is_ivf: bool, K: int, outer_skip: bool = True,
+                      dtype=jnp.float32):
     """QINCo2's loss (qinco2_recipe.model_losses: step MSEs + substep losses, model
     units) of codes from a no-gradient encode with the model's own A and B. Also returns
     the frozen part with the running target statistics updated, and the batch's
@@ -211,7 +220,7 @@ def qinco2_batch_loss(trainable: Params, frozen: Params, x: jax.Array, code0, we
     params = _cast(merge(trainable, frozen), dtype)
     xc = x.astype(dtype)
     codes = jax.lax.stop_gradient(encode_fn(jax.lax.stop_gradient(params), xc, code0))
-    mse, sub, xhats = q2.model_losses(params, xc, codes, weights, outer_skip=True, is_ivf=is_ivf)
+    mse, sub, xhats = q2.model_losses(params, xc, codes, weights, outer_skip=outer_skip, is_ivf=is_ivf)
     stats = frozen["xtarget_stats"]
     new_frozen = dict(frozen)
     new_frozen["xtarget_stats"] = q2.update_model_target_stats(stats, x, jax.lax.stop_gradient(xhats), weights)
@@ -526,7 +535,8 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
         dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
 
         def loss_fn(tr, fr, x, c0, w):
-            return qinco2_batch_loss(tr, fr, x, c0, w, encode_fn, is_ivf=config.is_ivf, K=config.K, dtype=dtype)
+            return qinco2_batch_loss(tr, fr, x, c0, w, encode_fn, is_ivf=config.is_ivf, K=config.K,
+                                     outer_skip=config.outer_skip, dtype=dtype)
 
         trainable, frozen = q2.split_trainable(model.params, config.is_ivf)
     else:
