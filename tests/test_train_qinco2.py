@@ -157,3 +157,13 @@ def test_run_tasks_train_and_eval_valset(tmp_path):
     assert again.history["epochs"] == res.history["epochs"]
     with pytest.raises(run_config.RunConfigError, match="optimizer"):
         qinco2_train.train(run_config.parse_run_args(["task=train", *words, "optimizer=adam"]), log=quiet)
+
+
+def test_qinco1_mode_trains(data):
+    xt, xval = data
+    spec = recipe.ModelSpec(arch="qinco2", M=2, K=16, L=1, h=32, A=0, B=1, qinco1_mode=True)
+    res = recipe.train_model(xt, xval, spec, small_cfg(epochs=1, stop_patience=0, epoch_size=None), log=quiet)
+    assert not res.best.config.outer_skip
+    mses = [e["val_mse"] for e in res.history["epochs"]]
+    assert len(mses) == 2 and mses[-1] < res.history["before"]
+    assert all(sum(e["codewords_reset"]) == 0 for e in res.history["epochs"])  # never in qinco1_mode
