@@ -30,7 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures"
-REF_JSON = Path("/work/shared/fixtures/qinco2/train_reference_qinco2.json")
+REF_JSON = FIX / "qinco2" / "train_reference_qinco2.json"
 
 
 def ours(x, seed, dtype):
@@ -79,8 +79,7 @@ def main():
                    help="our seeds (the curve is their mean, as the fixture's is of seeds 0 1 2)")
     args = p.parse_args()
     x = np.concatenate([np.load(FIX / "train_xt.npy"), np.load(FIX / "train_xval.npy")])
-    ref = json.loads(REF_JSON.read_text()) if REF_JSON.exists() else json.loads(
-        (FIX / "qinco2" / "train_reference_qinco2.json").read_text())
+    ref = json.loads(REF_JSON.read_text())
     ref_curve = ref["mean_val_mse"]
     ref_log = None
     if args.reference_dir:
