@@ -39,7 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qinco_jax import model as qm
 from qinco_jax import validation
+from qinco_jax.config import QincoConfig
 from qinco_jax.metrics import mean_squared_error
 
 # The reference's constants.
@@ -50,6 +52,8 @@ RQ_KMEANS_ITERS = 10
 SHUFFLE_BLOCK = 2_000_000     # the training set is shuffled in blocks of this many rows
 STATS_MOMENTUM = 0.1          # running mean / std of each step's target residual
 IMPROVEMENT_EPS = 1e-6        # a validation MSE must beat the best by this to count
+# Parameter subtrees that gradients never update (IVF centroids are frozen too).
+FROZEN_SUBTREES = ("normalisation", "xtarget_stats")
 
 
 # --------------------------------------------------------------------------------------
@@ -603,3 +607,103 @@ def _reset_unused(codebooks, substep_codebooks, usage, target_mean, target_std, 
         new_sub = new_s + jax.random.normal(k_noise, new_s.shape, new_s.dtype) * new_std * (noise / 4)
         out_sub = jnp.where(used[first:], substep_codebooks, new_sub)
     return out, out_sub, jnp.sum(usage == 0, axis=1).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------
+# The same pieces on a model's parameter pytree (what the training loop calls)
+# --------------------------------------------------------------------------------------
+
+
+def split_trainable(params: dict, is_ivf: bool) -> tuple[dict, dict]:
+    """(trainable, frozen) parts of a parameter pytree: the normalisation, the running
+    target statistics and IVF centroids are frozen (the reference has no gradient for
+    them); everything else (codebooks, substep codebooks, network weights) trains."""
+    frozen = {k: params[k] for k in FROZEN_SUBTREES if k in params}
+    if is_ivf:
+        frozen["codebook0"] = params["codebook0"]
+    trainable = {k: v for k, v in params.items() if k not in frozen}
+    return trainable, frozen
+
+
+def _codebook_step_inputs(xhats: jax.Array, n_stats: int) -> jax.Array:
+    """The reconstruction entering each codebook step that has running statistics
+    (the last n_stats of the W steps; an IVF step has none): xhats (W, B, d) after
+    each step -> (n_stats, B, d), zero before the first step."""
+    before = jnp.concatenate([jnp.zeros_like(xhats[:1]), xhats[:-1]], axis=0)
+    return before[before.shape[0] - n_stats:]
+
+
+def model_losses(params: dict, x: jax.Array, codes: jax.Array, weights: jax.Array | None = None, *,
+                 outer_skip: bool, is_ivf: bool):
+    """(mse_loss, substep_loss, xhats) of a batch in model units, QINCo2's sums of
+    per-step means (rows weighted: padding rows weigh 0).
+
+    mse_loss = sum over the steps with parameters (all but an IVF step) of
+    step_mse_losses; substep_loss = sum over the network steps of substep_losses
+    (0 without substep codebooks). Codes come from a no-gradient encode; xhats (W, B, d)
+    are the partial reconstructions (for the running statistics)."""
+    xhats = qm.decode_steps(params, codes, outer_skip=outer_skip)
+    per_step = step_mse_losses(xhats.astype(jnp.float32), x.astype(jnp.float32), weights)
+    mse = jnp.sum(per_step[1:]) if is_ivf else jnp.sum(per_step)
+    steps = params["steps"]
+    if "substep_codebook" not in steps:
+        return mse, jnp.zeros((), mse.dtype), xhats
+    sub = substep_losses(x.astype(jnp.float32), xhats[:-1].astype(jnp.float32),
+                         steps["substep_codebook"].astype(jnp.float32), codes[:, 1:].T, weights)
+    return mse, jnp.sum(sub), xhats
+
+
+def update_model_target_stats(stats: dict, x: jax.Array, xhats: jax.Array, weights: jax.Array | None = None,
+                              momentum: float = STATS_MOMENTUM) -> dict:
+    """`update_target_stats` for every codebook step at once: stats {mean, var} (M, d),
+    x (B, d), xhats (W, B, d) the partial reconstructions of the chosen codes.
+
+    Deviation: the reference takes the statistic over the whole beam entering a step
+    (and once per `enc_max_bs` chunk); here it is over the chosen path's partial
+    reconstructions, once per batch (rows weighted: padding rows weigh 0). The
+    statistics only decide where unused codewords are re-drawn."""
+    n_stats = stats["mean"].shape[0]
+    target = x[None].astype(jnp.float32) - jax.lax.stop_gradient(
+        _codebook_step_inputs(xhats, n_stats)).astype(jnp.float32)  # (M, B, d)
+    w = jnp.ones(x.shape[0], jnp.float32) if weights is None else weights.astype(jnp.float32)
+    n = jnp.sum(w)
+    mean = jnp.einsum("mbd,b->md", target, w) / n
+    var = jnp.einsum("mbd,b->md", (target - mean[:, None]) ** 2, w) / jnp.maximum(n - 1, 1)
+    return {"mean": momentum * mean + (1 - momentum) * stats["mean"],
+            "var": momentum * jnp.sqrt(var) + (1 - momentum) * stats["var"]}
+
+
+def model_codeword_usage(codes: jax.Array, K: int, n_stats: int, weights: jax.Array | None = None) -> jax.Array:
+    """Uses of each codeword of the codebook steps (the last n_stats code columns; an
+    IVF column is not counted) in a batch, padding rows excluded: (n_stats, K) int32."""
+    onehot = jax.nn.one_hot(codes[:, codes.shape[1] - n_stats:], K, dtype=jnp.int32)  # (B, S, K)
+    if weights is not None:
+        onehot = onehot * (weights > 0).astype(jnp.int32)[:, None, None]
+    return jnp.sum(onehot, axis=0)
+
+
+def reset_model_codewords(params: dict, config: QincoConfig, usage, key: jax.Array, noise: float = 0.1
+                          ) -> tuple[dict, np.ndarray]:
+    """`reset_unused_codewords` on a model's parameters: usage (M, K) counts per
+    codebook step (codebook0 first unless IVF, then the network steps). Returns the
+    new parameters and the number of codewords reset per step (none in qinco1_mode
+    or for a QINCo v1 model)."""
+    usage = jnp.asarray(usage)
+    if usage.shape != (config.M, config.K):
+        raise ValueError(f"usage has shape {usage.shape}, expected (M, K) = {(config.M, config.K)}")
+    if not config.is_qinco2 or config.qinco1_mode:
+        return params, np.zeros(config.M, np.int64)
+    steps = params["steps"]
+    books = steps["codebook"] if config.is_ivf else jnp.concatenate([params["codebook0"][None], steps["codebook"]])
+    stats = params["xtarget_stats"]
+    new, new_sub, n_reset = _reset_unused(jnp.asarray(books), steps.get("substep_codebook"), usage,
+                                          stats["mean"], stats["var"], key, float(noise))
+    out = dict(params)
+    out["steps"] = dict(steps)
+    if config.is_ivf:
+        out["steps"]["codebook"] = new
+    else:
+        out["codebook0"], out["steps"]["codebook"] = new[0], new[1:]
+    if new_sub is not None:
+        out["steps"]["substep_codebook"] = new_sub
+    return out, np.asarray(n_reset)

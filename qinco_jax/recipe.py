@@ -17,8 +17,10 @@ import dataclasses
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
+from qinco_jax import qinco2_recipe as q2
 from qinco_jax import rq_init, training, validation
 from qinco_jax.config import VARIANTS, QincoConfig
 from qinco_jax.model import QincoModel, init_params
@@ -41,8 +43,30 @@ class ModelSpec:
     seed: int = 1234         # network initialisation
     init: str = "random"     # "random" (the reference's) or "rq_exact" (output layers zeroed: starts at the RQ error)
     db_scale: float | None = None  # None: the maximum of the training set, as the reference
+    # QINCo2 (arch="qinco2"; h is its hidden width dh): step-network width de (None: d),
+    # substep pre-selection A (0: none) and beam B the model encodes (and trains) with,
+    # and qinco1_mode (no outer skip, QINCo v1's normalisation and initialisation).
+    arch: str = "qinco"      # "qinco" | "qinco2"
+    de: int | None = None
+    A: int = 0
+    B: int = 1
+    qinco1_mode: bool = False
 
     def __post_init__(self):
+        if self.arch not in ("qinco", "qinco2"):
+            raise ValueError(f"arch must be 'qinco' or 'qinco2', got {self.arch!r}")
+        if self.arch == "qinco2":
+            if self.variant == "lowrank":
+                raise ValueError("QINCo2 has no low-rank (QINCo-LR) variant")
+            if (self.de is not None and self.de < 1) or self.A < 0 or self.B < 1 or self.A > self.K:
+                raise ValueError(f"need de >= 1 (or None), 0 <= A <= K and B >= 1, got de={self.de} "
+                                 f"A={self.A} B={self.B} K={self.K}")
+            if self.db_scale is not None:
+                raise ValueError("db_scale is a QINCo v1 setting: a QINCo2 model normalises with the "
+                                 "training set's mean and std")
+        elif self.de is not None or self.A or self.B != 1 or self.qinco1_mode:
+            raise ValueError(f"de, A, B and qinco1_mode are QINCo2 settings (arch='qinco2'), got de={self.de} "
+                             f"A={self.A} B={self.B} qinco1_mode={self.qinco1_mode}")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.M < (1 if self.variant == "ivf" else 2):
@@ -58,6 +82,10 @@ class ModelSpec:
     @property
     def is_ivf(self) -> bool:
         return self.variant == "ivf"
+
+    @property
+    def is_qinco2(self) -> bool:
+        return self.arch == "qinco2"
 
 
 def _quiet(_msg: str) -> None:
@@ -117,9 +145,53 @@ def initial_model(xt: np.ndarray, spec: ModelSpec, rq_codebooks: np.ndarray | No
     return QincoModel(config, params)
 
 
+def qinco2_config(spec: ModelSpec, d: int, n_ivf: int = 0) -> QincoConfig:
+    de = 0 if spec.de in (None, d) else int(spec.de)
+    return QincoConfig(d=d, K=spec.K, M=spec.M, L=spec.L, h=spec.h, variant=spec.variant, K_IVF=n_ivf,
+                       arch="qinco2", de=de, A=spec.A, B=spec.B, qinco1_mode=spec.qinco1_mode)
+
+
+def qinco2_initial_model(xt: np.ndarray, spec: ModelSpec, cfg: training.TrainConfig, *,
+                         xval: np.ndarray | None = None, ivf_centroids: np.ndarray | None = None,
+                         rq_codebooks: np.ndarray | None = None, log: Callable[[str], None] = _quiet
+                         ) -> tuple[QincoModel, float | None]:
+    """QINCo2's model before training, as its reference builds it: normalisation
+    statistics of the training set; an RQ (k-means per step, `cfg.seed`) trained on the
+    rows the first epoch sees (raw units; given `rq_codebooks` (M, K, d) skip it); its
+    codebooks normalised, with Gaussian noise of `cfg.codebook_noise` x their std, in
+    the steps' codebooks and substep codebooks; concat and `down` layers zero (outer
+    skip), so with de = d and no noise the untrained model decodes as the RQ does.
+    Returns the model and the RQ's validation MSE (None if not trained here)."""
+    d = xt.shape[1]
+    centroids = check_ivf_centroids(spec, ivf_centroids, d)
+    mean, std = q2.normalisation_stats(xt, spec.qinco1_mode)
+    rq_val = None
+    if rq_codebooks is None:
+        order = q2.DataOrder.for_run(len(xt), cfg.epoch_size, cfg.seed, spec.qinco1_mode)
+        rows = order.rq_rows(cfg.batch_size)
+        log(f"training the RQ initialisation on {len(rows)} vectors (M={spec.M}, K={spec.K})")
+        rq = q2.train_rq_init(np.asarray(xt[rows], np.float32),
+                              spec.M, spec.K, ivf_centroids=centroids, xval=xval, seed=cfg.seed,
+                              qinco1_mode=spec.qinco1_mode)
+        rq_codebooks, rq_val = rq.codebooks, rq.val_mse
+        log(f"RQ initialisation: train MSE {rq.train_mse:g}" + (f", val MSE {rq_val:g}" if rq_val else ""))
+    books = q2.initial_codebooks(rq_codebooks, mean, std, ivf=centroids is not None,
+                                 key=jax.random.key(cfg.seed), noise=cfg.codebook_noise,
+                                 qinco1_mode=spec.qinco1_mode)
+    config = qinco2_config(spec, d, len(centroids) if centroids is not None else 0)
+    kwargs = {"codebooks": books}
+    if centroids is not None:
+        kwargs["codebook0"] = (centroids - mean) / np.float32(std)
+    params = init_params(config, jax.random.key(spec.seed), **kwargs)
+    if config.has_substep:  # each substep codebook starts as its step's (noisy) codebook
+        params["steps"]["substep_codebook"] = params["steps"]["codebook"]
+    params["normalisation"] = {"mean": jnp.asarray(mean), "std": jnp.asarray(std, jnp.float32)}
+    return QincoModel(config, params), rq_val
+
+
 def count_trainable(model: QincoModel) -> int:
     """Parameters the optimizer updates (IVF centroids are frozen)."""
-    n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(model.params["steps"]))
+    n = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(model.params["steps"]))  # frozen: not in steps
     return n + (0 if model.config.is_ivf else int(np.prod(model.params["codebook0"].shape)))
 
 
@@ -153,12 +225,20 @@ def train_model(xt: np.ndarray, xval: np.ndarray, spec: ModelSpec, cfg: training
     if centroids is not None:
         log(f"assigning {len(xt)} training vectors to {len(centroids)} IVF centroids")
         assign = rq_init.assign_to_centroids(xt, centroids)
-    if will_resume(checkpoint_dir):
+    resuming = will_resume(checkpoint_dir)
+    if resuming:
         log(f"checkpoint {checkpoint_dir} exists: resuming, the RQ initialisation is not needed")
-        rq_codebooks = None
-    elif rq_codebooks is None:
-        rq_codebooks = train_rq_codebooks(xt, spec, xval, centroids, assign, log)
-    model = initial_model(xt, spec, rq_codebooks, centroids)
+    if spec.is_qinco2:
+        if resuming:  # the checkpoint replaces the codebooks: any of the right shape will do
+            rq_codebooks = np.zeros((spec.M, spec.K, xt.shape[1]), np.float32)
+        model, _ = qinco2_initial_model(xt, spec, cfg, xval=xval, ivf_centroids=centroids,
+                                        rq_codebooks=rq_codebooks, log=log)
+    else:
+        if resuming:
+            rq_codebooks = None
+        elif rq_codebooks is None:
+            rq_codebooks = train_rq_codebooks(xt, spec, xval, centroids, assign, log)
+        model = initial_model(xt, spec, rq_codebooks, centroids)
     log(f"model {model.config.describe()}")
     log(f"   nb trainable parameters {count_trainable(model)}")
     return training.fit(model, xt, xval, cfg, code0=assign, model_path=model_path,

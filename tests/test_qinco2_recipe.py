@@ -363,3 +363,81 @@ def test_rq_init_reaches_the_reference_validation_mse():
     assert len(rows) == 8192
     ivf = r.train_rq_init(ivt[rows], 4, 256, xval=ivv, ivf_centroids=np.load(FIXTURES / "ivf_centroids_64.npy"))
     assert ivf.val_mse == pytest.approx(742.2, rel=0.02)
+
+
+# ---------------------------------------------------------------- on a model's parameters
+
+
+def _qinco2_params(seed=3, **kw):
+    from qinco_jax.config import QincoConfig
+    from qinco_jax.model import QincoModel
+
+    config = QincoConfig(d=4, K=8, M=3, L=1, h=6, arch="qinco2", **kw)
+    return config, QincoModel.init(config, seed).numpy_params()
+
+
+def test_split_trainable_freezes_statistics_and_ivf_centroids():
+    config, p = _qinco2_params(variant="ivf", K_IVF=5)
+    trainable, frozen = r.split_trainable(p, config.is_ivf)
+    assert set(frozen) == {"normalisation", "xtarget_stats", "codebook0"} and set(trainable) == {"steps"}
+    config, p = _qinco2_params()
+    trainable, frozen = r.split_trainable(p, config.is_ivf)
+    assert set(frozen) == {"normalisation", "xtarget_stats"} and set(trainable) == {"steps", "codebook0"}
+
+
+def test_model_losses_by_hand():
+    from qinco_jax import model as qm
+
+    config, p = _qinco2_params(A=2, B=2)
+    p["steps"] = jax.tree.map(lambda a: a + 0.1 * np.random.RandomState(1).randn(*a.shape).astype(np.float32),
+                              p["steps"])
+    rs = np.random.RandomState(2)
+    x = rs.randn(5, 4).astype(np.float32)
+    codes = rs.randint(0, 8, size=(5, 3)).astype(np.int32)
+    mse, sub, _ = r.model_losses(p, jnp.asarray(x), jnp.asarray(codes), outer_skip=True, is_ivf=False)
+    xhats = np.asarray(qm.decode_steps(p, codes, outer_skip=True))
+    np.testing.assert_allclose(float(mse), sum(np.mean((xh - x) ** 2) for xh in xhats), rtol=1e-5)
+    expected_sub = sum(np.mean((xhats[s] + p["steps"]["substep_codebook"][s][codes[:, s + 1]] - x) ** 2)
+                       for s in range(2))
+    np.testing.assert_allclose(float(sub), expected_sub, rtol=1e-5)
+    # The substep loss trains the substep codebooks only (x̂ is detached).
+    g = jax.grad(lambda q: r.model_losses(q, x, codes, outer_skip=True, is_ivf=False)[1])(p)
+    assert np.abs(np.asarray(g["steps"]["substep_codebook"])).sum() > 0
+    assert np.abs(np.asarray(g["steps"]["codebook"])).sum() == 0
+    # padding rows (weight 0) do not count
+    w = jnp.array([1, 1, 1, 0, 0], jnp.float32)
+    mse_w, _, _ = r.model_losses(p, x, codes, w, outer_skip=True, is_ivf=False)
+    mse_3, _, _ = r.model_losses(p, x[:3], codes[:3], outer_skip=True, is_ivf=False)
+    np.testing.assert_allclose(float(mse_w), float(mse_3), rtol=1e-6)
+
+
+def test_model_target_stats_usage_and_reset():
+    config, params = _qinco2_params(A=2, B=2)
+    rs = np.random.RandomState(0)
+    x = rs.randn(64, 4).astype(np.float32) * 3 + 5
+    xhats = rs.randn(3, 64, 4).astype(np.float32)
+    stats = r.update_model_target_stats(params["xtarget_stats"], x, xhats)
+    # step 0's target is x itself; step m's is x - x̂_{m-1}
+    np.testing.assert_allclose(np.asarray(stats["mean"][0]), 0.1 * x.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(stats["var"][2]), 0.1 * (x - xhats[1]).std(0, ddof=1) + 0.9, rtol=1e-5)
+    codes = jnp.array([[0, 1, 2], [0, 1, 3]])
+    usage = r.model_codeword_usage(codes, 8, 3, jnp.array([1.0, 0.0]))
+    assert usage.shape == (3, 8) and int(usage.sum()) == 3 and int(usage[2, 2]) == 1
+
+    params["xtarget_stats"] = {"mean": np.full((3, 4), 100.0, np.float32), "var": np.full((3, 4), 2.0, np.float32)}
+    usage = np.ones((3, 8), np.int64)
+    usage[0, 2] = usage[2, 5] = usage[2, 6] = 0
+    new, n_reset = r.reset_model_codewords(params, config, usage, jax.random.key(0))
+    assert list(n_reset) == [1, 0, 2]
+    np.testing.assert_array_equal(np.delete(np.asarray(new["codebook0"]), 2, 0), np.delete(params["codebook0"], 2, 0))
+    assert abs(float(np.asarray(new["codebook0"])[2].mean()) - 100) < 10
+    book = np.asarray(new["steps"]["codebook"][1])
+    np.testing.assert_array_equal(book[:5], params["steps"]["codebook"][1][:5])
+    assert np.all(np.abs(book[5:7] - 100) < 10)
+    sub = np.asarray(new["steps"]["substep_codebook"][1])
+    assert np.all(sub[5:7] != book[5:7]) and np.all(np.abs(sub[5:7] - book[5:7]) < 1)
+    np.testing.assert_array_equal(np.asarray(new["steps"]["codebook"][0]), params["steps"]["codebook"][0])
+    # qinco1_mode never resets
+    q1, p1 = _qinco2_params(qinco1_mode=True)
+    same, n = r.reset_model_codewords(p1, q1, usage, jax.random.key(0))
+    assert same is p1 and n.sum() == 0

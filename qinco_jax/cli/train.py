@@ -11,6 +11,14 @@ Steps (--todo): train_rq trains a faiss ResidualQuantizer whose codebooks initia
 model (IVF: on the residuals to the nearest IVF centroid); train trains the network.
 The last --nval of the nt + nval training vectors are held out for validation.
 
+--arch qinco2 trains a QINCo2 model (ICLR 2025) with QINCo2's recipe: normalisation by
+the training set's mean and std, an RQ of k-means per step plus noise, AdamW (--lr
+default 8e-4, --wd, --grad_clip by value), a 3-epoch ramp then a cosine over
+--max_epochs epochs (QINCo2's `epochs`; training stops after --stop_patience epochs
+without improvement or epochs + stop_patience + 1 epochs), epochs of --epoch_size
+samples, unused codewords re-drawn after each epoch. --de, --dh (= --h), --A, --B size
+the model; --model x.pt writes QINCo2's own file format.
+
 Data parallel: --ngpu N uses the first N local devices (default: all), the global batch
 (--batch_size) is split across them. Multi-host: start one process per host with your
 cluster launcher and add --distributed, e.g. under SLURM
@@ -53,7 +61,16 @@ def add_model_args(p) -> None:
     group.add_argument("--M", default=8, type=int, help="number of sub-quantizers")
     group.add_argument("--L", default=4, type=int, help="number of residual blocks")
     group.add_argument("--K", default=256, type=int, help="codebook sizes")
-    group.add_argument("--h", default=256, type=int, help="hidden dimension of residual blocks")
+    group.add_argument("--h", "--dh", dest="h", default=256, type=int,
+                       help="hidden dimension of residual blocks (QINCo2's dh)")
+    group.add_argument("--arch", default="qinco", choices=["qinco", "qinco2"],
+                       help="model family: qinco (ICML 2024) or qinco2 (ICLR 2025, trained with its recipe)")
+    group.add_argument("--de", default=None, type=int, help="QINCo2: width of the step networks (default: d)")
+    group.add_argument("--A", default=16, type=int,
+                       help="QINCo2: codewords pre-selected by the substep codebook (0: none)")
+    group.add_argument("--B", default=32, type=int, help="QINCo2: beam size of encoding (training included)")
+    group.add_argument("--qinco1_mode", default=False, action="store_true",
+                       help="QINCo2: QINCo1 mode (no outer skip, QINCo1 initialisation)")
     group.add_argument("--rq_beam_size", default=1, type=int, help="beam size for the initial residual quantizer")
     group.add_argument("--seed", default=1234, type=int, help="random seed of the network initialisation")
     group.add_argument("--init", default="random", choices=["random", "rq_exact"],
@@ -65,8 +82,18 @@ def add_optim_args(p) -> None:
     group = p.add_argument_group("optimization parameters")
     group.add_argument("--ngpu", default=-1, type=int,
                        help="number of local devices to train on (-1: all; 0: the CPU)")
-    group.add_argument("--lr", default=1e-4, type=float, help="base learning rate")
-    group.add_argument("--max_epochs", default=1000, type=int, help="max nb of epochs")
+    group.add_argument("--lr", default=None, type=float, help="base learning rate (default 1e-4; 8e-4 for qinco2)")
+    group.add_argument("--max_epochs", default=None, type=int,
+                       help="max nb of epochs (default 1000); qinco2: the cosine schedule's epochs (default 60)")
+    group.add_argument("--wd", default=0.1, type=float, help="qinco2: AdamW weight decay")
+    group.add_argument("--grad_clip", default=0.1, type=float, help="qinco2: clip gradients by value (0: no)")
+    group.add_argument("--epoch_size", default=None, type=int,
+                       help="qinco2: training samples per epoch, cycling through the data (default: all)")
+    group.add_argument("--ramp_epochs", default=3, type=float, help="qinco2: linear warm-up epochs")
+    group.add_argument("--stop_patience", default=10, type=int,
+                       help="qinco2: stop after this many epochs without improvement")
+    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                       help="qinco2: bfloat16 trains in mixed precision (float32 master weights)")
     group.add_argument("--batch_size", default=1024, type=int,
                        help="global batch size (split across devices: must divide by their number)")
     cli.add_search_args(group)  # the no-gradient encode of every training step
@@ -137,8 +164,12 @@ def check_args(args) -> None:
         raise cli.UsageError("--ivf needs --IVF_centroids (a file of K_IVF x d centroids)")
     if "train" in args.todo and "train_rq" not in args.todo and not args.RQ_filename:
         raise cli.UsageError("--todo train without train_rq needs --RQ_filename to read the RQ codebooks from")
+    if args.arch == "qinco2" and args.todo != DEFAULT_TODO:
+        raise cli.UsageError("--arch qinco2 trains its RQ initialisation within training: leave --todo "
+                             "at its default (train_rq train)")
     try:
         model_spec_from_args(args)
+        train_config_from_args(args)
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
 
@@ -157,6 +188,14 @@ def model_spec_from_args(args):
     from qinco_jax.recipe import ModelSpec
 
     variant = "ivf" if args.ivf else ("lowrank" if args.lowrank else "qinco")
+    if args.arch == "qinco2":
+        if args.init != "random" or args.db_scale > 0 or args.rq_beam_size != 1:
+            raise ValueError("--init, --db_scale and --rq_beam_size are QINCo v1 options; --arch qinco2 "
+                             "initialises, normalises and trains its RQ with QINCo2's recipe")
+        return ModelSpec(M=args.M, K=args.K, L=args.L, h=args.h, variant=variant, seed=args.seed,
+                         arch="qinco2", de=args.de, A=args.A, B=args.B, qinco1_mode=args.qinco1_mode)
+    if args.de is not None or args.qinco1_mode or args.dtype != "float32" or args.epoch_size is not None:
+        raise ValueError("--de, --qinco1_mode, --dtype and --epoch_size need --arch qinco2")
     return ModelSpec(M=args.M, K=args.K, L=args.L, h=args.h, variant=variant, rq_beam_size=args.rq_beam_size,
                      seed=args.seed, init=args.init, db_scale=args.db_scale if args.db_scale > 0 else None)
 
@@ -165,7 +204,17 @@ def train_config_from_args(args):
     from qinco_jax.training import TrainConfig
 
     progress = {"auto": None, "on": True, "off": False}[args.progress]
-    return TrainConfig(lr=args.lr, max_epochs=args.max_epochs, batch_size=args.batch_size,
+    if args.arch == "qinco2":
+        from qinco_jax.training import qinco2_train_config
+
+        epochs = 60 if args.max_epochs is None else args.max_epochs
+        return qinco2_train_config(lr=8e-4 if args.lr is None else args.lr, epochs=epochs,
+                                   batch_size=args.batch_size, weight_decay=args.wd, grad_clip=args.grad_clip,
+                                   epoch_size=args.epoch_size, ramp_epochs=args.ramp_epochs,
+                                   stop_patience=args.stop_patience, seed=args.seed, dtype=args.dtype,
+                                   encode=cli.encode_options_from_args(args), ngpu=args.ngpu, progress=progress)
+    return TrainConfig(lr=1e-4 if args.lr is None else args.lr,
+                       max_epochs=1000 if args.max_epochs is None else args.max_epochs, batch_size=args.batch_size,
                        persistent_optimizer=args.persistent_optimizer, encode=cli.encode_options_from_args(args),
                        ngpu=args.ngpu, progress=progress)
 
@@ -198,14 +247,16 @@ def train_from_args(args, xt_all: np.ndarray, log=print):
 
     rq_codebooks = None
     resuming = "train" in args.todo and recipe.will_resume(args.checkpoint or None)
-    if "train_rq" in args.todo and not resuming:
+    if spec.is_qinco2:
+        pass  # its RQ is trained within train_model (on the first epoch's rows)
+    elif "train_rq" in args.todo and not resuming:
         rq_codebooks = recipe.train_rq_codebooks(xt, spec, xval, centroids, log=log)
         if args.RQ_filename:
             log(f"storing RQ codebooks to {args.RQ_filename}")
             save_npy(args.RQ_filename, rq_codebooks)
     if "train" not in args.todo:
         return None
-    if rq_codebooks is None and not resuming:
+    if rq_codebooks is None and not resuming and not spec.is_qinco2:
         log(f"reading RQ codebooks from {args.RQ_filename}")
         rq_codebooks = np.load(args.RQ_filename)
     if not args.model:
