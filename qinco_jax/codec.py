@@ -183,7 +183,7 @@ def encode_batch(params, x, code0, dtype, search: tuple[int, int, str], outer_sk
                  single_list: bool = False):
     """One batch: codes and squared errors (model units); code0 None or imposed first
     codes; search = (beam, preselect, proxy). single_list: the first step keeps the one
-    nearest codeword whatever the beam (QINCo2's IVF step)."""
+    nearest codeword whatever the beam (an IVF model's list, see `encode`)."""
     beam, preselect, proxy = search
     with jax.default_matmul_precision(_matmul_precision):
         if code0 is None and single_list:
@@ -273,7 +273,9 @@ def encode(model: AnyModel, x: np.ndarray, options: EncodeOptions | None = None,
     no retraining); dtype and batch_size say how the network runs. Options left None
     take the model's own values (model_encode_defaults): greedy for QINCo v1, QINCo2's
     beam of B with A candidates pre-selected by its substep codebooks.
-    code0: first codes to impose (IVF lists computed elsewhere, e.g. by an HNSW
+    IVF models keep each vector's nearest IVF list (first code, as assign_ivf) whatever
+    the beam; the beam searches the codes within it.
+    code0: first codes to impose instead (IVF lists computed elsewhere, e.g. by an HNSW
     quantizer). return_errors: also return each vector's squared reconstruction error
     in raw units."""
     x = _check_vectors(model, x)
@@ -291,8 +293,10 @@ def encode(model: AnyModel, x: np.ndarray, options: EncodeOptions | None = None,
     params = jax.device_put(network_params(model.params))
     c = model.config
     if code0 is None:
-        fn = lambda xb: encode_batch(params, model.normalise(xb), None, dt, search, c.outer_skip,
-                                     c.is_qinco2 and c.is_ivf)
+        # An IVF model (v1 or QINCo2) keeps each vector's nearest list whatever the beam,
+        # as faiss's IVF assigns: a list picked by the beam lowers the MSE but files the
+        # vector where the queries near it do not probe.
+        fn = lambda xb: encode_batch(params, model.normalise(xb), None, dt, search, c.outer_skip, c.is_ivf)
         codes, err = map_batches(fn, [x], bs, progress)
     else:
         code0 = np.asarray(code0).astype(np.int32).reshape(-1)

@@ -112,3 +112,40 @@ def test_training_can_encode_with_a_beam():
     np.testing.assert_array_equal(training.make_encode_fn()(params, x, None), qm.encode_greedy(params, x)[0])
     with pytest.raises(ValueError, match="beam"):
         training.TrainConfig(encode=EncodeOptions(beam=0))
+
+
+def _trained_ivf_model_and_vectors():
+    from qinco_jax.checkpoint import load_model
+
+    return load_model(FIXTURES / "ivf_qinco_d32_IVF64_M4_K256_L1_h32.pt"), np.load(FIXTURES / "ivf_xb.npy")[:500]
+
+
+@pytest.mark.parametrize("options", [EncodeOptions(beam=4), EncodeOptions(beam=8, preselect=32)])
+def test_an_ivf_model_keeps_the_nearest_list_under_beam_search(options):
+    """The beam searches the codes within each vector's nearest IVF list, so the IVF
+    search probes the list the vector is filed under."""
+    model, x = _trained_ivf_model_and_vectors()
+    nearest = codec.assign_ivf(model, x)
+    codes = codec.encode(model, x, options)
+    np.testing.assert_array_equal(codes[:, 0], nearest)
+    # The check bites: left free, the same beam moves some vectors to another list.
+    opts = codec.resolve_options(model, options)
+    free = qm.encode_beam(codec.network_params(model.params), jnp.asarray(model.normalise(x)), beam=opts.beam,
+                          preselect=opts.preselect, proxy=opts.proxy)[0]
+    assert np.mean(np.asarray(free)[:, 0] != nearest) > 0.01
+    # Within the fixed list the beam still beats greedy.
+    greedy = codec.encode(model, x, return_errors=True)[1].mean()
+    assert codec.encode(model, x, options, return_errors=True)[1].mean() < greedy
+
+
+def test_a_qinco2_ivf_model_keeps_the_nearest_list_under_beam_search():
+    cfg = QincoConfig(d=8, K=16, M=3, L=1, h=16, arch="qinco2", variant="ivf", K_IVF=20, A=4, B=4)
+    model = QincoModel.init(cfg, 1)
+    x = np.random.RandomState(2).randn(300, 8).astype(np.float32)
+    np.testing.assert_array_equal(codec.encode(model, x, EncodeOptions(beam=8))[:, 0], codec.assign_ivf(model, x))
+
+
+def test_imposed_first_codes_override_the_nearest_list():
+    model, x = _trained_ivf_model_and_vectors()
+    other = (codec.assign_ivf(model, x) + 1) % model.config.K_IVF
+    np.testing.assert_array_equal(codec.encode(model, x, EncodeOptions(beam=4), code0=other)[:, 0], other)

@@ -130,7 +130,9 @@ def test_qinco_index_build_add_search_like_faiss(model64, ivf_data, tmp_path):
 
 
 def test_run_two_stage_pipeline(model64, ivf_data):
-    xt, xb, xq = ivf_data["xt"][:2000], ivf_data["xb"][:3000], ivf_data["xq"][:40]
+    # All 200 queries: recall@1 is a few percent here, and on 40 queries re-ranking's gain
+    # is one query either way (it loses by one with greedy codes).
+    xt, xb, xq = ivf_data["xt"][:2000], ivf_data["xb"][:3000], ivf_data["xq"][:200]
     gt = datasets.exact_groundtruth(xq, xb, 10)
     results, stats = two_stage.run_two_stage(model64, xt, xb, xq, gt, [5, 200], EncodeOptions(beam=2))
     assert [r["parameters"] for r in results] == [{"nshort": 5}, {"nshort": 200}]
