@@ -74,8 +74,6 @@ def test_bad_configs_are_refused(bad):
 
 
 def test_tiny_main_job_with_qinco2(tmp_path):
-    if "arch" not in {f.name for f in dataclasses.fields(recipe.ModelSpec)}:
-        pytest.skip("QINCo2 training (recipe.ModelSpec(arch='qinco2')) is not on this branch yet")
     cfg = MainJobConfig(out=str(tmp_path), qinco2=True, qinco2_L=1, qinco2_h=16, qinco2_de=16, qinco2_A=4,
                         qinco2_B=2, qinco2_epochs=1, **TINY)
     s = run(cfg, log=lambda msg: None)
