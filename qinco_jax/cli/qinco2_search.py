@@ -34,7 +34,8 @@ from typing import Callable
 
 import numpy as np
 
-from qinco_jax import pairwise, vecs_io
+from qinco_jax import code_parts, pairwise
+from qinco_jax.cli.qinco2_tasks import read_vector_file
 from qinco_jax.run_config import RunConfig, RunConfigError, check_task, index_key, resolve_data
 
 Log = Callable[[str], None]
@@ -47,27 +48,11 @@ EF_CONSTRUCTION = 20  # efConstruction of the HNSW coarse quantizer, as the refe
 # --------------------------------------------------------------------------------------
 
 
-def _vectors(path: str | None, role: str) -> np.ndarray:
-    if not path:
-        raise RunConfigError(f"no {role} file given")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{role} file {path} not found")
-    return vecs_io.read_vectors(path, mmap=True)
-
-
 def read_codes(path: str) -> np.ndarray:
     """Codes (n, 1 + M) from QINCo2's .npz parts or a .npy array."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"codes file {path} not found")
-    if path.endswith(".npz"):
-        from qinco_jax.code_parts import read_codes as read_parts
-
-        codes = read_parts(path)
-    elif path.endswith(".npy"):
-        codes = np.load(path)
-    else:
-        raise RunConfigError(f"codes file {path}: expected QINCo2's .npz (task=encode) or a .npy array")
-    codes = np.asarray(codes)
+    codes = np.asarray(code_parts.read_codes(path))
     if codes.ndim != 2 or codes.shape[1] < 2 or not np.issubdtype(codes.dtype, np.integer):
         raise RunConfigError(f"codes file {path} holds {codes.dtype} {codes.shape}, expected integer codes "
                              "(n, 1 + M) with the IVF list first")
@@ -88,7 +73,7 @@ def ivf_centroids_file(cfg: RunConfig) -> np.ndarray:
 def encoded_training_set(cfg: RunConfig, log: Log) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(xt, xt_codes, xval, xval_codes) split as the reference splits them."""
     path = resolve_data(cfg).trainset
-    xt_all = _vectors(path, "training")
+    xt_all = read_vector_file(path, "training")
     nval = cfg.ds.valset
     if not 0 < nval <= len(xt_all) // 2:
         raise RunConfigError(f"ds.valset={nval} must be positive and at most half of the {len(xt_all)} "
@@ -203,8 +188,8 @@ def search(cfg: RunConfig, log: Log = print) -> list[dict]:
     ivf.require_ivf_model(model)
     index = ivf.read_index(cfg.index, "index")
     ivf.check_index_matches_model(index, model, f"index {cfg.index}")
-    xq = np.asarray(_vectors(data.queries, "queries"), np.float32)
-    gt = np.asarray(_vectors(data.queries_gt, "ground-truth"))
+    xq = np.asarray(read_vector_file(data.queries, "queries"), np.float32)
+    gt = np.asarray(read_vector_file(data.queries_gt, "ground-truth"))
     if cfg.search.nthreads > 0:
         faiss.omp_set_num_threads(int(cfg.search.nthreads))
     mid = None

@@ -70,7 +70,8 @@ def with_folder_data(cfg: RunConfig) -> RunConfig:
                                queries=cfg.queries or path("query"), queries_gt=cfg.queries_gt or path("gt"))
 
 
-def _read(path: str | None, role: str) -> np.ndarray:
+def read_vector_file(path: str | None, role: str) -> np.ndarray:
+    """A vector file named by a run.py key, memory-mapped; a clear error if it is not given or missing."""
     if not path:
         raise RunConfigError(f"no {role} file given")
     if not os.path.isfile(path):
@@ -83,7 +84,7 @@ def database_vectors(cfg: RunConfig, log: Log = print) -> np.ndarray:
     first ds.db rows (the 1M data sets: to a million)."""
     data = resolve_data(cfg)
     log(f"Loading database from {data.db}")
-    xb = _read(data.db, "database")
+    xb = read_vector_file(data.db, "database")
     limit = min(data.db_limit or len(xb), len(xb))
     if limit < len(xb):
         log(f"Will use only {limit} elements from the database")
@@ -95,7 +96,7 @@ def training_vectors(cfg: RunConfig, log: Log = print) -> tuple[np.ndarray, np.n
     ds.valset rows validate, the first ds.trainset of the others train."""
     path = resolve_data(cfg).trainset
     log(f"Loading training data from {path}")
-    xt = _read(path, "training")
+    xt = read_vector_file(path, "training")
     nval = cfg.ds.valset
     if nval > len(xt) // 2:
         raise RunConfigError(f"ds.valset={nval} validation vectors is more than half of the {len(xt)} "
