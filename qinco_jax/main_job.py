@@ -182,17 +182,6 @@ def _val_mse(history: dict, init: str) -> dict:
             "trained": min(e["val_mse"] for e in epochs) if epochs else None}
 
 
-def encode_in_lists(model, x, options, progress: str | None = None):
-    """Codes of x whose first code (the IVF list) is the nearest centroid, as faiss's
-    IVF assigns: a beam search left free to pick another list lowers the MSE but files
-    vectors under lists that queries near them do not probe."""
-    from qinco_jax import codec
-
-    if model.config.is_qinco2:
-        return codec.encode(model, x, options, progress=progress)  # QINCo2 keeps the nearest list itself
-    return codec.encode(model, x, options, code0=codec.assign_ivf(model, x), progress=progress)
-
-
 def build_qinco_index(name: str, model, history: dict, cfg: MainJobConfig, xt, xb, log) -> TrainedIvfModel:
     """AQ shortlist codebooks fitted to the QINCo codes of aq_train training vectors, the
     database encoded (beam search within each vector's nearest IVF list) and added."""
@@ -202,10 +191,10 @@ def build_qinco_index(name: str, model, history: dict, cfg: MainJobConfig, xt, x
 
     options = _encode_options(cfg, model)
     xt_aq = xt[:cfg.aq_train]
-    xt_codes = encode_in_lists(model, xt_aq, options, progress=f"{name}: encode AQ training set" if cfg.progress
+    xt_codes = codec.encode(model, xt_aq, options, progress=f"{name}: encode AQ training set" if cfg.progress
                                else None)
     index, _ = ivf.train_index(model, xt_aq, cfg.index_key, xt_codes=xt_codes, options=options, log=log)
-    codes = encode_in_lists(model, xb, options, progress=f"{name}: encode database" if cfg.progress else None)
+    codes = codec.encode(model, xb, options, progress=f"{name}: encode database" if cfg.progress else None)
     ivf.add_codes(index, model, codes)
     db_mse = mean_squared_error(codec.decode(model, codes), xb)
     shortlist_mse = mean_squared_error(index.sa_decode(ivf.sa_codes(index, codes)), xb)
@@ -215,10 +204,9 @@ def build_qinco_index(name: str, model, history: dict, cfg: MainJobConfig, xt, x
 def validation_mse_table(model, xval, cfg: MainJobConfig, val: dict) -> list[tuple[str, float]]:
     """Validation MSE rows: the RQ QINCo starts from, QINCo encoded greedily (the
     reference's encode), QINCo with the demo's beam / pre-selection setting within the
-    nearest IVF list (as the database) and with the list free too."""
+    nearest IVF list (the codec keeps every IVF model's vectors in their nearest list, as
+    the database is indexed)."""
     from qinco_jax import training
-    from qinco_jax.metrics import mean_squared_error
-    from qinco_jax import codec
 
     options = _encode_options(cfg)
     setting = f"beam {cfg.encode_beam} over {cfg.encode_preselect or 'all'} pre-selected"
@@ -226,9 +214,7 @@ def validation_mse_table(model, xval, cfg: MainJobConfig, val: dict) -> list[tup
     if val.get("rq_init") is not None:
         rows.append(("IVF-RQ codebooks, greedy encode (QINCo's start)", float(val["rq_init"])))
     rows.append(("IVF-QINCo, greedy encode", training.validation_mse(model, xval)))
-    in_lists = mean_squared_error(codec.decode(model, encode_in_lists(model, xval, options)), xval)
-    rows.append((f"IVF-QINCo, {setting}, nearest list (as indexed)", in_lists))
-    rows.append((f"IVF-QINCo, {setting}, list chosen by the beam", training.validation_mse(model, xval, options)))
+    rows.append((f"IVF-QINCo, {setting}, nearest list (as indexed)", training.validation_mse(model, xval, options)))
     return rows
 
 

@@ -46,7 +46,7 @@ def test_tiny_main_job(tmp_path):
     val = data["val_mse"]["IVF-QINCo"]
     assert val["rq_init"] > 0 and val["trained"] > 0
     assert [r["name"].split(",")[0] for r in data["val_mse_table"]] == [
-        "IVF-RQ codebooks", "IVF-QINCo", "IVF-QINCo", "IVF-QINCo"]
+        "IVF-RQ codebooks", "IVF-QINCo", "IVF-QINCo"]  # start, greedy, the demo's beam (nearest list)
     assert set(data["stages"]) >= {"data", "IVF k-means", "IVF-PQ index", "IVF-RQ index", "search"}
     text = "\n".join(logged)
     assert "database MSE" in text and "validation MSE" in text and "recall@1 at equal time" in text
@@ -83,21 +83,19 @@ def test_tiny_main_job_with_qinco2(tmp_path):
 
 def test_database_codes_stay_in_the_nearest_ivf_list():
     """A free beam may file a vector under another list (lower MSE, missed by the probes);
-    the main job's encode keeps faiss's assignment: the nearest centroid."""
+    the codec, which the main job encodes with, keeps faiss's assignment: the nearest centroid."""
     import numpy as np
 
     from qinco_jax import codec
     from qinco_jax.config import EncodeOptions
-    from qinco_jax.main_job import encode_in_lists
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(300, 8)).astype(np.float32)
     centroids = x[:16] + 0.1
     model = recipe.initial_model(x, recipe.ModelSpec(M=2, K=16, L=1, h=8, variant="ivf"), None, centroids)
     options = EncodeOptions(beam=8)
-    codes = encode_in_lists(model, x, options)
+    codes = codec.encode(model, x, options)
     np.testing.assert_array_equal(codes[:, 0], codec.assign_ivf(model, x))
-    np.testing.assert_array_equal(codec.encode(model, x, options), codes)  # the codec keeps the list itself
     from qinco_jax import model as qm
 
     free = qm.encode_beam(codec.network_params(model.params), model.normalise(x), beam=8)[0]
