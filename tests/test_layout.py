@@ -34,14 +34,7 @@ def test_script_folders_hold_only_shims_of_package_programs():
     assert shims
     for p in shims:
         assert p.suffix == ".py", f"{p.relative_to(ROOT)}: only shim scripts belong in {p.parent.name}/"
-        code = [ln for ln in p.read_text().splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-        tree = ast.parse(p.read_text())
-        imports = [n for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))]
-        assert len(imports) == 1 and isinstance(imports[0], ast.ImportFrom), p
-        module = imports[0].module
-        assert module.startswith("qinco_jax.cli."), f"{p.relative_to(ROOT)} runs {module}"
-        assert callable(getattr(importlib.import_module(module), "run")), module
-        assert len(code) <= 8, f"{p.relative_to(ROOT)} is not a shim ({len(code)} lines)"
+        _assert_shim(p)
 
 
 def _assert_shim(p: Path) -> None:
