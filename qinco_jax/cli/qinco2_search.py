@@ -36,6 +36,7 @@ import numpy as np
 
 from qinco_jax import code_parts, pairwise
 from qinco_jax.cli.qinco2_tasks import read_vector_file
+from qinco_jax.metrics import mean_squared_error
 from qinco_jax.run_config import RunConfig, RunConfigError, check_task, index_key, resolve_data
 
 Log = Callable[[str], None]
@@ -127,10 +128,10 @@ def train_pairwise_decoder(cfg: RunConfig, log: Log = print) -> pairwise.Pairwis
     training = pairwise.train_pairwise_decoder(xt, codes, centroids, K, n_tables=cfg.n_pairwise_codebooks * M,
                                                seed=cfg.seed, progress=cfg.verbose)
     pairwise.save_pairwise_decoder(training.decoder, cfg.output)
-    val = pairwise.decode(training.decoder, val_codes, centroids)
-    val_mse = float(((val - xval) ** 2).sum(1).mean()) * resolve_data(cfg).mse_scale
-    log(f"train MSE {training.train_mse[-1] * resolve_data(cfg).mse_scale:.6g} "
-        f"(IVF centroids alone: {training.train_mse[0] * resolve_data(cfg).mse_scale:.6g}), val MSE {val_mse:.6g}")
+    scale = resolve_data(cfg).mse_scale
+    val_mse = mean_squared_error(pairwise.decode(training.decoder, val_codes, centroids), xval) * scale
+    log(f"train MSE {training.train_mse[-1] * scale:.6g} "
+        f"(IVF centroids alone: {training.train_mse[0] * scale:.6g}), val MSE {val_mse:.6g}")
     log(f"saved the pairwise decoder to {cfg.output}")
     return training
 
