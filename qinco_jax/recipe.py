@@ -41,7 +41,7 @@ class ModelSpec:
     variant: str = "qinco"   # "qinco", "lowrank" or "ivf" (then ivf_centroids are needed)
     rq_beam_size: int = 1    # beam of the initial faiss residual quantizer
     seed: int = 1234         # network initialisation
-    init: str = "random"     # "random" (the reference's) or "rq_exact" (output layers zeroed: starts at the RQ error)
+    init: str = "random"     # "random" (the reference's) or "rq_exact" (the untrained model is the RQ: starts at its error)
     db_scale: float | None = None  # None: the maximum of the training set, as the reference
     # QINCo2 (arch="qinco2"; h is its hidden width dh): step-network width de (None: d),
     # substep pre-selection A (0: none) and beam B the model encodes (and trains) with,
@@ -160,7 +160,9 @@ def qinco2_initial_model(xt: np.ndarray, spec: ModelSpec, cfg: training.TrainCon
     rows the first epoch sees (raw units; given `rq_codebooks` (M, K, d) skip it); its
     codebooks normalised, with Gaussian noise of `cfg.codebook_noise` x their std, in
     the steps' codebooks and substep codebooks; concat and `down` layers zero (outer
-    skip), so with de = d and no noise the untrained model decodes as the RQ does.
+    skip), so an untrained network step adds 2c (de = d) or c + P_out P_in c.
+    `spec.init == "rq_exact"`: no noise and `rq_init.qinco2_exact_init`, so that the
+    untrained model decodes exactly as the RQ and training starts at its error.
     Returns the model and the RQ's validation MSE (None if not trained here)."""
     d = xt.shape[1]
     centroids = check_ivf_centroids(spec, ivf_centroids, d)
@@ -175,8 +177,9 @@ def qinco2_initial_model(xt: np.ndarray, spec: ModelSpec, cfg: training.TrainCon
                               qinco1_mode=spec.qinco1_mode)
         rq_codebooks, rq_val = rq.codebooks, rq.val_mse
         log(f"RQ initialisation: train MSE {rq.train_mse:g}" + (f", val MSE {rq_val:g}" if rq_val else ""))
+    exact = spec.init == "rq_exact"
     books = q2.initial_codebooks(rq_codebooks, mean, std, ivf=centroids is not None,
-                                 key=jax.random.key(cfg.seed), noise=cfg.codebook_noise,
+                                 key=jax.random.key(cfg.seed), noise=0.0 if exact else cfg.codebook_noise,
                                  qinco1_mode=spec.qinco1_mode)
     config = qinco2_config(spec, d, len(centroids) if centroids is not None else 0)
     kwargs = {"codebooks": books}
@@ -186,6 +189,8 @@ def qinco2_initial_model(xt: np.ndarray, spec: ModelSpec, cfg: training.TrainCon
     if config.has_substep:  # each substep codebook starts as its step's (noisy) codebook
         params["steps"]["substep_codebook"] = params["steps"]["codebook"]
     params["normalisation"] = {"mean": jnp.asarray(mean), "std": jnp.asarray(std, jnp.float32)}
+    if exact:
+        params = rq_init.qinco2_exact_init(params, config)
     return QincoModel(config, params), rq_val
 
 

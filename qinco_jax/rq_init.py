@@ -74,6 +74,31 @@ def ivf_residuals(x: np.ndarray, centroids: np.ndarray, assign: np.ndarray) -> n
 
 
 
+def qinco2_exact_init(params: dict, config) -> dict:
+    """QINCo2 parameters (concat and `down` layers already zero, as QINCo2 initialises
+    them) changed so that every step adds exactly its codeword c, so the untrained
+    model decodes as the RQ its codebooks come from. With the outer skip a step adds
+    c + P_out P_in c: the out projection is zeroed (its gradient, through z = P_in c,
+    is not zero, and then reaches the rest), or without projections (de = d, where the
+    step adds c + c) the codebook is halved; the substep codebook keeps c, the RQ
+    codeword the pre-selection compares residuals with. In qinco1_mode (no outer skip)
+    a step adds P_out P_in c, exact only without projections. Pure."""
+    import jax
+    import jax.numpy as jnp
+
+    steps = dict(params["steps"])
+    if not config.outer_skip:
+        if config.de not in (0, config.d):
+            raise ValueError("init rq_exact in qinco1_mode needs de = d: a step's projections "
+                             "P_out P_in cannot start as the identity")
+        return params
+    if "out_proj" in steps:
+        steps["out_proj"] = jax.tree.map(jnp.zeros_like, steps["out_proj"])
+    else:
+        steps["codebook"] = steps["codebook"] / 2
+    return {**params, "steps": steps}
+
+
 def zero_network_init(params: dict) -> dict:
     """The parameters with every step's network made the identity on its codeword: the
     concat block (codeword and input halves and bias; for QINCo-LR only its low-rank

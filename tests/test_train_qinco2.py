@@ -70,6 +70,33 @@ def test_untrained_model_is_its_rq_initialisation(data):
     np.testing.assert_allclose(np.asarray(p["normalisation"]["mean"]), xt.mean(0), rtol=1e-4)
 
 
+@pytest.mark.parametrize("de", [None, 24])  # de = d (codebook halved) and projected (out_proj zeroed)
+def test_rq_exact_init_starts_at_the_rq_error_then_goes_below(data, de):
+    xt, xval = data
+    spec = recipe.ModelSpec(arch="qinco2", M=3, K=16, L=1, h=32, de=de, A=4, B=1, seed=0, init="rq_exact")
+    cfg = small_cfg(epochs=3, stop_patience=0, epoch_size=None, lr=2e-3)
+    model, rq_val = recipe.qinco2_initial_model(xt, spec, cfg, xval=xval)
+    # the RQ's own greedy error on the validation set, from its raw codebooks
+    p = model.params
+    std = float(p["normalisation"]["std"])
+    c0 = np.asarray(p["codebook0"])
+    books = np.asarray(p["steps"]["substep_codebook"])  # the RQ codewords, unhalved
+    assert _rq_mse(model.normalise(xval), [c0, *books]) * std ** 2 == pytest.approx(rq_val, rel=1e-4)
+    # A = K would make pre-selection exact; with A = 4 and B = 1 the model encodes greedily over
+    # the 4 codewords nearest by the substep codebook, which is the RQ's own greedy choice
+    assert training.validation_mse(model, xval) == pytest.approx(rq_val, rel=1e-4)
+    res = recipe.train_model(xt, xval, spec, cfg, log=quiet)
+    assert res.history["before"] == pytest.approx(rq_val, rel=1e-4)
+    assert min(e["val_mse"] for e in res.history["epochs"]) < rq_val
+
+
+def test_rq_exact_in_qinco1_mode_needs_de_equal_d(data):
+    xt, xval = data
+    spec = recipe.ModelSpec(arch="qinco2", M=3, K=16, L=1, h=32, de=24, qinco1_mode=True, init="rq_exact")
+    with pytest.raises(ValueError, match="de = d"):
+        recipe.qinco2_initial_model(xt, spec, small_cfg(), xval=xval)
+
+
 def test_a_few_epochs_go_below_the_rq_initialisation(data, tmp_path):
     xt, xval = data
     _, rq_val = recipe.qinco2_initial_model(xt, SPEC, small_cfg(epoch_size=None), xval=xval)
