@@ -1,4 +1,4 @@
-"""The main job (`make demo`): IVF-QINCo against faiss IVF-PQ and IVF-RQ at the same
+"""The main job (`make demo`): IVF-QINCo and IVF-QINCo2 against faiss IVF-PQ and IVF-RQ at the same
 bytes per vector, on the built-in real descriptors (sift_images) by default.
 
     qinco-main-job --out runs/demo                 # the demo's recipe
@@ -33,7 +33,7 @@ HELP = {
     "batch_size": "training batch size",
     "init": "rq_exact: start exactly at the IVF-RQ baseline's error; random: the reference's initialisation",
     "train_preselect": "candidates pre-selected per step in the training encode (0: all K)",
-    "encode_beam": "beam of the IVF-QINCo database encode",
+    "encode_beam": "beam of the IVF-QINCo and IVF-QINCo2 database encodes",
     "encode_preselect": "candidates pre-selected per step in the database encode (0: all K)",
     "aq_train": "training vectors whose QINCo codes fit the AQ shortlist codebooks",
     "rq_beam": "beam of the IVF-RQ baseline (training and database encode)",
@@ -41,14 +41,14 @@ HELP = {
     "nshort": "shortlist lengths re-ranked by QINCo (IVF-QINCo sweep, x nprobe)",
     "search_threads": "faiss threads while searching, the same for every method (0: all cores)",
     "build_threads": "faiss threads while building (k-means, PQ, RQ; 0: all cores, which spin on a busy machine)",
-    "qinco2": "also train and search IVF-QINCo2 (needs the QINCo2 training recipe)",
+    "qinco2": "also train and search IVF-QINCo2 (QINCo2's training recipe, from the same RQ start)",
     "qinco2_L": "IVF-QINCo2 residual blocks per step",
     "qinco2_h": "IVF-QINCo2 hidden dimension",
     "qinco2_de": "IVF-QINCo2 embedding dimension",
-    "qinco2_A": "IVF-QINCo2 candidates pre-selected per step (encode)",
-    "qinco2_B": "IVF-QINCo2 beam (encode)",
+    "qinco2_A": "IVF-QINCo2 candidates pre-selected per step by its substep codebook",
+    "qinco2_B": "IVF-QINCo2 beam while training (the database is encoded with --encode_beam)",
     "qinco2_epochs": "IVF-QINCo2 training epochs",
-    "qinco2_lr": "IVF-QINCo2 learning rate (default: QINCo2's recipe)",
+    "qinco2_lr": "IVF-QINCo2 learning rate",
     "progress": "progress bars",
 }
 
