@@ -18,6 +18,9 @@ re-ranked recalls are wrong for this model (mean/std normalisation, see the READ
 compare times at equal operating points, where both do the same work: the same faiss
 shortlist, the same numbers of pairwise and full decodes.
 
+--pairwise_table_dtype float16|int8 runs our middle stage on compact tables (the
+reference's always float32).
+
 Timings on a shared machine are noisy: every point is searched --repeats times and the
 fastest kept (ours; the reference's search runs once per point, as its task does).
 
@@ -126,6 +129,8 @@ def main(argv=None):
     p.add_argument("--nmid_short", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--repeats", type=int, default=3, help="searches per point, the fastest kept")
+    p.add_argument("--pairwise_table_dtype", default="float32", choices=pairwise.TABLE_DTYPES,
+                   help="how our middle stage stores the pairwise tables (pairwise.compact)")
     p.add_argument("--json", default="")
     p.add_argument("--plot", default="", help="recall / time plot (PNG) of our points")
     args = p.parse_args(argv)
@@ -138,10 +143,10 @@ def main(argv=None):
     gt = np.load(os.path.join(FIXTURES, "ivf_gt.npy"))
     index = build(model, args.n_train)
     decoder = pairwise.load_pairwise_decoder(DECODER)
-    mid = pairwise_stage.middle_stage(decoder, model)
+    mid = pairwise_stage.middle_stage(decoder, model, table_dtype=args.pairwise_table_dtype)
     quiet = lambda _: None  # noqa: E731
     print(f"== {model.describe()}, IVF64_HNSW32,RQ4x4_Nqint8 of {index.ntotal} vectors, {len(xq)} queries, "
-          f"{args.threads} threads")
+          f"{args.threads} threads, {args.pairwise_table_dtype} pairwise tables")
     results = sweep_best_of(index, model, xq, gt, args, mid)
     print(report.format_table(results, len(xq)))
     nq = len(xq)
@@ -166,7 +171,7 @@ def main(argv=None):
             decoder_path = os.path.join(tmp, "pairwise.pt")
             training = pairwise_stage.train_for_model(model, xt, progress=False)
             pairwise.save_pairwise_decoder(training.decoder, decoder_path)
-            mid = pairwise_stage.middle_stage(training.decoder, model)
+            mid = pairwise_stage.middle_stage(training.decoder, model, table_dtype=args.pairwise_table_dtype)
             print(f"== Part 2: {model.describe()}, the reference's IVF64_HNSW32,RQ4x8_Nqint8 index, "
                   f"a pairwise decoder of {training.decoder.n_tables} tables trained on {len(xt)} vectors")
             results = sweep_best_of(index, model, xq, gt, args, mid)

@@ -37,6 +37,15 @@ dict {ivf_code_map (nlist, 5) int64, combine_mvals_m (2, T) int64, codebook_MKD
 weights_only=True)`) reads it back. The file holds neither M nor the centroids: M is
 the width of the codes given to `decode` (minus the list column), and the centroids
 are the IVF model's, in raw units.
+
+Compact tables (`compact`), for search: the decode reads T random rows of D values per
+candidate and is bound by those reads, so smaller rows decode faster. float16 tables
+are cast to float32 after each look-up; int8 tables hold round(table / scale) with one
+symmetric scale per (table, dimension) (max |column| / 127; 0 for an all-zero column)
+and are multiplied by it after each look-up. Either way the sum is accumulated in
+float32. Only float32 tables go to files: `save_pairwise_decoder` writes the
+dequantised float32 tables of a compact decoder (so the file decodes as that decoder
+did), `load_pairwise_decoder` always gives float32 tables.
 """
 
 from __future__ import annotations
@@ -66,6 +75,11 @@ DEFAULT_TABLES_PER_CODE = 2
 DECODE_BATCH_SIZE = 16384
 _KMEANS_CHUNK = 16384
 
+# Storage of the tables (`compact`): the name of each, and its numpy dtype. bfloat16 is
+# left out on purpose: XLA on CPU converts it ~100x slower than it gathers float32.
+TABLE_DTYPES = ("float32", "float16", "int8")
+_INT8_LEVELS = 127  # symmetric: codes in [-127, 127], so -x is exact
+
 # The keys of the reference's state_dict, in its order.
 _FILE_KEYS = ("ivf_code_map", "combine_mvals_m", "codebook_MKD")
 
@@ -78,11 +92,15 @@ class PairwiseDecoder:
     ivf_subcodes: (nlist, 5) int32, the IVF sub-codes of every list (`ivf_code_map`);
     pairs: (2, T) int32, the streams (a_t, b_t) indexing table t (`combine_mvals_m`);
         stream s < M is model code s (codes column s + 1), s >= M is IVF sub-code s - M;
-    tables: (T, K², D) float32, raw units (`codebook_MKD`)."""
+    tables: (T, K², D) raw units (`codebook_MKD`): float32 as trained and read, or the
+        compact float16 / int8 storage of `compact`;
+    scales: (T, D) float32 for int8 tables (table t, dimension j decodes as
+        tables[t, :, j] * scales[t, j]), None for float tables."""
 
     ivf_subcodes: np.ndarray
     pairs: np.ndarray
     tables: np.ndarray
+    scales: np.ndarray | None = None
 
     @property
     def K(self) -> int:
@@ -101,6 +119,11 @@ class PairwiseDecoder:
         return self.tables.shape[2]
 
     @property
+    def table_dtype(self) -> str:
+        """How the tables are stored: one of TABLE_DTYPES."""
+        return np.dtype(self.tables.dtype).name
+
+    @property
     def min_code_width(self) -> int:
         """The narrowest codes (list + M model codes) that hold every stream a table uses."""
         return 1 + max(0, int(np.max(np.asarray(self.pairs))) + 1 - IVF_SUBCODE_STAGES)
@@ -112,8 +135,8 @@ def check_layout(decoder: PairwiseDecoder, what: str = "pairwise decoder") -> No
     sub, pairs, tables = decoder.ivf_subcodes, decoder.pairs, decoder.tables
     if tables.ndim != 3 or tables.shape[0] == 0 or tables.shape[2] == 0:
         raise ValueError(f"{what}: tables must have shape (T, K*K, D) with T, D > 0, got {tables.shape}")
-    if not np.issubdtype(tables.dtype, np.floating):
-        raise ValueError(f"{what}: tables must be floating point, got {tables.dtype}")
+    if np.dtype(tables.dtype).name not in TABLE_DTYPES:
+        raise ValueError(f"{what}: tables must be stored as one of {', '.join(TABLE_DTYPES)}, got {tables.dtype}")
     K = math.isqrt(tables.shape[1])
     if K * K != tables.shape[1] or K == 0:
         raise ValueError(f"{what}: tables have {tables.shape[1]} rows each, not the square K*K of a codebook size")
@@ -125,24 +148,83 @@ def check_layout(decoder: PairwiseDecoder, what: str = "pairwise decoder") -> No
             or sub.shape[0] == 0:
         raise ValueError(f"{what}: the IVF sub-codes must be integers of shape (nlist, {IVF_SUBCODE_STAGES}), "
                          f"got {sub.dtype} {sub.shape}")
+    scales = decoder.scales
+    if tables.dtype == np.int8:
+        if scales is None or scales.dtype != np.float32 or scales.shape != (T, tables.shape[2]):
+            got = "none" if scales is None else f"{scales.dtype} {scales.shape}"
+            raise ValueError(f"{what}: int8 tables need float32 scales of shape ({T}, {tables.shape[2]}) "
+                             f"(one per table and dimension), got {got}")
+    elif scales is not None:
+        raise ValueError(f"{what}: {tables.dtype} tables take no scales (only int8 tables do), "
+                         f"got scales of shape {scales.shape}")
 
 
 def check_decoder(decoder: PairwiseDecoder, what: str = "pairwise decoder") -> PairwiseDecoder:
-    """The decoder with its arrays as int32 / float32 numpy arrays, after checking
-    shapes, code ranges and finiteness: a ValueError naming what is wrong."""
+    """The decoder with its arrays as numpy arrays (int32 maps, tables in their storage
+    dtype; float64 tables become float32), after checking shapes, dtypes, code ranges
+    and finiteness: a ValueError naming what is wrong."""
     sub = np.asarray(decoder.ivf_subcodes)
     pairs = np.asarray(decoder.pairs)
     tables = np.asarray(decoder.tables)
-    check_layout(PairwiseDecoder(sub, pairs, tables), what)
+    if tables.dtype == np.float64:
+        tables = tables.astype(np.float32)
+    scales = None if decoder.scales is None else np.asarray(decoder.scales)
+    check_layout(PairwiseDecoder(sub, pairs, tables, scales), what)
     K = math.isqrt(tables.shape[1])
     if pairs.min() < 0:
         raise ValueError(f"{what}: negative stream number {pairs.min()} in the pairs")
     if sub.min() < 0 or sub.max() >= K:
         raise ValueError(f"{what}: IVF sub-codes must lie in [0, {K}) for tables of {K}x{K} rows, "
                          f"got values in [{sub.min()}, {sub.max()}]")
-    if not np.all(np.isfinite(tables)):
+    if tables.dtype != np.int8 and not np.all(np.isfinite(tables)):
         raise ValueError(f"{what}: tables hold non-finite values")
-    return PairwiseDecoder(sub.astype(np.int32), pairs.astype(np.int32), np.asarray(tables, np.float32))
+    if scales is not None and not (np.all(np.isfinite(scales)) and np.all(scales >= 0)):
+        raise ValueError(f"{what}: the int8 tables' scales must be finite and >= 0")
+    return PairwiseDecoder(sub.astype(np.int32), pairs.astype(np.int32), tables, scales)
+
+
+def float32_tables(decoder: PairwiseDecoder) -> np.ndarray:
+    """(T, K², D) float32: the tables as they decode (int8 ones dequantised); float32
+    tables as they are, not copied."""
+    if decoder.table_dtype == "float32":
+        return np.asarray(decoder.tables)
+    return np.stack([_float32_table(decoder, t) for t in range(decoder.n_tables)])
+
+
+def _float32_table(decoder: PairwiseDecoder, t: int) -> np.ndarray:
+    table = np.asarray(decoder.tables[t]).astype(np.float32)
+    return table if decoder.scales is None else table * np.asarray(decoder.scales[t], np.float32)
+
+
+def compact(decoder: PairwiseDecoder, table_dtype: str) -> PairwiseDecoder:
+    """The decoder with its tables stored as `table_dtype` (one of TABLE_DTYPES), for a
+    faster search: float16 (half the bytes per look-up, rounding error ~5e-4 relative),
+    int8 (a quarter; symmetric per (table, dimension): error at most scale / 2 per
+    table and coordinate, scale = max |column| / 127). Starts from the tables as they
+    decode, so any decoder (compact or not) may be given; "float32" gives (or restores,
+    up to the compact decoder's error) the plain storage."""
+    if table_dtype not in TABLE_DTYPES:
+        raise ValueError(f"unknown pairwise table dtype {table_dtype!r}: use one of {', '.join(TABLE_DTYPES)}")
+    decoder = check_decoder(decoder)
+    if decoder.table_dtype == table_dtype:
+        return decoder
+    sub, pairs = decoder.ivf_subcodes, decoder.pairs
+    if table_dtype != "int8":
+        tables = float32_tables(decoder)
+        largest, limit = float(np.abs(tables).max()), float(np.finfo(table_dtype).max)
+        if largest > limit:
+            raise ValueError(f"pairwise tables hold values up to {largest:g}, beyond the {table_dtype} range "
+                             f"({limit:g}): use int8 or float32 tables")
+        return PairwiseDecoder(sub, pairs, tables.astype(table_dtype))
+    T, _, D = decoder.tables.shape
+    scales = np.empty((T, D), np.float32)
+    tables = np.empty(decoder.tables.shape, np.int8)
+    for t in range(T):  # one table at a time: a float32 copy of all of them can be large
+        table = _float32_table(decoder, t)
+        scales[t] = np.abs(table).max(axis=0) / _INT8_LEVELS
+        safe = np.where(scales[t] > 0, scales[t], 1)  # an all-zero column quantizes to zeros
+        tables[t] = np.clip(np.rint(table / safe), -_INT8_LEVELS, _INT8_LEVELS)
+    return PairwiseDecoder(sub, pairs, tables, scales)
 
 
 # --------------------------------------------------------------------------------------
@@ -165,9 +247,15 @@ def decode_residual(decoder: PairwiseDecoder, codes: jax.Array) -> jax.Array:
     rows = streams[:, decoder.pairs[0]] * K + streams[:, decoder.pairs[1]]  # (n, T)
     # One gather per table, accumulated: XLA fuses these into a loop over the rows; a
     # single gather of (n, T, D) from the flattened tables then a sum is ~10x slower on CPU.
-    out = decoder.tables[0][rows[:, 0]]
+    # Compact tables are widened (and int8 ones scaled) right after their look-up, so
+    # the sum is float32 whatever the storage.
+    def look_up(t):
+        entries = decoder.tables[t][rows[:, t]].astype(jnp.float32)
+        return entries if decoder.scales is None else entries * decoder.scales[t]
+
+    out = look_up(0)
     for t in range(1, decoder.tables.shape[0]):
-        out = out + decoder.tables[t][rows[:, t]]
+        out = out + look_up(t)
     return out
 
 
@@ -409,7 +497,8 @@ def _progress(total: int, enabled: bool):
 
 
 def load_pairwise_decoder(path: str | os.PathLike) -> PairwiseDecoder:
-    """Read the reference's pairwise decoder file (a torch state_dict) without torch."""
+    """Read the reference's pairwise decoder file (a torch state_dict) without torch;
+    its tables as float32 (see `compact` for the search's smaller storage)."""
     path = os.fspath(path)
     state = load_pt(path)
     if not isinstance(state, Mapping):
@@ -423,7 +512,10 @@ def load_pairwise_decoder(path: str | os.PathLike) -> PairwiseDecoder:
     for key in _FILE_KEYS:
         if not isinstance(state[key], np.ndarray):
             raise CheckpointError(f"{path}: {key} is a {type(state[key]).__name__}, not a tensor")
-    decoder = PairwiseDecoder(state["ivf_code_map"], state["combine_mvals_m"], state["codebook_MKD"])
+    tables = state["codebook_MKD"]
+    if np.issubdtype(tables.dtype, np.floating):  # the reference's float32; other widths read as float32
+        tables = tables.astype(np.float32, copy=False)
+    decoder = PairwiseDecoder(state["ivf_code_map"], state["combine_mvals_m"], tables)
     try:
         return check_decoder(decoder, what=path)
     except ValueError as e:
@@ -432,8 +524,11 @@ def load_pairwise_decoder(path: str | os.PathLike) -> PairwiseDecoder:
 
 def save_pairwise_decoder(decoder: PairwiseDecoder, path: str | os.PathLike) -> None:
     """Write the decoder as the reference saves it (torch state_dict: int64 maps,
-    float32 tables), atomically."""
+    float32 tables), atomically. A compact decoder is written with its tables
+    dequantised to float32 (the format has no other storage): the file decodes as the
+    compact decoder does, not as the float32 decoder it was made from."""
     decoder = check_decoder(decoder)
+    decoder = PairwiseDecoder(decoder.ivf_subcodes, decoder.pairs, float32_tables(decoder))
     writer = TorchWriter()
     state = {
         "ivf_code_map": writer.plain_tensor(decoder.ivf_subcodes.astype(np.int64)),

@@ -33,6 +33,8 @@ TASKS = ("train", "eval", "eval_valset", "eval_time", "encode", "ivf_centroids",
          "train_pairwise_decoder", "build_index", "search", "convert")
 SCHEDULERS = ("cosine", "reduce_lr_plateau")
 OPTIMIZERS = ("adamw", "adam")
+# qinco_jax.pairwise.TABLE_DTYPES, spelled out so that this module does not import jax
+PAIRWISE_TABLE_DTYPES = ("float32", "float16", "int8")
 
 
 class RunConfigError(ValueError):
@@ -83,6 +85,9 @@ class SearchConfig:
     nprobe: tuple[int, ...] = (4,)
     quantizer_efSearch: tuple[int, ...] = (4,)
     nmid_short: tuple[int, ...] = (1, 4)
+    # not the reference's: how the three-stage search stores the pairwise tables
+    # (qinco_jax.pairwise.TABLE_DTYPES; float16 / int8 look up faster)
+    pairwise_table_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,6 +359,9 @@ def check_values(cfg: RunConfig) -> None:
     for key in ("nshort", "nprobe", "quantizer_efSearch", "nmid_short"):
         if any(v < 1 for v in getattr(cfg.search, key)):
             raise RunConfigError(f"search.{key} values must be >= 1, got {list(getattr(cfg.search, key))}")
+    if cfg.search.pairwise_table_dtype not in PAIRWISE_TABLE_DTYPES:
+        raise RunConfigError(f"unknown search.pairwise_table_dtype {cfg.search.pairwise_table_dtype!r}: "
+                             f"use one of {', '.join(PAIRWISE_TABLE_DTYPES)}")
 
 
 # --------------------------------------------------------------------------------------

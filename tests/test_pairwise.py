@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
@@ -136,6 +137,96 @@ def test_decode_refuses_codes_and_centroids_that_do_not_fit():
         pairwise.decode(decoder, np.where(np.arange(5) == 2, 16, codes), centroids)
     with pytest.raises(ValueError, match=r"expected \(64, 32\)"):
         pairwise.decode(decoder, codes, centroids[:32])
+
+
+# --------------------------------------------------------------------------------------
+# Compact tables (the search's float16 / int8 storage)
+# --------------------------------------------------------------------------------------
+
+
+def _table_entries(decoder: pairwise.PairwiseDecoder, codes: np.ndarray) -> np.ndarray:
+    """(T, n, D) float32: the entry each table gives each code (numpy, no jit)."""
+    streams = np.concatenate([codes[:, 1:], decoder.ivf_subcodes[codes[:, 0]]], 1)
+    rows = streams[:, decoder.pairs[0]] * decoder.K + streams[:, decoder.pairs[1]]
+    tables = pairwise.float32_tables(decoder)
+    return np.stack([tables[t][rows[:, t]] for t in range(decoder.n_tables)])
+
+
+def test_compact_tables_decode_within_their_rounding():
+    decoder = pairwise.load_pairwise_decoder(REFERENCE_DECODER)
+    ref = qinco2_outputs()
+    codes, x = ref["ivf_qinco2_k16_A8_B8_codes"], ref["x"]
+    centroids = np.load(FIXTURES / "ivf_centroids_64.npy")
+    exact = pairwise.decode(decoder, codes, centroids)
+    entries = np.abs(_table_entries(decoder, codes))  # (T, n, D)
+    accumulation = 1e-5 * (np.abs(exact) + entries.sum(0))  # float32 sums of T terms, in any order
+
+    half = pairwise.compact(decoder, "float16")
+    assert half.table_dtype == "float16" and half.tables.dtype == np.float16 and half.scales is None
+    err = np.abs(pairwise.decode(half, codes, centroids) - exact)
+    # each look-up rounded to float16: relative error at most 2^-11
+    assert np.all(err <= entries.sum(0) * 2.0**-11 + accumulation)
+
+    q = pairwise.compact(decoder, "int8")
+    assert q.table_dtype == "int8" and q.scales.shape == (decoder.n_tables, decoder.d)
+    np.testing.assert_allclose(q.scales, np.abs(decoder.tables).max(axis=1) / 127, rtol=1e-6)
+    assert np.abs(q.tables.astype(int)).max(axis=1).min() == 127  # every column uses the full range
+    # every entry within half a step of its table and dimension ...
+    step_err = np.abs(pairwise.float32_tables(q) - decoder.tables)
+    assert np.all(step_err <= q.scales[:, None, :] / 2 * (1 + 1e-5))
+    # ... so a decoding within the sum of those half steps over the tables
+    err = np.abs(pairwise.decode(q, codes, centroids) - exact)
+    assert np.all(err <= q.scales.sum(0) / 2 * (1 + 1e-5) + accumulation)
+    assert err.max() > 0  # the bound is about a real rounding
+    mse = {name: ((x - pairwise.decode(d, codes, centroids)) ** 2).sum(1).mean()
+           for name, d in (("float32", decoder), ("float16", half), ("int8", q))}
+    assert mse["float16"] == pytest.approx(mse["float32"], rel=1e-5)
+    assert mse["int8"] == pytest.approx(mse["float32"], rel=1e-2)
+
+
+def test_compact_is_idempotent_and_zero_columns_are_safe():
+    decoder = pairwise.load_pairwise_decoder(REFERENCE_DECODER)
+    tables = decoder.tables.copy()
+    tables[2, :, 5] = 0  # a dimension table 2 never corrects
+    decoder = pairwise.PairwiseDecoder(decoder.ivf_subcodes, decoder.pairs, tables)
+    q = pairwise.compact(decoder, "int8")
+    assert q.scales[2, 5] == 0 and np.all(q.tables[2, :, 5] == 0)
+    assert np.all(pairwise.float32_tables(q)[2, :, 5] == 0)
+    again = pairwise.compact(q, "int8")  # from the dequantised tables: the same codes and scales
+    np.testing.assert_array_equal(again.tables, q.tables)
+    np.testing.assert_allclose(again.scales, q.scales, rtol=1e-6)
+    np.testing.assert_array_equal(pairwise.compact(q, "float32").tables, pairwise.float32_tables(q))
+    assert pairwise.compact(decoder, "float32").tables is decoder.tables  # nothing to do
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: pairwise.compact(d, "bfloat16"), "bfloat16"),
+    (lambda d: pairwise.check_layout(dataclasses.replace(d, tables=d.tables.astype(np.int16))), "int16"),
+    (lambda d: pairwise.check_layout(dataclasses.replace(d, tables=d.tables.astype(np.int8))), "scales"),
+    (lambda d: pairwise.check_layout(dataclasses.replace(pairwise.compact(d, "int8"), scales=np.ones((8, 3), np.float32))),
+     r"\(8, 32\)"),
+    (lambda d: pairwise.check_layout(dataclasses.replace(d, scales=np.ones((8, 32), np.float32))), "no scales"),
+    (lambda d: pairwise.check_decoder(dataclasses.replace(pairwise.compact(d, "int8"),
+                                                          scales=np.full((8, 32), np.nan, np.float32))), "scales"),
+    (lambda d: pairwise.compact(dataclasses.replace(d, tables=d.tables * 1e6), "float16"), "float16 range"),
+])
+def test_bad_table_storage_is_named(make, message):
+    with pytest.raises(ValueError, match=message):
+        make(pairwise.load_pairwise_decoder(REFERENCE_DECODER))
+
+
+def test_saving_a_compact_decoder_writes_its_dequantised_float32_tables(tmp_path):
+    decoder = pairwise.load_pairwise_decoder(REFERENCE_DECODER)
+    q = pairwise.compact(decoder, "int8")
+    pairwise.save_pairwise_decoder(q, tmp_path / "q.pt")
+    back = pairwise.load_pairwise_decoder(tmp_path / "q.pt")
+    assert back.table_dtype == "float32" and back.scales is None
+    np.testing.assert_array_equal(back.tables, pairwise.float32_tables(q))
+    assert not np.array_equal(back.tables, decoder.tables)  # the int8 rounding, kept
+    codes = qinco2_outputs()["ivf_qinco2_k16_A8_B8_codes"]
+    centroids = np.load(FIXTURES / "ivf_centroids_64.npy")
+    np.testing.assert_allclose(pairwise.decode(back, codes, centroids), pairwise.decode(q, codes, centroids),
+                               rtol=0, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------

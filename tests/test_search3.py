@@ -86,6 +86,31 @@ def test_without_a_middle_stage_nothing_changes(k16, data):
         np.testing.assert_array_equal(r.I, plain.I)
 
 
+def test_int8_tables_search_as_float32_tables(k16, data):
+    """The middle stage with compact tables (QincoIndex.pairwise_table_dtype): the same
+    faiss shortlists, recall@1 within 0.01 of float32 tables, mostly the same nshort."""
+    index = QincoIndex(k16["index"], k16["model"], pairwise_decoder=k16["decoder"], nmid_short=4)
+    index.nprobe, index.nshort = 16, 10
+    runs = {}
+    for dtype in (None, "float32", "float16", "int8"):
+        index.pairwise_table_dtype = dtype
+        assert index.pairwise_decoder is k16["decoder"]  # the stage holds the compact copy
+        assert index._mid.decoder.tables.dtype == (dtype or "float32")
+        runs[dtype] = index.search_detailed(data["xq"], 10)
+    base = runs["float32"]
+    np.testing.assert_array_equal(runs[None].I, base.I)
+    recall = {k: one_recall_at(r.I, data["gt"])["1"] for k, r in runs.items()}
+    for dtype in ("float16", "int8"):
+        np.testing.assert_array_equal(runs[dtype].I_short, base.I_short)
+        assert abs(recall[dtype] - recall["float32"]) <= 0.01 + 1e-9, recall
+        same = np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(runs[dtype].I_mid, base.I_mid)])
+        assert same > (0.999 if dtype == "float16" else 0.97), (dtype, same)
+    with pytest.raises(ValueError, match="bfloat16"):
+        index.pairwise_table_dtype = "bfloat16"
+    with pytest.raises(ValueError, match="bfloat16"):
+        pairwise_stage.middle_stage(k16["decoder"], k16["model"], table_dtype="bfloat16")
+
+
 def _unnormalised(model: QincoModel) -> QincoModel:
     """The same network with mean 0, std 1: it sees raw data as `model` sees
     (x - mean) / std."""
@@ -238,7 +263,7 @@ def test_search_ivf_cli_trains_and_uses_a_pairwise_decoder(data, tmp_path):
     search_ivf.main(["--todo", "train_pairwise_decoder", "search", "--db", str(folder), "--model", str(V1_MODEL),
                      "--index", str(FIXTURES / "ivf64_rq4x8.faissindex"), "--nt", "3000", "--n_pairwise_codebooks", "1",
                      "--pairwise_decoder", str(dec), "--nprobe", "4", "--nshort", "10", "--nmid_short", "1", "3",
-                     "--nthreads", "2", "--json", str(out)])
+                     "--pairwise_table_dtype", "int8", "--nthreads", "2", "--json", str(out)])
     assert pairwise.load_pairwise_decoder(dec).n_tables == 4
     results = report.load_results(out)
     assert sorted(r["parameters"]["nmid_short"] for r in results) == [1, 3]
@@ -274,10 +299,17 @@ def test_qinco2_run_tasks(k16, data, tmp_path):
     assert {r["parameters"]["nmid_short"] for r in results} <= {1, 4} and results
     saved = report.load_results(tmp_path / "r.json")
     assert [r["parameters"] for r in saved] == [r["parameters"] for r in results]
+    assert json.loads((tmp_path / "r.json").read_text())["pairwise_table_dtype"] == "float32"
     logged = []
     again = qinco2_search.search(run_config.parse_run_args(search_args + ["resume=true"]), log=logged.append)
     assert any("loaded from the previous results" in m for m in logged)
     assert [r["parameters"] for r in again][:len(saved)] == [r["parameters"] for r in saved]
+    compact = qinco2_search.search(run_config.parse_run_args(
+        search_args[:-1] + ["search.pairwise_table_dtype=int8", f"output={tmp_path / 'r8.json'}"]), log=quiet)
+    assert {r["parameters"]["nmid_short"] for r in compact} <= {1, 4} and compact
+    assert json.loads((tmp_path / "r8.json").read_text())["pairwise_table_dtype"] == "int8"
+    with pytest.raises(run_config.RunConfigError, match="search.pairwise_table_dtype"):
+        run_config.parse_run_args(search_args + ["search.pairwise_table_dtype=bfloat16"])
     with pytest.raises(run_config.RunConfigError, match="K="):
         qinco2_search.train_pairwise_decoder(run_config.parse_run_args(
             ["task=train_pairwise_decoder", *[c for c in common if c != "K=16"], f"output={tmp_path / 'x.pt'}"]))

@@ -30,7 +30,7 @@ import os
 
 import numpy as np
 
-from qinco_jax import cli, datasets, packing
+from qinco_jax import cli, datasets, packing, run_config
 
 TODO = ["train_centroids", "train", "add", "train_pairwise_decoder", "search"]
 
@@ -85,6 +85,9 @@ def build_parser():
     g.add_argument("--nmid_short", default=[2, 4], type=int, nargs="+",
                    help="with --pairwise_decoder: faiss shortlists of nmid_short * nshort entries (capped at "
                    "8000) to try, cut to nshort by the pairwise decoder (0 or 1: no middle stage)")
+    g.add_argument("--pairwise_table_dtype", default="float32", choices=run_config.PAIRWISE_TABLE_DTYPES,
+                   help="with --pairwise_decoder: how the search stores the pairwise tables (float16 / int8: "
+                   "smaller, faster look-ups, slightly coarser reconstructions; the file stays float32)")
     g.add_argument("--n_pairwise_codebooks", default=2, type=int,
                    help="pairwise tables per model code step (the reference's n_pairwise_codebooks)")
     g.add_argument("--n_autotune", default=0, type=int,
@@ -232,8 +235,10 @@ def run_search(args, model, ds, index) -> list[dict]:
     if args.pairwise_decoder:
         from qinco_jax.search import pairwise_stage
 
-        mid = pairwise_stage.middle_stage(pairwise_stage.load_for_model(args.pairwise_decoder, model), model)
-        log(f"three-stage search with the pairwise decoder {args.pairwise_decoder}, nmid_short {args.nmid_short}")
+        mid = pairwise_stage.middle_stage(
+            pairwise_stage.load_for_model(args.pairwise_decoder, model, args.pairwise_table_dtype), model)
+        log(f"three-stage search with the pairwise decoder {args.pairwise_decoder} ({args.pairwise_table_dtype} "
+            f"tables), nmid_short {args.nmid_short}")
     results = explore(index, model, xq, gt, nprobe=args.nprobe, nshort=args.nshort,
                       ef_search=args.quantizer_efSearch, n_autotune=args.n_autotune,
                       reranker=reranker, mid=mid, nmid_short=args.nmid_short, log=log)

@@ -195,9 +195,13 @@ def search(cfg: RunConfig, log: Log = print) -> list[dict]:
         faiss.omp_set_num_threads(int(cfg.search.nthreads))
     mid = None
     if cfg.pairwise_decoder:
-        mid = pairwise_stage.middle_stage(pairwise_stage.load_for_model(cfg.pairwise_decoder, model), model)
-        log(f"three-stage search with the pairwise decoder {cfg.pairwise_decoder}")
+        mid = pairwise_stage.middle_stage(
+            pairwise_stage.load_for_model(cfg.pairwise_decoder, model, cfg.search.pairwise_table_dtype), model)
+        log(f"three-stage search with the pairwise decoder {cfg.pairwise_decoder} "
+            f"({cfg.search.pairwise_table_dtype} tables)")
     metadata = dict(nq=len(xq), model=model.describe(), index=cfg.index, pairwise_decoder=cfg.pairwise_decoder)
+    if mid is not None:
+        metadata["pairwise_table_dtype"] = cfg.search.pairwise_table_dtype
     previous: list[dict] = []
     if cfg.resume and cfg.output and Path(cfg.output).exists():
         previous = report.load_results(cfg.output)

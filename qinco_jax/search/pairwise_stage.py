@@ -35,18 +35,23 @@ def check_decoder_fits(decoder: pairwise.PairwiseDecoder, model: QincoModel, wha
                          f"M={c.M} codes plus {pairwise.IVF_SUBCODE_STAGES} IVF sub-codes")
 
 
-def load_for_model(path: str | os.PathLike, model: QincoModel) -> pairwise.PairwiseDecoder:
-    """Read a pairwise decoder file (the reference's format) and check it fits `model`."""
+def load_for_model(path: str | os.PathLike, model: QincoModel,
+                   table_dtype: str = "float32") -> pairwise.PairwiseDecoder:
+    """Read a pairwise decoder file (the reference's format), check it fits `model`
+    and store its tables as `table_dtype` (see `pairwise.compact`)."""
     decoder = pairwise.load_pairwise_decoder(path)
     check_decoder_fits(decoder, model, f"pairwise decoder {os.fspath(path)}")
-    return decoder
+    return pairwise.compact(decoder, table_dtype)
 
 
 def middle_stage(decoder: pairwise.PairwiseDecoder, model: QincoModel,
-                 ivf_centroids: np.ndarray | None = None) -> PairwiseReranker:
+                 ivf_centroids: np.ndarray | None = None, *, table_dtype: str | None = None) -> PairwiseReranker:
     """The jitted middle re-ranking stage of `decoder` for `model`'s codes; the IVF
-    centroids default to the model's own (raw units)."""
+    centroids default to the model's own (raw units). table_dtype: the tables'
+    storage in the stage (one of pairwise.TABLE_DTYPES; None: the decoder's own)."""
     check_decoder_fits(decoder, model)
+    if table_dtype is not None:
+        decoder = pairwise.compact(decoder, table_dtype)
     centroids = model_ivf_centroids(model) if ivf_centroids is None else np.asarray(ivf_centroids, np.float32)
     return PairwiseReranker(decoder, centroids)
 

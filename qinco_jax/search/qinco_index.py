@@ -13,6 +13,7 @@ pairwise decoder keeps the nshort nearest before QINCo decodes them:
 
     index.pairwise_decoder = pairwise.load_pairwise_decoder("pairwise.pt")
     index.nmid_short = 4
+    index.pairwise_table_dtype = "int8"   # optional: smaller tables, a faster middle stage
 """
 
 from __future__ import annotations
@@ -40,11 +41,15 @@ class QincoIndex:
     whose codes it holds. Settable search parameters: nprobe (lists visited), nshort
     (shortlist re-ranked by QINCo), efSearch (of an HNSW coarse quantizer), and with a
     `pairwise_decoder`: nmid_short (faiss returns nmid_short * nshort entries, capped as
-    `rerank.shortlist_length` says, for the pairwise stage to cut to nshort).
+    `rerank.shortlist_length` says, for the pairwise stage to cut to nshort) and
+    pairwise_table_dtype (how the middle stage stores the tables: one of
+    pairwise.TABLE_DTYPES, see `pairwise.compact`; None: as the decoder holds them, float32
+    for a decoder read from a file).
     options: how `add` encodes (and the re-ranking's dtype)."""
 
     def __init__(self, index, model: QincoModel, *, options: EncodeOptions | None = None, nshort: int = 100,
-                 pairwise_decoder: pairwise.PairwiseDecoder | None = None, nmid_short: int = 0):
+                 pairwise_decoder: pairwise.PairwiseDecoder | None = None, nmid_short: int = 0,
+                 pairwise_table_dtype: str | None = None):
         self.index = ivf_index.as_ivf_index(index)
         self.model = ivf_index.require_ivf_model(model)
         ivf_index.check_index_matches_model(self.index, self.model)
@@ -53,6 +58,8 @@ class QincoIndex:
         self.nmid_short = nmid_short
         self._rerankers: dict[int, Reranker] = {}
         self._mid: PairwiseReranker | None = None
+        self._pairwise_decoder = None
+        self.pairwise_table_dtype = pairwise_table_dtype
         self.pairwise_decoder = pairwise_decoder
 
     # ---- construction and files ------------------------------------------------------
@@ -135,8 +142,21 @@ class QincoIndex:
     @pairwise_decoder.setter
     def pairwise_decoder(self, decoder: pairwise.PairwiseDecoder | None) -> None:
         """Set (checked against the model) or remove (None) the middle stage."""
-        self._mid = None if decoder is None else pairwise_stage.middle_stage(decoder, self.model)
+        self._mid = None if decoder is None else pairwise_stage.middle_stage(
+            decoder, self.model, table_dtype=self._pairwise_table_dtype)
         self._pairwise_decoder = decoder
+
+    @property
+    def pairwise_table_dtype(self) -> str | None:
+        return self._pairwise_table_dtype
+
+    @pairwise_table_dtype.setter
+    def pairwise_table_dtype(self, value: str | None) -> None:
+        """The middle stage's table storage (pairwise.TABLE_DTYPES; None: the decoder's)."""
+        if value is not None and value not in pairwise.TABLE_DTYPES:
+            raise ValueError(f"unknown pairwise table dtype {value!r}: use one of {', '.join(pairwise.TABLE_DTYPES)}")
+        self._pairwise_table_dtype = value
+        self.pairwise_decoder = self._pairwise_decoder  # rebuild the stage
 
     @property
     def efSearch(self) -> int:  # noqa: N802 (faiss's name)
