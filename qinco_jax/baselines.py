@@ -186,10 +186,10 @@ def points_from_search_results(results: Sequence[dict], reranked: bool = True) -
     return points
 
 
-def best_recall_within(points: Sequence[dict], ms_per_query: float, rank: str = "recall@1") -> float:
-    """The highest recall of the points at most `ms_per_query` per query (0 if none):
-    how methods compare at equal time."""
-    return max((p[rank] for p in points if p["ms_per_query"] <= ms_per_query), default=0.0)
+def best_recall_within(points: Sequence[dict], ms_per_query: float, rank: str = "recall@1") -> float | None:
+    """The highest recall of the points at most `ms_per_query` per query (None if no
+    point is that fast): how methods compare at equal time."""
+    return max((p[rank] for p in points if p["ms_per_query"] <= ms_per_query), default=None)
 
 
 # --------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from qinco_jax.main_job import MainJobConfig, run
 
 TINY = dict(db="synthetic_small", n_centroids=16, nt=3000, nval=300, M=4, L=1, h=16, epochs=2, lr=1e-3,
             rq_beam=2, aq_train=2000, nprobe=(1, 4), nshort=(10, 20), progress=False)
+TINY_QINCO2 = dict(qinco2_L=1, qinco2_h=16, qinco2_de=16, qinco2_A=4, qinco2_B=1, qinco2_epochs=1)
 
 
 def _check_summary(s: dict, out, names: list[str], M: int) -> None:
@@ -35,7 +36,7 @@ def _check_summary(s: dict, out, names: list[str], M: int) -> None:
 
 def test_tiny_main_job(tmp_path):
     logged = []
-    s = run(MainJobConfig(out=str(tmp_path), **TINY), log=logged.append)
+    s = run(MainJobConfig(out=str(tmp_path), qinco2=False, **TINY), log=logged.append)
     _check_summary(s, tmp_path, ["IVF-PQ", "IVF-RQ (beam 2)", "IVF-QINCo: AQ shortlist only", "IVF-QINCo"], 4)
     qinco = s["methods"][-1]
     assert {(p["parameters"]["nprobe"], p["parameters"]["nshort"]) for p in qinco["points"]} == {
@@ -54,10 +55,11 @@ def test_tiny_main_job(tmp_path):
 
 def test_cli_flags_map_onto_the_config():
     args = main_job_cli.build_parser().parse_args(
-        ["--db", "synthetic_small", "--nprobe", "1", "2", "--qinco2", "on", "--progress", "off", "--lr", "0.01"])
+        ["--db", "synthetic_small", "--nprobe", "1", "2", "--qinco2", "off", "--progress", "off", "--lr", "0.01"])
     cfg = main_job_cli.config_from_args(args)
-    assert cfg == dataclasses.replace(MainJobConfig(), db="synthetic_small", nprobe=(1, 2), qinco2=True,
+    assert cfg == dataclasses.replace(MainJobConfig(), db="synthetic_small", nprobe=(1, 2), qinco2=False,
                                       progress=False, lr=0.01)
+    assert MainJobConfig().qinco2  # IVF-QINCo2 is part of the demo by default
     with pytest.raises(cli.UsageError, match="nprobe"):
         main_job_cli.config_from_args(main_job_cli.build_parser().parse_args(["--nprobe", "300"]))
 
@@ -74,11 +76,19 @@ def test_bad_configs_are_refused(bad):
 
 
 def test_tiny_main_job_with_qinco2(tmp_path):
-    cfg = MainJobConfig(out=str(tmp_path), qinco2=True, qinco2_L=1, qinco2_h=16, qinco2_de=16, qinco2_A=4,
-                        qinco2_B=2, qinco2_epochs=1, **TINY)
-    s = run(cfg, log=lambda msg: None)
+    s = run(MainJobConfig(out=str(tmp_path), **TINY, **TINY_QINCO2), log=lambda msg: None)
     _check_summary(s, tmp_path, ["IVF-PQ", "IVF-RQ (beam 2)", "IVF-QINCo: AQ shortlist only", "IVF-QINCo",
                                  "IVF-QINCo2: AQ shortlist only", "IVF-QINCo2"], 4)
+    # both families start from the IVF-RQ baseline's codebooks, exactly at its greedy error
+    # (QINCo2 trained with B = 1 encodes greedily over candidates pre-selected by its
+    # substep codebook, which starts as the RQ's)
+    val = s["data"]["val_mse"]
+    assert val["IVF-QINCo2"]["rq_init"] == pytest.approx(val["IVF-QINCo"]["rq_init"], rel=1e-4)
+    assert val["IVF-QINCo2"]["trained"] < val["IVF-QINCo2"]["rq_init"]
+    names = [r["name"] for r in s["data"]["val_mse_table"]]
+    assert [n.split(",")[0] for n in names] == ["IVF-RQ codebooks", "IVF-QINCo", "IVF-QINCo",
+                                               "IVF-RQ codebooks", "IVF-QINCo2", "IVF-QINCo2"]
+    assert "beam 8 over 4 pre-selected" in names[-1]
 
 
 def test_database_codes_stay_in_the_nearest_ivf_list():
