@@ -157,7 +157,10 @@ def test_cli_arch_qinco2(tmp_path):
     assert len(res.history["epochs"]) == 2
     assert checkpoint.load_model(tmp_path / "m.pt").config.describe() == res.best.config.describe()
     with pytest.raises(cli.UsageError, match="arch qinco2"):
-        train_qinco.main(args[:-2] + ["--de", "24", "--init", "rq_exact"][:0] + ["--db_scale", "5"])
+        train_qinco.main(args + ["--db_scale", "5"])  # a QINCo v1 setting
+    # --init rq_exact reaches QINCo2's spec (its effect: test_rq_exact_init_starts_at_the_rq_error...)
+    assert train_qinco.model_spec_from_args(train_qinco.build_parser().parse_args(
+        args + ["--init", "rq_exact"])).init == "rq_exact"
     with pytest.raises(cli.UsageError, match="need --arch qinco2"):
         train_qinco.main(["--training_data", str(FIX / "train_xt.npy"), "--nt", "2000", "--nval", "300",
                           "--de", "24"])

@@ -75,7 +75,8 @@ def add_model_args(p) -> None:
     group.add_argument("--seed", default=1234, type=int, help="random seed of the network initialisation")
     group.add_argument("--init", default="random", choices=["random", "rq_exact"],
                        help="network initialisation: random (the reference's) or rq_exact (output layers "
-                            "zeroed: the untrained model decodes exactly as its RQ, training only improves it)")
+                            "zeroed: the untrained model decodes exactly as its RQ, training only improves it; "
+                            "QINCo2: no codebook noise, out projection zeroed or codebook halved)")
 
 
 def add_optim_args(p) -> None:
@@ -189,10 +190,10 @@ def model_spec_from_args(args):
 
     variant = "ivf" if args.ivf else ("lowrank" if args.lowrank else "qinco")
     if args.arch == "qinco2":
-        if args.init != "random" or args.db_scale > 0 or args.rq_beam_size != 1:
-            raise ValueError("--init, --db_scale and --rq_beam_size are QINCo v1 options; --arch qinco2 "
-                             "initialises, normalises and trains its RQ with QINCo2's recipe")
-        return ModelSpec(M=args.M, K=args.K, L=args.L, h=args.h, variant=variant, seed=args.seed,
+        if args.db_scale > 0 or args.rq_beam_size != 1:
+            raise ValueError("--db_scale and --rq_beam_size are QINCo v1 options; --arch qinco2 "
+                             "normalises and trains its RQ with QINCo2's recipe")
+        return ModelSpec(M=args.M, K=args.K, L=args.L, h=args.h, variant=variant, seed=args.seed, init=args.init,
                          arch="qinco2", de=args.de, A=args.A, B=args.B, qinco1_mode=args.qinco1_mode)
     if args.de is not None or args.qinco1_mode or args.dtype != "float32" or args.epoch_size is not None:
         raise ValueError("--de, --qinco1_mode, --dtype and --epoch_size need --arch qinco2")
