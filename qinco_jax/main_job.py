@@ -170,11 +170,8 @@ def train_qinco2(cfg: MainJobConfig, xt, xval, centroids, log, rq_codebooks=None
     spec = recipe.ModelSpec(arch="qinco2", M=cfg.M, L=cfg.qinco2_L, h=cfg.qinco2_h, de=cfg.qinco2_de,
                             A=cfg.qinco2_A, B=cfg.qinco2_B, variant="ivf", init=cfg.init)
     overrides = dict(max_epochs=cfg.qinco2_epochs, batch_size=cfg.batch_size, ngpu=0, progress=cfg.progress)
-    fields = {f.name for f in dataclasses.fields(training.TrainConfig)}
-    if "epochs" in fields and cfg.qinco2_epochs > 0:  # the cosine schedule spans this short run, not 60 epochs
-        overrides["epochs"] = cfg.qinco2_epochs
-        if "ramp_epochs" in fields:
-            overrides["ramp_epochs"] = min(3.0, cfg.qinco2_epochs / 3)
+    if cfg.qinco2_epochs > 0:  # the cosine schedule spans this short run, not 60 epochs
+        overrides.update(epochs=cfg.qinco2_epochs, ramp_epochs=min(3.0, cfg.qinco2_epochs / 3))
     if cfg.qinco2_lr is not None:
         overrides["lr"] = cfg.qinco2_lr
     res = recipe.train_model(xt, xval, spec, training.qinco2_train_config(**overrides), ivf_centroids=centroids,
@@ -218,12 +215,13 @@ def validation_mse_table(name: str, model, xval, cfg: MainJobConfig, val: dict) 
     options = _encode_options(cfg, model)
     c = model.config
     if c.is_qinco2:
-        own, setting = f"greedy over {c.A} pre-selected", f"beam {cfg.encode_beam} over {c.A} pre-selected"
+        search = "greedy" if c.B == 1 else f"beam {c.B}"
+        own, setting = f"{search} over {c.A or c.K} pre-selected", f"beam {cfg.encode_beam} over {c.A or c.K} pre-selected"
     else:
         own, setting = "greedy encode", f"beam {cfg.encode_beam} over {cfg.encode_preselect or 'all'} pre-selected"
     rows = []
-    if val.get("rq_init") is not None:
-        rows.append((f"IVF-RQ codebooks, greedy encode ({name}'s start)", float(val["rq_init"])))
+    if val.get("rq_init") is not None:  # measured with the model's own encode, as training measures it
+        rows.append((f"IVF-RQ codebooks, {own} ({name}'s start)", float(val["rq_init"])))
     rows.append((f"{name}, {own}", training.validation_mse(model, xval)))
     rows.append((f"{name}, {setting}, nearest list (as indexed)", training.validation_mse(model, xval, options)))
     return rows
