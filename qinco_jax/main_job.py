@@ -204,6 +204,20 @@ def build_qinco_index(name: str, model, history: dict, cfg: MainJobConfig, xt, x
     return TrainedIvfModel(name, model, index, db_mse, shortlist_mse, _val_mse(history, cfg.init))
 
 
+def save_trained(trained: TrainedIvfModel, out: Path) -> tuple[Path, Path]:
+    """The model (the reference's .pt format) and its index (.faissindex) in `out`, named
+    after the method (ivf_qinco.pt, ivf_qinco2.faissindex, ...), written atomically: what
+    search_ivf.py / run.py task=search take to search the database again."""
+    from qinco_jax.checkpoint import save_model
+    from qinco_jax.search import index as ivf
+
+    stem = trained.name.lower().replace("-", "_")
+    model_path, index_path = out / f"{stem}.pt", out / f"{stem}.faissindex"
+    save_model(trained.model, model_path)
+    ivf.write_index(trained.index, index_path)
+    return model_path, index_path
+
+
 def validation_mse_table(name: str, model, xval, cfg: MainJobConfig, val: dict) -> list[tuple[str, float]]:
     """Validation MSE rows of one model: the RQ it starts from, the model's own encode
     (QINCo: greedy, the reference's; QINCo2: greedy over its A pre-selected candidates,
@@ -252,7 +266,8 @@ def _sweep_ivf(trained: TrainedIvfModel, xq, gt, cfg: MainJobConfig, log) -> lis
 
 
 def run(cfg: MainJobConfig = MainJobConfig(), log: Callable[[str], None] = print) -> dict:
-    """Run the main job; writes summary.json, pareto.png and centroids.npy to cfg.out and
+    """Run the main job; writes summary.json, pareto.png, centroids.npy and each trained
+    model and its index (ivf_qinco.pt / .faissindex, ivf_qinco2.*) to cfg.out and
     returns the summary ({"data": ..., "methods": [...]}, see baselines)."""
     import faiss
 
@@ -314,6 +329,8 @@ def _run(cfg: MainJobConfig, log, datasets, save_npy) -> dict:
             model, history = train_fn(cfg, xt, xval, centroids, log)
         with stage(f"{name} index"):
             t = build_qinco_index(name, model, history, cfg, xt, xb, log)
+            saved = save_trained(t, out)
+            log(f"{name}: model {saved[0]}, index {saved[1]}")
         trained.append(t)
         histories[name] = t.val_mse
         with stage(f"{name} validation MSE"):

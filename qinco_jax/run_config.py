@@ -190,6 +190,7 @@ _NAMED_DATA = {
     "deep1B": ("deep1B", 1.0, False),
     "FB_ssnpp1M": ("FB_ssnpp1M", 1e-4, False),
     "contriever1M": ("Contriever1M", 1.0, False),
+    "sift_images": ("sift_images", 1e-4, False),  # qinco-jax's built-in SIFT set (the main job's)
 }
 DATASET_NAMES = tuple(_NAMED_DATA)
 
@@ -385,7 +386,7 @@ class DataFiles:
 
 def resolve_data(cfg: RunConfig) -> DataFiles:
     """The reference's data-set presets: `db=<name>` (bigann1M, bigann1B, deep1M,
-    deep1B, FB_ssnpp1M, contriever1M) sets db, trainset, queries and queries_gt to that
+    deep1B, FB_ssnpp1M, contriever1M; and the built-in sift_images) sets db, trainset, queries and queries_gt to that
     data set's files (under $QINCO_DATA, default ./data, as qinco_jax.datasets lays
     them out; like the reference, they replace any trainset / queries given), cuts the
     database to the data set's size for the 1M sets and sets the MSE scale. Any other

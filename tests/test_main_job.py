@@ -89,6 +89,17 @@ def test_tiny_main_job_with_qinco2(tmp_path):
     assert [n.split(",")[0] for n in names] == ["IVF-RQ codebooks", "IVF-QINCo", "IVF-QINCo",
                                                "IVF-RQ codebooks", "IVF-QINCo2", "IVF-QINCo2"]
     assert "beam 8 over 4 pre-selected" in names[-1]
+    # the trained models and their indexes are saved, in the formats the search CLIs read
+    import faiss
+
+    from qinco_jax import checkpoint
+    from qinco_jax.search import index as ivf
+
+    for stem in ("ivf_qinco", "ivf_qinco2"):
+        model = checkpoint.load_model(tmp_path / f"{stem}.pt")
+        index = faiss.read_index(str(tmp_path / f"{stem}.faissindex"))
+        ivf.check_index_matches_model(index, model)
+        assert index.ntotal == s["data"]["nb"] and model.config.is_qinco2 == (stem == "ivf_qinco2")
 
 
 def test_database_codes_stay_in_the_nearest_ivf_list():

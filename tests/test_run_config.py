@@ -181,6 +181,24 @@ def test_named_data_sets_resolve_to_the_reference_files(monkeypatch, tmp_path):
     assert (files.name, files.db, files.trainset, files.db_limit, files.mse_scale) == (None, "x.fvecs", "t.npy", 5, 1.0)
 
 
+def test_the_built_in_sift_images_set_is_a_preset(monkeypatch):
+    """db=sift_images (the main job's data) reads the library's data set, as the reference's names do."""
+    from qinco_jax import datasets
+
+    class Fake:
+        nb = 50_000
+
+        def path_of(self, role):
+            return f"/data/sift_images/{role}"
+
+    asked = []
+    monkeypatch.setattr(datasets, "get_dataset", lambda name: asked.append(name) or Fake())
+    files = rc.resolve_data(rc.parse_run_args(["db=sift_images"]))
+    assert asked == ["sift_images"]
+    assert (files.name, files.db, files.queries, files.queries_gt, files.db_limit, files.mse_scale) == (
+        "sift_images", "/data/sift_images/base", "/data/sift_images/query", "/data/sift_images/gt", None, 1e-4)
+
+
 def test_index_key_interpolation():
     cfg = rc.parse_run_args(["M=4", "ivf_K=64"])
     assert rc.index_key(cfg) == "IVF64_HNSW32,RQ4x8_Nqint8"

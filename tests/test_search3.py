@@ -310,6 +310,17 @@ def test_qinco2_run_tasks(k16, data, tmp_path):
     assert json.loads((tmp_path / "r8.json").read_text())["pairwise_table_dtype"] == "int8"
     with pytest.raises(run_config.RunConfigError, match="search.pairwise_table_dtype"):
         run_config.parse_run_args(search_args + ["search.pairwise_table_dtype=bfloat16"])
+    # a flat coarse quantizer (the main job's indexes): the default efSearch axis is left out, said in the log
+    qinco2_search.build_index(run_config.parse_run_args(
+        ["task=build_index", *common, f"encoded_db={tmp_path / 'xb_codes.npy'}", f"output={tmp_path / 'f.faissindex'}",
+         "search.index_key=IVF${ivf_K},RQ${M}x4_Nqint8"]), log=quiet)
+    logged = []
+    flat = qinco2_search.search(run_config.parse_run_args(
+        ["task=search", f"model={K16_MODEL}", f"index={tmp_path / 'f.faissindex'}",
+         f"queries={FIXTURES / 'ivf_xq.npy'}", f"queries_gt={FIXTURES / 'ivf_gt.npy'}", "search.nprobe=[4]",
+         "search.nshort=[10]"]), log=logged.append)
+    assert [r["parameters"] for r in flat] == [{"nprobe": 4, "nshort": 10}]
+    assert any("quantizer_efSearch=[4] does not apply" in m for m in logged)
     with pytest.raises(run_config.RunConfigError, match="K="):
         qinco2_search.train_pairwise_decoder(run_config.parse_run_args(
             ["task=train_pairwise_decoder", *[c for c in common if c != "K=16"], f"output={tmp_path / 'x.pt'}"]))

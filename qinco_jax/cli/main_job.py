@@ -4,7 +4,8 @@ bytes per vector, on the built-in real descriptors (sift_images) by default.
     qinco-main-job --out runs/demo                 # the demo's recipe
     qinco-main-job --db synthetic_small --epochs 1 --nt 3000 --nval 300 --n_centroids 16
 
-Writes summary.json, pareto.png and centroids.npy to --out and prints the MSE tables
+Writes summary.json, pareto.png, centroids.npy and the trained models with their indexes
+(ivf_qinco.pt + ivf_qinco.faissindex, ivf_qinco2.*) to --out and prints the MSE tables
 and the recall@1 comparison at equal time. Every flag is a field of
 qinco_jax.main_job.MainJobConfig (defaults shown by --help).
 """
@@ -20,7 +21,7 @@ _ON_OFF = {"on": True, "off": False}
 
 HELP = {
     "db": "data set: sift_images (built-in real descriptors), synthetic, synthetic_small, bigann1M, ...",
-    "out": "folder for summary.json, pareto.png, centroids.npy",
+    "out": "folder for summary.json, pareto.png, centroids.npy, the models (.pt) and their indexes (.faissindex)",
     "n_centroids": "IVF centroids (k-means), shared by every method",
     "kmeans_niter": "k-means iterations of the IVF centroids",
     "M": "bytes per vector of every method (M codes of 8 bits)",

@@ -150,7 +150,9 @@ def build_index(cfg: RunConfig, log: Log = print):
     M = codes.shape[1] - 1
     key = index_key(cfg, ivf_K=len(centroids), M=M)
     log(f"index {key}")
-    index, stats = ivf.train_index_on_codes(centroids, xt, codes, key, K, ef_construction=EF_CONSTRUCTION,
+    # the reference's efConstruction applies to HNSW coarse quantizers only; a flat one builds without it
+    ef_construction = EF_CONSTRUCTION if "HNSW" in key.split(",")[0] else 0
+    index, stats = ivf.train_index_on_codes(centroids, xt, codes, key, K, ef_construction=ef_construction,
                                             max_training=cfg.search.aq_training_samples, log=log)
     xb_codes = read_codes(cfg.encoded_db)
     limit = resolve_data(cfg).db_limit
@@ -212,8 +214,15 @@ def search(cfg: RunConfig, log: Log = print) -> list[dict]:
             report.save_results(cfg.output, results, **metadata)
 
     s = cfg.search
-    n_points = len(s.nprobe) * max(1, len(s.quantizer_efSearch)) * len(s.nshort) * (len(s.nmid_short) if mid else 1)
-    results = explore(index, model, xq, gt, nprobe=s.nprobe, nshort=s.nshort, ef_search=s.quantizer_efSearch,
+    ef_search = s.quantizer_efSearch
+    if ef_search and not hasattr(ivf.coarse_quantizer(index), "hnsw"):
+        # the config's efSearch axis (default (4,), QINCo2's) has no meaning for a flat coarse
+        # quantizer, e.g. the main job's indexes: searched without it rather than refused
+        log(f"the index's coarse quantizer is {type(ivf.coarse_quantizer(index)).__name__}, not HNSW: "
+            f"search.quantizer_efSearch={list(ef_search)} does not apply and is left out")
+        ef_search = ()
+    n_points = len(s.nprobe) * max(1, len(ef_search)) * len(s.nshort) * (len(s.nmid_short) if mid else 1)
+    results = explore(index, model, xq, gt, nprobe=s.nprobe, nshort=s.nshort, ef_search=ef_search,
                       n_autotune=n_points, reranker=Reranker(model), mid=mid, nmid_short=s.nmid_short,
                       previous=previous, on_result=save, log=log)
     save(results)

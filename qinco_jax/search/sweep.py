@@ -84,7 +84,10 @@ def explore(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe:
     op.add_range("nshort", [int(v) for v in nshort])
     if mid is not None:
         op.add_range("nmid_short", [int(v) for v in nmid_short])
-    experiments = op.sample_experiments(n_autotune, rs=np.random.RandomState(123))
+    if op.num_experiments() == 1:  # faiss's sampler needs n_autotune >= 2 and lists a lone point twice
+        experiments = [0]
+    else:
+        experiments = op.sample_experiments(n_autotune, rs=np.random.RandomState(123))
     log(f"{op.num_experiments()} operating points, running {len(experiments)}")
     names = ["nprobe"] + (["quantizer_efSearch"] if ef_search else []) + ["nshort"] \
         + (["nmid_short"] if mid is not None else [])
