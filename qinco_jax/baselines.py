@@ -172,15 +172,17 @@ def search_sweep(index, xq: np.ndarray, gt: np.ndarray, nprobe: Sequence[int], k
 
 def points_from_search_results(results: Sequence[dict], reranked: bool = True) -> list[dict]:
     """Operating points of IVF-QINCo from qinco_jax.search.sweep.explore's results (or a
-    search_ivf.py --json file): re-ranked (time: search + decode + distances) or the
-    AQ shortlist alone (time: search)."""
+    search_ivf.py --json file): re-ranked (time: search + the pairwise stage, if any +
+    decode + distances) or the AQ shortlist alone (time: search)."""
+    from qinco_jax import report
+
     points = []
     for r in results:
         nq = int(r.get("nq") or 0)
         if nq < 1:
             raise ValueError("search results without their number of queries (nq): cannot time per query")
         key = "recalls" if reranked else "recalls_orig"
-        seconds = float(r["t_search"]) + ((float(r.get("t_decode", 0)) + float(r.get("t_dis", 0))) if reranked else 0)
+        seconds = report.total_seconds(r) if reranked else float(r["t_search"])
         points.append({"parameters": dict(r["parameters"]), "ms_per_query": 1000 * seconds / nq,
                        "recall@1": float(r[key]["1"]), "recall@10": float(r[key]["10"])})
     return points

@@ -395,14 +395,18 @@ class PairwiseTraining:
 
 @functools.partial(jax.jit, static_argnames="K")
 def _pair_gain(residual: jax.Array, streams: jax.Array, a: jax.Array, b: jax.Array,
-               K: int) -> tuple[jax.Array, jax.Array]:
-    """(table, gain) for the pair of streams (a, b): table (K², D) = mean residual per
-    pair-code, gain = how much subtracting it lowers the sum of squared errors."""
+               K: int, shrinkage: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(table, gain) for the pair of streams (a, b): table (K², D) = the residuals' sum
+    per pair-code over (count + shrinkage) — their mean when shrinkage is 0 —, gain =
+    how much subtracting it lowers the sum of squared errors: per pair-code of n
+    residuals summing to S, |S|² (n + 2λ) / (n + λ)² (|S|² / n for the mean)."""
     rows = streams[:, a] * K + streams[:, b]
     sums = jax.ops.segment_sum(residual, rows, num_segments=K * K)
     counts = jax.ops.segment_sum(jnp.ones(rows.shape, residual.dtype), rows, num_segments=K * K)
-    table = sums / jnp.maximum(counts, 1)[:, None]
-    return table, jnp.sum(sums * table)
+    denominator = jnp.maximum(counts + shrinkage, 1e-30)  # empty cells (sum 0) stay 0
+    table = sums / denominator[:, None]
+    gain = jnp.sum(jnp.sum(sums * table, axis=1) * (counts + 2 * shrinkage) / denominator)
+    return table, gain
 
 
 @functools.partial(jax.jit, static_argnames="K")
@@ -414,14 +418,19 @@ def _subtract_table(residual: jax.Array, streams: jax.Array, a: jax.Array, b: ja
 
 def train_pairwise_decoder(x: np.ndarray, codes: np.ndarray, ivf_centroids: np.ndarray, K: int, *,
                            n_tables: int | None = None, seed: int = 0, subcodes: np.ndarray | None = None,
-                           progress: bool = True) -> PairwiseTraining:
+                           shrinkage: float = 0.0, progress: bool = True) -> PairwiseTraining:
     """Train a pairwise decoder on vectors x (n, D) raw units, their IVF codes (n, 1 + M)
     (list in column 0, model codes in [0, K)) and the IVF centroids (nlist, D) raw units.
 
     n_tables: number of tables (default 2·M, the reference's n_pairwise_codebooks=2).
     seed: for the k-means seeds of the IVF sub-codes; subcodes: (nlist, 5) IVF sub-codes
     to use instead of computing them (e.g. those of another decoder). The training set lives on the
-    device whole (n·D floats + n·(M+5) codes), as in the reference."""
+    device whole (n·D floats + n·(M+5) codes), as in the reference.
+    shrinkage λ >= 0: each table entry is the sum of its residuals over (count + λ)
+    instead of their mean (λ = 0, the reference's): entries seen by few training
+    vectors shrink towards 0, which keeps K² = 65,536-row tables from memorising a
+    training set of fewer vectors than they have rows (tables and pair choice both
+    follow λ)."""
     x = np.asarray(x)
     centroids = np.asarray(ivf_centroids)
     if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
@@ -444,6 +453,8 @@ def train_pairwise_decoder(x: np.ndarray, codes: np.ndarray, ivf_centroids: np.n
         raise ValueError(f"IVF lists (codes column 0) must lie in [0, {nlist}), got [{lists.min()}, {lists.max()}]")
     if model_codes.min() < 0 or model_codes.max() >= K:
         raise ValueError(f"model codes must lie in [0, {K}), got [{model_codes.min()}, {model_codes.max()}]")
+    if not shrinkage >= 0:
+        raise ValueError(f"shrinkage must be >= 0 (0: table entries are plain means), got {shrinkage}")
     T = DEFAULT_TABLES_PER_CODE * M if n_tables is None else int(n_tables)
     if T < 1:
         raise ValueError(f"the number of tables must be positive, got {T}")
@@ -469,7 +480,7 @@ def train_pairwise_decoder(x: np.ndarray, codes: np.ndarray, ivf_centroids: np.n
     for t in range(T):
         best = None
         for a, b in candidates:
-            table, gain = _pair_gain(residual, streams, jnp.int32(a), jnp.int32(b), K)
+            table, gain = _pair_gain(residual, streams, jnp.int32(a), jnp.int32(b), K, jnp.float32(shrinkage))
             gain = float(gain)
             if best is None or gain > best[0]:
                 best = (gain, a, b, table)

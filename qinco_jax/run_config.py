@@ -145,6 +145,7 @@ class RunConfig:
 
     encode_trainset: bool = False
     n_pairwise_codebooks: int = 2
+    pairwise_shrinkage: float = 0.0  # qinco-jax's: table entries sum / (count + this); 0 = the reference's means
 
     seed: int = 0
     qinco1_mode: bool | None = None
@@ -346,7 +347,7 @@ def check_values(cfg: RunConfig) -> None:
     non_negative = {"L": cfg.L, "de": cfg.de, "A": cfg.A, "epochs": cfg.epochs, "ds.trainset": cfg.ds.trainset,
                     "ds.db": cfg.ds.db, "ds.loop": cfg.ds.loop, "enc_max_bs": cfg.enc_max_bs,
                     "scheduler.stop_patience": cfg.scheduler.stop_patience,
-                    "scheduler.ramp_epochs": cfg.scheduler.ramp_epochs}
+                    "scheduler.ramp_epochs": cfg.scheduler.ramp_epochs, "pairwise_shrinkage": cfg.pairwise_shrinkage}
     for key, v in non_negative.items():
         if v is not None and v < 0:
             raise RunConfigError(f"{key} must be >= 0, got {v}")

@@ -105,6 +105,9 @@ def test_points_from_search_results_and_equal_time():
     assert aq["ms_per_query"] == pytest.approx(0.1) and aq["recall@1"] == 0.3
     assert baselines.best_recall_within([re, aq], 0.2) == 0.3
     assert baselines.best_recall_within([re, aq], 0.05) is None  # no point that fast
+    # a three-stage point: its time includes the pairwise middle stage
+    (three,) = baselines.points_from_search_results([{**results[0], "t_mid": 0.02}])
+    assert three["ms_per_query"] == pytest.approx(0.6)
     with pytest.raises(ValueError, match="nq"):
         baselines.points_from_search_results([{**results[0], "nq": 0}])
 

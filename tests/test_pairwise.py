@@ -250,9 +250,13 @@ def test_training_mse_falls_with_every_table_and_beats_aq():
     assert result.train_mse[-1] < aq_mse * 0.97, (result.train_mse[-1], aq_mse)
 
 
-def test_each_round_picks_the_pair_that_lowers_the_mse_most():
+@pytest.mark.parametrize("shrinkage", [0.0, 5.0])
+def test_each_round_picks_the_pair_that_lowers_the_mse_most(shrinkage):
+    """Brute force: every pair's table (residual sums over count + shrinkage) and the
+    squared error left after subtracting it; the training keeps the best pair."""
     x, codes, centroids = ivf_training_data(3000, M=3, K=16)
-    result = pairwise.train_pairwise_decoder(x, codes, centroids, K=16, n_tables=2, progress=False)
+    result = pairwise.train_pairwise_decoder(x, codes, centroids, K=16, n_tables=2, shrinkage=shrinkage,
+                                             progress=False)
     decoder = result.decoder
     streams = np.concatenate([codes[:, 1:], decoder.ivf_subcodes[codes[:, 0]]], 1)
     residual = (x - centroids[codes[:, 0]]).astype(np.float64)
@@ -262,7 +266,8 @@ def test_each_round_picks_the_pair_that_lowers_the_mse_most():
             rows = streams[:, a] * 16 + streams[:, b]
             table = np.zeros((256, x.shape[1]))
             np.add.at(table, rows, residual)
-            table /= np.maximum(np.bincount(rows, minlength=256), 1)[:, None]
+            counts = np.bincount(rows, minlength=256)
+            table /= (np.maximum(counts, 1) if shrinkage == 0 else counts + shrinkage)[:, None]
             sse = ((residual - table[rows]) ** 2).sum()
             if best is None or sse < best[0]:
                 best = (sse, (a, b), table, rows)
@@ -271,6 +276,25 @@ def test_each_round_picks_the_pair_that_lowers_the_mse_most():
         np.testing.assert_allclose(decoder.tables[t], table, rtol=1e-4, atol=1e-3)
         assert result.train_mse[t + 1] == pytest.approx(sse / len(x), rel=1e-4)
         residual -= table[rows]
+
+
+def test_shrinkage_keeps_large_tables_from_memorising_a_small_training_set():
+    """K = 256 (65,536 rows per table) on 8,000 training vectors: plain means memorise
+    them (training MSE near 0) and decode held-out vectors worse than shrunk entries."""
+    x, codes, centroids = ivf_training_data(12000, M=2, K=256)
+    train, held = slice(0, 8000), slice(8000, 12000)
+
+    def held_out_mse(shrinkage):
+        res = pairwise.train_pairwise_decoder(x[train], codes[train], centroids, K=256, shrinkage=shrinkage,
+                                              progress=False)
+        xhat = pairwise.decode(res.decoder, codes[held], centroids)
+        return res.train_mse[-1], float(((x[held] - xhat) ** 2).sum(1).mean())
+
+    (train_plain, plain), (train_shrunk, shrunk) = held_out_mse(0.0), held_out_mse(8.0)
+    assert train_plain < train_shrunk  # the plain means fit the training set closer...
+    assert shrunk < 0.9 * plain        # ...and generalise worse
+    with pytest.raises(ValueError, match="shrinkage"):
+        pairwise.train_pairwise_decoder(x[:100], codes[:100], centroids, K=256, shrinkage=-1.0, progress=False)
 
 
 def test_training_and_decoding_are_in_raw_units():

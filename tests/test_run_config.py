@@ -199,6 +199,13 @@ def test_the_built_in_sift_images_set_is_a_preset(monkeypatch):
         "sift_images", "/data/sift_images/base", "/data/sift_images/query", "/data/sift_images/gt", None, 1e-4)
 
 
+def test_pairwise_shrinkage_key():
+    assert rc.parse_run_args(["pairwise_shrinkage=64"]).pairwise_shrinkage == 64.0
+    assert rc.parse_run_args([]).pairwise_shrinkage == 0.0  # the reference's plain means
+    with pytest.raises(rc.RunConfigError, match="pairwise_shrinkage"):
+        rc.parse_run_args(["pairwise_shrinkage=-1"])
+
+
 def test_index_key_interpolation():
     cfg = rc.parse_run_args(["M=4", "ivf_K=64"])
     assert rc.index_key(cfg) == "IVF64_HNSW32,RQ4x8_Nqint8"

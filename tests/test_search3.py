@@ -267,6 +267,14 @@ def test_search_ivf_cli_trains_and_uses_a_pairwise_decoder(data, tmp_path):
     assert pairwise.load_pairwise_decoder(dec).n_tables == 4
     results = report.load_results(out)
     assert sorted(r["parameters"]["nmid_short"] for r in results) == [1, 3]
+    # --pairwise_shrinkage reaches the training: the tables the library trains with it
+    shrunk = tmp_path / "pw8.pt"
+    search_ivf.main(["--todo", "train_pairwise_decoder", "--db", str(folder), "--model", str(V1_MODEL), "--nt", "3000",
+                     "--n_pairwise_codebooks", "1", "--pairwise_shrinkage", "8", "--pairwise_decoder", str(shrunk)])
+    model = checkpoint.load_model(V1_MODEL)
+    want = pairwise_stage.train_for_model(model, data["xt"][:3000], n_tables_per_code=1, shrinkage=8.0,
+                                          progress=False).decoder
+    np.testing.assert_allclose(pairwise.load_pairwise_decoder(shrunk).tables, want.tables, rtol=1e-5, atol=1e-4)
     with pytest.raises(ValueError, match="needs --pairwise_decoder"):
         search_ivf.main(["--todo", "train_pairwise_decoder", "--db", str(folder), "--model", str(V1_MODEL)])
 

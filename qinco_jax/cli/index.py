@@ -90,6 +90,10 @@ def build_parser():
                    "smaller, faster look-ups, slightly coarser reconstructions; the file stays float32)")
     g.add_argument("--n_pairwise_codebooks", default=2, type=int,
                    help="pairwise tables per model code step (the reference's n_pairwise_codebooks)")
+    g.add_argument("--pairwise_shrinkage", default=0.0, type=float,
+                   help="train_pairwise_decoder: each table entry is its residuals' sum over (count + this) "
+                   "instead of their mean (0, the reference's); > 0 keeps the 65,536-row tables from "
+                   "memorising a small training set (see the README)")
     g.add_argument("--n_autotune", default=0, type=int,
                    help="number of autotune experiments, skipping non-Pareto-optimal ones (0 = exhaustive)")
     return p
@@ -112,6 +116,8 @@ def check_args(args) -> None:
         raise cli.UsageError(f"--nmid_short values must be >= 0, got {bad}")
     if args.n_pairwise_codebooks < 1:
         raise cli.UsageError(f"--n_pairwise_codebooks must be >= 1, got {args.n_pairwise_codebooks}")
+    if not args.pairwise_shrinkage >= 0:
+        raise cli.UsageError(f"--pairwise_shrinkage must be >= 0, got {args.pairwise_shrinkage}")
     if "train_pairwise_decoder" in args.todo and not args.pairwise_decoder:
         raise cli.UsageError("--todo train_pairwise_decoder needs --pairwise_decoder to store it")
     if args.bs is not None and args.bs < 1:
@@ -211,7 +217,7 @@ def run_train_pairwise(args, model, ds):
     xt_codes = packing.read_codes_file(args.xt_codes, model) if args.xt_codes else None
     log(f"training the pairwise decoder on {xt.shape} vectors ({args.n_pairwise_codebooks} tables per step)")
     training = pairwise_stage.train_for_model(model, xt, xt_codes, n_tables_per_code=args.n_pairwise_codebooks,
-                                              options=encode_options(args))
+                                              options=encode_options(args), shrinkage=args.pairwise_shrinkage)
     log(f"pairwise decoder training MSE {training.train_mse[-1]:g} (IVF centroids alone {training.train_mse[0]:g})")
     pairwise.save_pairwise_decoder(training.decoder, args.pairwise_decoder)
     log(f"stored the pairwise decoder in {args.pairwise_decoder}")

@@ -126,7 +126,8 @@ def train_pairwise_decoder(cfg: RunConfig, log: Log = print) -> pairwise.Pairwis
         raise RunConfigError(f"n_pairwise_codebooks must be >= 1, got {cfg.n_pairwise_codebooks}")
     log(f"training {cfg.n_pairwise_codebooks * M} pairwise tables of {K}x{K} rows")
     training = pairwise.train_pairwise_decoder(xt, codes, centroids, K, n_tables=cfg.n_pairwise_codebooks * M,
-                                               seed=cfg.seed, progress=cfg.verbose)
+                                               seed=cfg.seed, shrinkage=cfg.pairwise_shrinkage,
+                                               progress=cfg.verbose)
     pairwise.save_pairwise_decoder(training.decoder, cfg.output)
     scale = resolve_data(cfg).mse_scale
     val_mse = mean_squared_error(pairwise.decode(training.decoder, val_codes, centroids), xval) * scale

@@ -58,13 +58,13 @@ def middle_stage(decoder: pairwise.PairwiseDecoder, model: QincoModel,
 
 def train_for_model(model: QincoModel, xt: np.ndarray, xt_codes: np.ndarray | None = None, *,
                     ivf_centroids: np.ndarray | None = None, n_tables_per_code: int = pairwise.DEFAULT_TABLES_PER_CODE,
-                    options: EncodeOptions | None = None, seed: int = 0,
+                    options: EncodeOptions | None = None, seed: int = 0, shrinkage: float = 0.0,
                     progress: bool = True) -> pairwise.PairwiseTraining:
     """Train the pairwise decoder of an IVF model on raw training vectors xt (n, d):
     their model codes `xt_codes` (n, 1 + M) are encoded here (with `options`) unless
     given; `ivf_centroids` (raw units) default to the model's. n_tables_per_code * M
     tables (the reference's n_pairwise_codebooks, default 2). Works with any number of
-    IVF lists, fewer than K included (see `qinco_jax.pairwise`)."""
+    IVF lists, fewer than K included; `shrinkage`: see `pairwise.train_pairwise_decoder`."""
     model = require_ivf_model(model)
     xt = np.asarray(xt, np.float32)
     if xt.ndim != 2 or xt.shape[1] != model.d:
@@ -79,4 +79,4 @@ def train_for_model(model: QincoModel, xt: np.ndarray, xt_codes: np.ndarray | No
         raise ValueError(f"IVF centroids of shape {centroids.shape}, the model needs ({model.config.K_IVF}, {model.d})")
     return pairwise.train_pairwise_decoder(xt, xt_codes, centroids, model.config.K,
                                            n_tables=n_tables_per_code * model.config.M, seed=seed,
-                                           progress=progress)
+                                           shrinkage=shrinkage, progress=progress)
