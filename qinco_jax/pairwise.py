@@ -205,9 +205,10 @@ def compact(decoder: PairwiseDecoder, table_dtype: str) -> PairwiseDecoder:
     up to the compact decoder's error) the plain storage."""
     if table_dtype not in TABLE_DTYPES:
         raise ValueError(f"unknown pairwise table dtype {table_dtype!r}: use one of {', '.join(TABLE_DTYPES)}")
-    decoder = check_decoder(decoder)
-    if decoder.table_dtype == table_dtype:
+    if np.dtype(decoder.tables.dtype).name == table_dtype:
+        check_layout(decoder)  # values were checked where it was built or read: not again over every table
         return decoder
+    decoder = check_decoder(decoder)
     sub, pairs = decoder.ivf_subcodes, decoder.pairs
     if table_dtype != "int8":
         tables = float32_tables(decoder)

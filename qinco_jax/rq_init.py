@@ -88,11 +88,11 @@ def qinco2_exact_init(params: dict, config) -> dict:
 
     steps = dict(params["steps"])
     if not config.outer_skip:
-        if config.de not in (0, config.d):
+        if config.has_projections:
             raise ValueError("init rq_exact in qinco1_mode needs de = d: a step's projections "
                              "P_out P_in cannot start as the identity")
         return params
-    if "out_proj" in steps:
+    if config.has_projections:
         steps["out_proj"] = jax.tree.map(jnp.zeros_like, steps["out_proj"])
     else:
         steps["codebook"] = steps["codebook"] / 2

@@ -99,6 +99,16 @@ def _codebook_size(cfg: RunConfig, codes: np.ndarray) -> int:
     raise RunConfigError(f"task={cfg.task} needs K=<codebook size> (or model=<file.pt>)")
 
 
+def checked_training_codes(cfg: RunConfig, log: Log):
+    """(centroids, xt, xt_codes, xval, xval_codes, K) of ivf_centroids= and
+    encoded_trainset=, the codes checked against the centroids and K."""
+    centroids = ivf_centroids_file(cfg)
+    xt, codes, xval, val_codes = encoded_training_set(cfg, log)
+    K = _codebook_size(cfg, codes)
+    _check_codes(codes, centroids, K, f"encoded_trainset={cfg.encoded_trainset}")
+    return centroids, xt, codes, xval, val_codes, K
+
+
 def _check_codes(codes: np.ndarray, centroids: np.ndarray, K: int, what: str) -> None:
     if codes.min() < 0 or codes[:, 0].max() >= len(centroids) or codes[:, 1:].max() >= K:
         raise RunConfigError(f"{what}: IVF lists must lie in [0, {len(centroids)}) and step codes in [0, {K}); "
@@ -115,10 +125,7 @@ def train_pairwise_decoder(cfg: RunConfig, log: Log = print) -> pairwise.Pairwis
     to the raw IVF centroids of ivf_centroids=), n_pairwise_codebooks * M tables; write
     it in the reference's format to output=."""
     check_task(cfg)
-    centroids = ivf_centroids_file(cfg)
-    xt, codes, xval, val_codes = encoded_training_set(cfg, log)
-    K = _codebook_size(cfg, codes)
-    _check_codes(codes, centroids, K, f"encoded_trainset={cfg.encoded_trainset}")
+    centroids, xt, codes, xval, val_codes, K = checked_training_codes(cfg, log)
     M = codes.shape[1] - 1
     if cfg.M is not None and cfg.M != M:
         raise RunConfigError(f"M={cfg.M} given, but the codes of {cfg.encoded_trainset} have M={M} steps")
@@ -144,10 +151,7 @@ def build_index(cfg: RunConfig, log: Log = print):
     from qinco_jax.search import index as ivf
 
     check_task(cfg)
-    centroids = ivf_centroids_file(cfg)
-    xt, codes, _, _ = encoded_training_set(cfg, log)
-    K = _codebook_size(cfg, codes)
-    _check_codes(codes, centroids, K, f"encoded_trainset={cfg.encoded_trainset}")
+    centroids, xt, codes, _, _, K = checked_training_codes(cfg, log)
     M = codes.shape[1] - 1
     key = index_key(cfg, ivf_K=len(centroids), M=M)
     log(f"index {key}")
@@ -216,10 +220,11 @@ def search(cfg: RunConfig, log: Log = print) -> list[dict]:
 
     s = cfg.search
     ef_search = s.quantizer_efSearch
-    if ef_search and not hasattr(ivf.coarse_quantizer(index), "hnsw"):
+    quantizer = ivf.coarse_quantizer(index)
+    if ef_search and not hasattr(quantizer, "hnsw"):
         # the config's efSearch axis (default (4,), QINCo2's) has no meaning for a flat coarse
         # quantizer, e.g. the main job's indexes: searched without it rather than refused
-        log(f"the index's coarse quantizer is {type(ivf.coarse_quantizer(index)).__name__}, not HNSW: "
+        log(f"the index's coarse quantizer is {type(quantizer).__name__}, not HNSW: "
             f"search.quantizer_efSearch={list(ef_search)} does not apply and is left out")
         ef_search = ()
     n_points = len(s.nprobe) * max(1, len(ef_search)) * len(s.nshort) * (len(s.nmid_short) if mid else 1)
