@@ -18,10 +18,10 @@ import time
 import numpy as np
 
 
-from qinco_jax import codec  # noqa: E402
+from qinco_jax.models import codec  # noqa: E402
 from qinco_jax.config import EncodeOptions  # noqa: E402
-from qinco_jax.io import write_bytes  # noqa: E402
-from qinco_jax.checkpoint import load_model  # noqa: E402
+from qinco_jax.formats.io import write_bytes  # noqa: E402
+from qinco_jax.formats.checkpoint import load_model  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
 
@@ -40,7 +40,7 @@ def main(argv=None):
 
     if args.model == "paper":
         from qinco_jax.config import QincoConfig
-        from qinco_jax.model import QincoModel
+        from qinco_jax.models.qinco import QincoModel
 
         model = QincoModel.init(QincoConfig(d=128, K=256, M=8, L=2, h=256), 0)
         x = np.random.RandomState(0).randn(args.n, 128).astype(np.float32)
@@ -49,7 +49,7 @@ def main(argv=None):
     if args.model == "paper":
         pass
     elif args.db:
-        from qinco_jax.datasets import get_dataset
+        from qinco_jax.data.datasets import get_dataset
 
         x = np.asarray(get_dataset(args.db).get_database()[: args.n], np.float32)
     else:

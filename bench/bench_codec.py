@@ -22,10 +22,10 @@ import numpy as np
 import jax  # noqa: E402
 from timing import timed  # noqa: E402
 
-from qinco_jax import codec  # noqa: E402
-from qinco_jax.io import write_bytes  # noqa: E402
+from qinco_jax.models import codec  # noqa: E402
+from qinco_jax.formats.io import write_bytes  # noqa: E402
 from qinco_jax.config import EncodeOptions, QincoConfig  # noqa: E402
-from qinco_jax.model import QincoModel  # noqa: E402
+from qinco_jax.models.qinco import QincoModel  # noqa: E402
 
 
 def sgemm_gflops(n=2048):
@@ -51,7 +51,7 @@ def flops_per_vector(c: QincoConfig, candidates: int) -> float:
 
 def faiss_qinco(model: QincoModel):
     """A faiss.QINCo with the model's weights (through the library's converter)."""
-    from qinco_jax.checkpoint import to_faiss_qinco
+    from qinco_jax.formats.checkpoint import to_faiss_qinco
 
     return to_faiss_qinco(model)
 
@@ -62,7 +62,7 @@ def torch_reference(model: QincoModel, reference_dir: str):
     sys.path.insert(0, reference_dir)
     import model_qinco  # the reference's module
 
-    from qinco_jax.state_dict import state_dict_from_params
+    from qinco_jax.formats.state_dict import state_dict_from_params
 
     c = model.config
     net = model_qinco.QINCo(c.d, c.K, c.L, c.M, c.h)

@@ -28,10 +28,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import jax  # noqa: E402
 
-from qinco_jax import codec, vecs_io  # noqa: E402
+from qinco_jax.models import codec  # noqa: E402
+from qinco_jax.formats import vecs_io
 from qinco_jax.config import EncodeOptions, QincoConfig  # noqa: E402
-from qinco_jax.io import write_bytes  # noqa: E402
-from qinco_jax.model import QincoModel, init_params  # noqa: E402
+from qinco_jax.formats.io import write_bytes  # noqa: E402
+from qinco_jax.models.qinco import QincoModel, init_params  # noqa: E402
 
 
 def status_kb(field: str) -> int:

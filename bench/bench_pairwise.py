@@ -42,12 +42,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from timing import timed  # noqa: E402
 
-from qinco_jax import aq, codec, pairwise  # noqa: E402
-from qinco_jax.checkpoint import load_model  # noqa: E402
+from qinco_jax.search import aq  # noqa: E402
+from qinco_jax.models import codec
+from qinco_jax.models import pairwise
+from qinco_jax.formats.checkpoint import load_model  # noqa: E402
 from qinco_jax.config import QincoConfig  # noqa: E402
-from qinco_jax.io import write_bytes  # noqa: E402
+from qinco_jax.formats.io import write_bytes  # noqa: E402
 from qinco_jax.search.index import ivf_centroids  # noqa: E402
-from qinco_jax.model import QincoModel  # noqa: E402
+from qinco_jax.models.qinco import QincoModel  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
 JITTED_MODEL_ROWS = 16384  # rows of the model's jitted decode batch at most

@@ -26,8 +26,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from qinco_jax import baselines, checkpoint, codec, datasets, pairwise  # noqa: E402
-from qinco_jax.io import write_bytes  # noqa: E402
+from qinco_jax.experiments import baselines  # noqa: E402
+from qinco_jax.formats import checkpoint
+from qinco_jax.models import codec
+from qinco_jax.data import datasets
+from qinco_jax.models import pairwise
+from qinco_jax.formats.io import write_bytes  # noqa: E402
 from qinco_jax.metrics import mean_squared_error  # noqa: E402
 from qinco_jax.search import index as ivf  # noqa: E402
 from qinco_jax.search import pairwise_stage  # noqa: E402

@@ -25,11 +25,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from qinco_jax import codec  # noqa: E402
-from qinco_jax.checkpoint import save_model  # noqa: E402
+from qinco_jax.models import codec  # noqa: E402
+from qinco_jax.formats.checkpoint import save_model  # noqa: E402
 from qinco_jax.config import EncodeOptions, QincoConfig  # noqa: E402
-from qinco_jax.io import write_bytes  # noqa: E402
-from qinco_jax.model import QincoModel  # noqa: E402
+from qinco_jax.formats.io import write_bytes  # noqa: E402
+from qinco_jax.models.qinco import QincoModel  # noqa: E402
 
 from timing import timed  # noqa: E402
 

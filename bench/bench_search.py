@@ -30,7 +30,7 @@ from timing import timed  # noqa: E402
 
 from qinco_jax.search import index as ivf_index, rerank, sweep  # noqa: E402
 from qinco_jax.config import QincoConfig  # noqa: E402
-from qinco_jax.model import QincoModel  # noqa: E402
+from qinco_jax.models.qinco import QincoModel  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
 
@@ -74,7 +74,7 @@ def torch_reference(model: QincoModel, reference_dir: str):
     sys.path.insert(0, reference_dir)
     import model_qinco
 
-    from qinco_jax.state_dict import state_dict_from_params
+    from qinco_jax.formats.state_dict import state_dict_from_params
 
     c = model.config
     if c.is_ivf:
@@ -107,7 +107,7 @@ def faiss_second_stage(model: QincoModel):
     the same work per vector but for the codebook0 lookup."""
     import faiss
 
-    from qinco_jax.checkpoint import to_faiss_qinco
+    from qinco_jax.formats.checkpoint import to_faiss_qinco
 
     c = model.config
     plain = QincoModel.init(QincoConfig(d=c.d, K=c.K, M=c.M + 1, L=c.L, h=c.h), 0)
@@ -164,9 +164,9 @@ def bench_paper_size(args, res):
 
 
 def bench_fixture_index(args, res):
-    from qinco_jax.checkpoint import load_model
+    from qinco_jax.formats.checkpoint import load_model
     from qinco_jax.metrics import one_recall_at
-    from qinco_jax.report import pareto_front
+    from qinco_jax.search.report import pareto_front
 
     model = load_model(os.path.join(FIXTURES, "ivf_qinco_d32_IVF512_M4_K256_L1_h32.pt"))
     index = ivf_index.read_index(os.path.join(FIXTURES, "ivf512_rq4x8.faissindex"))
@@ -233,7 +233,7 @@ def main(argv=None):
     if "fixture" not in args.skip:
         bench_fixture_index(args, res)
     if args.json:
-        from qinco_jax.io import write_bytes
+        from qinco_jax.formats.io import write_bytes
 
         write_bytes(args.json, (json.dumps(res, indent=1) + "\n").encode())
 

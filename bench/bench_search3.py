@@ -40,7 +40,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from qinco_jax import checkpoint, codec, pairwise, report
+from qinco_jax.formats import checkpoint
+from qinco_jax.models import codec
+from qinco_jax.models import pairwise
+from qinco_jax.search import report
 from qinco_jax.search import index as ivf
 from qinco_jax.search import pairwise_stage
 from qinco_jax.search.rerank import Reranker

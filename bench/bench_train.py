@@ -34,10 +34,11 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 import jax  # noqa: E402
 
-from qinco_jax import rq_init, training  # noqa: E402
+from qinco_jax.training import rq_init  # noqa: E402
+from qinco_jax.training import loop as training
 from qinco_jax.config import QincoConfig  # noqa: E402
-from qinco_jax.io import write_bytes  # noqa: E402
-from qinco_jax.model import QincoModel, init_params  # noqa: E402
+from qinco_jax.formats.io import write_bytes  # noqa: E402
+from qinco_jax.models.qinco import QincoModel, init_params  # noqa: E402
 
 FIX = os.path.join(ROOT, "tests", "fixtures")
 

@@ -34,7 +34,8 @@ REF_JSON = FIX / "qinco2" / "train_reference_qinco2.json"
 
 
 def ours(x, seed, dtype):
-    from qinco_jax import recipe, training
+    from qinco_jax.training import recipe
+    from qinco_jax.training import loop as training
 
     xt, xval = x[:-1000], x[-1000:]
     spec = recipe.ModelSpec(arch="qinco2", M=4, K=64, L=2, de=48, h=64, A=8, B=4, seed=seed)

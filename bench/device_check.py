@@ -52,11 +52,12 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from qinco_jax import codec, training  # noqa: E402
-from qinco_jax.checkpoint import load_model, save_model  # noqa: E402
+from qinco_jax.models import codec  # noqa: E402
+from qinco_jax.training import loop as training
+from qinco_jax.formats.checkpoint import load_model, save_model  # noqa: E402
 from qinco_jax.config import EncodeOptions, QincoConfig  # noqa: E402
-from qinco_jax.io import write_bytes  # noqa: E402
-from qinco_jax.model import QincoModel  # noqa: E402
+from qinco_jax.formats.io import write_bytes  # noqa: E402
+from qinco_jax.models.qinco import QincoModel  # noqa: E402
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 # The reference models of tests/fixtures, by their key prefix in reference_outputs.npz.

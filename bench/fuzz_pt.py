@@ -40,8 +40,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qinco_jax import checkpoint, pairwise, torch_pickle  # noqa: E402
-from qinco_jax.torch_pickle import CheckpointError  # noqa: E402
+from qinco_jax.formats import checkpoint  # noqa: E402
+from qinco_jax.models import pairwise
+from qinco_jax.formats import torch_pickle
+from qinco_jax.formats.torch_pickle import CheckpointError  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures"
 EXTREME_U32 = (0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0xFFFFFFFE, 0x10000, 0x40000000)
@@ -321,7 +323,7 @@ def main(argv=None) -> int:
     for f in res["failures"][:20]:
         print("FAILURE", f)
     if args.json:
-        from qinco_jax.io import write_bytes
+        from qinco_jax.formats.io import write_bytes
 
         write_bytes(args.json, json.dumps(res, indent=1).encode())
     return 1 if res["failures"] else 0

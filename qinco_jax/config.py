@@ -192,7 +192,7 @@ class EncodeOptions:
         of the step), "codebook" (distance to the step's codebook) or "substep"
         (distance to QINCo2's substep codebook, as QINCo2 pre-selects).
     None in any of these three means "the model's default" (see
-    `qinco_jax.codec.model_encode_defaults`), filled in by `resolved`.
+    `qinco_jax.models.codec.model_encode_defaults`), filled in by `resolved`.
     dtype: precision of the network (distances are always float32).
     batch_size: rows per jitted batch; None sizes it from the model to bound memory.
     """

@@ -8,7 +8,8 @@ import faiss
 import numpy as np
 import pytest
 
-from qinco_jax import baselines, datasets
+from qinco_jax.experiments import baselines
+from qinco_jax.data import datasets
 
 
 @pytest.fixture(scope="module", autouse=True)

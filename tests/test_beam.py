@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qinco_jax import codec
-from qinco_jax import model as qm
+from qinco_jax.models import codec
+from qinco_jax.models import qinco as qm
 from qinco_jax.config import EncodeOptions, QincoConfig
-from qinco_jax.model import QincoModel
+from qinco_jax.models.qinco import QincoModel
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -55,7 +55,7 @@ def test_wider_beams_never_lose_on_average_and_preselection_costs_little():
 def test_beam_four_beats_greedy_on_a_trained_fixture_model():
     # The trained IVF fixtures (K = 256). On the K = 16 fixtures greedy encoding is
     # already optimal: a brute-force search over all 16^4 codes finds the same MSE.
-    from qinco_jax.checkpoint import load_model
+    from qinco_jax.formats.checkpoint import load_model
 
     x = np.load(FIXTURES / "reference_outputs.npz")["x"]
     ivf = load_model(FIXTURES / "ivf_qinco_d32_IVF64_M4_K256_L1_h32.pt")
@@ -67,7 +67,7 @@ def test_beam_four_beats_greedy_on_a_trained_fixture_model():
 
 
 def test_pq_models_pass_beam_options_to_every_sub_quantizer():
-    from qinco_jax.model import PQQincoModel
+    from qinco_jax.models.qinco import PQQincoModel
 
     subs = tuple(QincoModel.init(QincoConfig(d=4, K=8, M=3, L=1, h=8), i) for i in range(2))
     m = PQQincoModel(subs)
@@ -78,7 +78,7 @@ def test_pq_models_pass_beam_options_to_every_sub_quantizer():
 
 def test_index_building_encodes_the_database_with_the_beam(monkeypatch):
     """search_ivf.py --beam/--preselect reach the encoder of `add` (ivf_index.add_vectors)."""
-    from qinco_jax.checkpoint import load_model
+    from qinco_jax.formats.checkpoint import load_model
     from qinco_jax.search import index as ivf_index
 
     model = load_model(FIXTURES / "ivf_qinco_d32_IVF64_M4_K256_L1_h32.pt")
@@ -102,7 +102,7 @@ def test_index_building_encodes_the_database_with_the_beam(monkeypatch):
 
 
 def test_training_can_encode_with_a_beam():
-    from qinco_jax import training
+    from qinco_jax.training import loop as training
 
     cfg = QincoConfig(d=8, K=16, M=3, L=1, h=16)
     params = QincoModel.init(cfg, 0).params
@@ -115,7 +115,7 @@ def test_training_can_encode_with_a_beam():
 
 
 def _trained_ivf_model_and_vectors():
-    from qinco_jax.checkpoint import load_model
+    from qinco_jax.formats.checkpoint import load_model
 
     return load_model(FIXTURES / "ivf_qinco_d32_IVF64_M4_K256_L1_h32.pt"), np.load(FIXTURES / "ivf_xb.npy")[:500]
 

@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from conftest import FIXTURES, REFERENCE_MODELS, load_reference_outputs, require_torch
 
-from qinco_jax import codec
-from qinco_jax.checkpoint import CheckpointError, load_model, save_model, to_faiss_qinco
+from qinco_jax.models import codec
+from qinco_jax.formats.checkpoint import CheckpointError, load_model, save_model, to_faiss_qinco
 from qinco_jax.config import QincoConfig
-from qinco_jax.model import PQQincoModel, QincoModel
-from qinco_jax.torch_pickle import Global, PersistentId, Reduce, TorchWriter, load_pt, write_pt
+from qinco_jax.models.qinco import PQQincoModel, QincoModel
+from qinco_jax.formats.torch_pickle import Global, PersistentId, Reduce, TorchWriter, load_pt, write_pt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -104,7 +104,7 @@ def test_directory_save_is_atomic_and_replaces(tmp_path):
 def random_model(config: QincoConfig, seed: int) -> QincoModel:
     """A model with random parameters of the right shapes (cheaper than QincoModel.init,
     which compiles its initialisers)."""
-    from qinco_jax.model import param_shapes
+    from qinco_jax.models.qinco import param_shapes
 
     rs = np.random.RandomState(seed)
     return QincoModel(config, jax.tree.map(lambda s: rs.randn(*s.shape).astype(np.float32), param_shapes(config)))
@@ -259,7 +259,7 @@ def test_code_execution_nested_in_a_valid_module_is_refused(tmp_path):
     """The malicious call hidden as the db_scale of an otherwise genuine model."""
     marker = tmp_path / "pwned"
     model = load_model(FIXTURES / REFERENCE_MODELS["qinco"])
-    from qinco_jax.checkpoint import torch_module_of
+    from qinco_jax.formats.checkpoint import torch_module_of
 
     writer = TorchWriter()
     root = torch_module_of(writer, model)
@@ -336,7 +336,7 @@ def test_state_dict_is_not_a_model(tmp_path):
 def test_db_scale_as_python_number_or_missing(value, tmp_path):
     """`train_qinco.py --db_scale X` stores a Python float; without db_scale the
     reference cannot encode, and neither do we."""
-    from qinco_jax.checkpoint import torch_module_of
+    from qinco_jax.formats.checkpoint import torch_module_of
 
     writer = TorchWriter()
     root = torch_module_of(writer, load_model(FIXTURES / REFERENCE_MODELS["qinco"]))
@@ -355,7 +355,7 @@ def test_db_scale_as_python_number_or_missing(value, tmp_path):
 def test_shape_mismatch_names_the_tensor(tmp_path):
     """A module whose attributes disagree with its tensors (M says 5, 3 steps stored)."""
     model = load_model(FIXTURES / REFERENCE_MODELS["qinco"])
-    from qinco_jax.checkpoint import torch_module_of
+    from qinco_jax.formats.checkpoint import torch_module_of
 
     writer = TorchWriter()
     root = torch_module_of(writer, model)

@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from qinco_jax import codec
-from qinco_jax import model as qm
+from qinco_jax.models import codec
+from qinco_jax.models import qinco as qm
 from qinco_jax.config import EncodeOptions, QincoConfig
-from qinco_jax.model import PQQincoModel, QincoModel
+from qinco_jax.models.qinco import PQQincoModel, QincoModel
 
 CFG = QincoConfig(d=8, K=16, M=3, L=1, h=16, db_scale=10.0)
 

@@ -12,11 +12,14 @@ import numpy as np
 import pytest
 from conftest import FIXTURES, REFERENCE_MODELS, load_reference_outputs
 
-from qinco_jax import cli, codec, datasets, vecs_io
+from qinco_jax import cli
+from qinco_jax.models import codec
+from qinco_jax.data import datasets
+from qinco_jax.formats import vecs_io
 from qinco_jax.cli import codec as cli_codec
 from qinco_jax.cli import evaluate as cli_evaluate
 from qinco_jax.config import EncodeOptions
-from qinco_jax.checkpoint import load_model
+from qinco_jax.formats.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 QINCO = FIXTURES / REFERENCE_MODELS["qinco"]
@@ -54,9 +57,9 @@ def test_raw_round_trip_ivf(tmp_path, ref):
 
 def test_raw_size_rule_8x8(tmp_path):
     """8 codes of 8 bits for 10k vectors: exactly 80,000 bytes, and the codes come back."""
-    from qinco_jax.checkpoint import save_model
+    from qinco_jax.formats.checkpoint import save_model
     from qinco_jax.config import QincoConfig
-    from qinco_jax.model import QincoModel
+    from qinco_jax.models.qinco import QincoModel
 
     model = QincoModel.init(QincoConfig(d=32, K=256, M=8, L=1, h=8, db_scale=100.0), 0)
     save_model(model, tmp_path / "m8x8")

@@ -8,7 +8,9 @@ import pytest
 from conftest import FIXTURES
 from faiss.contrib import vecs_io as faiss_vecs
 
-from qinco_jax import datasets, packing, vecs_io
+from qinco_jax.data import datasets
+from qinco_jax.formats import packing
+from qinco_jax.formats import vecs_io
 
 # --------------------------------------------------------------------------------------
 # vecs_io
@@ -257,7 +259,7 @@ def test_folder_dataset(tmp_path):
 
 
 def test_code_files_raw_or_vectors_are_read_and_checked(tmp_path):
-    from qinco_jax.checkpoint import load_model
+    from qinco_jax.formats.checkpoint import load_model
 
     model = load_model(FIXTURES / "ivf_qinco_d32_IVF64_M4_K256_L1_h32.pt")
     codes = np.load(FIXTURES / "reference_outputs.npz")["ivf_qinco_codes"]

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from conftest import FIXTURES, REFERENCE_MODELS
 
-from qinco_jax import checkpoint, torch_pickle
-from qinco_jax.torch_pickle import CheckpointError
+from qinco_jax.formats import checkpoint
+from qinco_jax.formats import torch_pickle
+from qinco_jax.formats.torch_pickle import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("fuzz_pt", ROOT / "bench" / "fuzz_pt.py")

@@ -10,7 +10,9 @@ import pytest
 pytest.importorskip("cv2", reason="the demo extra (opencv-python-headless) is not installed")
 pytest.importorskip("skimage", reason="the demo extra (scikit-image) is not installed")
 
-from qinco_jax import datasets, image_sift, vecs_io  # noqa: E402
+from qinco_jax.data import datasets  # noqa: E402
+from qinco_jax.data import image_sift
+from qinco_jax.formats import vecs_io
 
 TINY = image_sift.SiftImagesSpec(nt=300, nb=400, nq=20, seed=3)
 

@@ -73,8 +73,8 @@ def test_every_console_script_answers_help(venv):
 
 
 def test_the_installed_codec_encodes_a_fixture_from_another_directory(venv):
-    from qinco_jax import codec
-    from qinco_jax.checkpoint import load_model
+    from qinco_jax.models import codec
+    from qinco_jax.formats.checkpoint import load_model
 
     env_dir, tmp = venv
     work = tmp / "elsewhere"

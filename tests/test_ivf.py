@@ -10,13 +10,15 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
-from qinco_jax import aq, codec, packing
+from qinco_jax.search import aq
+from qinco_jax.models import codec
+from qinco_jax.formats import packing
 from qinco_jax.search import index as ivf_index
 from qinco_jax.search import rerank, sweep, two_stage
-from qinco_jax.checkpoint import load_model
+from qinco_jax.formats.checkpoint import load_model
 from qinco_jax.config import QincoConfig
 from qinco_jax.metrics import one_recall_at
-from qinco_jax.model import QincoModel
+from qinco_jax.models.qinco import QincoModel
 
 KEY512 = "IVF512,RQ4x8_Nqint8"
 # One query of the 200 changes a recall by 0.005; compare with that much slack exactly.

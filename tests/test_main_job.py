@@ -1,4 +1,4 @@
-"""The main job (qinco_jax.main_job, what `make demo` runs) end to end on a tiny
+"""The main job (qinco_jax.experiments.main_job, what `make demo` runs) end to end on a tiny
 configuration: every method in summary.json at equal bytes per vector with an MSE and
 operating points, the plot, the MSE tables; the CLI's flags map onto the config."""
 
@@ -11,9 +11,10 @@ import math
 import matplotlib.image
 import pytest
 
-from qinco_jax import cli, recipe
+from qinco_jax import cli
+from qinco_jax.training import recipe
 from qinco_jax.cli import main_job as main_job_cli
-from qinco_jax.main_job import MainJobConfig, run
+from qinco_jax.experiments.main_job import MainJobConfig, run
 
 TINY = dict(db="synthetic_small", n_centroids=16, nt=3000, nval=300, M=4, L=1, h=16, epochs=2, lr=1e-3,
             rq_beam=2, aq_train=2000, nprobe=(1, 4), nshort=(10, 20), progress=False)
@@ -92,7 +93,7 @@ def test_tiny_main_job_with_qinco2(tmp_path):
     # the trained models and their indexes are saved, in the formats the search CLIs read
     import faiss
 
-    from qinco_jax import checkpoint
+    from qinco_jax.formats import checkpoint
     from qinco_jax.search import index as ivf
 
     for stem in ("ivf_qinco", "ivf_qinco2"):
@@ -107,7 +108,7 @@ def test_database_codes_stay_in_the_nearest_ivf_list():
     the codec, which the main job encodes with, keeps faiss's assignment: the nearest centroid."""
     import numpy as np
 
-    from qinco_jax import codec
+    from qinco_jax.models import codec
     from qinco_jax.config import EncodeOptions
 
     rng = np.random.default_rng(0)
@@ -117,7 +118,7 @@ def test_database_codes_stay_in_the_nearest_ivf_list():
     options = EncodeOptions(beam=8)
     codes = codec.encode(model, x, options)
     np.testing.assert_array_equal(codes[:, 0], codec.assign_ivf(model, x))
-    from qinco_jax import model as qm
+    from qinco_jax.models import qinco as qm
 
     free = qm.encode_beam(codec.network_params(model.params), model.normalise(x), beam=8)[0]
     assert (np.asarray(free)[:, 0] != codes[:, 0]).any()  # the hazard this guards against is real here

@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 
-from qinco_jax import codec
+from qinco_jax.models import codec
 from qinco_jax.config import QincoConfig
-from qinco_jax.model import QincoModel
+from qinco_jax.models.qinco import QincoModel
 
 CFG = QincoConfig(d=8, K=16, M=3, L=1, h=16, db_scale=10.0)
 
@@ -45,6 +45,6 @@ def test_unknown_precision_is_refused():
 
 def test_unknown_precision_in_the_environment_is_refused_at_import():
     env = dict(os.environ, QINCO_MATMUL_PRECISION="fastest", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-c", "import qinco_jax.codec"], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", "import qinco_jax.models.codec"], env=env, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode != 0 and "unknown QINCO_MATMUL_PRECISION 'fastest'" in proc.stderr

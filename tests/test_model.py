@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qinco_jax import model as qm
+from qinco_jax.models import qinco as qm
 from qinco_jax.config import PQConfig, QincoConfig
-from qinco_jax.model import PQQincoModel, QincoModel
+from qinco_jax.models.qinco import PQQincoModel, QincoModel
 
 
 @pytest.mark.parametrize("variant", ["qinco", "lowrank", "ivf"])

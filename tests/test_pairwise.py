@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, require_torch
-from qinco_jax import aq, pairwise
-from qinco_jax.torch_pickle import CheckpointError, TorchWriter, write_pt
+from qinco_jax.search import aq
+from qinco_jax.models import pairwise
+from qinco_jax.formats.torch_pickle import CheckpointError, TorchWriter, write_pt
 
 QINCO2 = FIXTURES / "qinco2"
 REFERENCE_DECODER = QINCO2 / "pairwise_decoder_ivf64_K16.pt"

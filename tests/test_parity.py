@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from conftest import FIXTURES, REFERENCE_MODELS, load_reference_outputs
 
-from qinco_jax import codec
-from qinco_jax.checkpoint import load_model
-from qinco_jax.model import PQQincoModel, QincoModel
+from qinco_jax.models import codec
+from qinco_jax.formats.checkpoint import load_model
+from qinco_jax.models.qinco import PQQincoModel, QincoModel
 
 EXPECTED = {
     "qinco": ("qinco", 32, 4, 16, 2, 32, 0),

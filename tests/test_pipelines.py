@@ -8,10 +8,15 @@ import numpy as np
 import pytest
 from conftest import FIXTURES, REFERENCE_MODELS
 
-from qinco_jax import codec, datasets, evaluation, pq, recipe, training
-from qinco_jax.checkpoint import load_model
+from qinco_jax.models import codec
+from qinco_jax.data import datasets
+from qinco_jax.experiments import evaluation
+from qinco_jax.training import pq
+from qinco_jax.training import recipe
+from qinco_jax.training import loop as training
+from qinco_jax.formats.checkpoint import load_model
 from qinco_jax.config import EncodeOptions, QincoConfig
-from qinco_jax.model import PQQincoModel, QincoModel
+from qinco_jax.models.qinco import PQQincoModel, QincoModel
 from qinco_jax.search import QincoIndex, rerank, two_stage
 
 TINY = training.TrainConfig(lr=1e-3, batch_size=256, max_epochs=1, ngpu=1, progress=False)

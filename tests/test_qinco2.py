@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 
 from conftest import require_torch
-from qinco_jax import codec, qinco2_file, torch_pickle
-from qinco_jax import model as qm
-from qinco_jax.checkpoint import CheckpointError, load_model, save_model
+from qinco_jax.models import codec
+from qinco_jax.formats import qinco2_file
+from qinco_jax.formats import torch_pickle
+from qinco_jax.models import qinco as qm
+from qinco_jax.formats.checkpoint import CheckpointError, load_model, save_model
 from qinco_jax.config import EncodeOptions, QincoConfig
-from qinco_jax.model import QincoModel
-from qinco_jax.torch_pickle import Global, Reduce, TorchWriter
+from qinco_jax.models.qinco import QincoModel
+from qinco_jax.formats.torch_pickle import Global, Reduce, TorchWriter
 
 FIXTURES = Path(__file__).parent / "fixtures" / "qinco2"
 PLAIN = FIXTURES / "qinco2_d32_M4_K256_L2_de48_dh64_A8_B8.pt"

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from qinco_jax import qinco2_recipe as r
+from qinco_jax.training import qinco2_recipe as r
 from tests.conftest import FIXTURES, require_torch
 
 TRAIN_REF = FIXTURES / "qinco2" / "train_reference_qinco2.json"
@@ -370,7 +370,7 @@ def test_rq_init_reaches_the_reference_validation_mse():
 
 def _qinco2_params(seed=3, **kw):
     from qinco_jax.config import QincoConfig
-    from qinco_jax.model import QincoModel
+    from qinco_jax.models.qinco import QincoModel
 
     config = QincoConfig(d=4, K=8, M=3, L=1, h=6, arch="qinco2", **kw)
     return config, QincoModel.init(config, seed).numpy_params()
@@ -386,7 +386,7 @@ def test_split_trainable_freezes_statistics_and_ivf_centroids():
 
 
 def test_model_losses_by_hand():
-    from qinco_jax import model as qm
+    from qinco_jax.models import qinco as qm
 
     config, p = _qinco2_params(A=2, B=2)
     p["steps"] = jax.tree.map(lambda a: a + 0.1 * np.random.RandomState(1).randn(*a.shape).astype(np.float32),

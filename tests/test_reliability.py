@@ -15,15 +15,24 @@ import numpy as np
 import pytest
 from conftest import FIXTURES, REFERENCE_MODELS
 
-from qinco_jax import baselines, codec, pairwise, pq, qinco2_recipe, recipe, rq_init, training, validation, vecs_io
+from qinco_jax.experiments import baselines
+from qinco_jax.models import codec
+from qinco_jax.models import pairwise
+from qinco_jax.training import pq
+from qinco_jax.training import qinco2_recipe
+from qinco_jax.training import recipe
+from qinco_jax.training import rq_init
+from qinco_jax.training import loop as training
+from qinco_jax.data import validation
+from qinco_jax.formats import vecs_io
 from qinco_jax.cli import codec as codec_cli
 from qinco_jax.cli import index as index_cli
 from qinco_jax.cli import train as train_cli
 from qinco_jax.search import index as ivf
 from qinco_jax.search import sweep, two_stage
 from qinco_jax.search.qinco_index import QincoIndex
-from qinco_jax.checkpoint import load_model
-from qinco_jax.validation import FaissStepError, VectorInputError
+from qinco_jax.formats.checkpoint import load_model
+from qinco_jax.data.validation import FaissStepError, VectorInputError
 
 ROOT = Path(__file__).resolve().parents[1]
 QINCO = FIXTURES / REFERENCE_MODELS["qinco"]

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from qinco_jax import report
+from qinco_jax.search import report
 
 
 def _result(nprobe, nshort, r1, r1_orig, t):

@@ -9,9 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from qinco_jax import rq_init, training
+from qinco_jax.training import rq_init
+from qinco_jax.training import loop as training
 from qinco_jax.config import QincoConfig
-from qinco_jax.model import QincoModel, init_params
+from qinco_jax.models.qinco import QincoModel, init_params
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures"

@@ -12,10 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qinco_jax import checkpoint, code_parts, codec, vecs_io
+from qinco_jax.formats import checkpoint
+from qinco_jax.formats import code_parts
+from qinco_jax.models import codec
+from qinco_jax.formats import vecs_io
 from qinco_jax.cli import qinco2_tasks
 from qinco_jax.cli import run as run_cli
-from qinco_jax.run_config import RunConfigError, parse_run_args
+from qinco_jax.cli.run_config import RunConfigError, parse_run_args
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures"

@@ -4,7 +4,7 @@ import shlex
 
 import pytest
 
-from qinco_jax import run_config as rc
+from qinco_jax.cli import run_config as rc
 
 # The QINCo2 README's commands (launcher words dropped), with some values they must give.
 README_COMMANDS = [
@@ -183,7 +183,7 @@ def test_named_data_sets_resolve_to_the_reference_files(monkeypatch, tmp_path):
 
 def test_the_built_in_sift_images_set_is_a_preset(monkeypatch):
     """db=sift_images (the main job's data) reads the library's data set, as the reference's names do."""
-    from qinco_jax import datasets
+    from qinco_jax.data import datasets
 
     class Fake:
         nb = 50_000

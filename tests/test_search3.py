@@ -15,9 +15,13 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
-from qinco_jax import checkpoint, codec, pairwise, report, run_config
+from qinco_jax.formats import checkpoint
+from qinco_jax.models import codec
+from qinco_jax.models import pairwise
+from qinco_jax.search import report
+from qinco_jax.cli import run_config
 from qinco_jax.metrics import one_recall_at
-from qinco_jax.model import QincoModel
+from qinco_jax.models.qinco import QincoModel
 from qinco_jax.search import QincoIndex, pairwise_stage
 from qinco_jax.search import index as ivf
 from qinco_jax.search.rerank import MAX_SHORTLIST, PairwiseReranker, Reranker, search_ivf, shortlist_length

@@ -9,7 +9,9 @@ import jax
 import numpy as np
 import pytest
 
-from qinco_jax import checkpoint, recipe, training
+from qinco_jax.formats import checkpoint
+from qinco_jax.training import recipe
+from qinco_jax.training import loop as training
 
 FIX = Path(__file__).resolve().parent / "fixtures"
 
@@ -167,7 +169,7 @@ def test_cli_arch_qinco2(tmp_path):
 
 
 def test_run_tasks_train_and_eval_valset(tmp_path):
-    from qinco_jax import run_config
+    from qinco_jax.cli import run_config
     from qinco_jax.cli import qinco2_train
 
     x = np.concatenate([np.load(FIX / "train_xt.npy")[:1500], np.load(FIX / "train_xval.npy")[:200]])

@@ -14,10 +14,12 @@ import jax
 import numpy as np
 import pytest
 
-from qinco_jax import recipe, rq_init, training
+from qinco_jax.training import recipe
+from qinco_jax.training import rq_init
+from qinco_jax.training import loop as training
 from qinco_jax.config import QincoConfig
-from qinco_jax.model import QincoModel, init_params
-from qinco_jax.scheduler import Scheduler
+from qinco_jax.models.qinco import QincoModel, init_params
+from qinco_jax.training.scheduler import Scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "tests" / "fixtures"
@@ -182,9 +184,11 @@ def test_kill_and_resume_equals_uninterrupted(data, tmp_path):
 MULTI_DEVICE_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
-    from qinco_jax import recipe, rq_init, training
+    from qinco_jax.training import recipe
+    from qinco_jax.training import rq_init
+    from qinco_jax.training import loop as training
     from qinco_jax.config import QincoConfig
-    from qinco_jax.model import QincoModel, init_params
+    from qinco_jax.models.qinco import QincoModel, init_params
     assert jax.device_count() == 4, jax.devices()
     xt = np.load({fix!r} + "/train_xt.npy")[:1000]   # 3 full batches of 256 + one of 232
     xval = np.load({fix!r} + "/train_xval.npy")[:200]
@@ -238,7 +242,8 @@ def _cli_args(tmp_path, *extra):
 def test_cli_end_to_end_pt_model(tmp_path, capsys):
     from qinco_jax.cli import train as train_qinco
 
-    from qinco_jax import checkpoint, codec
+    from qinco_jax.formats import checkpoint
+    from qinco_jax.models import codec
 
     model_path = tmp_path / "m.pt"
     res = train_qinco.main(_cli_args(tmp_path, "--max_epochs", "2", "--model", str(model_path),
@@ -288,8 +293,9 @@ def test_pq_qinco_prepare_train_recombine_and_one_shot(tmp_path):
     from qinco_jax.cli import train as train_qinco
     from qinco_jax.cli import train_pq as pq_qinco
 
-    from qinco_jax import checkpoint, codec
-    from qinco_jax.model import PQQincoModel
+    from qinco_jax.formats import checkpoint
+    from qinco_jax.models import codec
+    from qinco_jax.models.qinco import PQQincoModel
 
     xt = np.load(FIX / "train_xt.npy")[:1300]
     data = tmp_path / "xt.npy"
@@ -332,8 +338,8 @@ def test_train_steps_match_torch_adam_on_reference_model():
     torch = require_torch()
     import torch.nn.functional as F
 
-    from qinco_jax import checkpoint
-    from qinco_jax.state_dict import params_from_state_dict, state_dict_from_params
+    from qinco_jax.formats import checkpoint
+    from qinco_jax.formats.state_dict import params_from_state_dict, state_dict_from_params
 
     model = checkpoint.load_model(FIX / "qinco_d32_M4_K16_L2_h32.pt")
     config = model.config

@@ -72,8 +72,8 @@ def add_search_args(group) -> None:
 
 
 def add_db_arg(group, default: str = "bigann1M") -> None:
-    """--db: a data set name or folder (qinco_jax.datasets.get_dataset)."""
-    from qinco_jax import datasets
+    """--db: a data set name or folder (qinco_jax.data.datasets.get_dataset)."""
+    from qinco_jax.data import datasets
 
     group.add_argument("--db", default=default,
                        help=f"data set: one of {', '.join(datasets.AVAILABLE_NAMES)}, or a folder holding "
@@ -85,7 +85,7 @@ def load_model_arg(path: str):
     """The --model of a command line (.pt file or model directory), announced on stdout."""
     if not path:
         raise UsageError("--model is required")
-    from qinco_jax.checkpoint import load_model as load
+    from qinco_jax.formats.checkpoint import load_model as load
 
     print("loading model", path, flush=True)
     model = load(path)

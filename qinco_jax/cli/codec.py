@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qinco_jax import cli, packing, vecs_io
-from qinco_jax.io import write_bytes
+from qinco_jax import cli
+from qinco_jax.formats import packing
+from qinco_jax.formats import vecs_io
+from qinco_jax.formats.io import write_bytes
 
 CODE_EXTENSIONS = (".npy", ".ivecs", ".ibin")
 VECTOR_EXTENSIONS = (".npy", ".fvecs", ".fbin")  # float32 formats: decoded vectors are not integers
@@ -51,7 +53,7 @@ def build_parser():
 
 
 def encode_file(model, args) -> None:
-    from qinco_jax import codec
+    from qinco_jax.models import codec
 
     x = vecs_io.read_vectors(args.i)  # memory-mapped: encoded batch by batch
     i1 = len(x) if args.i1 < 0 else args.i1
@@ -82,7 +84,7 @@ def encode_file(model, args) -> None:
 
 
 def decode_file(model, args) -> None:
-    from qinco_jax import codec
+    from qinco_jax.models import codec
 
     if Path(args.o).suffix.lower() not in VECTOR_EXTENSIONS:
         raise cli.UsageError(f"--o {args.o}: decoded vectors are written as one of {' '.join(VECTOR_EXTENSIONS)}")

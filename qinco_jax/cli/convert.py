@@ -34,7 +34,7 @@ def build_parser():
 def random_vectors(model, n: int, seed: int) -> np.ndarray:
     """Vectors around the model's own reconstructions, so that encoding exercises
     every step (pure noise would sit far from all codewords)."""
-    from qinco_jax import codec
+    from qinco_jax.models import codec
 
     rs = np.random.RandomState(seed)
     codes = np.stack([rs.randint(k, size=n) for k in model.code_sizes], axis=1)
@@ -46,7 +46,7 @@ def random_vectors(model, n: int, seed: int) -> np.ndarray:
 def parameter_leaves(model) -> list[np.ndarray]:
     import jax
 
-    from qinco_jax.model import PQQincoModel
+    from qinco_jax.models.qinco import PQQincoModel
 
     # jax.tree.leaves drops a missing (None) OPQ matrix
     tree = ([s.params for s in model.subs], model.opq) if isinstance(model, PQQincoModel) else model.params
@@ -54,7 +54,8 @@ def parameter_leaves(model) -> list[np.ndarray]:
 
 
 def check(model, reloaded, n: int, seed: int) -> None:
-    from qinco_jax import codec, metrics
+    from qinco_jax import metrics
+    from qinco_jax.models import codec
 
     same_params = model.config == reloaded.config and all(
         a.shape == b.shape and np.array_equal(a, b)
@@ -79,7 +80,7 @@ def main(argv=None):
         raise cli.UsageError(f"--nvec must be >= 1, got {args.nvec}")
     if Path(args.model).resolve() == Path(args.o).resolve():
         raise cli.UsageError("--o must differ from --model")
-    from qinco_jax.checkpoint import load_model, save_model
+    from qinco_jax.formats.checkpoint import load_model, save_model
 
     model = load_model(args.model)
     print(f"loaded {args.model}: {model.describe()}")

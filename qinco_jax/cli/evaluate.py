@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 
-from qinco_jax import cli, datasets, evaluation
-from qinco_jax.io import write_bytes
+from qinco_jax import cli
+from qinco_jax.data import datasets
+from qinco_jax.experiments import evaluation
+from qinco_jax.formats.io import write_bytes
 
 
 def build_parser():

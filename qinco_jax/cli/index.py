@@ -30,7 +30,10 @@ import os
 
 import numpy as np
 
-from qinco_jax import cli, datasets, packing, run_config
+from qinco_jax import cli
+from qinco_jax.data import datasets
+from qinco_jax.formats import packing
+from qinco_jax.cli import run_config
 
 TODO = ["train_centroids", "train", "add", "train_pairwise_decoder", "search"]
 
@@ -210,7 +213,7 @@ def run_add(args, model, ds, index, stats) -> None:
 
 
 def run_train_pairwise(args, model, ds):
-    from qinco_jax import pairwise
+    from qinco_jax.models import pairwise
     from qinco_jax.search import pairwise_stage
 
     xt = ds.get_train(args.nt)
@@ -225,7 +228,7 @@ def run_train_pairwise(args, model, ds):
 
 
 def run_search(args, model, ds, index) -> list[dict]:
-    from qinco_jax import report
+    from qinco_jax.search import report
     from qinco_jax.search import index as ivf
     from qinco_jax.search.rerank import Reranker
     from qinco_jax.search.sweep import explore
@@ -266,7 +269,7 @@ def main(argv=None):
         log("======== k-means clustering to compute IVF centroids")
         centroids = train_centroids(args, ds)
         if args.IVF_centroids:
-            from qinco_jax.io import save_npy
+            from qinco_jax.formats.io import save_npy
 
             save_npy(args.IVF_centroids, centroids)
             log(f"stored centroids in {args.IVF_centroids}")
@@ -311,7 +314,7 @@ def main(argv=None):
             index = ivf.read_index(args.index, "index")
         results = run_search(args, model, ds, index)
         if args.json:
-            from qinco_jax import report
+            from qinco_jax.search import report
 
             report.save_results(args.json, results, nq=int(ds.nq),
                                 db=ds.name, model=model.describe(), stats=stats)

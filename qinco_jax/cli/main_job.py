@@ -7,7 +7,7 @@ bytes per vector, on the built-in real descriptors (sift_images) by default.
 Writes summary.json, pareto.png, centroids.npy and the trained models with their indexes
 (ivf_qinco.pt + ivf_qinco.faissindex, ivf_qinco2.*) to --out and prints the MSE tables
 and the recall@1 comparison at equal time. Every flag is a field of
-qinco_jax.main_job.MainJobConfig (defaults shown by --help).
+qinco_jax.experiments.main_job.MainJobConfig (defaults shown by --help).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ HELP = {
 
 
 def build_parser():
-    from qinco_jax.main_job import MainJobConfig
+    from qinco_jax.experiments.main_job import MainJobConfig
 
     p = cli.parser(__doc__.split("\n\n")[0])
     hints = typing.get_type_hints(MainJobConfig)
@@ -73,7 +73,7 @@ def build_parser():
 
 
 def config_from_args(args):
-    from qinco_jax.main_job import MainJobConfig
+    from qinco_jax.experiments.main_job import MainJobConfig
 
     values = {}
     for f in dataclasses.fields(MainJobConfig):
@@ -86,7 +86,7 @@ def config_from_args(args):
 
 
 def main(argv=None):
-    from qinco_jax import main_job
+    from qinco_jax.experiments import main_job
 
     args = build_parser().parse_args(argv)
     cli.print_args(args)

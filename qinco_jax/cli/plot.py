@@ -7,7 +7,8 @@ of each (the paper's Figure 3).
 
 from __future__ import annotations
 
-from qinco_jax import cli, report
+from qinco_jax import cli
+from qinco_jax.search import report
 
 
 def build_parser():
@@ -26,7 +27,7 @@ def main(argv=None):
     results = report.load_results(args.json)
     nq = args.nq or report.queries_in(results)
     if not nq and args.db:
-        from qinco_jax.datasets import get_dataset
+        from qinco_jax.data.datasets import get_dataset
 
         nq = get_dataset(args.db).nq
     if not nq:

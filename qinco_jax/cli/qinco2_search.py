@@ -2,7 +2,7 @@
 
 Each is a function `task(cfg: RunConfig, log=print)` (the task registry of
 `qinco_jax.cli.run`); the work is done by the library (`qinco_jax.search`,
-`qinco_jax.pairwise`), these functions read the files the keys name and write the output.
+`qinco_jax.models.pairwise`), these functions read the files the keys name and write the output.
 
     run.py task=train_pairwise_decoder ivf_centroids=c.npy trainset=xt.npy \\
         encoded_trainset=xt_codes.npz output=pairwise.pt           [K=..., n_pairwise_codebooks=2]
@@ -11,7 +11,7 @@ Each is a function `task(cfg: RunConfig, log=print)` (the task registry of
     run.py task=search model=m.pt index=index.faissindex queries=xq.npy queries_gt=gt.npy \\
         [pairwise_decoder=pairwise.pt search.nmid_short=[2,4]] output=results.json [resume=true]
 
-Codes files: QINCo2's `.npz` header + `.part_<i>.npz` parts (`qinco_jax.code_parts`) or a
+Codes files: QINCo2's `.npz` header + `.part_<i>.npz` parts (`qinco_jax.formats.code_parts`) or a
 plain `.npy` array (n, 1 + M). The encoded training set holds the codes of the whole
 training file; as in the reference, its first rows go with the training vectors (the
 file minus its last ds.valset rows, at most ds.trainset of them) and its last ds.valset
@@ -34,10 +34,11 @@ from typing import Callable
 
 import numpy as np
 
-from qinco_jax import code_parts, pairwise
+from qinco_jax.formats import code_parts
+from qinco_jax.models import pairwise
 from qinco_jax.cli.qinco2_tasks import read_vector_file
 from qinco_jax.metrics import mean_squared_error
-from qinco_jax.run_config import RunConfig, RunConfigError, check_task, index_key, resolve_data
+from qinco_jax.cli.run_config import RunConfig, RunConfigError, check_task, index_key, resolve_data
 
 Log = Callable[[str], None]
 ADD_BATCH = 1_000_000  # database codes added per batch (the reference's)
@@ -93,7 +94,7 @@ def _codebook_size(cfg: RunConfig, codes: np.ndarray) -> int:
     if cfg.K is not None:
         return int(cfg.K)
     if cfg.model:
-        from qinco_jax import checkpoint
+        from qinco_jax.formats import checkpoint
 
         return int(checkpoint.load_model(cfg.model).config.K)
     raise RunConfigError(f"task={cfg.task} needs K=<codebook size> (or model=<file.pt>)")
@@ -177,11 +178,12 @@ def search(cfg: RunConfig, log: Log = print) -> list[dict]:
     """Search index= with model= (and pairwise_decoder=: the three-stage search) at
     every operating point of search.nprobe x quantizer_efSearch x nshort (x nmid_short),
     skipping points that cannot be Pareto-optimal as the reference does; the results
-    (qinco_jax.report's schema) go to output= after every point, and resume=true
+    (qinco_jax.search.report's schema) go to output= after every point, and resume=true
     continues from them."""
     import faiss
 
-    from qinco_jax import checkpoint, report
+    from qinco_jax.formats import checkpoint
+    from qinco_jax.search import report
     from qinco_jax.search import index as ivf
     from qinco_jax.search import pairwise_stage
     from qinco_jax.search.rerank import Reranker

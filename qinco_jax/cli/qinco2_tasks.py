@@ -11,7 +11,7 @@ computed (for tests and drivers).
   prints the encoding / decoding time per vector.
 - encode: codes of the database (or of the training + validation vectors with
   encode_trainset=true) in the reference's `.npz` header + `.part_<i>.npz` format
-  (qinco_jax.code_parts). Launched on several processes (a cluster launcher that sets up
+  (qinco_jax.formats.code_parts). Launched on several processes (a cluster launcher that sets up
   `jax.distributed`, or QINCO_PROCESS_INDEX / QINCO_PROCESS_COUNT set per process), each
   process encodes its block of rows and writes its own part.
 - ivf_centroids: faiss k-means (100 iterations) of ivf_K centroids on the training
@@ -33,12 +33,14 @@ from typing import Callable
 
 import numpy as np
 
-from qinco_jax import checkpoint, codec, vecs_io
-from qinco_jax.code_parts import CodeFileHeader, encode_to_parts
+from qinco_jax.formats import checkpoint
+from qinco_jax.models import codec
+from qinco_jax.formats import vecs_io
+from qinco_jax.formats.code_parts import CodeFileHeader, encode_to_parts
 from qinco_jax.config import EncodeOptions
-from qinco_jax.io import save_npy
-from qinco_jax.model import QincoModel
-from qinco_jax.run_config import RunConfig, RunConfigError, check_task, resolve_data
+from qinco_jax.formats.io import save_npy
+from qinco_jax.models.qinco import QincoModel
+from qinco_jax.cli.run_config import RunConfig, RunConfigError, check_task, resolve_data
 
 Log = Callable[[str], None]
 
@@ -53,12 +55,12 @@ PROCESS_INDEX_ENV, PROCESS_COUNT_ENV = "QINCO_PROCESS_INDEX", "QINCO_PROCESS_COU
 
 
 def with_folder_data(cfg: RunConfig) -> RunConfig:
-    """db=<folder> (base.*, learn.*, query.*, gt.* files, as qinco_jax.datasets reads a
+    """db=<folder> (base.*, learn.*, query.*, gt.* files, as qinco_jax.data.datasets reads a
     folder) replaced by its files: db = the base file, and trainset / queries / queries_gt
     from the folder where the command line leaves them unset."""
     if not (cfg.db and os.path.isdir(cfg.db)):
         return cfg
-    from qinco_jax import datasets
+    from qinco_jax.data import datasets
 
     ds = datasets.folder_dataset(cfg.db)
 
@@ -325,7 +327,7 @@ def convert(cfg: RunConfig, log: Log = print) -> None:
     if not cfg.model or not cfg.output:
         raise RunConfigError("task=convert needs model=<model file> and output=<file.pt or model directory>")
     if Path(cfg.model).is_file():
-        from qinco_jax import torch_pickle
+        from qinco_jax.formats import torch_pickle
 
         obj = torch_pickle.load_pt(cfg.model)
         if isinstance(obj, dict) and "model" in obj and "parameters" not in obj and "data_dim" not in obj:

@@ -19,13 +19,13 @@ import shutil
 
 import numpy as np
 
-from qinco_jax import run_config
-from qinco_jax.run_config import RunConfig, RunConfigError
+from qinco_jax.cli import run_config
+from qinco_jax.cli.run_config import RunConfig, RunConfigError
 
 
 def _training_vectors(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
-    from qinco_jax import qinco2_recipe as q2
-    from qinco_jax.vecs_io import read_vectors
+    from qinco_jax.training import qinco2_recipe as q2
+    from qinco_jax.formats.vecs_io import read_vectors
 
     path = run_config.resolve_data(cfg).trainset
     x = read_vectors(path, mmap=True)
@@ -41,7 +41,7 @@ def _training_vectors(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
 def _ivf_centroids(cfg: RunConfig, d: int) -> np.ndarray | None:
     if not cfg.ivf_centroids:
         return None
-    from qinco_jax.vecs_io import read_vectors
+    from qinco_jax.formats.vecs_io import read_vectors
 
     c = np.asarray(read_vectors(cfg.ivf_centroids, mmap=False), np.float32)
     if c.ndim != 2 or c.shape[1] != d:
@@ -54,7 +54,7 @@ def _ivf_centroids(cfg: RunConfig, d: int) -> np.ndarray | None:
 
 def model_spec(cfg: RunConfig):
     """The recipe.ModelSpec the run's keys describe."""
-    from qinco_jax.recipe import ModelSpec
+    from qinco_jax.training.recipe import ModelSpec
 
     missing = [k for k in ("M", "K", "L", "dh", "A", "B") if getattr(cfg, k) is None]
     if missing:
@@ -69,7 +69,7 @@ def model_spec(cfg: RunConfig):
 
 def train_config(cfg: RunConfig):
     """The training.TrainConfig the run's keys describe (QINCo2's cosine recipe)."""
-    from qinco_jax.training import qinco2_train_config
+    from qinco_jax.training.loop import qinco2_train_config
 
     if cfg.optimizer != "adamw" or cfg.scheduler.name != "cosine":
         raise RunConfigError(f"optimizer={cfg.optimizer} scheduler.name={cfg.scheduler.name}: only QINCo2's "
@@ -89,7 +89,7 @@ def train_config(cfg: RunConfig):
 
 def train(cfg: RunConfig, log=print):
     """task=train: returns the training.TrainResult."""
-    from qinco_jax import recipe
+    from qinco_jax.training import recipe
 
     run_config.check_task(cfg)
     if cfg.model is not None:
@@ -113,7 +113,8 @@ def eval_valset(cfg: RunConfig, log=print) -> float:
     """task=eval_valset: the model's MSE on the last ds.valset rows of the training file
     (raw units x mse_scale), encoding with the model's own A and B unless A= / B= are
     given. Returns the MSE."""
-    from qinco_jax import checkpoint, training
+    from qinco_jax.formats import checkpoint
+    from qinco_jax.training import loop as training
     from qinco_jax.config import EncodeOptions
 
     run_config.check_task(cfg)

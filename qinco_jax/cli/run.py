@@ -1,6 +1,6 @@
 """QINCo2's command line: `python run.py task=<task> key=value ...` (also `qinco-run`).
 
-The words are QINCo2's Hydra overrides (qinco_jax.run_config: its keys, defaults and
+The words are QINCo2's Hydra overrides (qinco_jax.cli.run_config: its keys, defaults and
 model_args presets); the task runs from the module that owns it, imported only when
 asked for, so each task's dependencies load with it:
 
@@ -20,7 +20,7 @@ import sys
 from typing import Callable
 
 from qinco_jax import cli
-from qinco_jax.run_config import TASKS, RunConfig, RunConfigError, parse_run_args, valid_keys
+from qinco_jax.cli.run_config import TASKS, RunConfig, RunConfigError, parse_run_args, valid_keys
 
 TASK_MODULES = {
     "train": "qinco_jax.cli.qinco2_train",

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 
-from qinco_jax import cli, datasets
+from qinco_jax import cli
+from qinco_jax.data import datasets
 
 
 def build_parser():
@@ -54,7 +55,7 @@ def main(argv=None):
     if args.nthreads != -1:
         faiss.omp_set_num_threads(max(1, args.nthreads))
 
-    from qinco_jax import report
+    from qinco_jax.search import report
     from qinco_jax.search import two_stage
 
     options = cli.encode_options_from_args(args, batch_size=args.bs)

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from qinco_jax import cli, validation
+from qinco_jax import cli
+from qinco_jax.data import validation
 
 DEFAULT_TODO = ["train_rq", "train"]
 
@@ -135,7 +136,7 @@ def load_training_vectors(args, log=print) -> np.ndarray:
     """The first nt + nval training vectors, float32."""
     need = args.nt + args.nval
     if args.training_data:
-        from qinco_jax.vecs_io import read_vectors
+        from qinco_jax.formats.vecs_io import read_vectors
 
         log(f"loading training data from {args.training_data}")
         x = read_vectors(args.training_data, mmap=True)
@@ -145,7 +146,7 @@ def load_training_vectors(args, log=print) -> np.ndarray:
             raise cli.UsageError(f"not enough training vectors in {args.training_data}: {len(x)} < "
                                  f"--nt {args.nt} + --nval {args.nval}")
         return validation.as_finite_float32(x[:need], "training vectors")  # checked as copied: one read
-    from qinco_jax.datasets import get_dataset
+    from qinco_jax.data.datasets import get_dataset
 
     ds = get_dataset(args.db)
     log(f"loading training vectors of data set {args.db}: {ds}")
@@ -176,7 +177,7 @@ def check_args(args) -> None:
 
 
 def load_ivf_centroids(path: str, d: int) -> np.ndarray:
-    from qinco_jax.vecs_io import read_vectors
+    from qinco_jax.formats.vecs_io import read_vectors
 
     c = validation.as_finite_float32(read_vectors(path), "IVF centroids")
     if c.ndim != 2 or c.shape[1] != d:
@@ -186,7 +187,7 @@ def load_ivf_centroids(path: str, d: int) -> np.ndarray:
 
 
 def model_spec_from_args(args):
-    from qinco_jax.recipe import ModelSpec
+    from qinco_jax.training.recipe import ModelSpec
 
     variant = "ivf" if args.ivf else ("lowrank" if args.lowrank else "qinco")
     if args.arch == "qinco2":
@@ -202,11 +203,11 @@ def model_spec_from_args(args):
 
 
 def train_config_from_args(args):
-    from qinco_jax.training import TrainConfig
+    from qinco_jax.training.loop import TrainConfig
 
     progress = {"auto": None, "on": True, "off": False}[args.progress]
     if args.arch == "qinco2":
-        from qinco_jax.training import qinco2_train_config
+        from qinco_jax.training.loop import qinco2_train_config
 
         epochs = 60 if args.max_epochs is None else args.max_epochs
         return qinco2_train_config(lr=8e-4 if args.lr is None else args.lr, epochs=epochs,
@@ -231,8 +232,9 @@ def history_path(args) -> str | None:
 def train_from_args(args, xt_all: np.ndarray, log=print):
     """The steps of --todo on loaded vectors (nt + nval of them): returns the TrainResult
     (or None when only the RQ was trained)."""
-    from qinco_jax import recipe, training
-    from qinco_jax.io import save_npy
+    from qinco_jax.training import recipe
+    from qinco_jax.training import loop as training
+    from qinco_jax.formats.io import save_npy
 
     check_args(args)
     spec = model_spec_from_args(args)

@@ -60,7 +60,7 @@ def load_vectors(args, log=print) -> np.ndarray:
 
 
 def load_opq(path: str) -> np.ndarray:
-    from qinco_jax import pq
+    from qinco_jax.training import pq
 
     if not path:
         raise cli.UsageError("--opq needs --OPQMatrix (the npy file of the OPQ matrix)")
@@ -68,7 +68,7 @@ def load_opq(path: str) -> np.ndarray:
 
 
 def pq_spec_from_args(args):
-    from qinco_jax import pq
+    from qinco_jax.training import pq
 
     try:
         return pq.PQSpec(nsub=args.nsub, opq=args.opq, opq_dim=args.opq_dim if args.opq_dim > 0 else None,
@@ -78,8 +78,8 @@ def pq_spec_from_args(args):
 
 
 def prepare(args, log=print) -> None:
-    from qinco_jax import pq
-    from qinco_jax.io import save_npy
+    from qinco_jax.training import pq
+    from qinco_jax.formats.io import save_npy
 
     if len(args.training_subvectors) != args.nsub:
         raise cli.UsageError(f"--training_subvectors needs {args.nsub} file names (--nsub), "
@@ -97,8 +97,8 @@ def prepare(args, log=print) -> None:
 
 
 def do_recombine(args, log=print):
-    from qinco_jax import pq
-    from qinco_jax.checkpoint import load_model, save_model
+    from qinco_jax.training import pq
+    from qinco_jax.formats.checkpoint import load_model, save_model
 
     if not args.in_models or not args.out_model:
         raise cli.UsageError("--recombine needs --in_models and --out_model")
@@ -111,11 +111,11 @@ def do_recombine(args, log=print):
 
 
 def train_all(args, log=print):
-    """One-shot: OPQ, split, train every sub-model, recombine, save (qinco_jax.pq.train_pq)."""
-    from qinco_jax import pq
-    from qinco_jax.checkpoint import save_model
-    from qinco_jax.io import save_npy
-    from qinco_jax.training import validation_mse
+    """One-shot: OPQ, split, train every sub-model, recombine, save (qinco_jax.training.pq.train_pq)."""
+    from qinco_jax.training import pq
+    from qinco_jax.formats.checkpoint import save_model
+    from qinco_jax.formats.io import save_npy
+    from qinco_jax.training.loop import validation_mse
 
     if args.ivf:
         raise cli.UsageError("PQ-QINCo with IVF-QINCo sub-quantizers is not supported (as in the reference)")

@@ -5,8 +5,11 @@
     sweep        the operating-point sweep (nprobe x efSearch x nshort) of an IVF index
     two_stage    flat two-stage search: AQ shortlist over the database, QINCo re-ranking
     qinco_index  QincoIndex, an IVF-QINCo index with faiss's interface
+    aq           least-squares AQ codebooks fitted to QINCo codes (the shortlist's decoder)
+    pairwise_stage  the pairwise decoder of an IVF model as the middle search stage
+    report       the one results schema: its file, table, Pareto front and plot
 
-Results are dicts of the schema in `qinco_jax.report`.
+Results are dicts of the schema in `qinco_jax.search.report`.
 """
 
 from qinco_jax.search.qinco_index import QincoIndex

@@ -7,7 +7,7 @@ The index is a faiss `IndexIVFResidualQuantizer` (key `IVF<K_IVF>[_HNSW32],RQ<M>
   or an HNSW index;
 - its fine codes are the QINCo codes themselves (columns 1..M of a model code), and its
   RQ codebooks are the least-squares additive approximation of QINCo for those codes
-  (`qinco_jax.aq`), so faiss can scan the lists with look-up tables;
+  (`qinco_jax.search.aq`), so faiss can scan the lists with look-up tables;
 - each entry stores the squared norm of its AQ reconstruction, quantized by the
   index's norm quantizer (e.g. `Nqint8`).
 
@@ -37,10 +37,13 @@ from typing import Callable, Iterable
 import faiss
 import numpy as np
 
-from qinco_jax import aq, codec, packing, validation
+from qinco_jax.search import aq
+from qinco_jax.models import codec
+from qinco_jax.formats import packing
+from qinco_jax.data import validation
 from qinco_jax.config import EncodeOptions
-from qinco_jax.io import atomic_path
-from qinco_jax.model import QincoModel
+from qinco_jax.formats.io import atomic_path
+from qinco_jax.models.qinco import QincoModel
 
 
 # --------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The pairwise decoder of an IVF model (QINCo2 or v1), for the middle search stage.
 
-`train_for_model` trains a `qinco_jax.pairwise` decoder from a model, its IVF centroids
+`train_for_model` trains a `qinco_jax.models.pairwise` decoder from a model, its IVF centroids
 (raw units; by default the model's own), training vectors and their model codes (encoded
 here unless given); `middle_stage` checks that a decoder fits a model and wraps it in the
 jitted `rerank.PairwiseReranker`. Everything is in raw units whatever the model's
@@ -14,9 +14,10 @@ import os
 
 import numpy as np
 
-from qinco_jax import codec, pairwise
+from qinco_jax.models import codec
+from qinco_jax.models import pairwise
 from qinco_jax.config import EncodeOptions
-from qinco_jax.model import QincoModel
+from qinco_jax.models.qinco import QincoModel
 from qinco_jax.search.index import check_model_codes, ivf_centroids as model_ivf_centroids, require_ivf_model
 from qinco_jax.search.rerank import PairwiseReranker
 

@@ -22,9 +22,10 @@ from typing import Callable
 
 import numpy as np
 
-from qinco_jax import pairwise, validation
+from qinco_jax.models import pairwise
+from qinco_jax.data import validation
 from qinco_jax.config import EncodeOptions
-from qinco_jax.model import QincoModel
+from qinco_jax.models.qinco import QincoModel
 from qinco_jax.search import index as ivf_index
 from qinco_jax.search import pairwise_stage
 from qinco_jax.search.rerank import PairwiseReranker, Reranker, SearchResult, search_ivf

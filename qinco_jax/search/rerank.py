@@ -11,7 +11,7 @@ or so where the true neighbour shares its code with other vectors.
 With a pairwise decoder (QINCo2's three-stage search) faiss returns
 `shortlist_length(nshort, nmid_short)` = nmid_short * nshort entries (capped at
 MAX_SHORTLIST, as the reference caps them), the pairwise additive decoder
-(`qinco_jax.pairwise`) reconstructs them cheaply and keeps the nshort nearest by exact
+(`qinco_jax.models.pairwise`) reconstructs them cheaply and keeps the nshort nearest by exact
 raw-unit distance, and only those nshort reach the full model. Every distance in both
 re-ranking stages is in raw units: the model's reconstructions are denormalised, the
 pairwise decoder's are raw-unit IVF centroids plus raw-unit tables.
@@ -32,8 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qinco_jax import codec, pairwise
-from qinco_jax.model import QincoModel
+from qinco_jax.models import codec
+from qinco_jax.models import pairwise
+from qinco_jax.models.qinco import QincoModel
 from qinco_jax.search.index import split_search_codes
 
 RERANK_K = 100  # results kept after re-ranking, as in the reference

@@ -1,7 +1,7 @@
 """The operating-point sweep of an IVF-QINCo index: search at every (or an autotuned
 sample of) nprobe x efSearch x nshort (x nmid_short with a pairwise decoder: QINCo2's
 three-stage search), as the reference's search_ivf.py / run.py task=search; one result
-dict per point (the schema of `qinco_jax.report`).
+dict per point (the schema of `qinco_jax.search.report`).
 
 Pruning (n_autotune > 0) uses faiss's OperatingPointsWithRanges, which assumes recall
 and time grow with every axis; that holds for nmid_short as for the others (a longer
@@ -13,9 +13,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from qinco_jax import report, validation
+from qinco_jax.search import report
+from qinco_jax.data import validation
 from qinco_jax.metrics import one_recall_at
-from qinco_jax.model import QincoModel
+from qinco_jax.models.qinco import QincoModel
 from qinco_jax.search.index import check_index_matches_model, coarse_quantizer, require_ivf_model
 from qinco_jax.search.rerank import PairwiseReranker, Reranker, SearchResult, search_ivf
 
@@ -39,7 +40,7 @@ def check_queries(model: QincoModel, xq: np.ndarray, gt: np.ndarray) -> None:
 
 
 def operating_point(parameters: dict, r: SearchResult, gt: np.ndarray) -> dict:
-    """One result as the CLIs write it to --json (see qinco_jax.report)."""
+    """One result as the CLIs write it to --json (see qinco_jax.search.report)."""
     res = dict(parameters=parameters, t_search=r.t_search, t_decode=r.t_decode, t_dis=r.t_dis,
                recalls=one_recall_at(r.I, gt), recalls_orig=one_recall_at(r.I_short, gt), nq=len(r.I))
     if "nmid_short" in parameters:

@@ -9,9 +9,12 @@ from typing import Callable, Sequence
 import faiss
 import numpy as np
 
-from qinco_jax import aq, codec, metrics, report
+from qinco_jax import metrics
+from qinco_jax.search import aq
+from qinco_jax.models import codec
+from qinco_jax.search import report
 from qinco_jax.config import EncodeOptions
-from qinco_jax.model import QincoModel
+from qinco_jax.models.qinco import QincoModel
 from qinco_jax.search.index import check_model_codes, ivf_centroids
 from qinco_jax.search.rerank import Reranker, shortlist_and_rerank
 from qinco_jax.search.sweep import check_queries, operating_point

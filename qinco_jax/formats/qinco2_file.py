@@ -34,10 +34,10 @@ from typing import Any
 import jax
 import numpy as np
 
-from qinco_jax import torch_pickle
+from qinco_jax.formats import torch_pickle
 from qinco_jax.config import QincoConfig
-from qinco_jax.model import Params, QincoModel
-from qinco_jax.torch_pickle import CheckpointError, Global, PersistentId, Reduce, TorchWriter
+from qinco_jax.models.qinco import Params, QincoModel
+from qinco_jax.formats.torch_pickle import CheckpointError, Global, PersistentId, Reduce, TorchWriter
 
 StateDict = dict[str, np.ndarray]
 
@@ -147,7 +147,7 @@ def params_from_qinco2_state_dict(config: QincoConfig, sd: StateDict) -> Params:
     if per_step:
         steps = jax.tree.map(lambda *xs: np.ascontiguousarray(np.stack(xs)), *per_step)
     else:
-        from qinco_jax.model import param_shapes
+        from qinco_jax.models.qinco import param_shapes
         steps = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), param_shapes(config)["steps"])
     return {"codebook0": codebook0, "steps": steps, "normalisation": normalisation,
             "xtarget_stats": {k: np.stack(v) for k, v in stats.items()}}

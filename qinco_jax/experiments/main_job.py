@@ -1,7 +1,7 @@
 """The main job (`make demo`): IVF-QINCo against what a user would otherwise pick at the
 same code size, faiss IVF-PQ and IVF-RQ, on the same IVF centroids, on real descriptors.
 
-    from qinco_jax.main_job import MainJobConfig, run
+    from qinco_jax.experiments.main_job import MainJobConfig, run
     summary = run(MainJobConfig(out="runs/demo"))
 
 Stages: data set (built on first use) -> k-means IVF centroids -> IVF-QINCo training
@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from qinco_jax import baselines
+from qinco_jax.experiments import baselines
 
 PQ_NAME, RQ_NAME, QINCO_NAME, QINCO2_NAME = "IVF-PQ", "IVF-RQ", "IVF-QINCo", "IVF-QINCo2"
 SHORTLIST_SUFFIX = ": AQ shortlist only"
@@ -151,7 +151,8 @@ def _encode_options(cfg: MainJobConfig, model=None):
 def train_qinco(cfg: MainJobConfig, xt, xval, centroids, log, rq_codebooks=None) -> tuple[object, dict]:
     """The IVF-QINCo model of the recipe and its training history, from the RQ codebooks
     `rq_codebooks` (M, K, d) on the residuals to the IVF centroids (None: trained here)."""
-    from qinco_jax import recipe, training
+    from qinco_jax.training import recipe
+    from qinco_jax.training import loop as training
     from qinco_jax.config import EncodeOptions
 
     spec = recipe.ModelSpec(M=cfg.M, L=cfg.L, h=cfg.h, variant="ivf", init=cfg.init)
@@ -165,7 +166,8 @@ def train_qinco2(cfg: MainJobConfig, xt, xval, centroids, log, rq_codebooks=None
     """The IVF-QINCo2 model (the QINCo2 training recipe, its defaults but sizes, length
     and learning rate) and its training history, from the RQ codebooks `rq_codebooks`
     (None: QINCo2's own RQ initialisation, trained here)."""
-    from qinco_jax import recipe, training
+    from qinco_jax.training import recipe
+    from qinco_jax.training import loop as training
 
     spec = recipe.ModelSpec(arch="qinco2", M=cfg.M, L=cfg.qinco2_L, h=cfg.qinco2_h, de=cfg.qinco2_de,
                             A=cfg.qinco2_A, B=cfg.qinco2_B, variant="ivf", init=cfg.init)
@@ -188,7 +190,7 @@ def _val_mse(history: dict, init: str) -> dict:
 def build_qinco_index(name: str, model, history: dict, cfg: MainJobConfig, xt, xb, log) -> TrainedIvfModel:
     """AQ shortlist codebooks fitted to the QINCo codes of aq_train training vectors, the
     database encoded (beam search within each vector's nearest IVF list) and added."""
-    from qinco_jax import codec
+    from qinco_jax.models import codec
     from qinco_jax.metrics import mean_squared_error
     from qinco_jax.search import index as ivf
 
@@ -208,7 +210,7 @@ def save_trained(trained: TrainedIvfModel, out: Path) -> tuple[Path, Path]:
     """The model (the reference's .pt format) and its index (.faissindex) in `out`, named
     after the method (ivf_qinco.pt, ivf_qinco2.faissindex, ...), written atomically: what
     search_ivf.py / run.py task=search take to search the database again."""
-    from qinco_jax.checkpoint import save_model
+    from qinco_jax.formats.checkpoint import save_model
     from qinco_jax.search import index as ivf
 
     stem = trained.name.lower().replace("-", "_")
@@ -224,7 +226,7 @@ def validation_mse_table(name: str, model, xval, cfg: MainJobConfig, val: dict) 
     as trained), and the demo's beam / pre-selection setting within the nearest IVF
     list (the codec keeps every IVF model's vectors in their nearest list, as the
     database is indexed)."""
-    from qinco_jax import training
+    from qinco_jax.training import loop as training
 
     options = _encode_options(cfg, model)
     c = model.config
@@ -271,8 +273,8 @@ def run(cfg: MainJobConfig = MainJobConfig(), log: Callable[[str], None] = print
     returns the summary ({"data": ..., "methods": [...]}, see baselines)."""
     import faiss
 
-    from qinco_jax import datasets
-    from qinco_jax.io import save_npy
+    from qinco_jax.data import datasets
+    from qinco_jax.formats.io import save_npy
 
     before_threads = faiss.omp_get_max_threads()
     if cfg.build_threads:

@@ -19,7 +19,7 @@ import json
 import os
 from typing import Sequence
 
-from qinco_jax.io import atomic_path
+from qinco_jax.formats.io import atomic_path
 
 Result = dict
 
@@ -33,7 +33,7 @@ def results_document(results: Sequence[Result], **metadata) -> dict:
 
 def save_results(path: str | os.PathLike, results: Sequence[Result], **metadata) -> None:
     """Write a results file atomically (see the module docstring for the schema)."""
-    from qinco_jax.io import write_bytes
+    from qinco_jax.formats.io import write_bytes
 
     write_bytes(path, (json.dumps(results_document(results, **metadata), indent=1) + "\n").encode())
 

@@ -26,10 +26,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from qinco_jax import validation
-from qinco_jax.io import atomic_path
+from qinco_jax.data import validation
+from qinco_jax.formats.io import atomic_path
 from qinco_jax.metrics import mean_squared_error, one_recall_at
-from qinco_jax.report import pareto_front
+from qinco_jax.search.report import pareto_front
 
 DEFAULT_RQ_BEAM = 5  # faiss ResidualQuantizer's default max_beam_size
 SEARCH_K = 10        # results per query: enough for recall@10
@@ -174,7 +174,7 @@ def points_from_search_results(results: Sequence[dict], reranked: bool = True) -
     """Operating points of IVF-QINCo from qinco_jax.search.sweep.explore's results (or a
     search_ivf.py --json file): re-ranked (time: search + the pairwise stage, if any +
     decode + distances) or the AQ shortlist alone (time: search)."""
-    from qinco_jax import report
+    from qinco_jax.search import report
 
     points = []
     for r in results:

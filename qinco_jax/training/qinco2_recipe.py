@@ -39,8 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qinco_jax import model as qm
-from qinco_jax import validation
+from qinco_jax.models import qinco as qm
+from qinco_jax.data import validation
 from qinco_jax.config import QincoConfig
 from qinco_jax.metrics import mean_squared_error
 

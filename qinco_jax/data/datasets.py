@@ -18,11 +18,11 @@ Names:
     fb_ssnpp/{training_set10010k,database1M,queries,ground_truth1M}.npy;
     contriever/{training_set,database1M,queries,ground_truth1M}.npy (float16 on disk).
   * a folder holding base.* and query.* (and optionally learn.*, gt.*), in any format
-    of qinco_jax.vecs_io; without a ground-truth file it is computed exactly.
+    of qinco_jax.formats.vecs_io; without a ground-truth file it is computed exactly.
   * "synthetic" and "synthetic_small": a built-in, deterministic Gaussian mixture (the
     one the test fixtures were made from), generated in memory.
   * "sift_images": real SIFT descriptors (128-d uint8, like BigANN) of the images that
-    scikit-image bundles, built on first use under the data root (qinco_jax.image_sift).
+    scikit-image bundles, built on first use under the data root (qinco_jax.data.image_sift).
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qinco_jax import validation, vecs_io
+from qinco_jax.data import validation
+from qinco_jax.formats import vecs_io
 
 DEFAULT_DATA_ROOT = "data"
 GT_K = 100  # neighbours in computed ground truths, as in the published ones
@@ -48,7 +49,7 @@ SYNTHETIC_SIZES = {
 
 REFERENCE_NAMES = ("bigann1M", "bigann10M", "bigann100M", "bigann1B", "deep1M", "deep10M",
                    "deep100M", "deep1B", "FB_ssnpp1M", "Contriever1M")
-BUILT_IN_REAL_NAMES = ("sift_images",)  # qinco_jax.image_sift.NAMED_SPECS
+BUILT_IN_REAL_NAMES = ("sift_images",)  # qinco_jax.data.image_sift.NAMED_SPECS
 AVAILABLE_NAMES = REFERENCE_NAMES + tuple(SYNTHETIC_SIZES) + BUILT_IN_REAL_NAMES
 
 # The reference's (and faiss's) guard: beyond this, get_database() would need hundreds
@@ -387,7 +388,7 @@ def get_dataset(name_or_folder: str | os.PathLike) -> Dataset:
     if name in SYNTHETIC_SIZES:
         return _named_synthetic(name)
     if name in BUILT_IN_REAL_NAMES:
-        from qinco_jax.image_sift import sift_images_dataset
+        from qinco_jax.data.image_sift import sift_images_dataset
 
         return sift_images_dataset(name)
     ds = _reference_dataset(name)

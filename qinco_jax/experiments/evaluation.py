@@ -7,9 +7,11 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from qinco_jax import codec, datasets, metrics
+from qinco_jax import metrics
+from qinco_jax.models import codec
+from qinco_jax.data import datasets
 from qinco_jax.config import EncodeOptions
-from qinco_jax.model import AnyModel
+from qinco_jax.models.qinco import AnyModel
 
 SEARCH_K = 100
 
@@ -20,7 +22,7 @@ def _quiet(_msg: str) -> None:
 
 def evaluate(model: AnyModel, ds, options: EncodeOptions | None = None, *,
              log: Callable[[str], None] = _quiet, progress: bool = False) -> dict:
-    """Encode, decode and search data set `ds` (qinco_jax.datasets) with `model`.
+    """Encode, decode and search data set `ds` (qinco_jax.data.datasets) with `model`.
     Returns {db, model, nb, nq, mse, recalls, beam, preselect, proxy, dtype, t_encode,
     t_decode, t_search}."""
     if model.d != ds.d:

@@ -18,7 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from qinco_jax import vecs_io
+from qinco_jax.formats import vecs_io
 
 __all__ = ["VectorInputError", "FaissStepError", "source_of", "check_dtype", "check_vectors", "check_finite",
            "check_all_finite", "as_finite_float32", "faiss_step"]

@@ -4,10 +4,10 @@ Three formats:
 
 * `.pt` — QINCo v1's: `torch.save` of a whole `model_qinco` module (QINCo,
   QINCoLR, IVFQINCo or PQ_QINCo). Read and written without PyTorch by
-  `qinco_jax.torch_pickle`; the files we write load with `torch.load(path,
+  `qinco_jax.formats.torch_pickle`; the files we write load with `torch.load(path,
   weights_only=False)` into the reference's own classes.
 * `.pt` — QINCo2's: a checkpoint dict with a state dict and its `parameters`
-  (`qinco_jax.qinco2_file`); QINCo2 models are saved in it.
+  (`qinco_jax.formats.qinco2_file`); QINCo2 models are saved in it.
 * a directory — ours: `model.json` (kind, configuration, format version) and an
   orbax checkpoint `params/` of the parameter pytree (model units, float32).
 
@@ -25,12 +25,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from qinco_jax import qinco2_file, torch_pickle
+from qinco_jax.formats import qinco2_file
+from qinco_jax.formats import torch_pickle
 from qinco_jax.config import QincoConfig
-from qinco_jax.io import atomic_directory, atomic_path
-from qinco_jax.model import AnyModel, PQQincoModel, QincoModel, param_shapes
-from qinco_jax.state_dict import first_step_number, params_from_state_dict, state_dict_from_params
-from qinco_jax.torch_pickle import CheckpointError, TorchModule, TorchWriter
+from qinco_jax.formats.io import atomic_directory, atomic_path
+from qinco_jax.models.qinco import AnyModel, PQQincoModel, QincoModel, param_shapes
+from qinco_jax.formats.state_dict import first_step_number, params_from_state_dict, state_dict_from_params
+from qinco_jax.formats.torch_pickle import CheckpointError, TorchModule, TorchWriter
 
 __all__ = ["CheckpointError", "load_model", "save_model", "to_faiss_qinco", "model_from_torch_module"]
 

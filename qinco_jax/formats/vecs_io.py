@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qinco_jax.io import atomic_path, save_npy
+from qinco_jax.formats.io import atomic_path, save_npy
 
 # extension -> element dtype of the TEXMEX "vecs" formats (row = int32 d + d elements)
 VECS_DTYPES = {".fvecs": np.dtype("<f4"), ".ivecs": np.dtype("<i4"), ".bvecs": np.dtype("u1")}

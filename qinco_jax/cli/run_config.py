@@ -13,7 +13,7 @@ typed: a wrong type, an unknown key (with the closest valid key suggested), a ke
 twice or a word that is not `key=value` is an error naming it.
 
 What the keys mean is derived, not stored: `resolve_data(cfg)` turns `db=<name>` into
-the reference's data files (via qinco_jax.datasets, so QINCO_DATA moves them) or keeps
+the reference's data files (via qinco_jax.data.datasets, so QINCO_DATA moves them) or keeps
 a file path; `index_key(cfg)` expands `${ivf_K}` / `${M}` in search.index_key;
 `check_task(cfg)` says what a task still misses.
 """
@@ -33,7 +33,7 @@ TASKS = ("train", "eval", "eval_valset", "eval_time", "encode", "ivf_centroids",
          "train_pairwise_decoder", "build_index", "search", "convert")
 SCHEDULERS = ("cosine", "reduce_lr_plateau")
 OPTIMIZERS = ("adamw", "adam")
-# qinco_jax.pairwise.TABLE_DTYPES, spelled out so that this module does not import jax
+# qinco_jax.models.pairwise.TABLE_DTYPES, spelled out so that this module does not import jax
 PAIRWISE_TABLE_DTYPES = ("float32", "float16", "int8")
 
 
@@ -86,7 +86,7 @@ class SearchConfig:
     quantizer_efSearch: tuple[int, ...] = (4,)
     nmid_short: tuple[int, ...] = (1, 4)
     # not the reference's: how the three-stage search stores the pairwise tables
-    # (qinco_jax.pairwise.TABLE_DTYPES; float16 / int8 look up faster)
+    # (qinco_jax.models.pairwise.TABLE_DTYPES; float16 / int8 look up faster)
     pairwise_table_dtype: str = "float32"
 
 
@@ -388,13 +388,13 @@ class DataFiles:
 def resolve_data(cfg: RunConfig) -> DataFiles:
     """The reference's data-set presets: `db=<name>` (bigann1M, bigann1B, deep1M,
     deep1B, FB_ssnpp1M, contriever1M; and the built-in sift_images) sets db, trainset, queries and queries_gt to that
-    data set's files (under $QINCO_DATA, default ./data, as qinco_jax.datasets lays
+    data set's files (under $QINCO_DATA, default ./data, as qinco_jax.data.datasets lays
     them out; like the reference, they replace any trainset / queries given), cuts the
     database to the data set's size for the 1M sets and sets the MSE scale. Any other
     db is a vector file path, used with the trainset / queries keys as given."""
     limit = cfg.ds.db
     if cfg.db in _NAMED_DATA:
-        from qinco_jax import datasets
+        from qinco_jax.data import datasets
 
         lib_name, scale, cut = _NAMED_DATA[cfg.db]
         ds = datasets.get_dataset(lib_name)

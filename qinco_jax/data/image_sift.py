@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qinco_jax import vecs_io
-from qinco_jax.io import atomic_path
+from qinco_jax.formats import vecs_io
+from qinco_jax.formats.io import atomic_path
 
 # Natural photographs and micrographs of skimage.data (synthetic drawings, binary
 # silhouettes, text pages and chessboards are left out).
@@ -160,7 +160,7 @@ def compute_descriptors(n: int, seed: int = 0, progress: bool | None = None) -> 
 def build(folder: str | os.PathLike, spec: SiftImagesSpec, progress: bool | None = None) -> Path:
     """Compute the data set and write it to folder (learn/base/query .bvecs, gt.ivecs,
     info.json written last: its presence marks a complete build)."""
-    from qinco_jax.datasets import GT_K, exact_groundtruth
+    from qinco_jax.data.datasets import GT_K, exact_groundtruth
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -202,7 +202,7 @@ def sift_images_dataset(name: str = "sift_images", spec: SiftImagesSpec | None =
                         root: str | os.PathLike | None = None):
     """The data set `name` (see NAMED_SPECS) as a FileDataset, built under the data root
     (`<root>/<name>`) on first use."""
-    from qinco_jax.datasets import data_root, folder_dataset
+    from qinco_jax.data.datasets import data_root, folder_dataset
 
     if spec is None:
         if name not in NAMED_SPECS:

@@ -13,7 +13,7 @@ order (`read_codes`), which is how the reference's index building reads them bac
 
 Writers stream: a part is written batch by batch into its zip member (memory bounded by
 one batch, whatever the part's size), to a temporary name renamed into place when complete
-(qinco_jax.io), so a crash never leaves a truncated part under the final name.
+(qinco_jax.formats.io), so a crash never leaves a truncated part under the final name.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from qinco_jax.io import atomic_path
+from qinco_jax.formats.io import atomic_path
 
 CODE_DTYPE = np.dtype("<i8")  # the reference stores torch's int64 indices as they are
 HEADER_KEYS = ("n_parts", "K", "M", "D")

@@ -4,7 +4,7 @@
       -> initial parameters (the RQ codebooks, db_scale = max of the training set)
       -> `training.fit`.
 
-    from qinco_jax.recipe import ModelSpec, train_model
+    from qinco_jax.training.recipe import ModelSpec, train_model
     result = train_model(xt, xval, ModelSpec(M=8, L=2, h=256), TrainConfig(lr=1e-3))
     model = result.best
 
@@ -20,10 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qinco_jax import qinco2_recipe as q2
-from qinco_jax import rq_init, training, validation
+from qinco_jax.training import qinco2_recipe as q2
+from qinco_jax.training import rq_init
+from qinco_jax.training import loop as training
+from qinco_jax.data import validation
 from qinco_jax.config import VARIANTS, QincoConfig
-from qinco_jax.model import QincoModel, init_params
+from qinco_jax.models.qinco import QincoModel, init_params
 
 
 INITS = ("random", "rq_exact")

@@ -2,7 +2,7 @@
 `nsub` consecutive sub-vectors, one QINCo model trained per sub-vector, the models
 recombined into one PQQincoModel whose codes are the sub-models' codes side by side.
 
-    from qinco_jax.pq import PQSpec, train_pq
+    from qinco_jax.training.pq import PQSpec, train_pq
     model = train_pq(xt, xval, PQSpec(nsub=2, opq=True, sub=ModelSpec(M=4, L=2)), TrainConfig())
 """
 
@@ -14,8 +14,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from qinco_jax import recipe, training, validation
-from qinco_jax.model import AnyModel, PQQincoModel, QincoModel
+from qinco_jax.training import recipe
+from qinco_jax.training import loop as training
+from qinco_jax.data import validation
+from qinco_jax.models.qinco import AnyModel, PQQincoModel, QincoModel
 
 
 @dataclasses.dataclass(frozen=True)

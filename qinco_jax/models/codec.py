@@ -21,10 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qinco_jax import model as qm
-from qinco_jax import validation, vecs_io
+from qinco_jax.models import qinco as qm
+from qinco_jax.data import validation
+from qinco_jax.formats import vecs_io
 from qinco_jax.config import EncodeOptions
-from qinco_jax.model import AnyModel, PQQincoModel, QincoModel
+from qinco_jax.models.qinco import AnyModel, PQQincoModel, QincoModel
 
 DTYPES = {"float32": jnp.float32, "float16": jnp.float16, "bfloat16": jnp.bfloat16}
 

@@ -13,7 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from qinco_jax import codec, validation
+from qinco_jax.models import codec
+from qinco_jax.data import validation
 from qinco_jax.metrics import mean_squared_error
 
 

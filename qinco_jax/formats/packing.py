@@ -168,7 +168,7 @@ def unpack_codes(data: np.ndarray, n: int | None, nbits, M: int | None = None) -
 
 
 def _is_raw(path, raw: bool | None) -> bool:
-    from qinco_jax import vecs_io
+    from qinco_jax.formats import vecs_io
 
     return raw if raw is not None else Path(path).suffix.lower() not in vecs_io.EXTENSIONS
 
@@ -176,7 +176,7 @@ def _is_raw(path, raw: bool | None) -> bool:
 def count_codes_file(path, model, raw: bool | None = None) -> int:
     """Number of codes in a codes file of `model`, after checking its width, from its
     header or size alone. raw: packed bits (None: decided by the extension)."""
-    from qinco_jax import vecs_io
+    from qinco_jax.formats import vecs_io
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"codes file {path}: no such file")
@@ -196,7 +196,7 @@ def count_codes_file(path, model, raw: bool | None = None) -> int:
 
 def read_codes_file(path, model, raw: bool | None = None) -> np.ndarray:
     """The codes (n, code_width) of a codes file of `model` (see count_codes_file)."""
-    from qinco_jax import vecs_io
+    from qinco_jax.formats import vecs_io
 
     count_codes_file(path, model, raw)
     if not _is_raw(path, raw):

@@ -58,13 +58,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qinco_jax import codec, validation
-from qinco_jax import qinco2_recipe as q2
-from qinco_jax import model as qm
+from qinco_jax.models import codec
+from qinco_jax.data import validation
+from qinco_jax.training import qinco2_recipe as q2
+from qinco_jax.models import qinco as qm
 from qinco_jax.config import EncodeOptions
-from qinco_jax.io import write_bytes
-from qinco_jax.model import AnyModel, QincoModel
-from qinco_jax.scheduler import Scheduler
+from qinco_jax.formats.io import write_bytes
+from qinco_jax.models.qinco import AnyModel, QincoModel
+from qinco_jax.training.scheduler import Scheduler
 
 Params = dict[str, Any]
 DATA_SEED = 123
@@ -493,7 +494,7 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
 
     code0: IVF-QINCo only, the nearest IVF centroid of every training vector.
     model_path: where the best model is written whenever validation improves
-      (save_fn(model, path), by default qinco_jax.checkpoint.save_model).
+      (save_fn(model, path), by default qinco_jax.formats.checkpoint.save_model).
     checkpoint_dir: resume from / save to this orbax directory every epoch.
     history_path: JSON history, rewritten every epoch."""
     is_main = jax.process_index() == 0
@@ -520,7 +521,7 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
     if cfg.dtype != "float32" and not qinco2:
         raise ValueError(f"dtype {cfg.dtype!r}: mixed precision is implemented for QINCo2 training only")
     if save_fn is None and model_path:
-        from qinco_jax.checkpoint import save_model as save_fn  # noqa: N813
+        from qinco_jax.formats.checkpoint import save_model as save_fn  # noqa: N813
 
     mesh = make_mesh(cfg.ngpu)
     check_batch_size(cfg.batch_size, mesh)

@@ -60,9 +60,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import validation
-from .io import atomic_path
-from .torch_pickle import CheckpointError, TorchWriter, load_pt, write_pt
+from qinco_jax.data import validation
+from qinco_jax.formats.io import atomic_path
+from qinco_jax.formats.torch_pickle import CheckpointError, TorchWriter, load_pt, write_pt
 
 # Stages of the residual quantizer over the IVF centroids (the reference's IVF_M).
 IVF_SUBCODE_STAGES = 5

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from qinco_jax.config import QincoConfig
-from qinco_jax.model import Params, param_shapes
+from qinco_jax.models.qinco import Params, param_shapes
 
 StateDict = dict[str, np.ndarray]
 
