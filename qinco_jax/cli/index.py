@@ -6,7 +6,11 @@ Steps (--todo), in this order:
                    fit the AQ codebooks to the QINCo codes by least squares, put the
                    model's centroids in the coarse quantizer -> trained index (--trained_index)
   add              encode the database (or read --xb_codes files) and fill the inverted
-                   lists -> full index (--index)
+                   lists, --add_bs vectors at a time -> full index (--index). With --ondisk
+                   the lists go to <index>.ivfdata beside the index (memory-mapped at search
+                   time); launched on several processes (QINCO_PROCESS_INDEX / _COUNT, or a
+                   jax.distributed launcher) with --todo add --trained_index, each process
+                   adds its share of the database and the shards are merged on disk
   train_pairwise_decoder
                    train QINCo2's pairwise additive decoder on the training set's model
                    codes (encoded, or read from --xt_codes) -> --pairwise_decoder (.pt,
@@ -72,6 +76,9 @@ def build_parser():
                    help="faiss index key: IVF<K_IVF>[_HNSW32],RQ<M>x<log2 K>_<norm>, matching the model")
     g.add_argument("--trained_index", default="", help="load / store the trained (empty) index")
     g.add_argument("--index", default="", help="load / store the full index")
+    g.add_argument("--ondisk", action="store_true",
+                   help="add: store the inverted lists in <index>.ivfdata beside --index (faiss on-disk lists, "
+                   "memory-mapped by search; needed to build on several processes)")
     g.add_argument("--quantizer_efConstruction", default=-1, type=int,
                    help="efConstruction of an HNSW coarse quantizer (-1: faiss's default)")
     g.add_argument("--quantizer_efSearch", default=[], nargs="+", type=int,
@@ -130,6 +137,8 @@ def check_args(args) -> None:
     needs_model = [t for t in args.todo if t != "train_centroids"]
     if needs_model and not args.model:
         raise cli.UsageError(f"--model is required for --todo {' '.join(needs_model)}")
+    if args.ondisk and "add" in args.todo and not args.index:
+        raise cli.UsageError("--ondisk needs --index: the lists are written beside it, in <index>.ivfdata")
     if args.todo == ["train_centroids"] and not args.IVF_centroids:
         raise cli.UsageError("--todo train_centroids needs --IVF_centroids to store them")
 
@@ -187,29 +196,52 @@ def run_train(args, model, ds, stats):
     return index
 
 
-def run_add(args, model, ds, index, stats) -> None:
+def database_sources(args, model, ds):
+    """Where the database's codes come from, file by file: --xb_codes, or the database
+    vectors encoded as they are read."""
+    from qinco_jax.formats import packing
+    from qinco_jax.models import codec
+    from qinco_jax.search import ondisk
+
+    if args.xb_codes:
+        nbits = packing.code_nbits(model.code_sizes)
+        sources = [ondisk.code_file_source(f, model.code_width, nbits) for f in args.xb_codes]
+        ondisk.check_sources(sources)  # a file given twice: said before the count it doubles
+        counts = [s.n_rows for s in sources]
+        if sum(counts) != ds.nb:
+            raise cli.UsageError(f"--xb_codes files hold {sum(counts)} codes ({' + '.join(map(str, counts))}), "
+                                 f"the database {ds.name} has {ds.nb} vectors")
+        return sources
+    options = encode_options(args)
+    return [ondisk.encoded_source(ds.database_rows, ds.nb, model.code_width,
+                                  lambda x: codec.encode(model, x, options, progress=None), name=f"{ds.name} database")]
+
+
+def run_add(args, model, ds, index, stats, slot=(0, 1, None)):
+    """Fill the trained index (in memory, or on disk with --ondisk: this process's
+    share, merged by the last process). Returns the full index, or None on a process
+    that left the merge to another."""
+    import time
+
     from qinco_jax.search import index as ivf
+    from qinco_jax.search import ondisk
 
     ivf.check_index_matches_model(index, model)
     if index.ntotal:
         raise cli.UsageError(f"the trained index already holds {index.ntotal} vectors; add needs an empty one")
-    if args.xb_codes:
-        counts = [packing.count_codes_file(f, model) for f in args.xb_codes]
-        if sum(counts) != ds.nb:
-            raise cli.UsageError(f"--xb_codes files hold {sum(counts)} codes ({' + '.join(map(str, counts))}), "
-                                 f"the database {ds.name} has {ds.nb} vectors")
-
-        def batches():
-            for f in args.xb_codes:
-                log(f"  loading codes {f}")
-                yield packing.read_codes_file(f, model)
-
-        t = ivf.add_vectors(index, model, batches(), code_batches=True, expected_total=ds.nb, log=log)
+    sources = database_sources(args, model, ds)
+    ondisk.check_sources(sources, index)
+    process_index, process_count, barrier = slot
+    t0 = time.time()
+    if args.ondisk:
+        index = ondisk.build_ondisk(index, sources, args.index, process_index=process_index,
+                                    process_count=process_count, barrier=barrier, chunk_rows=args.add_bs, log=log)
     else:
-        batches = ds.database_iterator(bs=args.add_bs)
-        t = ivf.add_vectors(index, model, batches, expected_total=ds.nb, options=encode_options(args), log=log)
-    stats["t_add"] = t
-    log(f"add done in {t:.3f} s, {index.ntotal} vectors")
+        ondisk.build_in_memory(index, sources, chunk_rows=args.add_bs, log=log)
+    stats["t_add"] = time.time() - t0
+    if index is not None:
+        log(f"add done in {stats['t_add']:.3f} s, {index.ntotal} vectors")
+    return index
 
 
 def run_train_pairwise(args, model, ds):
@@ -261,6 +293,14 @@ def main(argv=None):
     check_args(args)
     cli.select_device(args.device)
     set_threads(args.nthreads)
+    slot = (0, 1, None)
+    if "add" in args.todo:
+        from qinco_jax.cli.qinco2_tasks import process_slot
+
+        slot = process_slot()  # before any JAX computation (jax.distributed)
+    if slot[1] > 1 and (args.todo != ["add"] or not args.ondisk or not args.trained_index):
+        raise cli.UsageError(f"on {slot[1]} processes only --todo add --ondisk --trained_index <file> runs (train "
+                             "the index once on one process, then add on several, then search)")
     ds = datasets.get_dataset(args.db)
     log(f"Prepared dataset {ds}")
     stats: dict = {}
@@ -297,9 +337,12 @@ def main(argv=None):
             if not args.trained_index:
                 raise cli.UsageError("add needs a trained index: run --todo train too, or give --trained_index")
             index = ivf.read_index(args.trained_index, "trained index")
-        run_add(args, model, ds, index, stats)
-        if args.index:
+        index = run_add(args, model, ds, index, stats, slot)
+        if index is None:  # on-disk shard written; another process merges
+            return
+        if args.index and not args.ondisk:
             ivf.write_index(index, args.index)
+        if args.index:
             log(f"stored index in {args.index}")
 
     if "train_pairwise_decoder" in args.todo:

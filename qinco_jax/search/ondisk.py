@@ -130,6 +130,47 @@ def npz_source(path: str | os.PathLike) -> CodeSource:
     return CodeSource(path, n, width, lambda ranges: code_parts.iter_npz_rows(path, ranges), ("npz", n, width, crc))
 
 
+def code_file_source(path: str | os.PathLike, width: int, nbits: Sequence[int] | None = None) -> CodeSource:
+    """A file of codes (n, width) as search_ivf.py's --xb_codes reads them: `.npy`,
+    `.ivecs`, `.ibin`, ... (memory-mapped), or, with nbits (per-column bit widths),
+    packed bit strings (qinco-codec --raw), unpacked chunk by chunk."""
+    from qinco_jax.formats import packing, vecs_io
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"codes file {path}: no such file")
+    if Path(path).suffix.lower() in vecs_io.EXTENSIONS:
+        codes = vecs_io.read_vectors(path, mmap=True)
+        if codes.ndim != 2 or not np.issubdtype(codes.dtype, np.integer):
+            raise IndexBuildError(f"codes file {path} holds {codes.dtype} {codes.shape}, not integer codes")
+        return CodeSource(path, len(codes), codes.shape[1], _slices(codes), _file_identity(path, "vecs"))
+    if nbits is None:
+        raise IndexBuildError(f"codes file {path}: not a vector file ({', '.join(vecs_io.EXTENSIONS)}), and "
+                              "packed codes need their bit widths")
+    size = packing.code_size(list(nbits))
+    nbytes = os.path.getsize(path)
+    if nbytes % size:
+        raise IndexBuildError(f"raw codes file {path}: {nbytes} bytes is not a whole number of {size}-byte codes")
+    packed = np.memmap(path, dtype=np.uint8, mode="r", shape=(nbytes // size, size)) if nbytes else \
+        np.zeros((0, size), np.uint8)
+
+    def read(ranges):
+        for start, end in ranges:
+            yield packing.unpack_codes(np.asarray(packed[start:end]), end - start, list(nbits))
+
+    return CodeSource(path, len(packed), len(nbits), read, _file_identity(path, "raw"))
+
+
+def encoded_source(rows: Callable[[int, int], np.ndarray], n: int, width: int,
+                   encode: Callable[[np.ndarray], np.ndarray], name: str = "database") -> CodeSource:
+    """Vectors encoded as they are read: rows(start, end) gives vectors [start, end)
+    (a memory map's slice), encode turns them into codes (rows, width)."""
+    def read(ranges):
+        for start, end in ranges:
+            yield encode(rows(start, end))
+    return CodeSource(name, int(n), int(width), read)
+
+
 def encoded_set_sources(path: str | os.PathLike) -> tuple[list[CodeSource], code_parts.CodeFileHeader | None]:
     """The sources of an encoded set (QINCo2's `encoded_db=`): a header `.npz` and its
     `.part_<i>.npz` files (one source per part, checked: all present, none left over from
@@ -182,10 +223,14 @@ def first_rows(sources: Sequence[CodeSource], n: int) -> list[CodeSource]:
     return out
 
 
-def check_sources(sources: Sequence[CodeSource], index, *, header: code_parts.CodeFileHeader | None = None,
+def check_sources(sources: Sequence[CodeSource], index=None, *, header: code_parts.CodeFileHeader | None = None,
                   header_path: str = "") -> None:
     """Raise an IndexBuildError naming the file if a source cannot fill `index`: header
-    K / M / D of another model, codes of another width, or a file given twice."""
+    K / M / D of another model, codes of another width, or a file given twice (index
+    None: that last check only)."""
+    _check_distinct(sources)
+    if index is None:
+        return
     M, K = index.rq.M, 1 << ivf.rq_nbits(index)[0]
     if header is not None:
         if (header.K, header.M, header.D) != (K, M, index.d):
@@ -194,8 +239,16 @@ def check_sources(sources: Sequence[CodeSource], index, *, header: code_parts.Co
                                   "model?)")
     for s in sources:
         if s.width != M + 1:
-            raise IndexBuildError(f"{s.name}: codes of {s.width} columns, the index needs {M + 1} "
+            raise IndexBuildError(f"{s.name} has {s.width} columns, the index needs codes of {M + 1} columns "
                                   f"(IVF list + {M} steps)")
+
+
+def _check_distinct(sources: Sequence[CodeSource]) -> None:
+    real = [s.name for s in sources if os.path.exists(s.name)]
+    for i, a in enumerate(real):
+        for b in real[i + 1:]:
+            if os.path.samefile(a, b):
+                raise IndexBuildError(f"{a} and {b} are the same file: a part given twice")
     seen: dict = {}
     for s in sources:
         key = s.identity
@@ -205,11 +258,6 @@ def check_sources(sources: Sequence[CodeSource], index, *, header: code_parts.Co
             raise IndexBuildError(f"{s.name} holds the same codes as {seen[key]}: a part given twice "
                                   "(or copied)?")
         seen[key] = s.name
-    real = [s.name for s in sources if os.path.exists(s.name)]
-    for i, a in enumerate(real):
-        for b in real[i + 1:]:
-            if os.path.samefile(a, b):
-                raise IndexBuildError(f"{a} and {b} are the same file: a part given twice")
 
 
 # --------------------------------------------------------------------------------------
@@ -355,10 +403,13 @@ def read_ondisk_index(path: str | os.PathLike, what: str = "index"):
     try:
         index = faiss.read_index(path, flags)
     except RuntimeError as e:
-        message = ivf._faiss_message(e)
-        if "ivfdata" in str(e) or "could not open" in str(e).lower():
-            raise FileNotFoundError(f"on-disk {what} {path}: its inverted lists cannot be opened "
-                                    f"(expected {ivfdata_path(path)} beside it): {message}") from None
+        message, data = ivf._faiss_message(e), ivfdata_path(path)
+        if "OnDiskInvertedLists" in str(e) or "could not open" in str(e).lower():
+            if data.is_file():
+                raise IndexBuildError(f"on-disk {what} {path}: its inverted lists {data} cannot be mapped "
+                                      f"(truncated or damaged?): {message}") from None
+            raise FileNotFoundError(f"on-disk {what} {path}: its inverted lists {data} are missing "
+                                    f"({message})") from None
         raise ValueError(f"{what} {path} is not a faiss index: {message}") from None
     check_ivfdata(index, path)
     return index
@@ -408,6 +459,8 @@ def build_shard(trained, sources: Sequence[CodeSource], index_path: str | os.Pat
     shard's `.ivfdata` / `.faissindex`), then its manifest, written last."""
     _require_empty(trained)
     chunks = plan_chunks(sources, chunk_rows)
+    if not chunks:
+        raise IndexBuildError(f"no database codes to add to {index_path} (faiss cannot map empty on-disk lists)")
     mine = process_share(chunks, process_index, process_count)
     files = shard_files(index_path, process_index, process_count)
     first = mine[0].first_id if mine else (chunks[0].first_id if chunks and process_index == 0 else None)
@@ -417,21 +470,24 @@ def build_shard(trained, sources: Sequence[CodeSource], index_path: str | os.Pat
     end = first + sum(c.end - c.start for c in mine)
     log(f"process {process_index}/{process_count}: adding database rows [{first}, {end}) in {len(mine)} chunk(s) "
         f"to {files.ivfdata}")
-    tmp = _tmp_beside(files.ivfdata)
-    try:
-        shard = _with_ondisk_lists(trained, tmp)
-        add_chunks(shard, sources, mine, log)
-        _write_ondisk(shard, files.index, tmp, files.ivfdata)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    files.index.parent.mkdir(parents=True, exist_ok=True)
+    ntotal = 0
+    if mine:  # an empty share writes its manifest alone (faiss cannot map empty lists)
+        tmp = _tmp_beside(files.ivfdata)
+        try:
+            shard = _with_ondisk_lists(trained, tmp)
+            ntotal = add_chunks(shard, sources, mine, log)
+            _write_ondisk(shard, files.index, tmp, files.ivfdata)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
     manifest = {"process_index": process_index, "process_count": process_count, "rows": [first, end],
-                "total_rows": sum(s.n_rows for s in sources), "ntotal": int(shard.ntotal),
+                "total_rows": sum(s.n_rows for s in sources), "ntotal": int(ntotal),
                 "trained": trained_fingerprint(trained), "sources": [s.describe() for s in sources],
                 "chunk_rows": chunk_rows}
     with atomic_path(files.manifest) as t:
         t.write_text(json.dumps(manifest, indent=1))
-    log(f"process {process_index}/{process_count}: shard of {shard.ntotal} vectors in {files.index}")
+    log(f"process {process_index}/{process_count}: shard of {ntotal} vectors in {files.index}")
     return files
 
 
@@ -475,6 +531,8 @@ def merge_shards(index_path: str | os.PathLike, process_count: int, *, remove_sh
         raise IndexBuildError(f"the shards hold rows [0, {at}) of {manifests[0]['total_rows']}")
     shards = []
     for f, m in zip(files, manifests):
+        if m["ntotal"] == 0:
+            continue  # an empty share: no lists
         shard = ivf.as_ivf_index(read_ondisk_index(f.index, "shard"))
         if shard.ntotal != m["ntotal"] or ondisk_lists(shard) is None:
             raise IndexBuildError(f"{f.index} holds {shard.ntotal} vectors, its manifest {f.manifest} says "
