@@ -375,7 +375,11 @@ def shard_files(index_path: str | os.PathLike, process_index: int, process_count
 
 def ondisk_lists(index):
     """The index's OnDiskInvertedLists, or None when its lists are in memory."""
-    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    try:
+        ivf_part = faiss.extract_index_ivf(index)
+    except RuntimeError:  # not an IVF index: no lists at all (the caller says what it expected)
+        return None
+    lists = faiss.downcast_InvertedLists(ivf_part.invlists)
     return lists if isinstance(lists, faiss.OnDiskInvertedLists) else None
 
 
