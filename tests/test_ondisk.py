@@ -222,6 +222,13 @@ def test_search_ivf_adds_on_two_processes_then_searches_the_ondisk_index(setup, 
     search_ivf.main(common + ["--todo", "search", "--index", str(disk), "--json", str(tmp_path / "disk.json")])
     mem, dsk = (json.loads((tmp_path / f).read_text())["results"] for f in ("mem.json", "disk.json"))
     assert [r["recalls"] for r in mem] == [r["recalls"] for r in dsk] and len(mem) == 4
+    # a QINCo2 encoded set (header + 3 parts) as --xb_codes: the same entries (chunked
+    # by part, so in another order inside the lists)
+    search_ivf.main(common[:-2] + [str(setup["tmp"] / "db.npz"), "--todo", "add", "--trained_index",
+                                   str(tmp_path / "trained.faissindex"), "--index", str(tmp_path / "parts.faissindex")])
+    for (ia, ca), (ib, cb) in zip(lists_of(ivf.read_index(tmp_path / "parts.faissindex")),
+                                  lists_of(ivf.read_index(tmp_path / "mem.faissindex"))):
+        np.testing.assert_array_equal(np.sort(ia), np.sort(ib))
     # the same file twice is refused, naming it
     with pytest.raises(ValueError, match=r"xb0\.npy and .*xb0\.npy are the same file"):
         search_ivf.main(common[:-2] + [str(tmp_path / "xb0.npy"), str(tmp_path / "xb0.npy"), "--todo", "add",

@@ -64,7 +64,8 @@ def build_parser():
     g.add_argument("--xt_codes", default="", help="file with the model codes of the first --nt training vectors "
                    "(.npy, .ivecs, .ibin, or packed bytes as codec_qinco.py --raw writes them)")
     g.add_argument("--xb_codes", default=[], nargs="*",
-                   help="files with the model codes of the database, in order (same formats as --xt_codes)")
+                   help="files with the model codes of the database, in order (same formats as --xt_codes, or "
+                   "QINCo2's encoded sets: a .npz header with its .part_<i>.npz files); read --add_bs at a time")
 
     g = p.add_argument_group("IVF centroids training")
     g.add_argument("--n_centroids", default=65536, type=int, help="number of centroids to train")
@@ -205,7 +206,10 @@ def database_sources(args, model, ds):
 
     if args.xb_codes:
         nbits = packing.code_nbits(model.code_sizes)
-        sources = [ondisk.code_file_source(f, model.code_width, nbits) for f in args.xb_codes]
+        sources = []
+        for f in args.xb_codes:  # a QINCo2 encoded set (.npz header + parts) is one file per part
+            sources += ondisk.encoded_set_sources(f)[0] if f.endswith(".npz") else \
+                [ondisk.code_file_source(f, model.code_width, nbits)]
         ondisk.check_sources(sources)  # a file given twice: said before the count it doubles
         counts = [s.n_rows for s in sources]
         if sum(counts) != ds.nb:

@@ -295,7 +295,11 @@ def sa_codes(index, codes: np.ndarray, codebooks: np.ndarray | None = None) -> n
     if codebooks is None:
         codebooks = index_codebooks(index)
     fine = np.ascontiguousarray(codes[:, 1:], dtype=np.int32)
-    norms = np.ascontiguousarray((aq.reconstruct(fine, codebooks) ** 2).sum(1), dtype=np.float32)
+    # row by row the same numbers, a block of rows at a time: the (n, d) reconstructions
+    # of a million-code add chunk would take 512 MB (d=128)
+    norms = np.empty(n, np.float32)
+    for i0 in range(0, n, 65536):
+        norms[i0:i0 + 65536] = (aq.reconstruct(fine[i0:i0 + 65536], codebooks) ** 2).sum(1)
     packed = np.empty((n, index.code_size), np.uint8)
     if n:
         index.rq.pack_codes(n, faiss.swig_ptr(fine), faiss.swig_ptr(packed), -1, faiss.swig_ptr(norms), None)

@@ -441,11 +441,14 @@ def _with_ondisk_lists(trained, data_path: Path):
 
 
 def _write_ondisk(index, index_path: Path, data_tmp: Path, data_path: Path) -> None:
-    """Rename the lists into place, then write the index that names them (atomically)."""
+    """Write the index that names the lists' final file under a temporary name, then
+    rename the lists and the index into place, one right after the other: a failed write
+    leaves the files written before as they were."""
     lists = ondisk_lists(index)
     lists.filename = str(data_path.resolve())
-    os.replace(data_tmp, data_path)
-    ivf.write_index(index, index_path)
+    with atomic_path(index_path) as tmp:
+        faiss.write_index(index, str(tmp))
+        os.replace(data_tmp, data_path)
 
 
 def _tmp_beside(path: Path) -> Path:
