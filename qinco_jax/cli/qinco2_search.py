@@ -8,6 +8,7 @@ Each is a function `task(cfg: RunConfig, log=print)` (the task registry of
         encoded_trainset=xt_codes.npz output=pairwise.pt           [K=..., n_pairwise_codebooks=2]
     run.py task=build_index ivf_centroids=c.npy trainset=xt.npy encoded_trainset=xt_codes.npz \\
         encoded_db=xb_codes.npz output=index.faissindex             [search.index_key=...]
+        [ondisk=true: lists in index.ivfdata; QINCO_PROCESS_INDEX=i QINCO_PROCESS_COUNT=P for P processes]
     run.py task=search model=m.pt index=index.faissindex queries=xq.npy queries_gt=gt.npy \\
         [pairwise_decoder=pairwise.pt search.nmid_short=[2,4]] output=results.json [resume=true]
 
