@@ -104,7 +104,7 @@ class Peak(threading.Thread):
 
 def stage_encode(work, part, parts, batch):
     from qinco_jax.config import EncodeOptions
-    from qinco_jax.formats import vecs_io
+    from qinco_jax.formats import code_parts, vecs_io
     from qinco_jax.formats.code_parts import CodeFileHeader, encode_to_parts
     from qinco_jax.models import codec
 
@@ -122,8 +122,9 @@ def stage_encode(work, part, parts, batch):
                     batch_size=65536)
     seconds = time.perf_counter() - t0
     rows = len(x) // parts if part < parts - 1 else len(x) - (parts - 1) * (len(x) // parts)
+    part_bytes = os.path.getsize(code_parts.part_path(os.path.join(work, "codes.npz"), part))
     return {"seconds": round(seconds, 2), "rows": rows, "rows_per_s": round(rows / seconds),
-            "rss_before_mb": round(before, 1), **peak.stop()}
+            "part_bytes": part_bytes, "rss_before_mb": round(before, 1), **peak.stop()}
 
 
 def stage_train(work, n_train):
