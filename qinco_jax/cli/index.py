@@ -295,13 +295,13 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     cli.print_args(args)
     check_args(args)
-    cli.select_device(args.device)
-    set_threads(args.nthreads)
     slot = (0, 1, None)
     if "add" in args.todo:
         from qinco_jax.cli.qinco2_tasks import process_slot
 
         slot = process_slot()  # before any JAX computation (jax.distributed)
+    cli.select_device(args.device)
+    set_threads(args.nthreads)
     if slot[1] > 1 and (args.todo != ["add"] or not args.ondisk or not args.trained_index):
         raise cli.UsageError(f"on {slot[1]} processes only --todo add --ondisk --trained_index <file> runs (train "
                              "the index once on one process, then add on several, then search)")
