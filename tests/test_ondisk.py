@@ -125,6 +125,33 @@ def test_two_process_ondisk_build_searches_as_the_in_memory_build(setup, tmp_pat
     assert max(r["recalls"]["10"] for r in a) > 0.3  # a real search (K=16 codes), not two empty ones
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_build_on_two_jax_distributed_processes(setup, tmp_path):
+    """run.py task=build_index ondisk=true under jax.distributed (a coordinator address,
+    as a cluster launcher gives): process 0 merges after both shards are written."""
+    memory = qinco2_search.build_index(build_cfg(setup, tmp_path / "mem.faissindex"), log=quiet)
+    out = tmp_path / "dist" / "dist.faissindex"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("QINCO_PROCESS", "SLURM_", "OMPI_", "JAX_"))}
+    env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{_free_port()}", JAX_NUM_PROCESSES="2", PYTHONPATH=str(ROOT))
+    common = [c for c in setup["common"] if c != "verbose=false"]
+    cmd = [sys.executable, str(ROOT / "run.py"), "cpu=true", "task=build_index", *common,
+           f"encoded_db={setup['tmp'] / 'db.npz'}", f"output={out}", "ondisk=true"]
+    procs = [subprocess.Popen(cmd, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert "merged 2 shard(s), 10000 vectors" in logs[0] and "merged" not in logs[1]
+    assert_same_lists(ivf.read_index(out), memory)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["dist.faissindex", "dist.ivfdata"]
+
+
 @pytest.mark.parametrize("processes,chunk_rows", [(1, 10_000), (3, 1000), (5, 5000)])
 def test_shards_merged_on_disk_hold_the_in_memory_lists(setup, tmp_path, processes, chunk_rows):
     """Any number of processes (joined by a barrier, as under jax.distributed; with 5
