@@ -40,7 +40,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -602,7 +602,8 @@ def merge_if_last(index_path: str | os.PathLike, process_count: int, log: Log = 
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
-        log(f"another process is merging the shards ({lock} exists)")
+        log(f"another process is merging the shards ({lock} exists; if none is, a merge was interrupted: "
+            "remove it and run any one process again)")
         return None
     try:
         os.write(fd, str(os.getpid()).encode())
