@@ -123,6 +123,18 @@ def test_two_process_ondisk_build_searches_as_the_in_memory_build(setup, tmp_pat
     assert [r["parameters"] for r in a] == [r["parameters"] for r in b] and a
     assert [r["recalls"] for r in a] == [r["recalls"] for r in b]
     assert max(r["recalls"]["10"] for r in a) > 0.3  # a real search (K=16 codes), not two empty ones
+    # the library's QincoIndex opens it as it opens the in-memory one: the same results;
+    # its memory-mapped lists are read-only
+    from qinco_jax.search import QincoIndex
+
+    mem_q, disk_q = (QincoIndex.read(p, setup["model"]) for p in (tmp_path / "mem.faissindex", disk))
+    for q in (mem_q, disk_q):
+        q.nprobe, q.nshort = 8, 50
+    (Da, Ia), (Db, Ib) = mem_q.search(xq, 10), disk_q.search(xq, 10)
+    np.testing.assert_array_equal(Ia, Ib)
+    np.testing.assert_array_equal(Da, Db)
+    with pytest.raises(ValueError, match="opened read-only"):
+        disk_q.add_codes(setup["xb_codes"][:5])
 
 
 def _free_port() -> int:
@@ -182,6 +194,26 @@ def test_shards_merged_on_disk_hold_the_in_memory_lists(setup, tmp_path, process
     assert merged[0] is not None and all(m is None for m in merged[1:])
     assert_same_lists(merged[0], memory)
     assert_same_lists(ivf.read_index(path), memory)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.faissindex", "x.ivfdata"]
+
+
+def test_a_merge_under_way_is_left_to_its_process(setup, tmp_path):
+    """Without a barrier the process that finds every shard written merges; a lock
+    file beside the index makes it one process."""
+    sources = ondisk.encoded_set_sources(setup["tmp"] / "db.npz")[0]
+    path = tmp_path / "x.faissindex"
+    logged = []
+    assert ondisk.build_ondisk(setup["trained"], sources, path, process_index=0, process_count=2,
+                               log=logged.append) is None
+    assert any("still being built" in m for m in logged)
+    ondisk.build_shard(setup["trained"], sources, path, process_index=1, process_count=2, log=quiet)
+    lock = tmp_path / "x.merge_lock"
+    lock.write_text("12345")
+    assert ondisk.merge_if_last(path, 2, log=logged.append) is None
+    assert "another process is merging" in logged[-1] and not path.exists()
+    lock.unlink()
+    merged = ondisk.merge_if_last(path, 2, log=quiet)
+    assert merged.ntotal == 10000 and not lock.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.faissindex", "x.ivfdata"]
 
 
