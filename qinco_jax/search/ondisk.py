@@ -521,10 +521,14 @@ def merge_shards(index_path: str | os.PathLike, process_count: int, *, remove_sh
     index_path = Path(index_path)
     files = [shard_files(index_path, p, process_count) for p in range(process_count)]
     manifests = [_read_manifest(f, p, process_count) for p, f in enumerate(files)]
+    def content(m):  # the sources' contents, not their paths (mounted elsewhere on another machine)
+        return {"sources": [(s["n_rows"], s["width"], s["identity"]) for s in m["sources"]],
+                "trained": m["trained"], "total_rows": m["total_rows"]}
+
     for f, m in zip(files[1:], manifests[1:]):
         for key, what in (("sources", "from other codes"), ("trained", "from another trained index"),
                           ("total_rows", "from a database of another size")):
-            if m[key] != manifests[0][key]:
+            if content(m)[key] != content(manifests[0])[key]:
                 raise IndexBuildError(f"{f.manifest} was built {what} than {files[0].manifest}: shards of "
                                       "different builds cannot be merged")
     at = 0
