@@ -146,6 +146,7 @@ class RunConfig:
     encode_trainset: bool = False
     n_pairwise_codebooks: int = 2
     pairwise_shrinkage: float = 0.0  # qinco-jax's: table entries sum / (count + this); 0 = the reference's means
+    allow_model_mismatch: bool = False  # qinco-jax's: task=search with a model that did not make index= (expert)
 
     seed: int = 0
     qinco1_mode: bool | None = None

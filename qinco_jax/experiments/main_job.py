@@ -213,10 +213,14 @@ def save_trained(trained: TrainedIvfModel, out: Path) -> tuple[Path, Path]:
     from qinco_jax.formats.checkpoint import save_model
     from qinco_jax.search import index as ivf
 
+    from qinco_jax.search import provenance
+
     stem = trained.name.lower().replace("-", "_")
     model_path, index_path = out / f"{stem}.pt", out / f"{stem}.faissindex"
     save_model(trained.model, model_path)
     ivf.write_index(trained.index, index_path)
+    # the model's fingerprint beside the index: searching it with another model is refused
+    provenance.write_metadata(index_path, trained.index, trained.model)
     return model_path, index_path
 
 
