@@ -148,9 +148,40 @@ def _encode_options(cfg: MainJobConfig, model=None):
     return EncodeOptions(beam=cfg.encode_beam, preselect=cfg.encode_preselect or None)
 
 
+def scaled_sizes(cfg: MainJobConfig, available: int, log: Callable[[str], None] = print) -> MainJobConfig:
+    """cfg with nt and nval cut, in the same proportion, to a data set of `available`
+    training vectors when it has fewer than nt + nval (e.g. `--db synthetic_small`);
+    aq_train at most the new nt."""
+    if cfg.nt + cfg.nval <= available:
+        return cfg
+    if available < 4:
+        raise ValueError(f"{cfg.db} has {available} training vectors: too few for the main job")
+    nval = max(1, min(available // 2, round(available * cfg.nval / (cfg.nt + cfg.nval))))
+    nt = available - nval
+    log(f"{cfg.db} has {available} training vectors, fewer than nt + nval = {cfg.nt} + {cfg.nval}: "
+        f"using nt={nt} and nval={nval} (the same split)")
+    return dataclasses.replace(cfg, nt=nt, nval=nval, aq_train=min(cfg.aq_train, nt))
+
+
+def _no_worse_than_start(res, start: Callable[[], object], name: str, log) -> tuple[object, dict]:
+    """The trained model, or the model training started from when no epoch beat its
+    validation MSE (a learning rate too high for the data): what the job saves never
+    does worse on validation than its start."""
+    history = res.history
+    before = history.get("before")
+    epochs = history.get("epochs") or []
+    best = min((e["val_mse"] for e in epochs), default=None)
+    if before is None or best is None or best <= before:
+        return res.best, history
+    log(f"{name}: no epoch beat the starting point on validation (best {best:g} > {before:g} at the start): "
+        "keeping the starting model")
+    return start(), {**history, "kept_start": True}
+
+
 def train_qinco(cfg: MainJobConfig, xt, xval, centroids, log, rq_codebooks=None) -> tuple[object, dict]:
     """The IVF-QINCo model of the recipe and its training history, from the RQ codebooks
-    `rq_codebooks` (M, K, d) on the residuals to the IVF centroids (None: trained here)."""
+    `rq_codebooks` (M, K, d) on the residuals to the IVF centroids (None: trained here);
+    the starting model itself if training did not improve on it."""
     from qinco_jax.training import recipe
     from qinco_jax.training import loop as training
     from qinco_jax.config import EncodeOptions
@@ -158,8 +189,10 @@ def train_qinco(cfg: MainJobConfig, xt, xval, centroids, log, rq_codebooks=None)
     spec = recipe.ModelSpec(M=cfg.M, L=cfg.L, h=cfg.h, variant="ivf", init=cfg.init)
     tc = training.TrainConfig(lr=cfg.lr, max_epochs=cfg.epochs, batch_size=cfg.batch_size, ngpu=0,
                               encode=EncodeOptions(preselect=cfg.train_preselect or None), progress=cfg.progress)
+    if rq_codebooks is None:
+        rq_codebooks = recipe.train_rq_codebooks(xt, spec, xval, centroids, None, log)
     res = recipe.train_model(xt, xval, spec, tc, ivf_centroids=centroids, rq_codebooks=rq_codebooks, log=log)
-    return res.best, res.history
+    return _no_worse_than_start(res, lambda: recipe.initial_model(xt, spec, rq_codebooks, centroids), QINCO_NAME, log)
 
 
 def train_qinco2(cfg: MainJobConfig, xt, xval, centroids, log, rq_codebooks=None) -> tuple[object, dict]:
@@ -176,15 +209,20 @@ def train_qinco2(cfg: MainJobConfig, xt, xval, centroids, log, rq_codebooks=None
         overrides.update(epochs=cfg.qinco2_epochs, ramp_epochs=min(3.0, cfg.qinco2_epochs / 3))
     if cfg.qinco2_lr is not None:
         overrides["lr"] = cfg.qinco2_lr
-    res = recipe.train_model(xt, xval, spec, training.qinco2_train_config(**overrides), ivf_centroids=centroids,
-                             rq_codebooks=rq_codebooks, log=log)
-    return res.best, res.history
+    tc = training.qinco2_train_config(**overrides)
+    res = recipe.train_model(xt, xval, spec, tc, ivf_centroids=centroids, rq_codebooks=rq_codebooks, log=log)
+    start = lambda: recipe.qinco2_initial_model(xt, spec, tc, xval=xval, ivf_centroids=centroids,  # noqa: E731
+                                                rq_codebooks=rq_codebooks)[0]
+    return _no_worse_than_start(res, start, QINCO2_NAME, log)
 
 
 def _val_mse(history: dict, init: str) -> dict:
     epochs = history.get("epochs") or []
-    return {"rq_init": history.get("before") if init == "rq_exact" else None,
-            "trained": min(e["val_mse"] for e in epochs) if epochs else None}
+    trained = min(e["val_mse"] for e in epochs) if epochs else None
+    if history.get("kept_start"):
+        trained = history.get("before")
+    return {"rq_init": history.get("before") if init == "rq_exact" else None, "trained": trained,
+            "kept_start": bool(history.get("kept_start"))}
 
 
 def build_qinco_index(name: str, model, history: dict, cfg: MainJobConfig, xt, xb, log) -> TrainedIvfModel:
@@ -301,6 +339,7 @@ def _run(cfg: MainJobConfig, log, datasets, save_npy) -> dict:
 
     with stage("data"):
         ds = datasets.get_dataset(cfg.db)
+        cfg = scaled_sizes(cfg, int(ds.nt), log)
         xt_all = np.asarray(ds.get_train(cfg.nt + cfg.nval), np.float32)
         if len(xt_all) < cfg.nt + cfg.nval:
             raise ValueError(f"{cfg.db} has {len(xt_all)} training vectors, the job needs nt + nval = "
