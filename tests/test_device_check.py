@@ -58,3 +58,44 @@ def test_sections_beyond_the_budget_are_skipped_with_a_note(tmp_path):
     assert "fixtures" in skipped and "ivf_assign" in skipped
     assert "s of the budget left" in r["sections"]["fixtures"]["note"]
     assert "sections not completed: fixtures (skipped)" in proc.stdout
+
+
+def _fake_repo(tmp_path, with_venv: bool) -> Path:
+    """A copy of bench/device_check.sh in an empty tree whose pythons only record calls."""
+    repo = tmp_path / "repo"
+    (repo / "bench").mkdir(parents=True)
+    (repo / "bench" / "device_check.sh").write_text((ROOT / "bench" / "device_check.sh").read_text())
+    fake = "#!/bin/sh\necho \"$0 $*\" >> \"{log}\"\n[ \"$1\" = -c ] && exit {rc}\nexit 0\n"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(fake.format(log=tmp_path / "calls.txt", rc=1))  # no jax
+    (bin_dir / "python3").chmod(0o755)
+    if with_venv:
+        (repo / ".venv" / "bin").mkdir(parents=True)
+        (repo / ".venv" / "bin" / "python").write_text(fake.format(log=tmp_path / "calls.txt", rc=0))
+        (repo / ".venv" / "bin" / "python").chmod(0o755)
+    return repo
+
+
+def test_script_uses_the_venv_python(tmp_path):
+    """`bash bench/device_check.sh` as the README writes it runs .venv's python, not the
+    system python3 (which has no jax on a fresh machine)."""
+    repo = _fake_repo(tmp_path, with_venv=True)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    proc = subprocess.run(["bash", str(repo / "bench" / "device_check.sh"), str(tmp_path / "out")],
+                          env=dict(env, PATH=f"{tmp_path / 'bin'}:/usr/bin:/bin"), capture_output=True, text=True,
+                          timeout=60)
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert any(c.startswith(".venv/bin/python bench/device_check.py --out") for c in calls), calls
+    assert not any("python3" in c for c in calls), calls
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_script_without_jax_says_how_to_get_it(tmp_path):
+    repo = _fake_repo(tmp_path, with_venv=False)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    proc = subprocess.run(["bash", str(repo / "bench" / "device_check.sh"), str(tmp_path / "out")],
+                          env=dict(env, PATH=f"{tmp_path / 'bin'}:/usr/bin:/bin"), capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2
+    assert "python3 cannot import jax" in proc.stderr and "make install" in proc.stderr
