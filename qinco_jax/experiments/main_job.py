@@ -29,6 +29,7 @@ import numpy as np
 from qinco_jax.experiments import baselines
 
 PQ_NAME, RQ_NAME, QINCO_NAME, QINCO2_NAME = "IVF-PQ", "IVF-RQ", "IVF-QINCo", "IVF-QINCo2"
+INITS = ("rq_exact", "random")  # the models' initialisations (MainJobConfig.init)
 SHORTLIST_SUFFIX = ": AQ shortlist only"
 
 
@@ -95,7 +96,7 @@ class MainJobConfig:
             raise ValueError(f"main job: nprobe and nshort need values >= 1, got {self.nprobe} and {self.nshort}")
         if max(self.nprobe) > self.n_centroids:
             raise ValueError(f"main job: nprobe {max(self.nprobe)} > n_centroids {self.n_centroids}")
-        if self.init not in ("rq_exact", "random"):
+        if self.init not in INITS:
             raise ValueError(f"main job: init must be 'rq_exact' or 'random', got {self.init!r}")
         if not self.lr > 0 or (self.qinco2_lr is not None and not self.qinco2_lr > 0):
             raise ValueError("main job: learning rates must be > 0")
