@@ -230,3 +230,28 @@ def test_run_search_refuses_a_model_that_did_not_make_the_index(data, tmp_path):
     assert qinco2_search.search(run_config.parse_run_args([*common, f"model={V1_64}", "allow_model_mismatch=true"]),
                                 log=quiet)
     assert qinco2_search.search(run_config.parse_run_args([*common, f"model={Q2_64}"]), log=quiet)
+
+
+def test_run_train_pairwise_decoder_records_a_checked_model(data, tmp_path):
+    """run.py task=train_pairwise_decoder model=...: the model's fingerprint goes in the
+    decoder file once its decode of the held-out codes agrees with the decoder's."""
+    from qinco_jax.cli import qinco2_search, run_config
+
+    model = checkpoint.load_model(Q2 / "ivf_qinco2_d32_IVF64_M4_K16_L2_de48_dh64_A8_B8.pt")
+    xt = data["xt"][:3000]
+    np.save(tmp_path / "c.npy", ivf.ivf_centroids(model))
+    np.save(tmp_path / "xt.npy", xt)
+    np.save(tmp_path / "codes.npy", codec.encode(model, xt).astype(np.int64))
+    other = reinitialised(model, 5)
+    checkpoint.save_model(other, tmp_path / "other.pt")
+    common = ["task=train_pairwise_decoder", f"ivf_centroids={tmp_path / 'c.npy'}", f"trainset={tmp_path / 'xt.npy'}",
+              f"encoded_trainset={tmp_path / 'codes.npy'}", "ds.valset=500", "n_pairwise_codebooks=1", "verbose=false"]
+    quiet = lambda _: None  # noqa: E731
+    out = tmp_path / "pw.pt"
+    qinco2_search.train_pairwise_decoder(run_config.parse_run_args(
+        [*common, f"model={Q2 / 'ivf_qinco2_d32_IVF64_M4_K16_L2_de48_dh64_A8_B8.pt'}", f"output={out}"]), log=quiet)
+    assert pairwise.read_model_fingerprint(out) == provenance.model_fingerprint(model)
+    with pytest.raises(provenance.ModelMismatchError, match=rf"model {tmp_path / 'other.pt'}"):
+        qinco2_search.train_pairwise_decoder(run_config.parse_run_args(
+            [*common, f"model={tmp_path / 'other.pt'}", f"output={tmp_path / 'x.pt'}"]), log=quiet)
+    assert not (tmp_path / "x.pt").exists()

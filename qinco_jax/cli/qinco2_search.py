@@ -147,11 +147,16 @@ def train_pairwise_decoder(cfg: RunConfig, log: Log = print) -> pairwise.Pairwis
                                                seed=cfg.seed, shrinkage=cfg.pairwise_shrinkage,
                                                progress=cfg.verbose)
     fingerprint = None
-    if cfg.model:  # the model whose codes encoded_trainset= holds: recorded in the file
+    if cfg.model:  # the model whose codes encoded_trainset= holds, once checked: recorded in the file
         from qinco_jax.formats import checkpoint
-        from qinco_jax.search.provenance import model_fingerprint
+        from qinco_jax.search import provenance
 
-        fingerprint = model_fingerprint(checkpoint.load_model(cfg.model))
+        model = checkpoint.load_model(cfg.model)
+        provenance.check_decoder_belongs(training.decoder, model, val_codes[:provenance.SAMPLE_SIZE],
+                                         ivf_centroids=centroids, decoder_path=cfg.output, model_path=cfg.model,
+                                         allow_mismatch=cfg.allow_model_mismatch,
+                                         override_hint="allow_model_mismatch=true", log=log)
+        fingerprint = provenance.model_fingerprint(model)
     pairwise.save_pairwise_decoder(training.decoder, cfg.output, model_fingerprint=fingerprint)
     scale = resolve_data(cfg).mse_scale
     val_mse = mean_squared_error(pairwise.decode(training.decoder, val_codes, centroids), xval) * scale

@@ -316,14 +316,16 @@ def check_index_belongs(index, model, *, index_path=None, model_path=None, allow
 
 
 def check_decoder_belongs(decoder, model, codes: np.ndarray, *, decoder_path=None, model_path=None,
+                          ivf_centroids: np.ndarray | None = None,
                           recorded_fingerprint: str | None = None, allow_mismatch: bool = False,
                           override_hint: str = "allow_mismatch=True",
                           log: Callable[[str], None] | None = None) -> float | None:
     """Raise ModelMismatchError unless the pairwise decoder was trained on `model`'s
     codes: by the fingerprint its file records (`recorded_fingerprint`, see
     `pairwise.read_model_fingerprint`) when there is one, else by comparing its
-    reconstructions of `codes` (e.g. `stored_codes_sample(index)`) with the model's.
-    Returns the disagreement measured (None when not measured)."""
+    reconstructions of `codes` (e.g. `stored_codes_sample(index)`) with the model's
+    (residuals to `ivf_centroids`, by default the model's). Returns the disagreement
+    measured (None when not measured)."""
     dec_name = f"pairwise decoder {os.fspath(decoder_path)}" if decoder_path else "the pairwise decoder"
     _, model_name = _names(None, model_path, model)
     problem, disagreement = None, None
@@ -333,7 +335,7 @@ def check_decoder_belongs(decoder, model, codes: np.ndarray, *, decoder_path=Non
             problem = (f"{dec_name} was trained on the codes of the model of fingerprint {recorded_fingerprint}, "
                        f"{model_name} has fingerprint {fp}")
     elif len(codes):
-        disagreement = decoder_disagreement(decoder, model, codes)
+        disagreement = decoder_disagreement(decoder, model, codes, ivf_centroids)
         if disagreement > DECODER_MISMATCH_THRESHOLD:
             problem = (f"{dec_name} was not trained on the codes of {model_name}: decoding {len(codes)} codes, "
                        f"the decoder and the model disagree by {disagreement:.3f} (0 = equal, 1 = unrelated; "

@@ -28,6 +28,7 @@ pairwise decoder keeps the nshort nearest before QINCo decodes them:
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import warnings
 from typing import Callable
@@ -112,7 +113,8 @@ class QincoIndex:
         index = ivf_index.read_index(index_path)
         record = provenance.fresh_metadata(index_path, index) or {}
         saved = dict(record.get("search_settings") or {})
-        init_keys = ("nshort", "nmid_short", "pairwise_table_dtype")
+        # settings the constructor takes go to it; the others (nprobe, efSearch) are set after
+        init_keys = tuple(k for k in _SETTINGS if k in inspect.signature(cls.__init__).parameters)
         for key in init_keys:
             if key in saved:
                 kwargs.setdefault(key, saved[key])
