@@ -255,3 +255,14 @@ def test_run_train_pairwise_decoder_records_a_checked_model(data, tmp_path):
         qinco2_search.train_pairwise_decoder(run_config.parse_run_args(
             [*common, f"model={tmp_path / 'other.pt'}", f"output={tmp_path / 'x.pt'}"]), log=quiet)
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_an_empty_index_checks_the_ivf_centroids(models, data):
+    model = models["v1_64"]
+    index, _ = ivf.train_index(model, data["xt"][:3000], "IVF64,RQ4x8_Nqint8", log=lambda _: None)
+    assert provenance.check_index_belongs(index, model).by == "empty index"
+    assert provenance.check_index_belongs(index, models["q2_64"]).by == "empty index"  # same centroids: cannot tell
+    params = dict(model.params)
+    moved = QincoModel(model.config, {**params, "codebook0": np.asarray(params["codebook0"])[::-1].copy()})
+    with pytest.raises(provenance.ModelMismatchError, match="holds other IVF centroids than the model"):
+        provenance.check_index_belongs(index, moved)

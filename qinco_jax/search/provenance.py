@@ -68,6 +68,8 @@ SAMPLE_LISTS = 4096  # lists whose sizes are read to draw the sample from (a few
 MISMATCH_THRESHOLD = 0.6
 # The same for a pairwise decoder against a model (right decoders <= 0.68, wrong >= 0.99).
 DECODER_MISMATCH_THRESHOLD = 0.85
+# Relative centroid gap (`centroid_gap`) above which an empty index is refused.
+CENTROID_TOLERANCE = 1e-6
 METADATA_SUFFIX = ".qinco.json"
 METADATA_FORMAT = "qinco-jax index metadata"
 METADATA_VERSION = 1
@@ -145,6 +147,16 @@ def stored_codes_sample(index, n: int = SAMPLE_SIZE, seed: int = 0) -> np.ndarra
 
 def _coarse_centroids(index) -> np.ndarray:
     return faiss.downcast_index(index.quantizer).reconstruct_n(0, index.nlist)
+
+
+def centroid_gap(index, model) -> float:
+    """The largest squared distance between the index's coarse centroids and the
+    model's IVF centroids (raw units), relative to the centroids' mean squared spread
+    (0 for an index built from the model; reference-built ones: below 1e-15)."""
+    ours, theirs = _coarse_centroids(index), ivf.ivf_centroids(model)
+    spread = float(((ours - ours.mean(0)) ** 2).sum(1).mean())
+    gap = float(((ours - theirs) ** 2).sum(1).max())
+    return gap / spread if spread > 0 else gap
 
 
 def _disagreement(reference: np.ndarray, other: np.ndarray) -> float:
@@ -276,8 +288,8 @@ def check_index_belongs(index, model, *, index_path=None, model_path=None, allow
                         log: Callable[[str], None] | None = None) -> Belonging:
     """Raise ModelMismatchError unless `model` made the codes of `index`: by the
     fingerprint of a fresh metadata record when there is one, else by the decode check
-    on a sample of the stored entries (an empty index with no record passes: it holds
-    no codes to compare). allow_mismatch: report instead of raising (`log`).
+    on a sample of the stored entries (an empty index with no record: by its IVF
+    centroids alone, the only part of the model it holds). allow_mismatch: report instead of raising (`log`).
     index_path / model_path name the files in the message; override_hint names the
     override as the caller's user spells it (e.g. --allow_mismatch)."""
     index_name, model_name = _names(index_path, model_path, model)
@@ -298,7 +310,12 @@ def check_index_belongs(index, model, *, index_path=None, model_path=None, allow
             problem = (f"{index_name} was built with the model of fingerprint {record['model_fingerprint']} "
                        f"({record.get('model', '?')}), {model_name} has fingerprint {fp}{measured}: "
                        "its codes mean other vectors to this model")
-    elif len(codes):
+    elif not len(codes):  # nothing stored to decode: the IVF centroids at least must be the model's
+        gap = centroid_gap(index, model)
+        if gap > CENTROID_TOLERANCE:
+            problem = (f"the coarse quantizer of {index_name} holds other IVF centroids than {model_name} "
+                       f"(largest squared difference {gap:.3g} x their mean squared spread)")
+    else:
         by = "decode"
         disagreement = decode_disagreement(index, model, codes)
         if disagreement > MISMATCH_THRESHOLD:
