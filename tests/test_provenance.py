@@ -164,7 +164,8 @@ def test_the_reference_pairwise_decoder_passes_with_its_model(data):
     decoder = pairwise.load_pairwise_decoder(Q2 / "pairwise_decoder_ivf64_K16.pt")
     assert pairwise.read_model_fingerprint(Q2 / "pairwise_decoder_ivf64_K16.pt") is None
     codes = codec.encode(model, data["xb"][:512])
-    assert provenance.check_decoder_belongs(decoder, model, codes) < 0.1
+    found = provenance.check_decoder_belongs(decoder, model, codes)
+    assert found.by == "decode" and found.disagreement < 0.1
     other = reinitialised(model, 3)
     with pytest.raises(provenance.ModelMismatchError):
         provenance.check_decoder_belongs(decoder, other, codes)
@@ -266,3 +267,14 @@ def test_an_empty_index_checks_the_ivf_centroids(models, data):
     moved = QincoModel(model.config, {**params, "codebook0": np.asarray(params["codebook0"])[::-1].copy()})
     with pytest.raises(provenance.ModelMismatchError, match="holds other IVF centroids than the model"):
         provenance.check_index_belongs(index, moved)
+
+
+def test_an_index_searched_with_a_mismatch_allowed_is_written_without_a_fingerprint(models, tmp_path):
+    with pytest.warns(UserWarning):
+        index = QincoIndex.read(INDEX_V1_64, models["q2_64"], allow_model_mismatch=True)
+    index.write(tmp_path / "x.faissindex")
+    record = provenance.read_metadata(tmp_path / "x.faissindex")
+    assert record["model_fingerprint"] is None and record["model_mismatch_allowed"]
+    with pytest.raises(provenance.ModelMismatchError, match="disagree by"):  # checked again by decoding
+        QincoIndex.read(tmp_path / "x.faissindex", models["q2_64"])
+    assert QincoIndex.read(tmp_path / "x.faissindex", models["v1_64"]).provenance.by == "decode"

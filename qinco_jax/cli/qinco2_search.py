@@ -152,11 +152,11 @@ def train_pairwise_decoder(cfg: RunConfig, log: Log = print) -> pairwise.Pairwis
         from qinco_jax.search import provenance
 
         model = checkpoint.load_model(cfg.model)
-        provenance.check_decoder_belongs(training.decoder, model, val_codes[:provenance.SAMPLE_SIZE],
+        found = provenance.check_decoder_belongs(training.decoder, model, val_codes[:provenance.SAMPLE_SIZE],
                                          ivf_centroids=centroids, decoder_path=cfg.output, model_path=cfg.model,
                                          allow_mismatch=cfg.allow_model_mismatch,
                                          override_hint="allow_model_mismatch=true", log=log)
-        fingerprint = provenance.model_fingerprint(model)
+        fingerprint = provenance.model_fingerprint(model) if found.by != "overridden" else None
     pairwise.save_pairwise_decoder(training.decoder, cfg.output, model_fingerprint=fingerprint)
     scale = resolve_data(cfg).mse_scale
     val_mse = mean_squared_error(pairwise.decode(training.decoder, val_codes, centroids), xval) * scale

@@ -208,19 +208,23 @@ def metadata_path(index_path: str | os.PathLike) -> Path:
 
 
 def write_metadata(index_path: str | os.PathLike, index, model, *, settings: dict | None = None,
-                   extra: dict | None = None) -> Path:
+                   extra: dict | None = None, made_by_model: bool = True) -> Path:
     """Write the metadata of an index this library built with `model` (atomically):
     the model's fingerprint and description, what identifies the index's content, and
-    optional search `settings` (QincoIndex.write)."""
+    optional search `settings` (QincoIndex.write). made_by_model=False (an index opened
+    with a mismatch allowed): no fingerprint is recorded, so the next reader checks
+    the model again by decoding."""
     record: dict[str, Any] = {
         "format": METADATA_FORMAT,
         "version": METADATA_VERSION,
         "index_file": os.path.basename(os.fspath(index_path)),
         "ntotal": int(index.ntotal),
         "content_digest": _sample_digest(index, stored_codes_sample(index)),
-        "model_fingerprint": model_fingerprint(model),
+        "model_fingerprint": model_fingerprint(model) if made_by_model else None,
         "model": model.describe(),
     }
+    if not made_by_model:
+        record["model_mismatch_allowed"] = True
     if settings:
         record["search_settings"] = settings
     if extra:
@@ -336,22 +340,24 @@ def check_decoder_belongs(decoder, model, codes: np.ndarray, *, decoder_path=Non
                           ivf_centroids: np.ndarray | None = None,
                           recorded_fingerprint: str | None = None, allow_mismatch: bool = False,
                           override_hint: str = "allow_mismatch=True",
-                          log: Callable[[str], None] | None = None) -> float | None:
+                          log: Callable[[str], None] | None = None) -> Belonging:
     """Raise ModelMismatchError unless the pairwise decoder was trained on `model`'s
     codes: by the fingerprint its file records (`recorded_fingerprint`, see
     `pairwise.read_model_fingerprint`) when there is one, else by comparing its
     reconstructions of `codes` (e.g. `stored_codes_sample(index)`) with the model's
-    (residuals to `ivf_centroids`, by default the model's). Returns the disagreement
-    measured (None when not measured)."""
+    (residuals to `ivf_centroids`, by default the model's). Returns what was found
+    (`Belonging`; by "no codes" when there was neither a fingerprint nor codes)."""
     dec_name = f"pairwise decoder {os.fspath(decoder_path)}" if decoder_path else "the pairwise decoder"
     _, model_name = _names(None, model_path, model)
-    problem, disagreement = None, None
+    problem, disagreement, by = None, None, "no codes"
     if recorded_fingerprint:
+        by = "fingerprint"
         fp = model_fingerprint(model)
         if recorded_fingerprint != fp:
             problem = (f"{dec_name} was trained on the codes of the model of fingerprint {recorded_fingerprint}, "
                        f"{model_name} has fingerprint {fp}")
     elif len(codes):
+        by = "decode"
         disagreement = decoder_disagreement(decoder, model, codes, ivf_centroids)
         if disagreement > DECODER_MISMATCH_THRESHOLD:
             problem = (f"{dec_name} was not trained on the codes of {model_name}: decoding {len(codes)} codes, "
@@ -359,10 +365,10 @@ def check_decoder_belongs(decoder, model, codes: np.ndarray, *, decoder_path=Non
                        f"a decoder of the model stays below {DECODER_MISMATCH_THRESHOLD}, unless trained on far "
                        "too few vectors for its K² -row tables)")
     if problem is None:
-        return disagreement
+        return Belonging(by, disagreement, None)
     if not allow_mismatch:
         raise ModelMismatchError(f"{problem}. Use the decoder trained for this model, or {override_hint} "
                                  "to search anyway")
     if log is not None:
         log(f"WARNING: {problem} ({override_hint} given: searching anyway)")
-    return disagreement
+    return Belonging("overridden", disagreement, None)

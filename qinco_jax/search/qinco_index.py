@@ -88,6 +88,7 @@ class QincoIndex:
         self.options = options or EncodeOptions()
         self.nshort = nshort
         self.nmid_short = nmid_short
+        self.decoder_provenance: provenance.Belonging | None = None  # how the pairwise decoder was checked
         self._rerankers: dict[int, Reranker] = {}
         self._mid: PairwiseReranker | None = None
         self._pairwise_decoder = None
@@ -153,16 +154,23 @@ class QincoIndex:
         if self._pairwise_decoder is not None:
             decoder_path = os.fspath(path) + PAIRWISE_SUFFIX
             pairwise.save_pairwise_decoder(self._pairwise_decoder, decoder_path,
-                                           model_fingerprint=provenance.model_fingerprint(self.model))
+                                           model_fingerprint=None if self._decoder_overridden
+                                           else provenance.model_fingerprint(self.model))
             extra["pairwise_decoder_file"] = os.path.basename(decoder_path)
-        provenance.write_metadata(path, self.index, self.model, settings=self.search_settings(), extra=extra)
+        provenance.write_metadata(path, self.index, self.model, settings=self.search_settings(), extra=extra,
+                                  made_by_model=self.provenance.by != "overridden")
+
+    @property
+    def _decoder_overridden(self) -> bool:
+        return self.provenance.by == "overridden" or (
+            self.decoder_provenance is not None and self.decoder_provenance.by == "overridden")
 
     def open_pairwise_decoder(self, path) -> None:
         """Read a pairwise decoder file and use it as the middle stage, after checking
         it was trained for this index's model (the fingerprint its file records, else
         by decoding a sample of the stored entries)."""
         decoder = pairwise_stage.load_for_model(path, self.model)
-        provenance.check_decoder_belongs(
+        self.decoder_provenance = provenance.check_decoder_belongs(
             decoder, self.model, provenance.stored_codes_sample(self.index), decoder_path=path,
             recorded_fingerprint=pairwise.read_model_fingerprint(path), allow_mismatch=self.allow_model_mismatch,
             override_hint="allow_model_mismatch=True", log=_warn)
@@ -232,7 +240,7 @@ class QincoIndex:
         sample of the stored entries) or remove (None) the middle stage."""
         if decoder is not None:
             pairwise_stage.check_decoder_fits(decoder, self.model)
-            provenance.check_decoder_belongs(
+            self.decoder_provenance = provenance.check_decoder_belongs(
                 decoder, self.model, provenance.stored_codes_sample(self.index),
                 allow_mismatch=self.allow_model_mismatch, override_hint="allow_model_mismatch=True", log=_warn)
         self._set_pairwise_decoder(decoder)
