@@ -101,6 +101,13 @@ def test_tiny_main_job_with_qinco2(tmp_path):
         index = faiss.read_index(str(tmp_path / f"{stem}.faissindex"))
         ivf.check_index_matches_model(index, model)
         assert index.ntotal == s["data"]["nb"] and model.config.is_qinco2 == (stem == "ivf_qinco2")
+    # each index records its model: the other family's model, of the same shape, is refused
+    from qinco_jax.search import QincoIndex, provenance
+
+    qinco, qinco2 = (checkpoint.load_model(tmp_path / f"{stem}.pt") for stem in ("ivf_qinco", "ivf_qinco2"))
+    assert QincoIndex.read(tmp_path / "ivf_qinco.faissindex", qinco).provenance.by == "fingerprint"
+    with pytest.raises(provenance.ModelMismatchError, match="fingerprint"):
+        QincoIndex.read(tmp_path / "ivf_qinco.faissindex", qinco2)
 
 
 def test_database_codes_stay_in_the_nearest_ivf_list():
