@@ -35,8 +35,9 @@ Indexes and search:
     QincoIndex        an IVF-QINCo index used like a faiss one: build, add, search, write, read
     explore           the operating-point sweep (nprobe x efSearch x nshort [x nmid_short])
     run_two_stage     flat two-stage search: AQ shortlist, QINCo re-ranking
-    PairwiseDecoder, train_pairwise_decoder, load_pairwise_decoder, save_pairwise_decoder
-                      QINCo2's pairwise additive decoder (the three-stage search's middle stage)
+    PairwiseDecoder   QINCo2's pairwise additive decoder (the three-stage search's middle stage)
+    train_pairwise_decoder   an IVF model's pairwise decoder, trained on its codes of xt
+    load_pairwise_decoder, save_pairwise_decoder   its file (the reference's), checked against the model
 
 Data and measurements:
     get_dataset       the reference's data sets, a folder of vector files, built-in sets
@@ -86,8 +87,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "explore": ("qinco_jax.search.sweep", "explore"),
     "run_two_stage": ("qinco_jax.search.two_stage", "run_two_stage"),
     "PairwiseDecoder": ("qinco_jax.models.pairwise", "PairwiseDecoder"),
-    "train_pairwise_decoder": ("qinco_jax.models.pairwise", "train_pairwise_decoder"),
-    "load_pairwise_decoder": ("qinco_jax.models.pairwise", "load_pairwise_decoder"),
+    "train_pairwise_decoder": ("qinco_jax.search.pairwise_stage", "train_for_model"),
+    "load_pairwise_decoder": ("qinco_jax.search.pairwise_stage", "load_for_model"),
     "save_pairwise_decoder": ("qinco_jax.models.pairwise", "save_pairwise_decoder"),
     # data and measurements
     "get_dataset": ("qinco_jax.data.datasets", "get_dataset"),
@@ -130,9 +131,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ do
     from qinco_jax.formats.vecs_io import read_vectors, write_vectors
     from qinco_jax.metrics import mean_squared_error, one_recall_at
     from qinco_jax.models.codec import decode, encode, set_matmul_precision
-    from qinco_jax.models.pairwise import (PairwiseDecoder, load_pairwise_decoder, save_pairwise_decoder,
-                                           train_pairwise_decoder)
+    from qinco_jax.models.pairwise import PairwiseDecoder, save_pairwise_decoder
     from qinco_jax.models.qinco import PQQincoModel, QincoModel
+    from qinco_jax.search.pairwise_stage import load_for_model as load_pairwise_decoder
+    from qinco_jax.search.pairwise_stage import train_for_model as train_pairwise_decoder
     from qinco_jax.search.qinco_index import QincoIndex
     from qinco_jax.search.sweep import explore
     from qinco_jax.search.two_stage import run_two_stage
