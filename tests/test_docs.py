@@ -118,7 +118,15 @@ def shell_words(line: str) -> list[str]:
 
 def documentation_words(words: list[str]) -> list[str]:
     """Optional parts written [--flag value] count as given; a trailing '...' is prose."""
-    return [w.strip("[]") for w in words if w not in ("...", "[", "]") and w.strip("[]")]
+    out = []
+    for w in words:
+        if w.startswith("["):  # opens an optional part
+            w = w[1:]
+        if w.count("]") > w.count("["):  # closes one (a value such as [10,20] stays whole)
+            w = w[:-1]
+        if w and w != "...":
+            out.append(w)
+    return out
 
 
 class _Parsed(Exception):
@@ -126,15 +134,17 @@ class _Parsed(Exception):
 
 
 def check_argparse(parser: argparse.ArgumentParser, args: list[str], where: str,
-                   parse=argparse.ArgumentParser.parse_args) -> None:
-    """The parser accepts args, and every option is spelled in full (argparse would also
-    take an unambiguous prefix: a page must not rely on it)."""
+                   parse=argparse.ArgumentParser.parse_args, exact: bool = True) -> None:
+    """The parser accepts args, and (exact) every option is spelled in full: argparse
+    would also take an unambiguous prefix, which only the reference's own lines may use."""
     try:
         parse(parser, args)
     except SystemExit as e:
+        if e.code == 0 and set(args) & {"-h", "--help"}:
+            return
         raise AssertionError(f"{where}: {parser.prog} refuses {' '.join(args)!r}") from e
     known = set(parser._option_string_actions)
-    for w in args:
+    for w in args if exact else ():
         flag = w.split("=", 1)[0]
         if flag.startswith("-") and not re.fullmatch(r"-\d.*", flag):
             assert flag in known, f"{where}: {parser.prog} has no option {flag!r} (abbreviated?)"
@@ -168,7 +178,16 @@ def shim_module(script: Path) -> str:
     return next(n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom))
 
 
-def check_program(module: str, args: list[str], where: str) -> None:
+# The reference's script names (run from its folder), by the shim here that keeps the name.
+REFERENCE_SCRIPTS = {p.name: p for folder in ("train", "search", "convert") for p in (ROOT / folder).glob("*.py")}
+
+
+def optional_dependencies() -> list[str]:
+    section = (ROOT / "pyproject.toml").read_text().split("[project.optional-dependencies]", 1)[1].split("\n[", 1)[0]
+    return re.findall(r"^(\w+)\s*=", section, re.M)
+
+
+def check_program(module: str, args: list[str], where: str, exact: bool = True) -> None:
     if module == "qinco_jax.cli.run":
         from qinco_jax.cli.run_config import parse_run_args
 
@@ -179,7 +198,7 @@ def check_program(module: str, args: list[str], where: str) -> None:
         except ValueError as e:
             raise AssertionError(f"{where}: run.py refuses {' '.join(args)!r}: {e}") from e
         return
-    check_argparse(importlib.import_module(module).build_parser(), args, where)
+    check_argparse(importlib.import_module(module).build_parser(), args, where, exact=exact)
 
 
 def makefile_targets() -> set[str]:
@@ -201,10 +220,19 @@ def check_command(words: list[str], where: str) -> None:
             assert module.startswith("qinco_jax.cli."), f"{where}: python -m {module} is not a program of qinco_jax"
             return check_program(module, args, where)
         script = ROOT / args[0]
+        if "/" not in args[0] and args[0] in REFERENCE_SCRIPTS:  # the reference's own line, as it writes it
+            return check_program(shim_module(REFERENCE_SCRIPTS[args[0]]), args[1:], where, exact=False)
         assert script.is_file(), f"{where}: no script {args[0]}"
         if script.parent.name == "bench":
             return check_script_parses(script, args[1:], where)
         return check_program(shim_module(script), args[1:], where)
+    if prog == "./run.sh":  # the QINCo2 reference's accelerate launcher of run.py
+        return check_program("qinco_jax.cli.run", args, where)
+    if prog == "pip" and args[:1] == ["install"]:
+        extras = {e for w in args for m in re.finditer(r"^\.\[([\w,]+)\]?$", w) for e in m.group(1).split(",")}
+        missing = extras - set(optional_dependencies())
+        assert not missing, f"{where}: pyproject.toml has no extra {missing}"
+        return
     if prog in scripts:
         return check_program(scripts[prog].split(":")[0], args, where)
     if prog == "make":
@@ -226,8 +254,8 @@ def test_documented_commands_parse(block: Block):
     lines = command_lines(block.text)
     assert lines, f"{block.where}: an empty command block"
     for line in lines:
-        if block.lang == "inline" and re.search(r"<\w+>", line):
-            continue  # a pattern such as `python run.py task=<task> ...`, not a command
+        if block.lang == "inline" and (re.search(r"<\w+>|\.\.\.", line) or " " not in line.strip()):
+            continue  # a pattern (`python run.py task=<task> ...`) or a bare program name, not a command
         check_command(shell_words(line), block.where)
 
 
@@ -235,12 +263,16 @@ def test_the_command_checker_catches_what_it_should():
     """A renamed flag, an abbreviation, an unknown run.py key and an unknown make target
     each fail; the documented forms pass."""
     check_command(["python", "search/search_ivf.py", "--todo", "search", "--nthreads", "4"], "ok")
+    check_command(["python", "search_ivf.py", "--todo", "search", "--nthread", "4"], "the reference's own line")
+    check_command(["pip", "install", "-e", ".[cpu,test]", "torch==2.13.0"], "ok")
     for bad in (["python", "search/search_ivf.py", "--todo", "search", "--nthread", "4"],
                 ["python", "train/train_qinco.py", "--no_such_flag"],
                 ["python", "run.py", "task=eval", "no_such_key=1"],
                 ["qinco-run", "task=eval", "db=bigann1M", "db=deep1M"],
                 ["make", "no-such-target"],
                 ["make", "demo", "DEMO_ARGS=--no_such_flag 1"],
+                ["pip", "install", "-e", ".[no_such_extra]"],
+                ["./run.sh", "task=train", "no_such_key=1"],
                 ["wget", "https://example.com/x"]):
         with pytest.raises(AssertionError):
             check_command(bad, "bad")
