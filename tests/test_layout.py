@@ -126,3 +126,21 @@ def test_every_entry_point_names_a_program():
         assert module.startswith("qinco_jax.cli."), name
         assert callable(getattr(importlib.import_module(module), func)), target
         assert callable(getattr(importlib.import_module(module), "build_parser")), module
+
+
+def test_device_check_script_runs_the_project_venv(tmp_path):
+    """`bash bench/device_check.sh` as the docs write it uses .venv/bin/python when the
+    repository has one (make install made it), not a system python3 without jax."""
+    import subprocess
+
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "device_check.sh").write_text((ROOT / "bench" / "device_check.sh").read_text())
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    fake = tmp_path / ".venv" / "bin" / "python"
+    fake.write_text('#!/usr/bin/env bash\necho "venv python $*" > ran.txt\nmkdir -p "$3"; echo ok > "$3/summary.txt"\n')
+    fake.chmod(0o755)
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHON"}
+    proc = subprocess.run(["bash", "bench/device_check.sh", "runs/dc"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "ran.txt").read_text().startswith("venv python bench/device_check.py --out runs/dc")
