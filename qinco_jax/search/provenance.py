@@ -174,7 +174,7 @@ def decode_disagreement(index, model, codes: np.ndarray) -> float:
     K = 1 << int(faiss.vector_to_array(index.rq.nbits)[0])
     codebooks = faiss.vector_to_array(index.rq.codebooks).reshape(index.rq.M, K, index.d)
     r_aq = aq.reconstruct(codes[:, 1:], codebooks)
-    r_model = codec.decode(model, codes) - centroids
+    r_model = codec.decode(model, codes, batch_size=len(codes)) - centroids
     return _disagreement(r_model, r_aq)
 
 
@@ -185,7 +185,7 @@ def decoder_disagreement(decoder, model, codes: np.ndarray, ivf_centroids: np.nd
         return 0.0
     cents = ivf.ivf_centroids(model) if ivf_centroids is None else np.asarray(ivf_centroids, np.float32)
     base = cents[codes[:, 0]]
-    r_model = codec.decode(model, codes) - base
+    r_model = codec.decode(model, codes, batch_size=len(codes)) - base
     r_pairwise = pairwise.decode(decoder, codes, cents) - base
     return _disagreement(r_model, r_pairwise)
 
