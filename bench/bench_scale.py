@@ -44,12 +44,28 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
-
-from bench_memory import status_kb, write_random_bvecs  # noqa: E402
-
 D = 128
+
+
+def status_kb(field: str) -> int:
+    """A memory figure of this process from /proc/self/status (kB)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def write_random_bvecs(path: str, n: int, d: int, seed: int = 0, chunk: int = 1 << 16) -> None:
+    """n random uint8 vectors as .bvecs, a chunk at a time (bounded memory)."""
+    rng = np.random.default_rng(seed)
+    rows = np.empty((chunk, 4 + d), np.uint8)
+    rows[:, :4] = np.full((chunk, 1), d, "<i4").view(np.uint8)
+    with open(path, "wb") as f:
+        for i0 in range(0, n, chunk):
+            m = min(chunk, n - i0)
+            rows[:m, 4:] = rng.integers(0, 256, (m, d), dtype=np.uint8)
+            f.write(rows[:m].tobytes())
 
 
 def pipeline_config():
