@@ -6,7 +6,11 @@ Steps (--todo), in this order:
                    fit the AQ codebooks to the QINCo codes by least squares, put the
                    model's centroids in the coarse quantizer -> trained index (--trained_index)
   add              encode the database (or read --xb_codes files) and fill the inverted
-                   lists -> full index (--index)
+                   lists, --add_bs vectors at a time -> full index (--index). With --ondisk
+                   the lists go to <index>.ivfdata beside the index (memory-mapped at search
+                   time); launched on several processes (QINCO_PROCESS_INDEX / _COUNT, or a
+                   jax.distributed launcher) with --todo add --trained_index, each process
+                   adds its share of the database and the shards are merged on disk
   train_pairwise_decoder
                    train QINCo2's pairwise additive decoder on the training set's model
                    codes (encoded, or read from --xt_codes) -> --pairwise_decoder (.pt,
@@ -64,7 +68,8 @@ def build_parser():
     g.add_argument("--xt_codes", default="", help="file with the model codes of the first --nt training vectors "
                    "(.npy, .ivecs, .ibin, or packed bytes as codec_qinco.py --raw writes them)")
     g.add_argument("--xb_codes", default=[], nargs="*",
-                   help="files with the model codes of the database, in order (same formats as --xt_codes)")
+                   help="files with the model codes of the database, in order (same formats as --xt_codes, or "
+                   "QINCo2's encoded sets: a .npz header with its .part_<i>.npz files); read --add_bs at a time")
 
     g = p.add_argument_group("IVF centroids training")
     g.add_argument("--n_centroids", default=65536, type=int, help="number of centroids to train")
@@ -76,6 +81,9 @@ def build_parser():
                    help="faiss index key: IVF<K_IVF>[_HNSW32],RQ<M>x<log2 K>_<norm>, matching the model")
     g.add_argument("--trained_index", default="", help="load / store the trained (empty) index")
     g.add_argument("--index", default="", help="load / store the full index")
+    g.add_argument("--ondisk", action="store_true",
+                   help="add: store the inverted lists in <index>.ivfdata beside --index (faiss on-disk lists, "
+                   "memory-mapped by search; needed to build on several processes)")
     g.add_argument("--quantizer_efConstruction", default=-1, type=int,
                    help="efConstruction of an HNSW coarse quantizer (-1: faiss's default)")
     g.add_argument("--quantizer_efSearch", default=[], nargs="+", type=int,
@@ -134,6 +142,8 @@ def check_args(args) -> None:
     needs_model = [t for t in args.todo if t != "train_centroids"]
     if needs_model and not args.model:
         raise cli.UsageError(f"--model is required for --todo {' '.join(needs_model)}")
+    if args.ondisk and "add" in args.todo and not args.index:
+        raise cli.UsageError("--ondisk needs --index: the lists are written beside it, in <index>.ivfdata")
     if args.todo == ["train_centroids"] and not args.IVF_centroids:
         raise cli.UsageError("--todo train_centroids needs --IVF_centroids to store them")
 
@@ -191,29 +201,55 @@ def run_train(args, model, ds, stats):
     return index
 
 
-def run_add(args, model, ds, index, stats) -> None:
+def database_sources(args, model, ds):
+    """Where the database's codes come from, file by file: --xb_codes, or the database
+    vectors encoded as they are read."""
+    from qinco_jax.formats import packing
+    from qinco_jax.models import codec
+    from qinco_jax.search import ondisk
+
+    if args.xb_codes:
+        nbits = packing.code_nbits(model.code_sizes)
+        sources = []
+        for f in args.xb_codes:  # a QINCo2 encoded set (.npz header + parts) is one file per part
+            sources += ondisk.encoded_set_sources(f)[0] if f.endswith(".npz") else \
+                [ondisk.code_file_source(f, model.code_width, nbits)]
+        ondisk.check_sources(sources)  # a file given twice: said before the count it doubles
+        counts = [s.n_rows for s in sources]
+        if sum(counts) != ds.nb:
+            raise cli.UsageError(f"--xb_codes files hold {sum(counts)} codes ({' + '.join(map(str, counts))}), "
+                                 f"the database {ds.name} has {ds.nb} vectors")
+        return sources
+    options = encode_options(args)
+    return [ondisk.encoded_source(ds.database_rows, ds.nb, model.code_width,
+                                  lambda x: codec.encode(model, x, options, progress=None), name=f"{ds.name} database")]
+
+
+def run_add(args, model, ds, index, stats, slot=(0, 1, None)):
+    """Fill the trained index (in memory, or on disk with --ondisk: this process's
+    share, merged by the last process). Returns the full index, or None on a process
+    that left the merge to another."""
+    import time
+
     from qinco_jax.search import index as ivf
+    from qinco_jax.search import ondisk
 
     ivf.check_index_matches_model(index, model)
     if index.ntotal:
         raise cli.UsageError(f"the trained index already holds {index.ntotal} vectors; add needs an empty one")
-    if args.xb_codes:
-        counts = [packing.count_codes_file(f, model) for f in args.xb_codes]
-        if sum(counts) != ds.nb:
-            raise cli.UsageError(f"--xb_codes files hold {sum(counts)} codes ({' + '.join(map(str, counts))}), "
-                                 f"the database {ds.name} has {ds.nb} vectors")
-
-        def batches():
-            for f in args.xb_codes:
-                log(f"  loading codes {f}")
-                yield packing.read_codes_file(f, model)
-
-        t = ivf.add_vectors(index, model, batches(), code_batches=True, expected_total=ds.nb, log=log)
+    sources = database_sources(args, model, ds)
+    ondisk.check_sources(sources, index)
+    process_index, process_count, barrier = slot
+    t0 = time.time()
+    if args.ondisk:
+        index = ondisk.build_ondisk(index, sources, args.index, process_index=process_index,
+                                    process_count=process_count, barrier=barrier, chunk_rows=args.add_bs, log=log)
     else:
-        batches = ds.database_iterator(bs=args.add_bs)
-        t = ivf.add_vectors(index, model, batches, expected_total=ds.nb, options=encode_options(args), log=log)
-    stats["t_add"] = t
-    log(f"add done in {t:.3f} s, {index.ntotal} vectors")
+        ondisk.build_in_memory(index, sources, chunk_rows=args.add_bs, log=log)
+    stats["t_add"] = time.time() - t0
+    if index is not None:
+        log(f"add done in {stats['t_add']:.3f} s, {index.ntotal} vectors")
+    return index
 
 
 def run_train_pairwise(args, model, ds):
@@ -291,8 +327,16 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     cli.print_args(args)
     check_args(args)
+    slot = (0, 1, None)
+    if "add" in args.todo:
+        from qinco_jax.cli.qinco2_tasks import process_slot
+
+        slot = process_slot()  # before any JAX computation (jax.distributed)
     cli.select_device(args.device)
     set_threads(args.nthreads)
+    if slot[1] > 1 and (args.todo != ["add"] or not args.ondisk or not args.trained_index):
+        raise cli.UsageError(f"on {slot[1]} processes only --todo add --ondisk --trained_index <file> runs (train "
+                             "the index once on one process, then add on several, then search)")
     ds = datasets.get_dataset(args.db)
     log(f"Prepared dataset {ds}")
     stats: dict = {}
@@ -329,9 +373,17 @@ def main(argv=None):
                 raise cli.UsageError("add needs a trained index: run --todo train too, or give --trained_index")
             index = ivf.read_index(args.trained_index, "trained index")
             check_belongs(args, model, index, args.trained_index)
-        run_add(args, model, ds, index, stats)
-        if args.index:
+        index = run_add(args, model, ds, index, stats, slot)
+        if index is None:  # on-disk shard written; another process merges
+            return
+        if args.index and not args.ondisk:
             write_index(index, model, args.index, "index")
+        elif args.index:  # written by the merge: its metadata beside it
+            from qinco_jax.search import ondisk, provenance
+
+            provenance.write_metadata(args.index, index, model)
+            log(f"stored index in {args.index} + {ondisk.ivfdata_path(args.index)} (model fingerprint in "
+                f"{provenance.metadata_path(args.index)})")
 
     if "train_pairwise_decoder" in args.todo:
         log("====================== training the pairwise decoder")

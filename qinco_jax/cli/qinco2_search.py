@@ -8,6 +8,7 @@ Each is a function `task(cfg: RunConfig, log=print)` (the task registry of
         encoded_trainset=xt_codes.npz output=pairwise.pt           [K=..., n_pairwise_codebooks=2]
     run.py task=build_index ivf_centroids=c.npy trainset=xt.npy encoded_trainset=xt_codes.npz \\
         encoded_db=xb_codes.npz output=index.faissindex             [search.index_key=...]
+        [ondisk=true: lists in index.ivfdata; QINCO_PROCESS_INDEX=i QINCO_PROCESS_COUNT=P for P processes]
     run.py task=search model=m.pt index=index.faissindex queries=xq.npy queries_gt=gt.npy \\
         [pairwise_decoder=pairwise.pt search.nmid_short=[2,4]] output=results.json [resume=true]
 
@@ -169,10 +170,23 @@ def train_pairwise_decoder(cfg: RunConfig, log: Log = print) -> pairwise.Pairwis
 def build_index(cfg: RunConfig, log: Log = print):
     """The IVF-RQ index of QINCo(2) codes: AQ codebooks fitted by least squares to the
     encoded training set (search.aq_training_samples of them), the database codes of
-    encoded_db= added in bulk; written to output=. Needs no model."""
+    encoded_db= added part by part in chunks of a million (qinco_jax.search.ondisk);
+    written to output=. Needs no model. ondisk=true: the lists go to <output>.ivfdata;
+    launched on several processes (as task=encode is), each adds its share of the parts
+    and the last one merges them. Returns the index (None on a process that did not merge)."""
     from qinco_jax.search import index as ivf
+    from qinco_jax.search import ondisk
+    from qinco_jax.cli.qinco2_tasks import process_slot
 
     check_task(cfg)
+    process_index, process_count, barrier = process_slot()
+    if process_count > 1 and not cfg.ondisk:
+        raise RunConfigError(f"task=build_index on {process_count} processes needs ondisk=true (each process "
+                             "adds its share to its own on-disk lists, merged into one index)")
+    sources, header = ondisk.encoded_set_sources(cfg.encoded_db)
+    limit = resolve_data(cfg).db_limit
+    if limit is not None:
+        sources = ondisk.first_rows(sources, limit)
     centroids, xt, codes, _, _, K = checked_training_codes(cfg, log)
     M = codes.shape[1] - 1
     key = index_key(cfg, ivf_K=len(centroids), M=M)
@@ -181,15 +195,16 @@ def build_index(cfg: RunConfig, log: Log = print):
     ef_construction = EF_CONSTRUCTION if "HNSW" in key.split(",")[0] else 0
     index, stats = ivf.train_index_on_codes(centroids, xt, codes, key, K, ef_construction=ef_construction,
                                             max_training=cfg.search.aq_training_samples, log=log)
-    xb_codes = read_codes(cfg.encoded_db)
-    limit = resolve_data(cfg).db_limit
-    if limit is not None:
-        xb_codes = xb_codes[:limit]
-    codebooks = ivf.index_codebooks(index)
-    for i0 in range(0, len(xb_codes), ADD_BATCH):
-        ivf.add_codes(index, None, xb_codes[i0:i0 + ADD_BATCH], codebooks=codebooks)
-        log(f"  added {index.ntotal} / {len(xb_codes)} codes")
-    ivf.write_index(index, cfg.output)
+    ondisk.check_sources(sources, index, header=header, header_path=cfg.encoded_db)
+    log(f"adding {sum(s.n_rows for s in sources)} codes of {cfg.encoded_db} ({len(sources)} file(s))")
+    if cfg.ondisk:
+        index = ondisk.build_ondisk(index, sources, cfg.output, process_index=process_index,
+                                    process_count=process_count, barrier=barrier, chunk_rows=ADD_BATCH, log=log)
+        if index is None:
+            return None
+    else:
+        ondisk.build_in_memory(index, sources, chunk_rows=ADD_BATCH, log=log)
+        ivf.write_index(index, cfg.output)
     log(f"saved the index ({index.ntotal} vectors, AQ MSE of the training residuals "
         f"{stats.mse_train_residuals:g}) to {cfg.output}")
     return index

@@ -102,7 +102,10 @@ class RunConfig:
     epochs, grad_accumulate, seed, codebook_noise_init, enc_max_bs, qinco1_mode.
     Paths: output, model, tensorboard, ivf_centroids, index, encoded_db,
     encoded_trainset, pairwise_decoder; data: db (a data-set name or file), trainset,
-    queries, queries_gt. mse_scale multiplies reported MSEs (set by the data set)."""
+    queries, queries_gt. mse_scale multiplies reported MSEs (set by the data set).
+    ondisk (qinco-jax's): build_index writes the inverted lists to <output>.ivfdata
+    beside the .faissindex, memory-mapped at search time; on several processes each
+    adds its share of the parts and the shards are merged on disk."""
 
     task: str | None = None
     cpu: bool = False
@@ -146,6 +149,7 @@ class RunConfig:
     encode_trainset: bool = False
     n_pairwise_codebooks: int = 2
     pairwise_shrinkage: float = 0.0  # qinco-jax's: table entries sum / (count + this); 0 = the reference's means
+    ondisk: bool = False  # qinco-jax's: build_index puts the inverted lists in <output>.ivfdata (faiss on-disk)
     allow_model_mismatch: bool = False  # qinco-jax's: task=search with a model that did not make index= (expert)
 
     seed: int = 0

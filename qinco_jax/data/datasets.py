@@ -90,6 +90,11 @@ class Dataset:
         xb = self.get_database()
         yield from _iterate(xb, self.nb, bs, split)
 
+    def database_rows(self, start: int, end: int) -> np.ndarray:
+        """Database vectors [start, end) in float32 (read from the file alone when the
+        database is one: the index builders read their share of it this way)."""
+        return validation.as_finite_float32(self.get_database()[start:end], "database vectors", first_row=start)
+
     def __str__(self):
         return (f"{self.name}: dimension {self.d}, metric {self.metric}, "
                 f"size: Q {self.nq} B {self.nb} T {self.nt}")
@@ -259,6 +264,11 @@ class FileDataset(Dataset):
 
     def database_iterator(self, bs=128, split=(1, 0)):
         yield from _iterate(self._base(), self.nb, bs, split)
+
+    def database_rows(self, start, end):
+        if not 0 <= start <= end <= self.nb:
+            raise ValueError(f"{self.name}: rows [{start}, {end}) out of its {self.nb} database vectors")
+        return validation.as_finite_float32(self._base()[start:end], "database vectors", first_row=start)
 
     def get_queries(self):
         return validation.as_finite_float32(vecs_io.read_vectors(self._require("query")), "queries")

@@ -250,3 +250,82 @@ def encode_to_parts(path: str | os.PathLike, vectors: np.ndarray, encode_batch: 
         write_code_header(path, header)
         log(f"stored the header of {process_count} part(s) in {path}")
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Streaming reads: a part's shape from its header, its rows chunk by chunk
+# --------------------------------------------------------------------------------------
+
+_CODES_MEMBER = "codes.npy"
+
+
+def _open_codes_member(zf: zipfile.ZipFile, path: Path):
+    """The `codes.npy` member of an open part, positioned after its .npy header, with the
+    array's (shape, dtype)."""
+    if _CODES_MEMBER not in zf.namelist():
+        raise CodeFileError(f"{path}: no 'codes' array (members: {', '.join(zf.namelist())})")
+    member = zf.open(_CODES_MEMBER)
+    try:
+        version = np.lib.format.read_magic(member)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                       (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise CodeFileError(f"{path}: .npy format version {version} of its codes is not supported")
+        shape, fortran, dtype = read_header(member)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as e:
+        member.close()
+        raise CodeFileError(f"{path}: the codes' .npy header cannot be read ({e})") from None
+    if len(shape) != 2 or not np.issubdtype(dtype, np.integer) or fortran:
+        member.close()
+        raise CodeFileError(f"{path}: codes must be a 2-D C-ordered integer array, got {dtype} {shape}"
+                            f"{' (Fortran order)' if fortran else ''}")
+    return member, shape, dtype
+
+
+def _open_zip(path: Path) -> zipfile.ZipFile:
+    if not path.is_file():
+        raise CodeFileError(f"{path} not found")
+    try:
+        return zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as e:
+        raise CodeFileError(f"{path}: not a readable .npz file ({e})") from None
+
+
+def npz_codes_shape(path: str | os.PathLike) -> tuple[tuple[int, int], np.dtype, int]:
+    """(shape, dtype, crc32) of the codes of a part (or of any .npz holding `codes`), read
+    from the headers alone: nothing but the first bytes of the array is decompressed. The
+    CRC-32 of the uncompressed array (the zip directory's) tells identical parts apart."""
+    path = Path(path)
+    with _open_zip(path) as zf:
+        member, shape, dtype = _open_codes_member(zf, path)
+        member.close()
+        crc = zf.getinfo(_CODES_MEMBER).CRC
+    return (int(shape[0]), int(shape[1])), dtype, int(crc)
+
+
+def iter_npz_rows(path: str | os.PathLike, ranges: Iterable[tuple[int, int]]) -> Iterator[np.ndarray]:
+    """The codes of rows [start, end) of a part (or a .npz holding `codes`) for each range,
+    in order (ranges increasing, not overlapping), decompressed as a stream: memory is
+    bounded by one range, whatever the part's size. Rows before a range are read and
+    dropped (a deflate stream cannot be entered in the middle)."""
+    path = Path(path)
+    with _open_zip(path) as zf:
+        member, shape, dtype = _open_codes_member(zf, path)
+        with member:
+            row_bytes = int(shape[1]) * dtype.itemsize
+            at = 0
+            for start, end in ranges:
+                if not at <= start <= end <= shape[0]:
+                    raise ValueError(f"{path}: rows [{start}, {end}) out of order or out of its {shape[0]} rows")
+                skip = (start - at) * row_bytes
+                while skip:
+                    skip -= len(member.read(min(skip, 1 << 24)))
+                want = (end - start) * row_bytes
+                try:
+                    data = member.read(want)
+                except (zipfile.BadZipFile, OSError, EOFError) as e:
+                    raise CodeFileError(f"{path}: rows [{start}, {end}) cannot be read ({e})") from None
+                if len(data) != want:
+                    raise CodeFileError(f"{path}: truncated, rows [{start}, {end}) announced but missing")
+                at = end
+                yield np.frombuffer(data, dtype=dtype).reshape(end - start, shape[1])

@@ -89,10 +89,9 @@ def read_index(path, what: str = "index") -> faiss.IndexIVFResidualQuantizer:
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path}: no such file")
-    try:
-        index = faiss.read_index(path)
-    except RuntimeError as e:
-        raise ValueError(f"{what} {path} is not a faiss index: {_faiss_message(e)}") from None
+    from qinco_jax.search.ondisk import read_ondisk_index  # lists on disk: memory-mapped, checked
+
+    index = read_ondisk_index(path, what)
     try:
         return as_ivf_index(index)
     except ValueError as e:
@@ -296,7 +295,11 @@ def sa_codes(index, codes: np.ndarray, codebooks: np.ndarray | None = None) -> n
     if codebooks is None:
         codebooks = index_codebooks(index)
     fine = np.ascontiguousarray(codes[:, 1:], dtype=np.int32)
-    norms = np.ascontiguousarray((aq.reconstruct(fine, codebooks) ** 2).sum(1), dtype=np.float32)
+    # row by row the same numbers, a block of rows at a time: the (n, d) reconstructions
+    # of a million-code add chunk would take 512 MB (d=128)
+    norms = np.empty(n, np.float32)
+    for i0 in range(0, n, 65536):
+        norms[i0:i0 + 65536] = (aq.reconstruct(fine[i0:i0 + 65536], codebooks) ** 2).sum(1)
     packed = np.empty((n, index.code_size), np.uint8)
     if n:
         index.rq.pack_codes(n, faiss.swig_ptr(fine), faiss.swig_ptr(packed), -1, faiss.swig_ptr(norms), None)
@@ -330,7 +333,25 @@ def add_codes(index, model: QincoModel | None, codes: np.ndarray, first_id: int 
     order = np.argsort(codes[:, 0].astype(np.int64))
     sa = np.ascontiguousarray(sa_codes(index, codes[order], codebooks))
     with validation.faiss_step("adding codes to the index", on=f"{len(codes)} vectors from id {first_id}"):
-        index.add_sa_codes(sa, (first_id + order).astype(np.int64))
+        lists = faiss.downcast_InvertedLists(index.invlists)
+        if isinstance(lists, faiss.OnDiskInvertedLists):
+            _append_by_list(index, lists, codes[order, 0], sa, (first_id + order).astype(np.int64))
+        else:
+            index.add_sa_codes(sa, (first_id + order).astype(np.int64))
+
+
+def _append_by_list(index, lists, listnos: np.ndarray, sa: np.ndarray, ids: np.ndarray) -> None:
+    """What add_sa_codes does, one call per list: entries sorted by list (listnos
+    increasing) appended in order. On-disk lists take an entry at a time 30x slower."""
+    if lists.read_only:
+        raise ValueError(f"the on-disk lists {lists.filename} are opened read-only (for search); "
+                         "build a new index to add to")
+    fine = np.ascontiguousarray(sa[:, index.coarse_code_size():])
+    bounds = np.searchsorted(listnos, np.arange(index.nlist + 1))
+    for l in np.flatnonzero(np.diff(bounds)):
+        a, b = int(bounds[l]), int(bounds[l + 1])
+        lists.add_entries(int(l), b - a, faiss.swig_ptr(ids[a:b]), faiss.swig_ptr(fine[a:b]))
+    index.ntotal += len(ids)
 
 
 def add_vectors(index, model: QincoModel, batches: Iterable[np.ndarray], *, code_batches: bool = False,
