@@ -330,3 +330,54 @@ def test_indexes_the_engine_does_not_implement():
     with pytest.raises(UnsupportedIndexError):
         jax_engine.open_engine(ip, "jax")
     del x
+
+
+# --------------------------------------------------------------------------------------
+# Command lines: search_ivf.py --engine jax, run.py search.engine=jax
+# --------------------------------------------------------------------------------------
+
+
+def test_search_ivf_cli_engine_jax(data, tmp_path):
+    from qinco_jax.cli import index as search_ivf
+    from qinco_jax.search import report
+
+    folder = tmp_path / "db"
+    folder.mkdir()
+    for role, key in (("learn", "xt"), ("base", "xb"), ("query", "xq"), ("gt", "gt")):
+        np.save(folder / f"{role}.npy", data[key])
+    common = ["--db", str(folder), "--model", str(FIXTURES / "ivf_qinco_d32_IVF512_M4_K256_L1_h32.pt"),
+              "--index", str(FIXTURES / "ivf512_rq4x8.faissindex"), "--todo", "search", "--nprobe", "4",
+              "--nshort", "20", "--nthreads", "1"]
+    for engine in ("faiss", "jax"):
+        search_ivf.main(common + ["--engine", engine, "--json", str(tmp_path / f"{engine}.json")])
+    ours, theirs = (report.load_results(tmp_path / f"{e}.json") for e in ("jax", "faiss"))
+    assert json_engine(tmp_path / "jax.json") == "jax" and len(ours) == len(theirs) == 1
+    assert set(ours[0]) >= {"parameters", "recalls", "recalls_orig", "t_search", "t_decode", "t_dis", "nq"}
+    for key in ("recalls", "recalls_orig"):
+        for rank in ("1", "10", "100"):
+            assert abs(ours[0][key][rank] - theirs[0][key][rank]) <= 0.01 + 1e-9
+    with pytest.raises(SystemExit):
+        search_ivf.main(common + ["--engine", "gpu"])
+
+
+def json_engine(path):
+    import json
+
+    return json.loads(path.read_text())["engine"]
+
+
+def test_run_py_search_engine_jax(tmp_path):
+    from qinco_jax.cli import qinco2_search, run_config
+
+    args = ["task=search", f"model={FIXTURES / 'ivf_qinco_d32_IVF64_M4_K256_L1_h32.pt'}",
+            f"index={FIXTURES / 'ivf64_rq4x8.faissindex'}", f"queries={FIXTURES / 'ivf_xq.npy'}",
+            f"queries_gt={FIXTURES / 'ivf_gt.npy'}", "search.nprobe=[4]", "search.nshort=[10]", "search.nthreads=1"]
+    logged = []
+    ours = qinco2_search.search(run_config.parse_run_args(args + ["search.engine=jax", f"output={tmp_path / 'j.json'}"]),
+                                log=logged.append)
+    theirs = qinco2_search.search(run_config.parse_run_args(args), log=lambda _: None)
+    assert any("JAX engine" in m for m in logged) and json_engine(tmp_path / "j.json") == "jax"
+    assert [r["parameters"] for r in ours] == [r["parameters"] for r in theirs] == [{"nprobe": 4, "nshort": 10}]
+    assert abs(ours[0]["recalls"]["1"] - theirs[0]["recalls"]["1"]) <= 0.01 + 1e-9
+    with pytest.raises(run_config.RunConfigError, match="search.engine"):
+        run_config.parse_run_args(args + ["search.engine=cuda"])
