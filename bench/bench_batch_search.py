@@ -32,6 +32,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="runs/demo", help="the main job's output folder (its saved index and model)")
     p.add_argument("--build", action="store_true", help="build an index here even if --run has one")
+    p.add_argument("--cache", default="runs/bench_batch_search",
+                   help="where a built index, its model and queries are saved (and read back next time)")
     p.add_argument("--db", default="sift_images", choices=["sift_images", "synthetic"], help="data when building")
     p.add_argument("--nt", type=int, default=20000, help="training vectors when building (k-means, RQ, AQ)")
     p.add_argument("--nb", type=int, default=50000, help="database size for --db synthetic")
@@ -142,6 +144,8 @@ def print_row(row, all_threads, batches):
 def load_or_build(args):
     from pathlib import Path
 
+    import numpy as np
+
     from qinco_jax.formats.checkpoint import load_model
     from qinco_jax.search import index as ivf_index
 
@@ -154,8 +158,21 @@ def load_or_build(args):
                 summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
                 xq, gt = main_job_queries(summary.get("data", {}).get("name", "sift_images"))
                 return index, model, xq, gt, f"{run / stem}.faissindex"
-        print(f"no main-job index in {run}: building one on {args.db}")
-    return build_index(args)
+        print(f"no main-job index in {run}")
+    cache = Path(args.cache) / args.db
+    if not args.build and (cache / "ivf_qinco.faissindex").is_file():
+        return (ivf_index.read_index(cache / "ivf_qinco.faissindex"), load_model(cache / "ivf_qinco.pt"),
+                np.load(cache / "xq.npy"), np.load(cache / "gt.npy"), f"{cache}/ivf_qinco.faissindex (built by this bench)")
+    print(f"building one on {args.db}")
+    index, model, xq, gt, source = build_index(args)
+    from qinco_jax.formats.checkpoint import save_model
+
+    cache.mkdir(parents=True, exist_ok=True)
+    save_model(model, cache / "ivf_qinco.pt")
+    ivf_index.write_index(index, cache / "ivf_qinco.faissindex")
+    np.save(cache / "xq.npy", xq)
+    np.save(cache / "gt.npy", gt)
+    return index, model, xq, gt, source
 
 
 def main_job_queries(name: str):
@@ -188,7 +205,7 @@ def build_index(args):
     centroids = ivf_index.train_ivf_centroids(xt, args.nlist, verbose=False)
     assign = assign_to_centroids(xt, centroids)
     codebooks = train_rq(xt - centroids[assign], args.M, 256, log=lambda _: None)
-    config = QincoConfig(d=xt.shape[1], K=256, M=args.M, L=1, h=64, K_IVF=args.nlist)
+    config = QincoConfig(d=xt.shape[1], K=256, M=args.M, L=1, h=64, variant="ivf", K_IVF=args.nlist)
     params = zero_network_init(init_params(config, jax.random.key(0), codebooks=codebooks, codebook0=centroids))
     model = QincoModel(config, params)
     key = f"IVF{args.nlist},RQ{args.M}x8_Nqint8"

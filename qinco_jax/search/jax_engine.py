@@ -60,7 +60,6 @@ import math
 import time
 from typing import Any
 
-import faiss
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,19 +73,29 @@ DEFAULT_CHUNK = 32
 MAX_BLOCK_QUERIES = {"cpu": 256, "gpu": 8192}
 # Bytes of intermediate arrays a block may use (the scan's gathered codes and distances,
 # the re-ranking's activations); the device's free memory bounds it too on accelerators.
-BLOCK_BYTES = {"cpu": 256 << 20, "gpu": 4 << 30}
+# CPU: cache-sized blocks (on the shared 2-core test machine, 256 MB blocks ran 3-4x
+# slower than 8-32 MB ones at nprobe 16 on a 50k x 128 index).
+BLOCK_BYTES = {"cpu": 16 << 20, "gpu": 4 << 30}
+# A block takes the queries needing at least 1 / MERGE_RATIO of its first query's slots.
+MERGE_RATIO = 1.5
 # Slots per query are rounded up this geometric ladder (ratio 2^(1/4)): few shapes, <19% waste.
 _LADDER_RATIO = 2 ** 0.25
 
-ST = faiss.AdditiveQuantizer
-# search_type -> how the stored norm is decoded.
+# faiss's AdditiveQuantizer search_type (by name) -> how the stored norm is decoded.
+# (faiss is imported only to read an index: the engine itself runs without it.)
 NORM_ENCODINGS = {
-    ST.ST_norm_float: "float", ST.ST_norm_qint8: "qint8", ST.ST_norm_qint4: "qint4",
-    ST.ST_norm_cqint8: "cqint", ST.ST_norm_cqint4: "cqint", ST.ST_norm_lsq2x4: "cqint",
-    ST.ST_norm_rq2x4: "cqint", ST.ST_LUT_nonorm: "none", ST.ST_norm_from_LUT: "exact",
-    ST.ST_decompress: "exact",
+    "ST_norm_float": "float", "ST_norm_qint8": "qint8", "ST_norm_qint4": "qint4",
+    "ST_norm_cqint8": "cqint", "ST_norm_cqint4": "cqint", "ST_norm_lsq2x4": "cqint",
+    "ST_norm_rq2x4": "cqint", "ST_LUT_nonorm": "none", "ST_norm_from_LUT": "exact",
+    "ST_decompress": "exact",
 }
-SEARCH_TYPE_NAMES = {getattr(ST, n): n for n in dir(ST) if n.startswith("ST_") and n != "ST_count"}
+
+
+def search_type_name(search_type: int) -> str:
+    import faiss
+
+    names = {getattr(faiss.AdditiveQuantizer, n): n for n in dir(faiss.AdditiveQuantizer) if n.startswith("ST_")}
+    return names.get(int(search_type), f"search type {search_type}")
 
 
 class UnsupportedIndexError(ValueError):
@@ -135,9 +144,17 @@ class IvfTables:
         return np.diff(self.list_offsets)
 
 
+def _downcast_aq(aq):
+    import faiss
+
+    return faiss.downcast_AdditiveQuantizer(aq) if hasattr(faiss, "downcast_AdditiveQuantizer") else aq
+
+
 def check_supported(index) -> tuple[Any, Any]:
     """(the IVF index downcast, its additive quantizer), or UnsupportedIndexError naming
     the first thing the JAX engine does not implement."""
+    import faiss
+
     ivf = faiss.downcast_index(index)
     if not isinstance(ivf, faiss.IndexIVFAdditiveQuantizer):
         raise UnsupportedIndexError(f"the JAX engine searches IVF additive-quantizer indexes "
@@ -146,15 +163,15 @@ def check_supported(index) -> tuple[Any, Any]:
             ivf, faiss.IndexIVFProductLocalSearchQuantizer):
         raise UnsupportedIndexError(f"the JAX engine does not implement product additive quantizers "
                                     f"({type(ivf).__name__}); use engine='faiss'")
-    aq = faiss.downcast_AdditiveQuantizer(ivf.aq) if hasattr(faiss, "downcast_AdditiveQuantizer") else ivf.aq
+    aq = _downcast_aq(ivf.aq)
     if ivf.metric_type != faiss.METRIC_L2:
         raise UnsupportedIndexError("the JAX engine implements the L2 metric only; this index uses "
                                     f"metric {ivf.metric_type} (use engine='faiss')")
     if not ivf.by_residual:
         raise UnsupportedIndexError("the JAX engine implements by-residual IVF indexes only (by_residual is off)")
-    if aq.search_type not in NORM_ENCODINGS:
+    if search_type_name(aq.search_type) not in NORM_ENCODINGS:
         raise UnsupportedIndexError(f"the JAX engine does not implement the AQ search type "
-                                    f"{SEARCH_TYPE_NAMES.get(aq.search_type, aq.search_type)}")
+                                    f"{search_type_name(aq.search_type)}")
     nbits = [int(b) for b in faiss.vector_to_array(aq.nbits)]
     if any(b > 16 for b in nbits):
         raise UnsupportedIndexError(f"the JAX engine implements codebooks of at most 2^16 entries; "
@@ -164,6 +181,8 @@ def check_supported(index) -> tuple[Any, Any]:
 
 def _norm_table(aq) -> np.ndarray:
     """The codebook of a clustered norm encoding (cqint8/4, lsq2x4, rq2x4): faiss's qnorm."""
+    import faiss
+
     n = int(aq.qnorm.ntotal)
     return faiss.rev_swig_ptr(aq.qnorm.get_xb(), n).copy()
 
@@ -184,6 +203,8 @@ def decode_norms(aq, norm_codes: np.ndarray, encoding: str) -> np.ndarray:
 
 
 def _centroids(ivf) -> np.ndarray:
+    import faiss
+
     quantizer = faiss.downcast_index(ivf.quantizer)
     if quantizer.ntotal != ivf.nlist:
         raise UnsupportedIndexError(f"the coarse quantizer holds {quantizer.ntotal} centroids for "
@@ -197,6 +218,8 @@ def _centroids(ivf) -> np.ndarray:
 
 def read_ivf_tables(index) -> IvfTables:
     """Read an IVF additive-quantizer index (see the module docstring) into `IvfTables`."""
+    import faiss
+
     ivf, aq = check_supported(index)
     nbits = [int(b) for b in faiss.vector_to_array(aq.nbits)]
     M, d = len(nbits), int(ivf.d)
@@ -205,7 +228,7 @@ def read_ivf_tables(index) -> IvfTables:
     if len(codebooks) != offsets[-1]:
         raise UnsupportedIndexError(f"the AQ holds {len(codebooks)} codewords, its codes of {nbits} bits "
                                     f"need {offsets[-1]} (is it trained?)")
-    encoding = NORM_ENCODINGS[aq.search_type]
+    encoding = NORM_ENCODINGS[search_type_name(aq.search_type)]
     norm_bits = int(aq.norm_bits)
     invlists = ivf.invlists
     sizes = np.array([invlists.list_size(l) for l in range(ivf.nlist)], np.int64)
@@ -286,15 +309,35 @@ def chunk_lists(tables: IvfTables, chunk: int = DEFAULT_CHUNK) -> ChunkedLists:
     code_dtype = np.uint8 if tables.offsets[-1] == 0 or np.diff(tables.offsets).max() <= 256 else np.uint16
     codes = np.zeros(((total + 1) * chunk, M), code_dtype)
     codes[slot] = tables.codes
-    x_dot_c = np.einsum("nd,nd->n", _reconstruct(tables.codes, tables.codebooks, tables.offsets),
-                        tables.centroids[list_of].astype(np.float64)) if tables.ntotal else np.zeros(0)
     terms = np.full((total + 1) * chunk, np.inf, np.float32)
-    terms[slot] = (tables.norms.astype(np.float64) + 2 * x_dot_c).astype(np.float32)
+    terms[slot] = (tables.norms.astype(np.float64) + 2 * centroid_dot_reconstruction(tables)).astype(np.float32)
     slot_ids = np.full((total + 1) * chunk, -1, np.int64)
     slot_ids[slot] = tables.ids
     chunk_list = np.append(np.repeat(np.arange(tables.nlist), n_chunks_of), 0).astype(np.int32)
     return ChunkedLists(jnp.asarray(codes.reshape(total + 1, chunk, M)), jnp.asarray(terms.reshape(total + 1, chunk)),
                         jnp.asarray(chunk_list), first_chunk, n_chunks_of, slot_ids, chunk)
+
+
+def centroid_dot_reconstruction(tables: IvfTables, max_bytes: int = 256 << 20) -> np.ndarray:
+    """⟨c_l, x̂⟩ of every entry (float64), as Σ_m G[l, offset_m + x_m] with G = centroids ·
+    codebooksᵀ computed for a block of lists at a time (entries are in list order): M
+    look-ups per entry instead of a d-dimensional reconstruction."""
+    out = np.empty(tables.ntotal, np.float64)
+    cb = tables.codebooks.astype(np.float64)
+    lists_per_block = max(1, max_bytes // (8 * max(1, len(cb))))
+    offsets = tables.offsets[:-1]
+    for l0 in range(0, tables.nlist, lists_per_block):
+        l1 = min(tables.nlist, l0 + lists_per_block)
+        a, b = tables.list_offsets[l0], tables.list_offsets[l1]
+        if a == b:
+            continue
+        gram = tables.centroids[l0:l1].astype(np.float64) @ cb.T  # (lists, sum K_m)
+        local = np.repeat(np.arange(l1 - l0), np.diff(tables.list_offsets[l0:l1 + 1]))
+        acc = np.zeros(b - a, np.float64)
+        for m, off in enumerate(offsets):
+            acc += gram[local, off + tables.codes[a:b, m]]
+        out[a:b] = acc
+    return out
 
 
 def ladder_up(n: int) -> int:
@@ -320,39 +363,47 @@ class Block:
 
 
 def plan_blocks(layout: ChunkedLists, probes: np.ndarray, coarse_dis: np.ndarray, *, max_queries: int,
-                bytes_per_slot: int, budget: int) -> list[Block]:
-    """Group the queries by their number of chunks (rounded up the ladder) and cut each
-    group into blocks of at most max_queries queries and `budget` bytes."""
+                bytes_per_slot: int, budget: int, merge: float | None = None) -> list[Block]:
+    """Cut the batch into blocks of queries with similar work: queries sorted by their
+    number of chunks, most first; a block has the slots S (up the ladder) of its first
+    query, takes the following queries that need at least S / merge slots (at most
+    max_queries, and `budget` bytes), and its row count is rounded up to a power of two
+    filled with the next queries (they need fewer slots: no more padding than before).
+    So a batch compiles a few (rows, slots) shapes and pads little."""
+    merge = MERGE_RATIO if merge is None else merge
     nq, P = probes.shape
     pad = layout.pad_chunk
     valid = probes >= 0
     lists = np.where(valid, probes, 0)
     counts = np.where(valid, layout.n_chunks_of[lists], 0)
     totals = counts.sum(1)
-    sizes = np.array([ladder_up(max(int(t), 1)) for t in totals]) if nq else np.zeros(0, int)
+    order = np.argsort(-totals, kind="stable")
+    sorted_totals = totals[order]
     blocks = []
-    for S in np.unique(sizes):
-        members = np.flatnonzero(sizes == S)
-        most = max(1, min(max_queries, budget // max(1, int(S) * layout.chunk * bytes_per_slot)))
+    i = 0
+    while i < nq:
+        S = ladder_up(max(int(sorted_totals[i]), 1))
+        most = max(1, min(max_queries, budget // max(1, S * layout.chunk * bytes_per_slot)))
         most = 1 << int(math.floor(math.log2(most)))
-        for i in range(0, len(members), most):
-            qs = members[i:i + most]
-            nb = len(qs) if len(qs) == most else min(most, 1 << int(math.ceil(math.log2(len(qs)))))
-            slots = np.full((nb, int(S)), pad, np.int32)
-            bias = np.zeros((nb, int(S)), np.float32)
-            c = counts[qs]  # (b, P)
-            # Chunk k of probe p of query j: first_chunk[list] + k, at slot offset[j, p] + k.
-            offs = np.cumsum(c, 1) - c
-            rows = np.repeat(np.arange(len(qs)), c.sum(1))
-            flat_c = c.ravel()
-            probe_first = layout.first_chunk[lists[qs]].ravel()
-            within = np.arange(flat_c.sum()) - np.repeat(np.cumsum(flat_c) - flat_c, flat_c)
-            cols = np.repeat(offs.ravel(), flat_c) + within
-            slots[rows, cols] = np.repeat(probe_first, flat_c) + within
-            bias[rows, cols] = np.repeat(coarse_dis[qs].ravel(), flat_c)
-            queries = np.full(nb, -1, np.int64)
-            queries[:len(qs)] = qs
-            blocks.append(Block(queries, slots, bias))
+        # sorted_totals is non-increasing: the queries needing >= S / merge slots come first
+        similar = int(np.searchsorted(-sorted_totals[i:i + most], -S / merge, side="right"))
+        rows = min(most, 1 << int(math.ceil(math.log2(max(similar, 1)))))
+        qs = order[i:i + rows]
+        i += len(qs)
+        slots = np.full((rows, S), pad, np.int32)
+        bias = np.zeros((rows, S), np.float32)
+        c = counts[qs]  # (b, P)
+        # Chunk k of probe p of query j: first_chunk[list] + k, at slot offset[j, p] + k.
+        offs = np.cumsum(c, 1) - c
+        row_of = np.repeat(np.arange(len(qs)), c.sum(1))
+        flat_c = c.ravel()
+        within = np.arange(flat_c.sum()) - np.repeat(np.cumsum(flat_c) - flat_c, flat_c)
+        cols = np.repeat(offs.ravel(), flat_c) + within
+        slots[row_of, cols] = np.repeat(layout.first_chunk[lists[qs]].ravel(), flat_c) + within
+        bias[row_of, cols] = np.repeat(coarse_dis[qs].ravel(), flat_c)
+        queries = np.full(rows, -1, np.int64)
+        queries[:len(qs)] = qs
+        blocks.append(Block(queries, slots, bias))
     return blocks
 
 
@@ -467,9 +518,9 @@ class JaxIvfEngine:
     (None: per-backend defaults, MAX_BLOCK_QUERIES and BLOCK_BYTES)."""
 
     def __init__(self, index, *, chunk: int = DEFAULT_CHUNK, max_block_queries: int | None = None,
-                 block_bytes: int | None = None):
+                 block_bytes: int | None = None, tables: IvfTables | None = None):
         t0 = time.time()
-        self.tables = read_ivf_tables(index)
+        self.tables = read_ivf_tables(index) if tables is None else tables
         self.layout = chunk_lists(self.tables, chunk)
         self.centroids = jnp.asarray(self.tables.centroids)
         self.centroid_norms = jnp.asarray(np.square(self.tables.centroids.astype(np.float64)).sum(1).astype(np.float32))
@@ -481,6 +532,11 @@ class JaxIvfEngine:
         self.ntotal = self.tables.ntotal
         self.t_build = time.time() - t0
         self._compiled: dict[tuple, Any] = {}
+
+    @classmethod
+    def from_tables(cls, tables: IvfTables, **kwargs) -> "JaxIvfEngine":
+        """An engine over tables not read from a faiss index (e.g. generated ones)."""
+        return cls(None, tables=tables, **kwargs)
 
     @property
     def d(self) -> int:
