@@ -125,13 +125,15 @@ def main(argv=None):
 
 
 def best_of(fn, runs: int = 3):
-    """(result, best wall time) over a warm-up and `runs` timed runs."""
-    result = fn()
-    best = float("inf")
+    """(result of the fastest run, its wall time) over a warm-up and `runs` timed runs."""
+    fn()
+    best, result = float("inf"), None
     for _ in range(runs):
         t0 = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t0)
+        r = fn()
+        t = time.perf_counter() - t0
+        if t < best:
+            best, result = t, r
     return result, best
 
 
