@@ -301,6 +301,9 @@ def chunk_lists(tables: IvfTables, chunk: int = DEFAULT_CHUNK) -> ChunkedLists:
     n_chunks_of = -(-sizes // chunk)
     first_chunk = np.concatenate([[0], np.cumsum(n_chunks_of)[:-1]]).astype(np.int64)
     total = int(n_chunks_of.sum())
+    if (total + 1) * chunk >= 2 ** 31:
+        raise UnsupportedIndexError(f"{tables.ntotal} entries in {total} chunks of {chunk}: the JAX engine "
+                                    "addresses at most 2^31 slots (int32 positions); shard the index")
     # Slot of every entry: its list's first chunk * chunk + its rank in the list.
     list_of = np.repeat(np.arange(tables.nlist), sizes)
     rank = np.arange(tables.ntotal) - tables.list_offsets[list_of]
@@ -446,7 +449,7 @@ def scan_block(codebooks, offsets, layout_codes, layout_terms, xq, slots, bias, 
     dis = (bias[:, :, None] + layout_terms[slots]).reshape(B, S * C) - 2 * ip
     neg, pos = jax.lax.top_k(-dis, n)
     chunk = jnp.take_along_axis(slots, pos // C, axis=1)
-    return -neg, chunk * C + pos % C, codes
+    return -neg, chunk * C + pos % C
 
 
 def _search_block(tables, model, mid, xq, slots, bias, *, offsets, n, nshort, k, dtype, outer_skip):
@@ -457,7 +460,7 @@ def _search_block(tables, model, mid, xq, slots, bias, *, offsets, n, nshort, k,
 
     codebooks, layout_codes, layout_terms, chunk_list = tables
     C = layout_codes.shape[1]
-    D_short, gpos, _ = scan_block(codebooks, offsets, layout_codes, layout_terms, xq, slots, bias, n)
+    D_short, gpos = scan_block(codebooks, offsets, layout_codes, layout_terms, xq, slots, bias, n)
     valid = jnp.isfinite(D_short)
     short = jnp.where(valid, gpos, -1)
     fine = layout_codes.reshape(-1, layout_codes.shape[-1])[gpos].astype(jnp.int32)
@@ -482,7 +485,7 @@ _search_block_jit = jax.jit(_search_block, static_argnames=("offsets", "n", "nsh
 
 @functools.partial(jax.jit, static_argnames=("offsets", "n"))
 def _shortlist_block(codebooks, layout_codes, layout_terms, xq, slots, bias, *, offsets, n):
-    D, gpos, _ = scan_block(codebooks, offsets, layout_codes, layout_terms, xq, slots, bias, n)
+    D, gpos = scan_block(codebooks, offsets, layout_codes, layout_terms, xq, slots, bias, n)
     return D, jnp.where(jnp.isfinite(D), gpos, -1)
 
 
@@ -572,9 +575,10 @@ class JaxIvfEngine:
             L = np.pad(L, ((0, 0), (0, nprobe - p)), constant_values=-1)
         return D, L
 
-    def _bytes_per_slot(self, n: int, nshort: int, model_width: int) -> int:
-        # Per scanned entry: its codes as int32, the look-up sums and distances (~4 floats);
-        # the re-ranking's activations are per shortlist entry and counted through n / slot.
+    @property
+    def bytes_per_slot(self) -> int:
+        """Block memory per scanned entry: its codes as int32, look-up sums, terms and
+        distances (the re-ranking's activations, per shortlist entry, are far fewer)."""
         return 4 * self.tables.M + 24
 
     def _run_blocks(self, blocks: list[Block], xq: np.ndarray, call) -> list[tuple[Block, tuple]]:
@@ -600,7 +604,7 @@ class JaxIvfEngine:
         D, L = self.coarse(xq, nprobe)
         t_coarse = time.time() - t0
         blocks = plan_blocks(self.layout, L, D, max_queries=self.max_block_queries,
-                             bytes_per_slot=self._bytes_per_slot(0, 0, 0), budget=self.block_bytes)
+                             bytes_per_slot=self.bytes_per_slot, budget=self.block_bytes)
         return blocks, t_coarse
 
     def shortlist(self, xq: np.ndarray, nprobe: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -668,10 +672,8 @@ class JaxIvfEngine:
                 mids[qs, :mp.shape[1]] = mp[keep]
             D[qs, :d.shape[1]] = d[keep]
             final[qs, :f.shape[1]] = f[keep]
-        res = EngineResult(D, self._ids(final), self._ids(short), None if mids is None else self._ids(mids),
-                           t_coarse, t_scan, 0.0)
-        res.t_ids = time.time() - t0
-        return res
+        I, I_short, I_mid = self._ids(final), self._ids(short), None if mids is None else self._ids(mids)
+        return EngineResult(D, I, I_short, I_mid, t_coarse, t_scan, time.time() - t0)
 
     def _compile(self, blocks: list[Block], xq: np.ndarray, call, static: tuple) -> None:
         """Compile (and run once) every new block shape before the timed run."""
