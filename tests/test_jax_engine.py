@@ -86,7 +86,7 @@ def test_shortlists_are_faiss_shortlists_on_the_fixture_indexes(name, data):
     index = ivf_index.read_index(FIXTURES / name)
     engine = JaxIvfEngine(index)
     assert engine.tables.norm_encoding == "qint8" and engine.ntotal == index.ntotal
-    for nprobe, n in [(1, 10), (4, 50), (16, 100)]:
+    for nprobe, n in [(1, 10), (4, 50), (16, 100), (600, 30)]:  # 600 > nlist: every list
         D_ref, I_ref = faiss_shortlist(index, data["xq"], nprobe, n)
         D, I = engine.shortlist(data["xq"], nprobe, n)
         assert_same_shortlists(D_ref, I_ref, D, I)
@@ -212,7 +212,7 @@ def test_engine_is_rebuilt_after_add(model512, data):
 
 def test_sweep_with_the_jax_engine(model512, data):
     index = ivf_index.read_index(FIXTURES / "ivf512_rq4x8.faissindex")
-    kw = dict(nprobe=[1, 8], nshort=[10, 50], log=lambda _: None)
+    kw = dict(nprobe=[2, 8], nshort=[20], log=lambda _: None)
     theirs = sweep.explore(index, model512, data["xq"], data["gt"], **kw)
     ours = sweep.explore(index, model512, data["xq"], data["gt"], engine=JaxIvfEngine(index), **kw)
     assert [r["parameters"] for r in ours] == [r["parameters"] for r in theirs]
@@ -237,6 +237,16 @@ def test_three_stages_in_one_jit(data):
     same_mid = np.mean([len(set(x) & set(y)) / 10 for x, y in zip(a.I_mid, b.I_mid)])
     assert same_mid > 0.98
     assert abs(one_recall_at(a.I, data["gt"])["1"] - one_recall_at(b.I, data["gt"])["1"]) <= 0.01 + 1e-9
+    # one probed list holds fewer entries than nshort: nothing for the middle stage to cut
+    for engine in ("faiss", "jax"):
+        qi = QincoIndex(index, model, engine=engine, nshort=200, pairwise_decoder=decoder, nmid_short=4)
+        qi.nprobe = 1
+        results[engine] = qi.search_detailed(data["xq"][:20], 10)
+    a, b = results["jax"], results["faiss"]
+    assert ((b.I_mid >= 0).sum(1) < 200).any()  # the case is exercised
+    for x, y, s in zip(a.I_mid, b.I_mid, b.I_short):
+        if (s >= 0).sum() <= 200:
+            assert set(x[x >= 0]) == set(y[y >= 0]) == set(s[s >= 0])
 
 
 # --------------------------------------------------------------------------------------

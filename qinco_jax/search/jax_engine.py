@@ -466,7 +466,7 @@ def _search_block(tables, model, mid, xq, slots, bias, *, offsets, n, nshort, k,
     fine = layout_codes.reshape(-1, layout_codes.shape[-1])[gpos].astype(jnp.int32)
     full = jnp.concatenate([chunk_list[gpos // C][..., None], fine], axis=-1)
     full = jnp.where(valid[..., None], full, 0)  # decodable placeholders
-    mid_pos = short[:, :0]
+    mid_pos = short[:, :nshort]  # a block whose lists hold no more than nshort entries: nothing to cut
     if mid is not None and n > nshort:
         decoder, centroids = mid
         D_mid, pos = _pairwise_rank_impl(decoder, centroids, xq, full, valid, nshort)
