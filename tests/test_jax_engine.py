@@ -324,8 +324,6 @@ def test_bad_queries(data, model512):
 
 
 def test_indexes_the_engine_does_not_implement():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2000, 16)).astype(np.float32)
     ip = faiss.index_factory(16, "IVF8,RQ2x4_Nqint8", faiss.METRIC_INNER_PRODUCT)
     with pytest.raises(UnsupportedIndexError, match="L2 metric only"):
         JaxIvfEngine(ip)
@@ -339,7 +337,6 @@ def test_indexes_the_engine_does_not_implement():
     assert "L2 metric only" in messages[0] and "faiss" in messages[0]
     with pytest.raises(UnsupportedIndexError):
         jax_engine.open_engine(ip, "jax")
-    del x
 
 
 # --------------------------------------------------------------------------------------
