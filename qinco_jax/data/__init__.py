@@ -2,5 +2,6 @@
 
     datasets     the reference's data sets (BigANN, Deep1B, folders, built-in synthetic sets)
     image_sift   the built-in real data set: dense SIFT of scikit-image's sample images
+    groundtruth  exact nearest-neighbour ground truth (faiss brute force)
     validation   checks on vectors (dtype, shape, finite values) and faiss steps' errors
 """
