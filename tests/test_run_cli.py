@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qinco_jax import distributed
 from qinco_jax.formats import checkpoint
 from qinco_jax.formats import code_parts
 from qinco_jax.models import codec
 from qinco_jax.formats import vecs_io
-from qinco_jax.cli import qinco2_tasks
 from qinco_jax.cli import run as run_cli
 from qinco_jax.cli.run_config import RunConfigError, parse_run_args
 
@@ -51,8 +51,8 @@ def data(tmp_path_factory, ref):
 @pytest.fixture
 def qinco_data(data, monkeypatch):
     monkeypatch.setenv("QINCO_DATA", str(data))
-    monkeypatch.delenv(qinco2_tasks.PROCESS_INDEX_ENV, raising=False)
-    monkeypatch.delenv(qinco2_tasks.PROCESS_COUNT_ENV, raising=False)
+    monkeypatch.delenv(distributed.PROCESS_INDEX_ENV, raising=False)
+    monkeypatch.delenv(distributed.PROCESS_COUNT_ENV, raising=False)
     return data
 
 
@@ -157,14 +157,14 @@ def test_two_process_encode_writes_two_parts_that_assemble_to_one(qinco_data, tm
     run(f"task=encode db={db} model={MODEL} output={one} A=4 B=2")
     two = tmp_path / "two.npz"
     for i in (1, 0):  # any order: each process writes its part, process 0 the header
-        monkeypatch.setenv(qinco2_tasks.PROCESS_INDEX_ENV, str(i))
-        monkeypatch.setenv(qinco2_tasks.PROCESS_COUNT_ENV, "2")
+        monkeypatch.setenv(distributed.PROCESS_INDEX_ENV, str(i))
+        monkeypatch.setenv(distributed.PROCESS_COUNT_ENV, "2")
         run(f"task=encode db={db} model={MODEL} output={two} A=4 B=2")
     _assert_reference_format(two, 2, 4)
     sizes = [len(code_parts._part_codes(two, i)) for i in range(2)]
     assert sizes == [250, 250]
     np.testing.assert_array_equal(code_parts.read_codes(two), code_parts.read_codes(one))
-    monkeypatch.setenv(qinco2_tasks.PROCESS_INDEX_ENV, "2")
+    monkeypatch.setenv(distributed.PROCESS_INDEX_ENV, "2")
     with pytest.raises(RunConfigError, match="must lie in"):
         run(f"task=encode db={db} model={MODEL} output={two}")
 

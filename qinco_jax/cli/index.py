@@ -229,28 +229,18 @@ def run_train_pairwise(args, model, ds):
 
 def run_search(args, model, ds, index) -> list[dict]:
     from qinco_jax.search import report
-    from qinco_jax.search import index as ivf
-    from qinco_jax.search.rerank import Reranker
-    from qinco_jax.search.sweep import explore
+    from qinco_jax.search.sweep import sweep_index
 
-    ivf.check_index_matches_model(index, model)
     if index.ntotal != ds.nb:
         raise cli.UsageError(f"the index holds {index.ntotal} vectors, the database {ds.name} has {ds.nb}")
     xq = ds.get_queries()
     gt = ds.get_groundtruth()
     log(f"queries {xq.shape}, ground truth {gt.shape}")
-    reranker = Reranker(model, dtype=cli.dtype_from_args(args))
-    mid = None
-    if args.pairwise_decoder:
-        from qinco_jax.search import pairwise_stage
-
-        mid = pairwise_stage.middle_stage(
-            pairwise_stage.load_for_model(args.pairwise_decoder, model, args.pairwise_table_dtype), model)
-        log(f"three-stage search with the pairwise decoder {args.pairwise_decoder} ({args.pairwise_table_dtype} "
-            f"tables), nmid_short {args.nmid_short}")
-    results = explore(index, model, xq, gt, nprobe=args.nprobe, nshort=args.nshort,
-                      ef_search=args.quantizer_efSearch, n_autotune=args.n_autotune,
-                      reranker=reranker, mid=mid, nmid_short=args.nmid_short, log=log)
+    results = sweep_index(index, model, xq, gt, nprobe=args.nprobe, nshort=args.nshort,
+                          ef_search=args.quantizer_efSearch, n_autotune=args.n_autotune,
+                          pairwise_decoder=args.pairwise_decoder or None,
+                          pairwise_table_dtype=args.pairwise_table_dtype, nmid_short=args.nmid_short,
+                          reranker_dtype=cli.dtype_from_args(args), log=log)
     log("\n" + report.format_table(results, len(xq)))
     return results
 

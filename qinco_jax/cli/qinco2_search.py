@@ -30,17 +30,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from qinco_jax.formats import code_parts
 from qinco_jax.models import pairwise
-from qinco_jax.cli.qinco2_tasks import read_vector_file
+from qinco_jax.cli.qinco2_tasks import read_ivf_centroids, read_vector_file, split_training_file
 from qinco_jax.metrics import mean_squared_error
 from qinco_jax.cli.run_config import RunConfig, RunConfigError, check_task, index_key, resolve_data
-
-Log = Callable[[str], None]
+from qinco_jax.logs import Log
 ADD_BATCH = 1_000_000  # database codes added per batch (the reference's)
 EF_CONSTRUCTION = 20  # efConstruction of the HNSW coarse quantizer, as the reference builds it
 
@@ -62,32 +60,22 @@ def read_codes(path: str) -> np.ndarray:
 
 
 def ivf_centroids_file(cfg: RunConfig) -> np.ndarray:
-    if not cfg.ivf_centroids:
-        raise RunConfigError(f"task={cfg.task} needs ivf_centroids=<file.npy>")
-    c = np.load(cfg.ivf_centroids)
-    if c.ndim != 2:
-        raise RunConfigError(f"ivf_centroids={cfg.ivf_centroids} holds an array of shape {c.shape}, not (nlist, d)")
+    c = read_ivf_centroids(cfg)
     if cfg.ivf_K is not None and cfg.ivf_K != len(c):
         raise RunConfigError(f"ivf_K={cfg.ivf_K} given, but ivf_centroids={cfg.ivf_centroids} holds {len(c)} centroids")
-    return c.astype(np.float32)
+    return c
 
 
 def encoded_training_set(cfg: RunConfig, log: Log) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(xt, xt_codes, xval, xval_codes) split as the reference splits them."""
-    path = resolve_data(cfg).trainset
-    xt_all = read_vector_file(path, "training")
-    nval = cfg.ds.valset
-    if not 0 < nval <= len(xt_all) // 2:
-        raise RunConfigError(f"ds.valset={nval} must be positive and at most half of the {len(xt_all)} "
-                             f"vectors of {path}")
-    xt, xval = xt_all[:-nval], xt_all[-nval:]
-    nt = min(cfg.ds.trainset or len(xt), len(xt))
+    xt, xval = split_training_file(cfg)
+    nt, nval = len(xt), len(xval)
     codes = read_codes(cfg.encoded_trainset)
     if nt + nval > len(codes):
         raise RunConfigError(f"encoded_trainset={cfg.encoded_trainset} holds {len(codes)} codes, fewer than the "
                              f"{nt} training + {nval} validation vectors")
     log(f"{nt} training vectors, {nval} validation vectors, codes of width {codes.shape[1]}")
-    return (np.asarray(xt[:nt], np.float32), codes[:nt], np.asarray(xval, np.float32), codes[-nval:])
+    return (np.asarray(xt, np.float32), codes[:nt], np.asarray(xval, np.float32), codes[-nval:])
 
 
 def _codebook_size(cfg: RunConfig, codes: np.ndarray) -> int:
@@ -183,11 +171,9 @@ def search(cfg: RunConfig, log: Log = print) -> list[dict]:
     import faiss
 
     from qinco_jax.formats import checkpoint
-    from qinco_jax.search import report
     from qinco_jax.search import index as ivf
-    from qinco_jax.search import pairwise_stage
-    from qinco_jax.search.rerank import Reranker
-    from qinco_jax.search.sweep import explore
+    from qinco_jax.search import report
+    from qinco_jax.search.sweep import searchable_ef_search, sweep_index
 
     check_task(cfg)
     if not cfg.index:
@@ -202,14 +188,8 @@ def search(cfg: RunConfig, log: Log = print) -> list[dict]:
     gt = np.asarray(read_vector_file(data.queries_gt, "ground-truth"))
     if cfg.search.nthreads > 0:
         faiss.omp_set_num_threads(int(cfg.search.nthreads))
-    mid = None
-    if cfg.pairwise_decoder:
-        mid = pairwise_stage.middle_stage(
-            pairwise_stage.load_for_model(cfg.pairwise_decoder, model, cfg.search.pairwise_table_dtype), model)
-        log(f"three-stage search with the pairwise decoder {cfg.pairwise_decoder} "
-            f"({cfg.search.pairwise_table_dtype} tables)")
     metadata = dict(nq=len(xq), model=model.describe(), index=cfg.index, pairwise_decoder=cfg.pairwise_decoder)
-    if mid is not None:
+    if cfg.pairwise_decoder:
         metadata["pairwise_table_dtype"] = cfg.search.pairwise_table_dtype
     previous: list[dict] = []
     if cfg.resume and cfg.output and Path(cfg.output).exists():
@@ -221,18 +201,12 @@ def search(cfg: RunConfig, log: Log = print) -> list[dict]:
             report.save_results(cfg.output, results, **metadata)
 
     s = cfg.search
-    ef_search = s.quantizer_efSearch
-    quantizer = ivf.coarse_quantizer(index)
-    if ef_search and not hasattr(quantizer, "hnsw"):
-        # the config's efSearch axis (default (4,), QINCo2's) has no meaning for a flat coarse
-        # quantizer, e.g. the main job's indexes: searched without it rather than refused
-        log(f"the index's coarse quantizer is {type(quantizer).__name__}, not HNSW: "
-            f"search.quantizer_efSearch={list(ef_search)} does not apply and is left out")
-        ef_search = ()
-    n_points = len(s.nprobe) * max(1, len(ef_search)) * len(s.nshort) * (len(s.nmid_short) if mid else 1)
-    results = explore(index, model, xq, gt, nprobe=s.nprobe, nshort=s.nshort, ef_search=ef_search,
-                      n_autotune=n_points, reranker=Reranker(model), mid=mid, nmid_short=s.nmid_short,
-                      previous=previous, on_result=save, log=log)
+    ef_search = searchable_ef_search(index, s.quantizer_efSearch, log)
+    n_points = len(s.nprobe) * max(1, len(ef_search)) * len(s.nshort) * (len(s.nmid_short) if cfg.pairwise_decoder else 1)
+    results = sweep_index(index, model, xq, gt, nprobe=s.nprobe, nshort=s.nshort, ef_search=ef_search,
+                          n_autotune=n_points, pairwise_decoder=cfg.pairwise_decoder,
+                          pairwise_table_dtype=s.pairwise_table_dtype, nmid_short=s.nmid_short,
+                          previous=previous, on_result=save, log=log)
     save(results)
     log("\n" + report.format_table(results, len(xq)))
     return results

@@ -20,33 +20,19 @@ import shutil
 import numpy as np
 
 from qinco_jax.cli import run_config
+from qinco_jax.cli.qinco2_tasks import read_ivf_centroids, split_training_file
 from qinco_jax.cli.run_config import RunConfig, RunConfigError
 
 
 def _training_vectors(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
-    from qinco_jax.training import qinco2_recipe as q2
-    from qinco_jax.formats.vecs_io import read_vectors
-
-    path = run_config.resolve_data(cfg).trainset
-    x = read_vectors(path, mmap=True)
-    if x.ndim != 2:
-        raise RunConfigError(f"trainset={path}: expected a 2-D array of vectors, got shape {x.shape}")
-    try:
-        xt, xval = q2.split_validation(x, cfg.ds.valset, cfg.ds.trainset)
-    except ValueError as e:
-        raise RunConfigError(f"trainset={path}: {e}") from None
+    xt, xval = split_training_file(cfg)
     return np.asarray(xt, np.float32), np.asarray(xval, np.float32)
 
 
 def _ivf_centroids(cfg: RunConfig, d: int) -> np.ndarray | None:
     if not cfg.ivf_centroids:
         return None
-    from qinco_jax.formats.vecs_io import read_vectors
-
-    c = np.asarray(read_vectors(cfg.ivf_centroids, mmap=False), np.float32)
-    if c.ndim != 2 or c.shape[1] != d:
-        raise RunConfigError(f"ivf_centroids={cfg.ivf_centroids} has shape {c.shape}: its dimension must be "
-                             f"the training vectors' d={d}")
+    c = read_ivf_centroids(cfg, d)
     if cfg.ivf_K is not None and cfg.ivf_K != len(c):
         raise RunConfigError(f"ivf_K={cfg.ivf_K} but ivf_centroids={cfg.ivf_centroids} holds {len(c)} centroids")
     return c

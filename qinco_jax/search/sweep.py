@@ -119,3 +119,40 @@ def explore(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe:
             on_result(results)
     return results
 
+
+
+def searchable_ef_search(index, ef_search: Sequence[int], log: Callable[[str], None] = print) -> tuple[int, ...]:
+    """The efSearch values that apply to `index`: all of them with an HNSW coarse
+    quantizer, none with another (a config's default efSearch axis has no meaning for a
+    flat quantizer: searched without it rather than refused)."""
+    quantizer = coarse_quantizer(index)
+    if ef_search and not hasattr(quantizer, "hnsw"):
+        log(f"the index's coarse quantizer is {type(quantizer).__name__}, not HNSW: "
+            f"quantizer_efSearch={list(ef_search)} does not apply and is left out")
+        return ()
+    return tuple(int(v) for v in ef_search)
+
+
+def sweep_index(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe: Sequence[int],
+                nshort: Sequence[int], ef_search: Sequence[int] = (), n_autotune: int = 0,
+                pairwise_decoder: str | None = None, pairwise_table_dtype: str = "float32",
+                nmid_short: Sequence[int] = (), reranker_dtype: str | None = None,
+                previous: Sequence[dict] = (), on_result: Callable[[list[dict]], None] | None = None,
+                log: Callable[[str], None] = print) -> list[dict]:
+    """The search set-up both index programs share, then `explore`: QINCo re-ranking
+    (decoding in `reranker_dtype`, default the model's), and with `pairwise_decoder` (a
+    file in the reference's format) the three-stage search, its tables stored as
+    `pairwise_table_dtype`. Returns `explore`'s results."""
+    from qinco_jax.search import pairwise_stage
+
+    model = require_ivf_model(model)
+    check_index_matches_model(index, model)
+    mid = None
+    if pairwise_decoder:
+        mid = pairwise_stage.middle_stage(
+            pairwise_stage.load_for_model(pairwise_decoder, model, pairwise_table_dtype), model)
+        log(f"three-stage search with the pairwise decoder {pairwise_decoder} ({pairwise_table_dtype} tables), "
+            f"nmid_short {list(nmid_short)}")
+    return explore(index, model, xq, gt, nprobe=nprobe, nshort=nshort, ef_search=ef_search, n_autotune=n_autotune,
+                   reranker=Reranker(model, dtype=reranker_dtype), mid=mid, nmid_short=nmid_short, previous=previous, on_result=on_result,
+                   log=log)

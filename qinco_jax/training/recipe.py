@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qinco_jax.logs import quiet
 from qinco_jax.training import qinco2_recipe as q2
 from qinco_jax.training import rq_init
 from qinco_jax.training import loop as training
@@ -90,10 +91,6 @@ class ModelSpec:
         return self.arch == "qinco2"
 
 
-def _quiet(_msg: str) -> None:
-    pass
-
-
 def check_ivf_centroids(spec: ModelSpec, centroids: np.ndarray | None, d: int) -> np.ndarray | None:
     if not spec.is_ivf:
         if centroids is not None:
@@ -109,7 +106,7 @@ def check_ivf_centroids(spec: ModelSpec, centroids: np.ndarray | None, d: int) -
 
 def train_rq_codebooks(xt: np.ndarray, spec: ModelSpec, xval: np.ndarray | None = None,
                        ivf_centroids: np.ndarray | None = None, xt_assign: np.ndarray | None = None,
-                       log: Callable[[str], None] = _quiet) -> np.ndarray:
+                       log: Callable[[str], None] = quiet) -> np.ndarray:
     """The initial RQ codebooks (M, K, d), raw units: on the vectors, or for IVF-QINCo on
     their residuals to the nearest IVF centroid (xt_assign: those of xt, if known).
     xval, if given, is only measured (its MSE is logged)."""
@@ -155,7 +152,7 @@ def qinco2_config(spec: ModelSpec, d: int, n_ivf: int = 0) -> QincoConfig:
 
 def qinco2_initial_model(xt: np.ndarray, spec: ModelSpec, cfg: training.TrainConfig, *,
                          xval: np.ndarray | None = None, ivf_centroids: np.ndarray | None = None,
-                         rq_codebooks: np.ndarray | None = None, log: Callable[[str], None] = _quiet
+                         rq_codebooks: np.ndarray | None = None, log: Callable[[str], None] = quiet
                          ) -> tuple[QincoModel, float | None]:
     """QINCo2's model before training, as its reference builds it: normalisation
     statistics of the training set; an RQ (k-means per step, `cfg.seed`) trained on the
@@ -216,7 +213,7 @@ def will_resume(checkpoint_dir: str | None) -> bool:
 def train_model(xt: np.ndarray, xval: np.ndarray, spec: ModelSpec, cfg: training.TrainConfig, *,
                 ivf_centroids: np.ndarray | None = None, rq_codebooks: np.ndarray | None = None,
                 model_path: str | None = None, checkpoint_dir: str | None = None,
-                history_path: str | None = None, log: Callable[[str], None] = _quiet) -> training.TrainResult:
+                history_path: str | None = None, log: Callable[[str], None] = quiet) -> training.TrainResult:
     """Train a model of `spec` on raw vectors xt (validation xval), from a residual
     quantizer: `rq_codebooks` if given, else trained here (skipped when resuming from
     `checkpoint_dir`). See training.fit for model_path, checkpoint_dir, history_path."""
