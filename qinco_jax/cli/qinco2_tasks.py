@@ -124,28 +124,6 @@ def training_vectors(cfg: RunConfig, log: Log = print) -> tuple[np.ndarray, np.n
     return xt, xval
 
 
-class _Rows:
-    """Rows of several arrays end to end, sliced without copying them all (the encoded
-    training set is the training vectors then the validation vectors)."""
-
-    def __init__(self, *arrays: np.ndarray):
-        self.arrays = arrays
-        self.shape = (sum(len(a) for a in arrays), arrays[0].shape[1])
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        start, stop, _ = rows.indices(len(self))
-        out, offset = [], 0
-        for a in self.arrays:
-            lo, hi = max(start - offset, 0), min(stop - offset, len(a))
-            if lo < hi:
-                out.append(np.asarray(a[lo:hi]))
-            offset += len(a)
-        return np.concatenate(out) if out else np.zeros((0, self.shape[1]), np.float32)
-
-
 # --------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------
@@ -246,7 +224,7 @@ def encode(cfg: RunConfig, log: Log = print) -> Path:
     opts = encode_options(cfg, model)
     if cfg.encode_trainset:
         xt, xval = training_vectors(cfg, log)
-        vectors = _Rows(xt, xval)
+        vectors = training_set.ConcatenatedRows(xt, xval)
         log(f"Training + validation sets: {vectors.shape}")
     else:
         vectors = database_vectors(cfg, log)

@@ -1,5 +1,6 @@
 """The files a training or IVF step reads beside its model: the training file split into
-training and validation vectors as the references split it, and IVF centroid files.
+training and validation vectors as the references split it (and those rows end to end
+again, `ConcatenatedRows`, to encode them), and IVF centroid files.
 
 Both read any vector file `qinco_jax.formats.vecs_io` reads; errors are ValueErrors
 that name the file (programs add the flag or key that named it)."""
@@ -67,5 +68,28 @@ def read_ivf_centroids(path: str | os.PathLike, *, d: int | None = None, count: 
         raise ValueError(f"IVF centroids {name} have shape {c.shape}: their dimension must be the "
                          f"training vectors' d={d}")
     if count is not None and count != len(c):
-        raise ValueError(f"ivf_K={count} given, but IVF centroids {name} hold {len(c)} centroids")
+        raise ValueError(f"IVF centroids {name} hold {len(c)} centroids, {count} expected")
     return c
+
+
+class ConcatenatedRows:
+    """Rows of several arrays (or memory maps) end to end, sliced without copying them
+    all: the encoded training set of run.py is the training vectors then the validation
+    vectors, the file's rows in their order."""
+
+    def __init__(self, *arrays: np.ndarray):
+        self.arrays = arrays
+        self.shape = (sum(len(a) for a in arrays), arrays[0].shape[1])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        start, stop, _ = rows.indices(len(self))
+        out, offset = [], 0
+        for a in self.arrays:
+            lo, hi = max(start - offset, 0), min(stop - offset, len(a))
+            if lo < hi:
+                out.append(np.asarray(a[lo:hi]))
+            offset += len(a)
+        return np.concatenate(out) if out else np.zeros((0, self.shape[1]), np.float32)
