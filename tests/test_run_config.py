@@ -34,7 +34,8 @@ README_COMMANDS = [
      {"ivf_K": 700, "output": "runs/ivf_centroids/ivf_centroids-my_dataset-K=700.npy"}),
     ("task=train model_args=qinco2-S db=deep1M output=runs/weights/IVF-qinco2_S-deep1M-8x8.pt "
      "ivf_centroids=models/ivf_centroids-deep1M-1048576.npy",
-     {"ivf_centroids": "models/ivf_centroids-deep1M-1048576.npy", "ivf_K": 1048576}),
+     # the centroids file decides ivf_K (issue 20), not the preset's 2^20
+     {"ivf_centroids": "models/ivf_centroids-deep1M-1048576.npy", "ivf_K": None}),
     ("task=encode db=deep1B model=models/IVF-qinco2_S-deep1B-8x8.pt "
      "output=runs/encoded_db/IVF-qinco2_S-deep1B-8x8_db.npz", {"encode_trainset": False}),
     ("task=encode db=deep1B encode_trainset=true model=models/IVF-qinco2_S-deep1B-8x8.pt "

@@ -10,6 +10,8 @@ Each is a function `task(cfg: RunConfig, log=print)` (the task registry of
         encoded_db=xb_codes.npz output=index.faissindex             [search.index_key=...]
     run.py task=search model=m.pt index=index.faissindex queries=xq.npy queries_gt=gt.npy \\
         [pairwise_decoder=pairwise.pt search.nmid_short=[2,4]] output=results.json [resume=true]
+    run.py task=search model=m.pt db=xb.fvecs queries=xq.fvecs queries_gt=gt.ivecs [A=.. B=.. ds.db=..]
+        (no index: R@1/10/100 among the whole database decoded by the model)
 
 Codes files: QINCo2's `.npz` header + `.part_<i>.npz` parts (`qinco_jax.formats.code_parts`) or a
 plain `.npy` array (n, 1 + M). The encoded training set holds the codes of the whole
@@ -22,8 +24,8 @@ Differences from the reference, on purpose:
   normalised reconstructions, and its pairwise stage adds normalised centroids to raw
   corrections); its re-ranked recalls are wrong whenever mean != 0 or std != 1;
 - fewer IVF centroids than K, and coarse codes of any size, work;
-- search needs index=: the reference's full-database search (db= without index=) is
-  `qinco-search-2stage`'s flat search here.
+- search without index= (the reference's full-database search, the paper's Table 3
+  recalls) decodes the whole database in batches of enc_max_bs, not `batch`.
 """
 
 from __future__ import annotations
@@ -79,13 +81,18 @@ def encoded_training_set(cfg: RunConfig, log: Log) -> tuple[np.ndarray, np.ndarr
 
 
 def _codebook_size(cfg: RunConfig, codes: np.ndarray) -> int:
+    """K: the command line's, else the encoded training set's header (as the reference
+    reads it), else the model's."""
     if cfg.K is not None:
         return int(cfg.K)
+    if str(cfg.encoded_trainset).endswith(".npz"):
+        return int(code_parts.read_code_header(cfg.encoded_trainset).K)
     if cfg.model:
         from qinco_jax.formats import checkpoint
 
         return int(checkpoint.load_model(cfg.model).config.K)
-    raise RunConfigError(f"task={cfg.task} needs K=<codebook size> (or model=<file.pt>)")
+    raise RunConfigError(f"task={cfg.task} needs K=<codebook size> (or model=<file.pt>, or "
+                         "encoded_trainset= as a .npz code file, whose header holds K)")
 
 
 def checked_training_codes(cfg: RunConfig, log: Log):
@@ -162,7 +169,34 @@ def build_index(cfg: RunConfig, log: Log = print):
     return index
 
 
-def search(cfg: RunConfig, log: Log = print) -> list[dict]:
+def search_decoded_database(cfg: RunConfig, log: Log = print) -> dict:
+    """task=search without index=: the R@1 / R@10 / R@100 of the paper's Table 3, every
+    database vector (db=, cut to ds.db) replaced by its reconstruction by model= (at
+    its own A / B or the command line's), the queries' exact neighbours among them.
+    Returns experiments.evaluation.decoded_database_recalls's dict with A and B."""
+    from qinco_jax.cli import qinco2_tasks
+    from qinco_jax.experiments.evaluation import decoded_database_recalls
+
+    cfg = qinco2_tasks.with_folder_data(cfg)
+    check_task(cfg)
+    data = resolve_data(cfg)
+    model = qinco2_tasks.load_model(cfg, log)
+    opts = qinco2_tasks.encode_options(cfg, model)
+    xb = qinco2_tasks.database_vectors(cfg, log)
+    xq = read_vector_file(data.queries, "queries")
+    gt = read_vector_file(data.queries_gt, "ground-truth")
+    log(f"Searching {len(xq)} queries in the {len(xb)} database vectors decoded with A={opts.preselect} "
+        f"B={opts.beam}")
+    try:
+        result = decoded_database_recalls(model, xb, xq, gt, opts, batch_size=max(1, cfg.enc_max_bs))
+    except ValueError as e:
+        raise RunConfigError(str(e)) from None
+    r = result["recalls"]
+    log(f"R@1={100 * r['1']:.2f}    R@10={100 * r['10']:.2f}    R@100={100 * r['100']:.2f}")
+    return dict(result, A=opts.preselect, B=opts.beam)
+
+
+def search(cfg: RunConfig, log: Log = print) -> list[dict] | dict:
     """Search index= with model= (and pairwise_decoder=: the three-stage search) at
     every operating point of search.nprobe x quantizer_efSearch x nshort (x nmid_short),
     skipping points that cannot be Pareto-optimal as the reference does; the results
@@ -177,8 +211,7 @@ def search(cfg: RunConfig, log: Log = print) -> list[dict]:
 
     check_task(cfg)
     if not cfg.index:
-        raise RunConfigError("task=search without index= (the reference's full-database search) is not "
-                             "provided here: use qinco-search-2stage, or build an index (task=build_index)")
+        return search_decoded_database(cfg, log)
     data = resolve_data(cfg)
     model = checkpoint.load_model(cfg.model)
     ivf.require_ivf_model(model)

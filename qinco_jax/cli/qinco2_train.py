@@ -78,21 +78,50 @@ def train(cfg: RunConfig, log=print):
     from qinco_jax.training import recipe
 
     run_config.check_task(cfg)
-    if cfg.model is not None:
-        raise RunConfigError("task=train from model=<file> is not implemented: use resume=true with the same "
-                             "output= to continue an interrupted run")
     if not cfg.output:
         raise RunConfigError("task=train needs output=<file.pt>")
-    spec, tcfg = model_spec(cfg), train_config(cfg)
+    if cfg.model is not None and os.path.abspath(cfg.model) == os.path.abspath(cfg.output):
+        raise RunConfigError(f"model={cfg.model} and output= are the same file: training writes output=, "
+                             "give another name (or resume=true without model= to continue a run)")
+    # everything is checked before the (long) data reading and training start
+    start = _trained_model(cfg, log) if cfg.model is not None else None
+    spec = model_spec(cfg) if start is None else None
+    tcfg = train_config(cfg)
     xt, xval = _training_vectors(cfg)
-    centroids = _ivf_centroids(cfg, xt.shape[1])
+    centroids = _ivf_centroids(cfg, xt.shape[1]) if start is None else None
     checkpoint_dir = cfg.output + ".checkpoint"
     if not cfg.resume and os.path.isdir(checkpoint_dir):
         log(f"resume=false: starting over, removing the old checkpoint {checkpoint_dir}")
         shutil.rmtree(checkpoint_dir)
     log(f"training on {len(xt)} vectors, validating on {len(xval)}")
-    return recipe.train_model(xt, xval, spec, tcfg, ivf_centroids=centroids, model_path=cfg.output,
-                              checkpoint_dir=checkpoint_dir, history_path=cfg.output + ".history.json", log=log)
+    paths = dict(model_path=cfg.output, checkpoint_dir=checkpoint_dir, history_path=cfg.output + ".history.json")
+    if start is not None:
+        if xt.shape[1] != start.d:
+            raise RunConfigError(f"trainset vectors have dimension {xt.shape[1]}, model={cfg.model} needs {start.d}")
+        return recipe.continue_training(start, xt, xval, tcfg, log=log, **paths)
+    return recipe.train_model(xt, xval, spec, tcfg, ivf_centroids=centroids, log=log, **paths)
+
+
+def _trained_model(cfg: RunConfig, log):
+    """The QINCo2 model of model= to train further, checked against the model keys the
+    command line gives (qinco2_tasks.load_model: a different M, K, L, dh, de, ivf_K is
+    an error naming the key)."""
+    from qinco_jax.cli.qinco2_tasks import load_model
+    from qinco_jax.formats.torch_pickle import CheckpointError
+
+    try:
+        model = load_model(cfg, log)
+    except CheckpointError as e:
+        raise RunConfigError(f"model={cfg.model} is not a QINCo2 checkpoint: {e}") from None
+    if not model.config.is_qinco2:
+        raise RunConfigError(f"model={cfg.model} is a {model.describe()}, not a QINCo2 model: task=train "
+                             "continues QINCo2 models (train_qinco.py trains QINCo v1)")
+    for key, of_model in (("A", model.config.A), ("B", model.config.B)):
+        given = getattr(cfg, key)
+        if given is not None and given != of_model:
+            raise RunConfigError(f"{key}={given} given, but model={cfg.model} was trained with {key}={of_model}: "
+                                 "continuing a model keeps its architecture")
+    return model
 
 
 def eval_valset(cfg: RunConfig, log=print) -> float:

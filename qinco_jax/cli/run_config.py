@@ -327,6 +327,9 @@ def parse_run_args(argv: Sequence[str]) -> RunConfig:
             cfg = _apply(cfg, key, value)
     for key, (value, text) in overrides.items():
         cfg = _apply(cfg, key, value, text)
+    if "ivf_centroids" in overrides and "ivf_K" not in overrides:
+        # the centroids file decides how many IVF lists there are, not a preset's ivf_K
+        cfg = dataclasses.replace(cfg, ivf_K=None)
     check_values(cfg)
     return cfg
 

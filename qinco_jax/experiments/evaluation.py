@@ -45,7 +45,12 @@ def reconstruction_error(model: AnyModel, x, options: EncodeOptions | None = Non
     if np.ndim(x) != 2 or x.shape[1] != model.d:
         raise ValueError(f"the vectors have shape {tuple(np.shape(x))}, the model ({model.describe()}) "
                          f"needs (n, {model.d})")
-    opts = codec.resolve_options(model, options)
+    return _reconstruct(model, x, codec.resolve_options(model, options), batch_size)
+
+
+def _reconstruct(model: AnyModel, x, opts: EncodeOptions, batch_size: int,
+                 out: np.ndarray | None = None) -> Reconstruction:
+    """Encode and decode x batch by batch (the reconstructions into `out` when given)."""
     total, t_encode, t_decode = 0.0, 0.0, 0.0
     step = max(1, int(batch_size))
     for i0 in range(0, len(x), step):
@@ -57,7 +62,38 @@ def reconstruction_error(model: AnyModel, x, options: EncodeOptions | None = Non
         t2 = time.perf_counter()
         total += float(np.sum((batch.astype(np.float64) - recons) ** 2))
         t_encode, t_decode = t_encode + t1 - t0, t_decode + t2 - t1
+        if out is not None:
+            out[i0:i0 + len(batch)] = recons
     return Reconstruction(mse=total / len(x), n=int(len(x)), t_encode=t_encode, t_decode=t_decode)
+
+
+def decoded_database_recalls(model: AnyModel, xb, xq: np.ndarray, gt: np.ndarray,
+                             options: EncodeOptions | None = None, *, batch_size: int = 65536,
+                             k: int = SEARCH_K) -> dict:
+    """The paper's Table 3 retrieval accuracy (the reference's task=search without an
+    index): the database `xb` (array or memory map, encoded and decoded `batch_size`
+    rows at a time) replaced by its reconstructions, the exact k nearest of each query
+    among them, and the 1-recall@1/10/100 against ground truth `gt` (its first column is
+    each query's nearest neighbour). Returns {recalls, mse, nb, nq, t_encode, t_decode,
+    t_search} (mse: raw units, over the database)."""
+    xq = np.asarray(xq, np.float32)
+    gt = np.asarray(gt)
+    if xq.ndim != 2 or xq.shape[1] != model.d:
+        raise ValueError(f"queries have shape {xq.shape}, the model ({model.describe()}) needs (nq, {model.d})")
+    if gt.ndim != 2 or len(gt) != len(xq):
+        raise ValueError(f"ground truth of shape {gt.shape} for {len(xq)} queries: expected (nq, >= 1) ids")
+    if np.ndim(xb) != 2 or xb.shape[1] != model.d:
+        raise ValueError(f"the database has shape {tuple(np.shape(xb))}, the model needs (n, {model.d})")
+    if gt.max(initial=0) >= len(xb):
+        raise ValueError(f"the ground truth names database vector {int(gt.max())}, the database has {len(xb)}: "
+                         "give the database it was computed on (ds.db cuts it)")
+    recons = np.empty(xb.shape, np.float32)
+    measured = _reconstruct(model, xb, codec.resolve_options(model, options), batch_size, out=recons)
+    t0 = time.perf_counter()
+    ids = datasets.exact_groundtruth(xq, recons, k)
+    t_search = time.perf_counter() - t0
+    return {"recalls": metrics.one_recall_at(ids, gt), "mse": measured.mse, "nb": measured.n, "nq": int(len(xq)),
+            "t_encode": measured.t_encode, "t_decode": measured.t_decode, "t_search": t_search}
 
 
 def evaluate(model: AnyModel, ds, options: EncodeOptions | None = None, *,
