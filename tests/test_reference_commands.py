@@ -240,7 +240,7 @@ def test_readme_pairwise_decoder_index_and_search_with_resume(at, ivf):
     #     output=runs/logs/search_results-...json resume=true pairwise_decoder=..._pairwise_decoder.pt
     search = ("python run.py cpu=true task=search db=deep1B model=runs/IVF-qinco2_S-deep1M-8x8.pt "
               "index=runs/index.faissindex output=runs/search_results.json resume=true "
-              "pairwise_decoder=runs/pairwise_decoder.pt ds.db=800")
+              "pairwise_decoder=runs/pairwise_decoder.pt")
     results = run(search)
     saved = json.loads((at / "runs/search_results.json").read_text())
     assert [r["parameters"] for r in saved["results"]] == [r["parameters"] for r in results] and results
@@ -290,3 +290,161 @@ def test_train_from_a_model_refuses_contradicting_keys_and_other_files(at, small
     with pytest.raises(RunConfigError, match="grad_accumulate must be >= 1, got 0"):
         run(f"python run.py task=train model={small_model.name} output=runs/x.pt db=deep1M grad_accumulate=0")
     assert not (at / "runs/x.pt").exists()
+
+
+# --------------------------------------------------------------------------------------
+# QINCo v1's docs (qinco_v1/docs/*.md): the same scripts, shrunk with their size flags
+# (--nt, --nval, --M, --L, --h, --K, --max_epochs, --n_centroids, --nprobe, --nshort) and
+# a data folder (base / learn / query / gt files) for the named data sets.
+# --------------------------------------------------------------------------------------
+
+V1_SCRIPTS = {"train_qinco.py": "qinco_jax.cli.train", "search_ivf.py": "qinco_jax.cli.index",
+              "pq_qinco.py": "qinco_jax.cli.train_pq", "search_2stage.py": "qinco_jax.cli.search_2stage",
+              "codec_qinco.py": "qinco_jax.cli.codec", "eval_qinco.py": "qinco_jax.cli.evaluate"}
+V1_SMALL = "--M 2 --L 1 --h 32 --K 16 --max_epochs 2"
+V1_MODEL = FIX / "qinco_d32_M4_K16_L2_h32.pt"  # a v1 model of the reference (d=32)
+
+
+def run_v1(line: str):
+    """A v1 doc command line (`python -u <script>.py flags...`) through its program's main."""
+    import importlib
+
+    words = shlex.split(line)
+    script = next(w for w in words if w.endswith(".py"))
+    argv = words[words.index(script) + 1:]
+    return importlib.import_module(V1_SCRIPTS[script]).main(argv)
+
+
+@pytest.fixture(scope="module")
+def v1_files(files):
+    """mydata/: 3,000 training vectors, a 2,000-vector database, 50 queries, exact ground truth."""
+    x = np.load(FIX / "ivf_xt.npy")
+    xb, xq = np.load(FIX / "ivf_xb.npy")[:2000], np.load(FIX / "ivf_xq.npy")[:50]
+    folder = files / "mydata"
+    folder.mkdir()
+    vecs_io.write_vectors(folder / "learn.fvecs", x[:3000])
+    vecs_io.write_vectors(folder / "base.fvecs", xb)
+    vecs_io.write_vectors(folder / "query.fvecs", xq)
+    vecs_io.write_vectors(folder / "gt.ivecs", exact_groundtruth(xq, xb, 100).astype(np.int32))
+    for sub in ("models", "index", "tmp"):
+        (files / sub).mkdir(exist_ok=True)
+    return files
+
+
+@pytest.fixture
+def v1(v1_files, monkeypatch):
+    monkeypatch.chdir(v1_files)
+    return v1_files
+
+
+def test_v1_training_a_small_model_on_cpu(v1):
+    # python -u train_qinco.py --db bigann1M --nt 100_000 --M 8 --L 2 --h 256 --lr 0.001 --ngpu 0
+    #     --model models/bigann_T100k_8x8_L2.pt
+    run_v1(f"python -u train_qinco.py --db mydata --nt 2_000 --nval 200 {V1_SMALL} --lr 0.001 --ngpu 0 "
+           "--model models/mydata_T2k_2x4_L1.pt")
+    model = checkpoint.load_model(v1 / "models/mydata_T2k_2x4_L1.pt")
+    assert (model.config.M, model.config.K, model.config.L, model.config.h, model.d) == (2, 16, 1, 32, 32)
+    assert type(torch_pickle.load_pt(v1 / "models/mydata_T2k_2x4_L1.pt")).__name__ == "QINCo"  # the reference's pickle
+
+
+def test_v1_ivf_centroids_training_index_and_search(v1, capsys):
+    # python search_ivf.py --todo train_centroids --n_centroids 1048576 --nt 50_000_000
+    #     --IVF_centroids models/bigann_centroids_1M_repro.npy
+    run_v1("python search_ivf.py --db mydata --todo train_centroids --n_centroids 16 --nt 2_000 "
+           "--IVF_centroids models/mydata_centroids_16.npy")
+    assert np.load(v1 / "models/mydata_centroids_16.npy").shape == (16, 32)
+    # python train_qinco.py --ivf --db bigann1M --nt 500_000 --M 8 --L 2 --lr 0.001
+    #     --IVF_centroids models/bigann_centroids_65k.npy --ngpu 8 --model models/test_ivf_train.pt
+    run_v1(f"python train_qinco.py --ivf --db mydata --nt 2_000 --nval 200 {V1_SMALL} --lr 0.001 "
+           "--IVF_centroids models/mydata_centroids_16.npy --ngpu 0 --model models/test_ivf_train.pt")
+    model = checkpoint.load_model(v1 / "models/test_ivf_train.pt")
+    assert model.config.is_ivf and model.config.K_IVF == 16
+    # python search_ivf.py --db bigann10M --model models/bigann_IVF65k_16x8_L2.pt
+    #     --index index/bigann10M_IVF65k_16x8_L2.faissindex --index_key IVF65536,RQ16x8_Nqint8
+    run_v1("python search_ivf.py --db mydata --model models/test_ivf_train.pt --nt 2_000 "
+           "--index index/mydata_IVF16_2x4.faissindex --index_key IVF16,RQ2x4_Nqint8 --nprobe 4 --nshort 10")
+    import faiss
+
+    index = faiss.read_index(str(v1 / "index/mydata_IVF16_2x4.faissindex"))
+    assert index.ntotal == 2000 and index.nlist == 16
+    # python search_ivf.py --db bigann10M --model models/bigann_IVF65k_16x8_L2.pt
+    #     --index index/bigann10M_IVF65k_16x8_L2.faissindex --todo search --nthread 32
+    capsys.readouterr()
+    run_v1("python search_ivf.py --db mydata --model models/test_ivf_train.pt "
+           "--index index/mydata_IVF16_2x4.faissindex --todo search --nthread 2 --nprobe 4 16 --nshort 10 50")
+    table = [ln for ln in capsys.readouterr().out.splitlines() if ln.split()[:1] in (["4"], ["16"])]
+    assert len(table) >= 4  # one row per (nprobe, nshort) point, printed as the sweep runs and in the table
+
+
+def test_v1_pq_qinco_prepare_train_recombine_and_eval(v1, capsys):
+    # python pq_qinco.py --prepare --db FB_ssnpp1M --nt 10_010_000 --nsub 2
+    #     --training_subvectors models/pq_training/trainset_{0..1}.npy
+    run_v1("python pq_qinco.py --prepare --db mydata --nt 2_000 --nsub 2 "
+           "--training_subvectors models/trainset_0.npy models/trainset_1.npy")
+    subs = [np.load(v1 / f"models/trainset_{i}.npy") for i in range(2)]
+    assert [s.shape for s in subs] == [(2000, 16), (2000, 16)]
+    # for i in {0..1}; do python train_qinco.py --training_data models/pq_training/trainset_$i.npy
+    #     --M 16 --L 2 --h 256 --lr 0.0001 --nt 10_000_000 --nval 10_000 --ngpu 4 --model .../sub_model_$i.pt
+    for i in range(2):
+        run_v1(f"python train_qinco.py --training_data models/trainset_{i}.npy {V1_SMALL} --lr 0.001 "
+               f"--nt 1_800 --nval 200 --ngpu 0 --model models/sub_model_{i}.pt")
+    # python pq_qinco.py --recombine --nsub 2 --in_models models/pq_training/sub_model_{0..1}.pt
+    #     --out_model models/pq_qinco_2x16x8.pt
+    run_v1("python pq_qinco.py --recombine --nsub 2 --in_models models/sub_model_0.pt models/sub_model_1.pt "
+           "--out_model models/pq_qinco_2x2x4.pt")
+    pq_model = checkpoint.load_model(v1 / "models/pq_qinco_2x2x4.pt")
+    assert pq_model.d == 32 and len(pq_model.subs) == 2
+    # python -u eval_qinco.py --db FB_ssnpp1M --model models/pq_qinco_2x16x8.pt
+    capsys.readouterr()
+    run_v1("python -u eval_qinco.py --db mydata --model models/pq_qinco_2x2x4.pt")
+    out = capsys.readouterr().out
+    assert "MSE=" in out and "1-recall@1:" in out
+    # OPQ: python pq_qinco.py --prepare ... --opq --OPQMatrix models/pq_training/OPQ.npy ...;
+    # python pq_qinco.py --recombine --nsub 2 --opq --OPQMatrix models/pq_training/OPQ.npy --in_models ... --out_model ...
+    run_v1("python pq_qinco.py --prepare --db mydata --nt 2_000 --nsub 2 --opq --OPQMatrix models/OPQ.npy "
+           "--training_subvectors models/opq_trainset_0.npy models/opq_trainset_1.npy")
+    rotation = np.load(v1 / "models/OPQ.npy")
+    assert rotation.shape == (32, 32)
+    np.testing.assert_allclose(np.load(v1 / "models/opq_trainset_0.npy"),
+                               (np.load(FIX / "ivf_xt.npy")[:2000] @ rotation.T)[:, :16], rtol=1e-4, atol=1e-3)
+    run_v1("python pq_qinco.py --recombine --nsub 2 --opq --OPQMatrix models/OPQ.npy "
+           "--in_models models/sub_model_0.pt models/sub_model_1.pt --out_model models/opq_qinco_2x2x4.pt")
+    assert checkpoint.load_model(v1 / "models/opq_qinco_2x2x4.pt").d == 32
+
+
+def test_v1_two_stage_aq_search(v1, capsys):
+    # python -u search_2stage.py --model models/bigann_8x8_L2.pt --db bigann1M
+    capsys.readouterr()
+    run_v1(f"python -u search_2stage.py --model {V1_MODEL} --db mydata --nt 2_000 --nshort 10 50")
+    out = capsys.readouterr().out
+    rows = [ln for ln in out.splitlines() if ln.split()[:1] in (["10"], ["50"])]
+    assert len(rows) >= 2, out[-2000:]
+
+
+def test_v1_codec_encode_decode_and_raw(v1):
+    from qinco_jax.models import codec
+
+    # python codec_qinco.py --model models/bigann_8x8_L4.pt --encode --i data/bigann/bigann_query.bvecs --o tmp/codes.npy
+    run_v1(f"python codec_qinco.py --model {V1_MODEL} --encode --i mydata/query.fvecs --o tmp/codes.npy")
+    model = checkpoint.load_model(V1_MODEL)
+    xq = vecs_io.read_vectors(v1 / "mydata/query.fvecs")
+    codes = np.load(v1 / "tmp/codes.npy")
+    np.testing.assert_array_equal(codes, codec.encode(model, xq))
+    # python codec_qinco.py --model models/bigann_8x8_L4.pt --decode --i tmp/codes.npy --o tmp/decoded.npy
+    run_v1(f"python codec_qinco.py --model {V1_MODEL} --decode --i tmp/codes.npy --o tmp/decoded.npy")
+    np.testing.assert_allclose(np.load(v1 / "tmp/decoded.npy"), codec.decode(model, codes), rtol=1e-5, atol=1e-4)
+    # python codec_qinco.py --model models/bigann_8x8_L4.pt --encode --i data/bigann/bigann_query.bvecs
+    #     --o tmp/codes.raw --raw
+    run_v1(f"python codec_qinco.py --model {V1_MODEL} --encode --i mydata/query.fvecs --o tmp/codes.raw --raw")
+    assert (v1 / "tmp/codes.raw").stat().st_size == len(xq) * 2  # M=4 codes of 4 bits: 2 bytes a vector
+    run_v1(f"python codec_qinco.py --model {V1_MODEL} --decode --i tmp/codes.raw --o tmp/decoded_raw.npy --raw")
+    np.testing.assert_allclose(np.load(v1 / "tmp/decoded_raw.npy"), np.load(v1 / "tmp/decoded.npy"), rtol=1e-6)
+
+
+def test_v1_eval(v1, capsys):
+    # python -u eval_qinco.py --db bigann1M --model models/bigann_8x8_L16.pt
+    capsys.readouterr()
+    run_v1(f"python -u eval_qinco.py --db mydata --model {V1_MODEL}")
+    out = capsys.readouterr().out
+    mse = float(out.split("MSE=")[1].split()[0].rstrip(","))
+    assert mse > 0 and all(f"1-recall@{r}:" in out for r in (1, 10, 100))
