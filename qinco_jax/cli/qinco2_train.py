@@ -75,7 +75,7 @@ def train_config(cfg: RunConfig):
 
 def train(cfg: RunConfig, log=print):
     """task=train: returns the training.TrainResult."""
-    from qinco_jax.training import recipe
+    from qinco_jax.training import finetune, recipe
 
     run_config.check_task(cfg)
     if not cfg.output:
@@ -98,7 +98,7 @@ def train(cfg: RunConfig, log=print):
     if start is not None:
         if xt.shape[1] != start.d:
             raise RunConfigError(f"trainset vectors have dimension {xt.shape[1]}, model={cfg.model} needs {start.d}")
-        return recipe.continue_training(start, xt, xval, tcfg, log=log, **paths)
+        return finetune.continue_training(start, xt, xval, tcfg, log=log, **paths)
     return recipe.train_model(xt, xval, spec, tcfg, ivf_centroids=centroids, log=log, **paths)
 
 

@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qinco_jax.logs import quiet
 from qinco_jax.training import qinco2_recipe as q2
 from qinco_jax.training import rq_init
 from qinco_jax.training import loop as training
@@ -91,6 +90,10 @@ class ModelSpec:
         return self.arch == "qinco2"
 
 
+def _quiet(_msg: str) -> None:
+    pass
+
+
 def check_ivf_centroids(spec: ModelSpec, centroids: np.ndarray | None, d: int) -> np.ndarray | None:
     if not spec.is_ivf:
         if centroids is not None:
@@ -106,7 +109,7 @@ def check_ivf_centroids(spec: ModelSpec, centroids: np.ndarray | None, d: int) -
 
 def train_rq_codebooks(xt: np.ndarray, spec: ModelSpec, xval: np.ndarray | None = None,
                        ivf_centroids: np.ndarray | None = None, xt_assign: np.ndarray | None = None,
-                       log: Callable[[str], None] = quiet) -> np.ndarray:
+                       log: Callable[[str], None] = _quiet) -> np.ndarray:
     """The initial RQ codebooks (M, K, d), raw units: on the vectors, or for IVF-QINCo on
     their residuals to the nearest IVF centroid (xt_assign: those of xt, if known).
     xval, if given, is only measured (its MSE is logged)."""
@@ -152,7 +155,7 @@ def qinco2_config(spec: ModelSpec, d: int, n_ivf: int = 0) -> QincoConfig:
 
 def qinco2_initial_model(xt: np.ndarray, spec: ModelSpec, cfg: training.TrainConfig, *,
                          xval: np.ndarray | None = None, ivf_centroids: np.ndarray | None = None,
-                         rq_codebooks: np.ndarray | None = None, log: Callable[[str], None] = quiet
+                         rq_codebooks: np.ndarray | None = None, log: Callable[[str], None] = _quiet
                          ) -> tuple[QincoModel, float | None]:
     """QINCo2's model before training, as its reference builds it: normalisation
     statistics of the training set; an RQ (k-means per step, `cfg.seed`) trained on the
@@ -213,7 +216,7 @@ def will_resume(checkpoint_dir: str | None) -> bool:
 def train_model(xt: np.ndarray, xval: np.ndarray, spec: ModelSpec, cfg: training.TrainConfig, *,
                 ivf_centroids: np.ndarray | None = None, rq_codebooks: np.ndarray | None = None,
                 model_path: str | None = None, checkpoint_dir: str | None = None,
-                history_path: str | None = None, log: Callable[[str], None] = quiet) -> training.TrainResult:
+                history_path: str | None = None, log: Callable[[str], None] = _quiet) -> training.TrainResult:
     """Train a model of `spec` on raw vectors xt (validation xval), from a residual
     quantizer: `rq_codebooks` if given, else trained here (skipped when resuming from
     `checkpoint_dir`). See training.fit for model_path, checkpoint_dir, history_path."""
@@ -245,29 +248,5 @@ def train_model(xt: np.ndarray, xval: np.ndarray, spec: ModelSpec, cfg: training
         model = initial_model(xt, spec, rq_codebooks, centroids)
     log(f"model {model.config.describe()}")
     log(f"   nb trainable parameters {count_trainable(model)}")
-    return training.fit(model, xt, xval, cfg, code0=assign, model_path=model_path,
-                        checkpoint_dir=checkpoint_dir, history_path=history_path, log=log)
-
-
-def continue_training(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: training.TrainConfig, *,
-                      model_path: str | None = None, checkpoint_dir: str | None = None,
-                      history_path: str | None = None, log: Callable[[str], None] = quiet) -> training.TrainResult:
-    """Train an already trained model further (QINCo2's `task=train model=<file>`: its
-    architecture, normalisation and IVF centroids are the file's; no RQ
-    initialisation). The optimizer and schedule start afresh (a model file carries no
-    training state); see training.fit for the paths."""
-    validation.check_all_finite(xt, "training vectors")
-    validation.check_all_finite(xval, "validation vectors")
-    xt, xval = np.asarray(xt, np.float32), np.asarray(xval, np.float32)
-    if xt.ndim != 2 or xt.shape[1] != model.d or xval.ndim != 2 or xval.shape[1] != model.d:
-        raise ValueError(f"training vectors {xt.shape} and validation vectors {xval.shape} must be (n, {model.d}) "
-                         f"for the model ({model.describe()})")
-    training.check_batch_size(cfg.batch_size, training.make_mesh(cfg.ngpu))
-    assign = None
-    if model.config.is_ivf:
-        centroids = model.denormalise(np.asarray(model.params["codebook0"], np.float32))
-        log(f"assigning {len(xt)} training vectors to the model's {len(centroids)} IVF centroids")
-        assign = rq_init.assign_to_centroids(xt, centroids)
-    log(f"continuing the training of {model.config.describe()}")
     return training.fit(model, xt, xval, cfg, code0=assign, model_path=model_path,
                         checkpoint_dir=checkpoint_dir, history_path=history_path, log=log)
