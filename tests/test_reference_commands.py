@@ -170,6 +170,15 @@ def test_readme_search_without_an_index_gives_table3_recalls(at, small_model):
     assert set(out["recalls"]) == {"1", "10", "100"} and out["nb"] == 1000 and out["nq"] == 50
     r = out["recalls"]
     assert 0 < r["1"] <= r["10"] <= r["100"] <= 1
+    from qinco_jax.config import EncodeOptions
+    from qinco_jax.metrics import one_recall_at
+    from qinco_jax.models import codec
+
+    model = checkpoint.load_model(small_model)
+    xb = vecs_io.read_vectors(at / "my_dataset-db.fvecs")
+    decoded = codec.decode(model, codec.encode(model, xb, EncodeOptions(beam=8, preselect=8)))
+    ids = exact_groundtruth(vecs_io.read_vectors(at / "my_queries.fvecs"), decoded, 100)
+    assert r == one_recall_at(ids, vecs_io.read_vectors(at / "my_groundtruth.ivecs"))
     files = run(f"python run.py task=search model={small_model.name} db=my_dataset-db.fvecs A=8 B=8 "
                 "queries=my_queries.fvecs queries_gt=my_groundtruth.ivecs")
     assert files["recalls"] == out["recalls"]  # the same data named by files

@@ -80,6 +80,9 @@ def train(cfg: RunConfig, log=print):
     run_config.check_task(cfg)
     if not cfg.output:
         raise RunConfigError("task=train needs output=<file.pt>")
+    if cfg.tensorboard:
+        raise RunConfigError(f"tensorboard={cfg.tensorboard}: TensorBoard logging is not implemented yet; "
+                             f"the training history is written to {cfg.output}.history.json")
     if cfg.model is not None and os.path.abspath(cfg.model) == os.path.abspath(cfg.output):
         raise RunConfigError(f"model={cfg.model} and output= are the same file: training writes output=, "
                              "give another name (or resume=true without model= to continue a run)")
