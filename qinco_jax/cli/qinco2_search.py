@@ -239,7 +239,7 @@ def search(cfg: RunConfig, log: Log = print) -> list[dict] | dict:
     results = sweep_index(index, model, xq, gt, nprobe=s.nprobe, nshort=s.nshort, ef_search=ef_search,
                           n_autotune=n_points, pairwise_decoder=cfg.pairwise_decoder,
                           pairwise_table_dtype=s.pairwise_table_dtype, nmid_short=s.nmid_short,
-                          previous=previous, on_result=save, log=log)
+                          rerank_rows=s.batch_size, previous=previous, on_result=save, log=log)
     save(results)
     log("\n" + report.format_table(results, len(xq)))
     return results

@@ -10,6 +10,18 @@ is written to `output` (`.pt`: QINCo2's format) each time validation improves; t
 training state is checkpointed after every epoch in `<output>.checkpoint/`, and
 `resume=true` continues from it (without `resume`, an old checkpoint there is replaced).
 The history goes to `<output>.history.json`.
+
+    run.py task=train model=trained.pt output=new.pt trainset=xt.npy [ds.valset=...]
+
+continues a trained QINCo2 model (the reference's files or ours): its architecture,
+normalisation and IVF centroids come from the file (model keys given on the command
+line must agree with it), there is no RQ initialisation, and the optimizer and
+schedule start afresh (training.finetune.continue_training). `batch` is per device, as
+the reference's is per GPU.
+
+Not implemented yet (each refused with a message naming the key): optimizer=adam and
+scheduler.name=reduce_lr_plateau (so model_args=qinco1), grad_accumulate > 1,
+tensorboard=, and starting a continued model's schedule at the epoch after the file's.
 """
 
 from __future__ import annotations
@@ -55,20 +67,23 @@ def model_spec(cfg: RunConfig):
 
 def train_config(cfg: RunConfig):
     """The training.TrainConfig the run's keys describe (QINCo2's cosine recipe)."""
-    from qinco_jax.training.loop import qinco2_train_config
+    from qinco_jax.training.loop import make_mesh, qinco2_train_config
 
     if cfg.optimizer != "adamw" or cfg.scheduler.name != "cosine":
         raise RunConfigError(f"optimizer={cfg.optimizer} scheduler.name={cfg.scheduler.name}: only QINCo2's "
                              "recipe (optimizer=adamw, scheduler.name=cosine) is implemented for task=train")
     if cfg.grad_accumulate != 1:
         raise RunConfigError(f"grad_accumulate={cfg.grad_accumulate}: only 1 is implemented")
+    ngpu = 0 if cfg.cpu else -1
     try:
+        # batch= is per device, as the reference's (per GPU): the loop's batch spans the mesh
+        batch_size = cfg.batch * make_mesh(ngpu).devices.size
         return qinco2_train_config(
-            lr=cfg.lr, weight_decay=cfg.wd, grad_clip=cfg.grad_clip, batch_size=cfg.batch, epochs=cfg.epochs,
+            lr=cfg.lr, weight_decay=cfg.wd, grad_clip=cfg.grad_clip, batch_size=batch_size, epochs=cfg.epochs,
             ramp_epochs=cfg.scheduler.ramp_epochs, lr_min_fact=cfg.scheduler.lr_min_fact,
             stop_patience=cfg.scheduler.stop_patience, codebook_noise=cfg.codebook_noise_init, seed=cfg.seed,
             # The reference does not loop in qinco1_mode: every epoch is the whole set.
-            epoch_size=None if cfg.qinco1_mode else cfg.ds.loop, ngpu=0 if cfg.cpu else -1)
+            epoch_size=None if cfg.qinco1_mode else cfg.ds.loop, ngpu=ngpu)
     except ValueError as e:
         raise RunConfigError(str(e)) from None
 

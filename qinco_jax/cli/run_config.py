@@ -75,7 +75,8 @@ class DataLimits:
 
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
-    """`search.*`: the large-scale search task's index and operating points."""
+    """`search.*`: the large-scale search task's index and operating points;
+    batch_size: shortlist entries the model decodes per batch when re-ranking."""
 
     index_key: str = "IVF${ivf_K}_HNSW32,RQ${M}x8_Nqint8"
     aq_training_samples: int = 1_000_000
@@ -381,7 +382,8 @@ def check_values(cfg: RunConfig) -> None:
     if cfg.scheduler.name not in SCHEDULERS:
         raise RunConfigError(f"unknown scheduler.name {cfg.scheduler.name!r}: use one of {', '.join(SCHEDULERS)}")
     positive = {"M": cfg.M, "K": cfg.K, "dh": cfg.dh, "B": cfg.B, "ivf_K": cfg.ivf_K, "batch": cfg.batch,
-                "grad_accumulate": cfg.grad_accumulate, "ds.valset": cfg.ds.valset}
+                "grad_accumulate": cfg.grad_accumulate, "ds.valset": cfg.ds.valset,
+                "search.batch_size": cfg.search.batch_size}
     for key, v in positive.items():
         if v is not None and v < 1:
             raise RunConfigError(f"{key} must be >= 1, got {v}")

@@ -137,10 +137,11 @@ def sweep_index(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, npr
                 nshort: Sequence[int], ef_search: Sequence[int] = (), n_autotune: int = 0,
                 pairwise_decoder: str | None = None, pairwise_table_dtype: str = "float32",
                 nmid_short: Sequence[int] = (), reranker_dtype: str | None = None,
-                previous: Sequence[dict] = (), on_result: Callable[[list[dict]], None] | None = None,
+                rerank_rows: int | None = None, previous: Sequence[dict] = (), on_result: Callable[[list[dict]], None] | None = None,
                 log: Callable[[str], None] = print) -> list[dict]:
     """The search set-up both index programs share, then `explore`: QINCo re-ranking
-    (decoding in `reranker_dtype`, default the model's), and with `pairwise_decoder` (a
+    (decoding in `reranker_dtype`, default the model's, `rerank_rows` shortlist entries
+    per decoding batch, default the backend's), and with `pairwise_decoder` (a
     file in the reference's format) the three-stage search, its tables stored as
     `pairwise_table_dtype`. Returns `explore`'s results."""
     from qinco_jax.search import pairwise_stage
@@ -154,5 +155,5 @@ def sweep_index(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, npr
         log(f"three-stage search with the pairwise decoder {pairwise_decoder} ({pairwise_table_dtype} tables), "
             f"nmid_short {list(nmid_short)}")
     return explore(index, model, xq, gt, nprobe=nprobe, nshort=nshort, ef_search=ef_search, n_autotune=n_autotune,
-                   reranker=Reranker(model, dtype=reranker_dtype), mid=mid, nmid_short=nmid_short, previous=previous, on_result=on_result,
+                   reranker=Reranker(model, dtype=reranker_dtype, rows_per_batch=rerank_rows), mid=mid, nmid_short=nmid_short, previous=previous, on_result=on_result,
                    log=log)
