@@ -137,6 +137,18 @@ def test_readme_resume_training_from_a_previous_model(at, small_model):
     assert not np.allclose(np.asarray(a), np.asarray(b))  # and it trained further
 
 
+def test_continue_training_a_model_file_the_reference_wrote(at, capsys):
+    ref_model = FIX / "qinco2" / "qinco2_d32_M4_K256_L2_de48_dh64_A8_B8.pt"
+    epoch = torch_pickle.load_pt(ref_model)["epoch"]
+    run(f"python run.py cpu=true task=train model={ref_model} output=runs/from_reference.pt "
+        "trainset=my_dataset-trainset.fvecs verbose=false ds.loop=600 ds.valset=200 epochs=1")
+    before, after = checkpoint.load_model(ref_model), checkpoint.load_model(at / "runs/from_reference.pt")
+    assert after.config == before.config
+    _assert_reference_model_file(at / "runs/from_reference.pt", M=4, K=256, L=2, h=64, de=48, A=8, B=8)
+    if epoch is not None:
+        assert f"stopped after epoch {epoch}" in capsys.readouterr().out
+
+
 def test_readme_train_qinco1_preset_is_refused_with_the_reason(at):
     # ./run.sh task=train model_args=qinco1 db=deep1M output=runs/weights/qinco1-deep1M-8x8.pt
     # Not implemented yet: QINCo2's loop has no Adam / reduce-on-plateau option.

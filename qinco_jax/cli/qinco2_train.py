@@ -139,6 +139,14 @@ def _trained_model(cfg: RunConfig, log):
         if given is not None and given != of_model:
             raise RunConfigError(f"{key}={given} given, but model={cfg.model} was trained with {key}={of_model}: "
                                  "continuing a model keeps its architecture")
+    if str(cfg.model).endswith(".pt"):
+        from qinco_jax.formats.torch_pickle import load_pt
+
+        root = load_pt(cfg.model)
+        epoch = root.get("epoch") if isinstance(root, dict) else None
+        if epoch is not None:  # the reference's files record it; ours (no training state) hold None
+            log(f"model={cfg.model} stopped after epoch {epoch}; the schedule restarts from epoch 0 here "
+                "(starting at the next epoch is not implemented)")
     return model
 
 
