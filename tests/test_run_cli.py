@@ -281,3 +281,32 @@ def test_run_py_at_the_root_runs_as_a_program(tmp_path):
     helped = subprocess.run([sys.executable, str(ROOT / "run.py"), "--help"], capture_output=True, text=True,
                             cwd=tmp_path, timeout=120)
     assert helped.returncode == 0 and "ivf_centroids" in helped.stdout and "encode_trainset" in helped.stdout
+
+
+def test_process_slot_from_the_environment(monkeypatch):
+    monkeypatch.setenv(distributed.PROCESS_INDEX_ENV, "1")
+    monkeypatch.delenv(distributed.PROCESS_COUNT_ENV, raising=False)
+    with pytest.raises(ValueError, match="set both"):
+        distributed.process_slot()
+    monkeypatch.setenv(distributed.PROCESS_COUNT_ENV, "three")
+    with pytest.raises(ValueError, match="must be integers"):
+        distributed.process_slot()
+    monkeypatch.setenv(distributed.PROCESS_COUNT_ENV, "3")
+    assert distributed.process_slot() == distributed.ProcessSlot(1, 3, None)
+
+
+def test_reconstruction_error_is_batch_independent_and_the_mean_squared_error():
+    from qinco_jax.config import EncodeOptions
+    from qinco_jax.experiments.evaluation import reconstruction_error
+    from qinco_jax.metrics import mean_squared_error
+
+    model = checkpoint.load_model(MODEL)
+    x = np.load(FIX / "ivf_xb.npy")[:300]
+    opts = EncodeOptions(beam=2, preselect=4)
+    whole = reconstruction_error(model, x, opts, batch_size=1000)
+    pieces = reconstruction_error(model, x, opts, batch_size=7)
+    expected = mean_squared_error(x, codec.decode(model, codec.encode(model, x, opts)))
+    assert whole.n == pieces.n == 300
+    assert whole.mse == pytest.approx(expected, rel=1e-6) and pieces.mse == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match=r"needs \(n, 32\)"):
+        reconstruction_error(model, x[:, :16], opts)
