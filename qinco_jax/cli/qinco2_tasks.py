@@ -29,7 +29,6 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

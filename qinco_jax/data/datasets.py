@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from qinco_jax.data import image_sift, validation
-from qinco_jax.data.groundtruth import GT_K, exact_groundtruth
+from qinco_jax.data.groundtruth import GT_K, exact_groundtruth  # noqa: F401 - datasets.exact_groundtruth, as before
 from qinco_jax.formats import vecs_io
 
 DEFAULT_DATA_ROOT = "data"
