@@ -252,3 +252,10 @@ def test_the_centroids_file_decides_ivf_K_over_a_preset():
                                           "ivf_centroids=c.npy ivf_K=300"))
     assert given.ivf_K == 300  # the command line's own value is checked against the file later
     assert rc.parse_run_args(shlex.split("task=train model_args=qinco2-S trainset=x.fvecs output=m.pt")).ivf_K == 1 << 20
+
+
+def test_every_key_is_read_by_some_task():
+    """A new key must be added to the tasks that read it (rc.TASK_KEYS), or the
+    command line refuses it as unused."""
+    covered = set(rc.ANY_TASK_KEYS).union(*map(set, rc.TASK_KEYS.values()))
+    assert set(rc.valid_keys()) - covered == set()

@@ -336,3 +336,19 @@ def test_qinco2_run_tasks(k16, data, tmp_path):
     with pytest.raises(run_config.RunConfigError, match="K="):
         qinco2_search.train_pairwise_decoder(run_config.parse_run_args(
             ["task=train_pairwise_decoder", *[c for c in common if c != "K=16"], f"output={tmp_path / 'x.pt'}"]))
+
+
+def test_sweep_index_takes_a_decoder_file_or_a_loaded_decoder(k16, data, tmp_path):
+    """The set-up both index programs share: the same points whether the pairwise
+    decoder comes as its file or already loaded (e.g. after a provenance check)."""
+    from qinco_jax.search.sweep import sweep_index
+
+    path = Q2 / "pairwise_decoder_ivf64_K16.pt"
+    args = dict(nprobe=[4], nshort=[10], nmid_short=[1, 4], log=lambda _: None)
+    xq, gt = data["xq"][:50], data["gt"][:50]
+    from_file = sweep_index(k16["index"], k16["model"], xq, gt, pairwise_decoder=path, **args)
+    from_object = sweep_index(k16["index"], k16["model"], xq, gt, pairwise_decoder=k16["decoder"], **args)
+    assert [r["parameters"] for r in from_file] == [r["parameters"] for r in from_object] and len(from_file) == 2
+    assert [r["recalls"] for r in from_file] == [r["recalls"] for r in from_object]
+    plain = sweep_index(k16["index"], k16["model"], xq, gt, nprobe=[4], nshort=[10], log=lambda _: None)
+    assert [r["parameters"] for r in plain] == [{"nprobe": 4, "nshort": 10}]

@@ -9,6 +9,7 @@ faiss shortlist, more pairwise decodes), so the same pruning covers the 4-axis g
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import numpy as np
@@ -135,24 +136,29 @@ def searchable_ef_search(index, ef_search: Sequence[int], log: Callable[[str], N
 
 def sweep_index(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe: Sequence[int],
                 nshort: Sequence[int], ef_search: Sequence[int] = (), n_autotune: int = 0,
-                pairwise_decoder: str | None = None, pairwise_table_dtype: str = "float32",
+                pairwise_decoder=None, pairwise_table_dtype: str = "float32",
                 nmid_short: Sequence[int] = (), reranker_dtype: str | None = None,
                 rerank_rows: int | None = None, previous: Sequence[dict] = (), on_result: Callable[[list[dict]], None] | None = None,
                 log: Callable[[str], None] = print) -> list[dict]:
     """The search set-up both index programs share, then `explore`: QINCo re-ranking
     (decoding in `reranker_dtype`, default the model's, `rerank_rows` shortlist entries
     per decoding batch, default the backend's), and with `pairwise_decoder` (a
-    file in the reference's format) the three-stage search, its tables stored as
+    file in the reference's format, or a `models.pairwise.PairwiseDecoder` already
+    loaded and checked) the three-stage search, its tables stored as
     `pairwise_table_dtype`. Returns `explore`'s results."""
     from qinco_jax.search import pairwise_stage
 
     model = require_ivf_model(model)
     check_index_matches_model(index, model)
     mid = None
-    if pairwise_decoder:
-        mid = pairwise_stage.middle_stage(
-            pairwise_stage.load_for_model(pairwise_decoder, model, pairwise_table_dtype), model)
-        log(f"three-stage search with the pairwise decoder {pairwise_decoder} ({pairwise_table_dtype} tables), "
+    if isinstance(pairwise_decoder, (str, os.PathLike)) and os.fspath(pairwise_decoder):
+        decoder = pairwise_stage.load_for_model(pairwise_decoder, model, pairwise_table_dtype)
+        mid = pairwise_stage.middle_stage(decoder, model)
+        log(f"three-stage search with the pairwise decoder {os.fspath(pairwise_decoder)} "
+            f"({pairwise_table_dtype} tables), nmid_short {list(nmid_short)}")
+    elif pairwise_decoder is not None and not isinstance(pairwise_decoder, (str, os.PathLike)):
+        mid = pairwise_stage.middle_stage(pairwise_decoder, model, table_dtype=pairwise_table_dtype)
+        log(f"three-stage search with a pairwise decoder ({pairwise_table_dtype} tables), "
             f"nmid_short {list(nmid_short)}")
     return explore(index, model, xq, gt, nprobe=nprobe, nshort=nshort, ef_search=ef_search, n_autotune=n_autotune,
                    reranker=Reranker(model, dtype=reranker_dtype, rows_per_batch=rerank_rows), mid=mid, nmid_short=nmid_short, previous=previous, on_result=on_result,
