@@ -469,3 +469,20 @@ def test_v1_eval(v1, capsys):
     out = capsys.readouterr().out
     mse = float(out.split("MSE=")[1].split()[0].rstrip(","))
     assert mse > 0 and all(f"1-recall@{r}:" in out for r in (1, 10, 100))
+
+
+def test_reference_search_log_points_in_our_schema(tmp_path):
+    """report.load_results reads the reference's log: timers renamed, a pairwise stage's
+    nmid_short kept with its time, nmid_short=0 (none) left out; a broken log is named."""
+    mid = {"parameters": {"nprobe": 8, "nshort": 10, "nmid_short": 4}, "cno": 3, "t_search": 1.0,
+           "t_mid_rerank": 0.5, "t_decode": 0.25, "t_rerank": 0.125, "t_total": 1.875,
+           "recalls": {"1": 0.5, "10": 0.75, "100": 1.0}, "recalls_orig": {"1": 0.25, "10": 0.5, "100": 0.5}}
+    path = tmp_path / "log.json"
+    path.write_text(json.dumps({"ivf_real_res": [mid]}))
+    (point,) = report.load_results(path)
+    assert point["parameters"] == {"nprobe": 8, "nshort": 10, "nmid_short": 4} and point["cno"] == 3
+    assert (point["t_mid"], point["t_dis"]) == (0.5, 0.125)
+    assert report.total_seconds(point) == pytest.approx(mid["t_total"])
+    path.write_text(json.dumps({"ivf_real_res": [{"parameters": {"nprobe": 1}, "recalls": {}}]}))
+    with pytest.raises(ValueError, match="point 0 of the reference's search log has no t_search"):
+        report.load_results(path)
