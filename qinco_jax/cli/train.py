@@ -181,8 +181,8 @@ def load_ivf_centroids(path: str, d: int) -> np.ndarray:
 
     try:
         return read_ivf_centroids(path, d=d)
-    except FileNotFoundError:
-        raise
+    except (FileNotFoundError, validation.VectorInputError):
+        raise  # both name the file already
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
 

@@ -60,10 +60,10 @@ def read_ivf_centroids(path: str | os.PathLike, *, d: int | None = None, count: 
     name = os.fspath(path)
     if not os.path.isfile(name):
         raise FileNotFoundError(f"IVF centroids file {name} not found")
-    c = np.asarray(vecs_io.read_vectors(name, mmap=False))
+    c = vecs_io.read_vectors(name)  # a memory map: a bad value is named with its file and row
     if c.ndim != 2:
         raise ValueError(f"IVF centroids file {name} holds an array of shape {c.shape}, not (nlist, d)")
-    c = validation.as_finite_float32(c, f"IVF centroids {name}")
+    c = validation.as_finite_float32(c, "IVF centroids")
     if d is not None and c.shape[1] != d:
         raise ValueError(f"IVF centroids {name} have shape {c.shape}: their dimension must be the "
                          f"training vectors' d={d}")
