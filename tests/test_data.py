@@ -276,3 +276,40 @@ def test_code_files_raw_or_vectors_are_read_and_checked(tmp_path):
         packing.read_codes_file(tmp_path / "float.npy", model)
     with pytest.raises(FileNotFoundError, match="no such file"):
         packing.count_codes_file(tmp_path / "missing.raw", model)
+
+
+def test_ivf_centroid_files_are_read_and_checked(tmp_path):
+    from qinco_jax.data import training_set
+
+    c = np.arange(24, dtype=np.float64).reshape(6, 4)
+    np.save(tmp_path / "c.npy", c)
+    got = training_set.read_ivf_centroids(tmp_path / "c.npy", d=4, count=6)
+    assert got.dtype == np.float32 and np.array_equal(got, c)
+    with pytest.raises(ValueError, match="dimension must be the training vectors' d=8"):
+        training_set.read_ivf_centroids(tmp_path / "c.npy", d=8)
+    with pytest.raises(ValueError, match="hold 6 centroids, 5 expected"):
+        training_set.read_ivf_centroids(tmp_path / "c.npy", count=5)
+    with pytest.raises(FileNotFoundError, match="nope.npy"):
+        training_set.read_ivf_centroids(tmp_path / "nope.npy")
+    c[2, 1] = np.nan
+    np.save(tmp_path / "nan.npy", c)
+    with pytest.raises(ValueError, match="nan.npy"):
+        training_set.read_ivf_centroids(tmp_path / "nan.npy")
+    np.save(tmp_path / "flat.npy", np.zeros(5, np.float32))
+    with pytest.raises(ValueError, match="flat.npy.*2-D"):
+        training_set.read_ivf_centroids(tmp_path / "flat.npy")
+
+
+def test_training_split_and_concatenated_rows(tmp_path):
+    from qinco_jax.data import training_set
+
+    x = np.arange(40, dtype=np.float32).reshape(20, 2)
+    np.save(tmp_path / "x.npy", x)
+    xt, xval = training_set.read_training_split(tmp_path / "x.npy", valset=5, trainset=8)
+    assert np.array_equal(xt, x[:8]) and np.array_equal(xval, x[15:])
+    with pytest.raises(ValueError, match=r"x.npy: ds.valset=11 is more than half"):
+        training_set.read_training_split(tmp_path / "x.npy", valset=11)
+    rows = training_set.ConcatenatedRows(xt, xval)
+    assert rows.shape == (13, 2) and len(rows) == 13
+    assert np.array_equal(rows[6:10], np.concatenate([x[6:8], x[15:17]]))
+    assert np.array_equal(rows[0:13], np.concatenate([x[:8], x[15:]])) and rows[13:20].shape == (0, 2)

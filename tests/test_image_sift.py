@@ -20,7 +20,7 @@ TINY = image_sift.SiftImagesSpec(nt=300, nb=400, nq=20, seed=3)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("sift")
-    return image_sift.sift_images_dataset("tiny", TINY, root=root), root / "tiny"
+    return datasets.sift_images_dataset("tiny", TINY, root=root), root / "tiny"
 
 
 def test_only_bundled_images_are_read():
@@ -72,13 +72,13 @@ def test_cache_is_reused_and_rebuilt_when_the_recipe_changes(tiny, tmp_path, mon
         raise AssertionError("rebuilt a cached data set")
 
     monkeypatch.setattr(image_sift, "compute_descriptors", fail)
-    cached = image_sift.sift_images_dataset("tiny", TINY, root=folder.parent)
+    cached = datasets.sift_images_dataset("tiny", TINY, root=folder.parent)
     assert os.stat(folder / "base.bvecs").st_mtime_ns == stamp
     np.testing.assert_array_equal(cached.get_groundtruth(), ds.get_groundtruth())
     monkeypatch.undo()
     bigger = image_sift.SiftImagesSpec(nt=300, nb=410, nq=20, seed=3)
     assert not image_sift.is_built(folder, bigger)
-    assert image_sift.sift_images_dataset("tiny", bigger, root=folder.parent).nb == 410
+    assert datasets.sift_images_dataset("tiny", bigger, root=folder.parent).nb == 410
 
 
 def test_registered_name_and_errors(tmp_path, monkeypatch):
@@ -86,7 +86,7 @@ def test_registered_name_and_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="nq must be >= 1"):
         image_sift.SiftImagesSpec(nq=0)
     with pytest.raises(ValueError, match="unknown sift_images data set"):
-        image_sift.sift_images_dataset("sift_nope")
+        datasets.sift_images_dataset("sift_nope")
     monkeypatch.setenv("QINCO_DATA", str(tmp_path))
     monkeypatch.setattr(image_sift, "NAMED_SPECS", {"sift_images": TINY})
     ds = datasets.get_dataset("sift_images")

@@ -128,6 +128,77 @@ def test_every_entry_point_names_a_program():
         assert callable(getattr(importlib.import_module(module), "build_parser")), module
 
 
+def _package_modules() -> dict[str, Path]:
+    """Every module of qinco_jax by dotted name (a package by its __init__.py)."""
+    modules = {}
+    for p in (ROOT / "qinco_jax").rglob("*.py"):
+        parts = p.relative_to(ROOT).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = p
+    return modules
+
+
+def _package_imports(path: Path, modules: dict[str, Path], in_functions: bool) -> set[str]:
+    """The qinco_jax modules a module imports: those run when it is imported (statements
+    outside any function, inside `if` / `try` at the top too), and with in_functions the
+    ones inside its functions as well; `from pkg import name` counts pkg.name when that
+    is a module; TYPE_CHECKING blocks are left out."""
+    found: set[str] = set()
+
+    def visit(body):
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if in_functions:
+                    visit(node.body)
+                continue
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                visit(node.orelse)
+                continue
+            if isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.add(node.module)
+                found.update(f"{node.module}.{a.name}" for a in node.names)
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                if isinstance(getattr(node, field, None), list):
+                    visit(getattr(node, field))
+
+    visit(ast.parse(path.read_text(), str(path)).body)
+    return {m for m in found if m in modules}
+
+
+@pytest.mark.parametrize("in_functions", [False, True], ids=["module_level", "with_imports_in_functions"])
+def test_no_import_cycles_among_the_package_modules(in_functions):
+    """No module of qinco_jax comes back to itself through the modules it imports: at
+    module level (what Python runs on import), and counting the imports inside
+    functions too (a circle there is a layering circle, even if Python copes). A
+    package's __init__ importing its submodules, and a module importing its own parent
+    package, are not loops: Python runs the __init__ first."""
+    modules = _package_modules()
+    graph = {name: {m for m in _package_imports(path, modules, in_functions)
+                    if m != name and not name.startswith(m + ".")
+                    and not (path.name == "__init__.py" and m.startswith(name + "."))}
+             for name, path in modules.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    stack: list[str] = []
+
+    def visit(name):
+        state[name] = 1
+        stack.append(name)
+        for nxt in sorted(graph[name]):
+            if state.get(nxt) == 1:
+                cycle = stack[stack.index(nxt):] + [nxt]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+    assert "qinco_jax.data.datasets" in graph and graph["qinco_jax.data.datasets"], "the graph is empty"
+
+
 def test_device_check_script_runs_the_project_venv(tmp_path):
     """`bash bench/device_check.sh` as the docs write it uses .venv/bin/python when the
     repository has one (make install made it), not a system python3 without jax."""

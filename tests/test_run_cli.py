@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from qinco_jax import distributed
 from qinco_jax.formats import checkpoint
 from qinco_jax.formats import code_parts
 from qinco_jax.models import codec
 from qinco_jax.formats import vecs_io
-from qinco_jax.cli import qinco2_tasks
 from qinco_jax.cli import run as run_cli
 from qinco_jax.cli.run_config import RunConfigError, parse_run_args
 
@@ -51,8 +51,8 @@ def data(tmp_path_factory, ref):
 @pytest.fixture
 def qinco_data(data, monkeypatch):
     monkeypatch.setenv("QINCO_DATA", str(data))
-    monkeypatch.delenv(qinco2_tasks.PROCESS_INDEX_ENV, raising=False)
-    monkeypatch.delenv(qinco2_tasks.PROCESS_COUNT_ENV, raising=False)
+    monkeypatch.delenv(distributed.PROCESS_INDEX_ENV, raising=False)
+    monkeypatch.delenv(distributed.PROCESS_COUNT_ENV, raising=False)
     return data
 
 
@@ -157,14 +157,14 @@ def test_two_process_encode_writes_two_parts_that_assemble_to_one(qinco_data, tm
     run(f"task=encode db={db} model={MODEL} output={one} A=4 B=2")
     two = tmp_path / "two.npz"
     for i in (1, 0):  # any order: each process writes its part, process 0 the header
-        monkeypatch.setenv(qinco2_tasks.PROCESS_INDEX_ENV, str(i))
-        monkeypatch.setenv(qinco2_tasks.PROCESS_COUNT_ENV, "2")
+        monkeypatch.setenv(distributed.PROCESS_INDEX_ENV, str(i))
+        monkeypatch.setenv(distributed.PROCESS_COUNT_ENV, "2")
         run(f"task=encode db={db} model={MODEL} output={two} A=4 B=2")
     _assert_reference_format(two, 2, 4)
     sizes = [len(code_parts._part_codes(two, i)) for i in range(2)]
     assert sizes == [250, 250]
     np.testing.assert_array_equal(code_parts.read_codes(two), code_parts.read_codes(one))
-    monkeypatch.setenv(qinco2_tasks.PROCESS_INDEX_ENV, "2")
+    monkeypatch.setenv(distributed.PROCESS_INDEX_ENV, "2")
     with pytest.raises(RunConfigError, match="must lie in"):
         run(f"task=encode db={db} model={MODEL} output={two}")
 
@@ -281,3 +281,32 @@ def test_run_py_at_the_root_runs_as_a_program(tmp_path):
     helped = subprocess.run([sys.executable, str(ROOT / "run.py"), "--help"], capture_output=True, text=True,
                             cwd=tmp_path, timeout=120)
     assert helped.returncode == 0 and "ivf_centroids" in helped.stdout and "encode_trainset" in helped.stdout
+
+
+def test_process_slot_from_the_environment(monkeypatch):
+    monkeypatch.setenv(distributed.PROCESS_INDEX_ENV, "1")
+    monkeypatch.delenv(distributed.PROCESS_COUNT_ENV, raising=False)
+    with pytest.raises(ValueError, match="set both"):
+        distributed.process_slot()
+    monkeypatch.setenv(distributed.PROCESS_COUNT_ENV, "three")
+    with pytest.raises(ValueError, match="must be integers"):
+        distributed.process_slot()
+    monkeypatch.setenv(distributed.PROCESS_COUNT_ENV, "3")
+    assert distributed.process_slot() == distributed.ProcessSlot(1, 3, None)
+
+
+def test_reconstruction_error_is_batch_independent_and_the_mean_squared_error():
+    from qinco_jax.config import EncodeOptions
+    from qinco_jax.experiments.evaluation import reconstruction_error
+    from qinco_jax.metrics import mean_squared_error
+
+    model = checkpoint.load_model(MODEL)
+    x = np.load(FIX / "ivf_xb.npy")[:300]
+    opts = EncodeOptions(beam=2, preselect=4)
+    whole = reconstruction_error(model, x, opts, batch_size=1000)
+    pieces = reconstruction_error(model, x, opts, batch_size=7)
+    expected = mean_squared_error(x, codec.decode(model, codec.encode(model, x, opts)))
+    assert whole.n == pieces.n == 300
+    assert whole.mse == pytest.approx(expected, rel=1e-6) and pieces.mse == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match=r"needs \(n, 32\)"):
+        reconstruction_error(model, x[:, :16], opts)

@@ -34,7 +34,8 @@ README_COMMANDS = [
      {"ivf_K": 700, "output": "runs/ivf_centroids/ivf_centroids-my_dataset-K=700.npy"}),
     ("task=train model_args=qinco2-S db=deep1M output=runs/weights/IVF-qinco2_S-deep1M-8x8.pt "
      "ivf_centroids=models/ivf_centroids-deep1M-1048576.npy",
-     {"ivf_centroids": "models/ivf_centroids-deep1M-1048576.npy", "ivf_K": 1048576}),
+     # the centroids file decides ivf_K (issue 20), not the preset's 2^20
+     {"ivf_centroids": "models/ivf_centroids-deep1M-1048576.npy", "ivf_K": None}),
     ("task=encode db=deep1B model=models/IVF-qinco2_S-deep1B-8x8.pt "
      "output=runs/encoded_db/IVF-qinco2_S-deep1B-8x8_db.npz", {"encode_trainset": False}),
     ("task=encode db=deep1B encode_trainset=true model=models/IVF-qinco2_S-deep1B-8x8.pt "
@@ -222,3 +223,39 @@ def test_uses_ivf_and_describe():
     assert rc.parse_run_args(["ivf_centroids=c.npy"]).uses_ivf
     assert not rc.parse_run_args([]).uses_ivf
     assert "M=8" in rc.parse_run_args(["task=train", "model_args=qinco2-S"]).describe()
+
+
+@pytest.mark.parametrize("line,message", [
+    ("task=eval model=m.pt db=x.fvecs encoded_db=c.npz", "task=eval does not use encoded_db"),
+    ("task=ivf_centroids ivf_K=8 trainset=x.fvecs output=c.npy lr=0.1 batch=8", "task=ivf_centroids does not use lr, batch"),
+    ("task=search model=m.pt index=i.faissindex queries=q.fvecs queries_gt=g.ivecs epochs=3",
+     "task=search does not use epochs"),
+    ("task=convert model=m.pt output=o.pt search.nprobe=[4]", "task=convert does not use search.nprobe"),
+])
+def test_a_key_the_task_does_not_read_is_an_error_naming_it(line, message):
+    with pytest.raises(rc.RunConfigError, match=message):
+        rc.parse_run_args(shlex.split(line))
+
+
+def test_every_task_key_table_names_real_keys():
+    keys = set(rc.valid_keys())
+    for task, used in rc.TASK_KEYS.items():
+        assert set(used) <= keys, (task, set(used) - keys)
+    assert set(rc.ANY_TASK_KEYS) <= keys
+
+
+def test_the_centroids_file_decides_ivf_K_over_a_preset():
+    cfg = rc.parse_run_args(shlex.split("task=train model_args=qinco2-S trainset=x.fvecs output=m.pt "
+                                        "ivf_centroids=c.npy"))
+    assert cfg.ivf_K is None and cfg.M == 8  # the preset's other keys stay
+    given = rc.parse_run_args(shlex.split("task=train model_args=qinco2-S trainset=x.fvecs output=m.pt "
+                                          "ivf_centroids=c.npy ivf_K=300"))
+    assert given.ivf_K == 300  # the command line's own value is checked against the file later
+    assert rc.parse_run_args(shlex.split("task=train model_args=qinco2-S trainset=x.fvecs output=m.pt")).ivf_K == 1 << 20
+
+
+def test_every_key_is_read_by_some_task():
+    """A new key must be added to the tasks that read it (rc.TASK_KEYS), or the
+    command line refuses it as unused."""
+    covered = set(rc.ANY_TASK_KEYS).union(*map(set, rc.TASK_KEYS.values()))
+    assert set(rc.valid_keys()) - covered == set()

@@ -338,6 +338,22 @@ def test_qinco2_run_tasks(k16, data, tmp_path):
             ["task=train_pairwise_decoder", *[c for c in common if c != "K=16"], f"output={tmp_path / 'x.pt'}"]))
 
 
+def test_sweep_index_takes_a_decoder_file_or_a_loaded_decoder(k16, data, tmp_path):
+    """The set-up both index programs share: the same points whether the pairwise
+    decoder comes as its file or already loaded (e.g. after a provenance check)."""
+    from qinco_jax.search.sweep import sweep_index
+
+    path = Q2 / "pairwise_decoder_ivf64_K16.pt"
+    args = dict(nprobe=[4], nshort=[10], nmid_short=[1, 4], log=lambda _: None)
+    xq, gt = data["xq"][:50], data["gt"][:50]
+    from_file = sweep_index(k16["index"], k16["model"], xq, gt, pairwise_decoder=path, **args)
+    from_object = sweep_index(k16["index"], k16["model"], xq, gt, pairwise_decoder=k16["decoder"], **args)
+    assert [r["parameters"] for r in from_file] == [r["parameters"] for r in from_object] and len(from_file) == 2
+    assert [r["recalls"] for r in from_file] == [r["recalls"] for r in from_object]
+    plain = sweep_index(k16["index"], k16["model"], xq, gt, nprobe=[4], nshort=[10], log=lambda _: None)
+    assert [r["parameters"] for r in plain] == [{"nprobe": 4, "nshort": 10}]
+
+
 def test_run_tasks_read_K_from_the_encoded_set(k16, tmp_path):
     """run.py task=train_pairwise_decoder / build_index as the README writes them (no K=,
     no model=): QINCo2's .npz codes record K in their header."""

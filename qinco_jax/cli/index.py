@@ -232,7 +232,7 @@ def database_sources(args, model, ds):
                                   lambda x: codec.encode(model, x, options, progress=None), name=f"{ds.name} database")]
 
 
-def run_add(args, model, ds, index, stats, slot=(0, 1, None)):
+def run_add(args, model, ds, index, stats, slot=None):
     """Fill the trained index (in memory, or on disk with --ondisk: this process's
     share, merged by the last process). Returns the full index, or None on a process
     that left the merge to another."""
@@ -246,7 +246,10 @@ def run_add(args, model, ds, index, stats, slot=(0, 1, None)):
         raise cli.UsageError(f"the trained index already holds {index.ntotal} vectors; add needs an empty one")
     sources = database_sources(args, model, ds)
     ondisk.check_sources(sources, index)
-    process_index, process_count, barrier = slot
+    from qinco_jax import distributed
+
+    slot = slot or distributed.ProcessSlot()
+    process_index, process_count, barrier = slot.index, slot.count, slot.barrier
     t0 = time.time()
     if args.ondisk:
         index = ondisk.build_ondisk(index, sources, args.index, process_index=process_index,
@@ -302,35 +305,26 @@ def write_index(index, model, path: str, what: str) -> None:
 
 def run_search(args, model, ds, index) -> list[dict]:
     from qinco_jax.search import report
-    from qinco_jax.search import index as ivf
-    from qinco_jax.search.rerank import Reranker
-    from qinco_jax.search.sweep import explore
+    from qinco_jax.search.sweep import sweep_index
 
-    ivf.check_index_matches_model(index, model)
     if index.ntotal != ds.nb:
         raise cli.UsageError(f"the index holds {index.ntotal} vectors, the database {ds.name} has {ds.nb}")
     xq = ds.get_queries()
     gt = ds.get_groundtruth()
     log(f"queries {xq.shape}, ground truth {gt.shape}")
-    reranker = Reranker(model, dtype=cli.dtype_from_args(args))
-    mid = None
+    decoder = None
     if args.pairwise_decoder:
         from qinco_jax.search import pairwise_stage
 
         decoder = pairwise_stage.load_checked(args.pairwise_decoder, model, index, table_dtype=args.pairwise_table_dtype,
                                               model_path=args.model, allow_mismatch=args.allow_mismatch,
                                               override_hint="--allow_mismatch", log=log)
-        mid = pairwise_stage.middle_stage(decoder, model)
-        log(f"three-stage search with the pairwise decoder {args.pairwise_decoder} ({args.pairwise_table_dtype} "
-            f"tables), nmid_short {args.nmid_short}")
-    from qinco_jax.search import jax_engine
-
-    engine = jax_engine.open_engine(index, args.engine, fallback=args.engine_fallback, log=log)
-    if engine is not None:
-        log(f"searching with the JAX engine (built in {engine.t_build:.2f} s)")
-    results = explore(index, model, xq, gt, nprobe=args.nprobe, nshort=args.nshort,
-                      ef_search=args.quantizer_efSearch, n_autotune=args.n_autotune,
-                      reranker=reranker, mid=mid, nmid_short=args.nmid_short, log=log, engine=engine)
+        log(f"pairwise decoder {args.pairwise_decoder}")
+    results = sweep_index(index, model, xq, gt, nprobe=args.nprobe, nshort=args.nshort,
+                          ef_search=args.quantizer_efSearch, n_autotune=args.n_autotune,
+                          pairwise_decoder=decoder, pairwise_table_dtype=args.pairwise_table_dtype,
+                          nmid_short=args.nmid_short, reranker_dtype=cli.dtype_from_args(args),
+                          engine=args.engine, engine_fallback=args.engine_fallback, log=log)
     log("\n" + report.format_table(results, len(xq)))
     return results
 
@@ -339,15 +333,15 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     cli.print_args(args)
     check_args(args)
-    slot = (0, 1, None)
-    if "add" in args.todo:
-        from qinco_jax.cli.qinco2_tasks import process_slot
+    from qinco_jax import distributed
 
-        slot = process_slot()  # before any JAX computation (jax.distributed)
+    slot = distributed.ProcessSlot()
+    if "add" in args.todo:
+        slot = distributed.process_slot()  # before any JAX computation (jax.distributed)
     cli.select_device(args.device)
     set_threads(args.nthreads)
-    if slot[1] > 1 and (args.todo != ["add"] or not args.ondisk or not args.trained_index):
-        raise cli.UsageError(f"on {slot[1]} processes only --todo add --ondisk --trained_index <file> runs (train "
+    if slot.count > 1 and (args.todo != ["add"] or not args.ondisk or not args.trained_index):
+        raise cli.UsageError(f"on {slot.count} processes only --todo add --ondisk --trained_index <file> runs (train "
                              "the index once on one process, then add on several, then search)")
     ds = datasets.get_dataset(args.db)
     log(f"Prepared dataset {ds}")

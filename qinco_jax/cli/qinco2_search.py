@@ -11,6 +11,8 @@ Each is a function `task(cfg: RunConfig, log=print)` (the task registry of
         [ondisk=true: lists in index.ivfdata; QINCO_PROCESS_INDEX=i QINCO_PROCESS_COUNT=P for P processes]
     run.py task=search model=m.pt index=index.faissindex queries=xq.npy queries_gt=gt.npy \\
         [pairwise_decoder=pairwise.pt search.nmid_short=[2,4]] output=results.json [resume=true]
+    run.py task=search model=m.pt db=xb.fvecs queries=xq.fvecs queries_gt=gt.ivecs [A=.. B=.. ds.db=..]
+        (no index: R@1/10/100 among the whole database decoded by the model)
 
 Codes files: QINCo2's `.npz` header + `.part_<i>.npz` parts (`qinco_jax.formats.code_parts`) or a
 plain `.npy` array (n, 1 + M). The encoded training set holds the codes of the whole
@@ -23,25 +25,23 @@ Differences from the reference, on purpose:
   normalised reconstructions, and its pairwise stage adds normalised centroids to raw
   corrections); its re-ranked recalls are wrong whenever mean != 0 or std != 1;
 - fewer IVF centroids than K, and coarse codes of any size, work;
-- search needs index=: the reference's full-database search (db= without index=) is
-  `qinco-search-2stage`'s flat search here.
+- search without index= (the reference's full-database search, the paper's Table 3
+  recalls) decodes the whole database in batches of enc_max_bs, not `batch`.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from qinco_jax.formats import code_parts
 from qinco_jax.models import pairwise
-from qinco_jax.cli.qinco2_tasks import read_vector_file
+from qinco_jax.cli.qinco2_tasks import read_ivf_centroids, read_vector_file, split_training_file
 from qinco_jax.metrics import mean_squared_error
 from qinco_jax.cli.run_config import RunConfig, RunConfigError, check_task, index_key, resolve_data
-
-Log = Callable[[str], None]
+from qinco_jax.logs import Log
 ADD_BATCH = 1_000_000  # database codes added per batch (the reference's)
 EF_CONSTRUCTION = 20  # efConstruction of the HNSW coarse quantizer, as the reference builds it
 
@@ -63,32 +63,22 @@ def read_codes(path: str) -> np.ndarray:
 
 
 def ivf_centroids_file(cfg: RunConfig) -> np.ndarray:
-    if not cfg.ivf_centroids:
-        raise RunConfigError(f"task={cfg.task} needs ivf_centroids=<file.npy>")
-    c = np.load(cfg.ivf_centroids)
-    if c.ndim != 2:
-        raise RunConfigError(f"ivf_centroids={cfg.ivf_centroids} holds an array of shape {c.shape}, not (nlist, d)")
+    c = read_ivf_centroids(cfg)
     if cfg.ivf_K is not None and cfg.ivf_K != len(c):
         raise RunConfigError(f"ivf_K={cfg.ivf_K} given, but ivf_centroids={cfg.ivf_centroids} holds {len(c)} centroids")
-    return c.astype(np.float32)
+    return c
 
 
 def encoded_training_set(cfg: RunConfig, log: Log) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(xt, xt_codes, xval, xval_codes) split as the reference splits them."""
-    path = resolve_data(cfg).trainset
-    xt_all = read_vector_file(path, "training")
-    nval = cfg.ds.valset
-    if not 0 < nval <= len(xt_all) // 2:
-        raise RunConfigError(f"ds.valset={nval} must be positive and at most half of the {len(xt_all)} "
-                             f"vectors of {path}")
-    xt, xval = xt_all[:-nval], xt_all[-nval:]
-    nt = min(cfg.ds.trainset or len(xt), len(xt))
+    xt, xval = split_training_file(cfg)
+    nt, nval = len(xt), len(xval)
     codes = read_codes(cfg.encoded_trainset)
     if nt + nval > len(codes):
         raise RunConfigError(f"encoded_trainset={cfg.encoded_trainset} holds {len(codes)} codes, fewer than the "
                              f"{nt} training + {nval} validation vectors")
     log(f"{nt} training vectors, {nval} validation vectors, codes of width {codes.shape[1]}")
-    return (np.asarray(xt[:nt], np.float32), codes[:nt], np.asarray(xval, np.float32), codes[-nval:])
+    return (np.asarray(xt, np.float32), codes[:nt], np.asarray(xval, np.float32), codes[-nval:])
 
 
 def _codebook_size(cfg: RunConfig, codes: np.ndarray) -> int:
@@ -176,10 +166,14 @@ def build_index(cfg: RunConfig, log: Log = print):
     and the last one merges them. Returns the index (None on a process that did not merge)."""
     from qinco_jax.search import index as ivf
     from qinco_jax.search import ondisk
-    from qinco_jax.cli.qinco2_tasks import process_slot
+    from qinco_jax import distributed
 
     check_task(cfg)
-    process_index, process_count, barrier = process_slot()
+    try:
+        slot = distributed.process_slot()
+    except ValueError as e:
+        raise RunConfigError(str(e)) from None
+    process_index, process_count, barrier = slot.index, slot.count, slot.barrier
     if process_count > 1 and not cfg.ondisk:
         raise RunConfigError(f"task=build_index on {process_count} processes needs ondisk=true (each process "
                              "adds its share to its own on-disk lists, merged into one index)")
@@ -210,7 +204,34 @@ def build_index(cfg: RunConfig, log: Log = print):
     return index
 
 
-def search(cfg: RunConfig, log: Log = print) -> list[dict]:
+def search_decoded_database(cfg: RunConfig, log: Log = print) -> dict:
+    """task=search without index=: the R@1 / R@10 / R@100 of the paper's Table 3, every
+    database vector (db=, cut to ds.db) replaced by its reconstruction by model= (at
+    its own A / B or the command line's), the queries' exact neighbours among them.
+    Returns experiments.evaluation.decoded_database_recalls's dict with A and B."""
+    from qinco_jax.cli import qinco2_tasks
+    from qinco_jax.experiments.evaluation import decoded_database_recalls
+
+    cfg = qinco2_tasks.with_folder_data(cfg)
+    check_task(cfg)
+    data = resolve_data(cfg)
+    model = qinco2_tasks.load_model(cfg, log)
+    opts = qinco2_tasks.encode_options(cfg, model)
+    xb = qinco2_tasks.database_vectors(cfg, log)
+    xq = read_vector_file(data.queries, "queries")
+    gt = read_vector_file(data.queries_gt, "ground-truth")
+    log(f"Searching {len(xq)} queries in the {len(xb)} database vectors decoded with A={opts.preselect} "
+        f"B={opts.beam}")
+    try:
+        result = decoded_database_recalls(model, xb, xq, gt, opts, batch_size=max(1, cfg.enc_max_bs))
+    except ValueError as e:
+        raise RunConfigError(str(e)) from None
+    r = result["recalls"]
+    log(f"R@1={100 * r['1']:.2f}    R@10={100 * r['10']:.2f}    R@100={100 * r['100']:.2f}")
+    return dict(result, A=opts.preselect, B=opts.beam)
+
+
+def search(cfg: RunConfig, log: Log = print) -> list[dict] | dict:
     """Search index= with model= (and pairwise_decoder=: the three-stage search) at
     every operating point of search.nprobe x quantizer_efSearch x nshort (x nmid_short),
     skipping points that cannot be Pareto-optimal as the reference does; the results
@@ -219,16 +240,13 @@ def search(cfg: RunConfig, log: Log = print) -> list[dict]:
     import faiss
 
     from qinco_jax.formats import checkpoint
-    from qinco_jax.search import report
     from qinco_jax.search import index as ivf
-    from qinco_jax.search import pairwise_stage, provenance
-    from qinco_jax.search.rerank import Reranker
-    from qinco_jax.search.sweep import explore
+    from qinco_jax.search import pairwise_stage, provenance, report
+    from qinco_jax.search.sweep import searchable_ef_search, sweep_index
 
     check_task(cfg)
     if not cfg.index:
-        raise RunConfigError("task=search without index= (the reference's full-database search) is not "
-                             "provided here: use qinco-search-2stage, or build an index (task=build_index)")
+        return search_decoded_database(cfg, log)
     data = resolve_data(cfg)
     model = checkpoint.load_model(cfg.model)
     ivf.require_ivf_model(model)
@@ -242,18 +260,16 @@ def search(cfg: RunConfig, log: Log = print) -> list[dict]:
     gt = np.asarray(read_vector_file(data.queries_gt, "ground-truth"))
     if cfg.search.nthreads > 0:
         faiss.omp_set_num_threads(int(cfg.search.nthreads))
-    mid = None
+    decoder = None
     if cfg.pairwise_decoder:
         decoder = pairwise_stage.load_checked(cfg.pairwise_decoder, model, index,
                                               table_dtype=cfg.search.pairwise_table_dtype, model_path=cfg.model,
                                               allow_mismatch=cfg.allow_model_mismatch,
                                               override_hint="allow_model_mismatch=true", log=log)
-        mid = pairwise_stage.middle_stage(decoder, model)
-        log(f"three-stage search with the pairwise decoder {cfg.pairwise_decoder} "
-            f"({cfg.search.pairwise_table_dtype} tables)")
+        log(f"pairwise decoder {cfg.pairwise_decoder}")
     metadata = dict(nq=len(xq), model=model.describe(), index=cfg.index, pairwise_decoder=cfg.pairwise_decoder,
                     engine=cfg.search.engine)
-    if mid is not None:
+    if cfg.pairwise_decoder:
         metadata["pairwise_table_dtype"] = cfg.search.pairwise_table_dtype
     previous: list[dict] = []
     if cfg.resume and cfg.output and Path(cfg.output).exists():
@@ -265,23 +281,13 @@ def search(cfg: RunConfig, log: Log = print) -> list[dict]:
             report.save_results(cfg.output, results, **metadata)
 
     s = cfg.search
-    ef_search = s.quantizer_efSearch
-    quantizer = ivf.coarse_quantizer(index)
-    if ef_search and not hasattr(quantizer, "hnsw"):
-        # the config's efSearch axis (default (4,), QINCo2's) has no meaning for a flat coarse
-        # quantizer, e.g. the main job's indexes: searched without it rather than refused
-        log(f"the index's coarse quantizer is {type(quantizer).__name__}, not HNSW: "
-            f"search.quantizer_efSearch={list(ef_search)} does not apply and is left out")
-        ef_search = ()
-    n_points = len(s.nprobe) * max(1, len(ef_search)) * len(s.nshort) * (len(s.nmid_short) if mid else 1)
-    from qinco_jax.search import jax_engine
-
-    engine = jax_engine.open_engine(index, s.engine, fallback=s.engine_fallback, log=log)
-    if engine is not None:
-        log(f"searching with the JAX engine (exact coarse assignment: quantizer_efSearch has no effect on it)")
-    results = explore(index, model, xq, gt, nprobe=s.nprobe, nshort=s.nshort, ef_search=ef_search,
-                      n_autotune=n_points, reranker=Reranker(model), mid=mid, nmid_short=s.nmid_short,
-                      previous=previous, on_result=save, log=log, engine=engine)
+    ef_search = searchable_ef_search(index, s.quantizer_efSearch, log)
+    n_points = len(s.nprobe) * max(1, len(ef_search)) * len(s.nshort) * (len(s.nmid_short) if cfg.pairwise_decoder else 1)
+    results = sweep_index(index, model, xq, gt, nprobe=s.nprobe, nshort=s.nshort, ef_search=ef_search,
+                          n_autotune=n_points, pairwise_decoder=decoder,
+                          pairwise_table_dtype=s.pairwise_table_dtype, nmid_short=s.nmid_short,
+                          rerank_rows=s.batch_size, previous=previous, on_result=save,
+                          engine=s.engine, engine_fallback=s.engine_fallback, log=log)
     save(results)
     log("\n" + report.format_table(results, len(xq)))
     return results

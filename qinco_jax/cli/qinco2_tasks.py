@@ -29,24 +29,20 @@ import dataclasses
 import os
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
-from qinco_jax.formats import checkpoint
-from qinco_jax.models import codec
-from qinco_jax.formats import vecs_io
-from qinco_jax.formats.code_parts import CodeFileHeader, encode_to_parts
-from qinco_jax.config import EncodeOptions
-from qinco_jax.formats.io import save_npy
-from qinco_jax.models.qinco import QincoModel
+from qinco_jax import distributed
 from qinco_jax.cli.run_config import RunConfig, RunConfigError, check_task, resolve_data
-
-Log = Callable[[str], None]
-
-# Set per process to split an encode over processes started without jax.distributed
-# (any launcher that numbers its processes); both or neither.
-PROCESS_INDEX_ENV, PROCESS_COUNT_ENV = "QINCO_PROCESS_INDEX", "QINCO_PROCESS_COUNT"
+from qinco_jax.config import EncodeOptions
+from qinco_jax.data import training_set
+from qinco_jax.experiments.evaluation import reconstruction_error
+from qinco_jax.formats import checkpoint
+from qinco_jax.formats.code_parts import CodeFileHeader, encode_to_parts
+from qinco_jax.formats.io import save_npy
+from qinco_jax.logs import Log, quiet
+from qinco_jax.models import codec
+from qinco_jax.models.qinco import QincoModel
 
 
 # --------------------------------------------------------------------------------------
@@ -74,11 +70,36 @@ def with_folder_data(cfg: RunConfig) -> RunConfig:
 
 def read_vector_file(path: str | None, role: str) -> np.ndarray:
     """A vector file named by a run.py key, memory-mapped; a clear error if it is not given or missing."""
-    if not path:
-        raise RunConfigError(f"no {role} file given")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{role} file {path} not found")
-    return vecs_io.read_vectors(path, mmap=True)
+    try:
+        return training_set.read_vector_file(path, role)
+    except FileNotFoundError:
+        raise
+    except ValueError as e:
+        raise RunConfigError(str(e)) from None
+
+
+def read_ivf_centroids(cfg: RunConfig, d: int | None = None) -> np.ndarray:
+    """The centroids of ivf_centroids= (float32, raw units), of dimension d when given."""
+    if not cfg.ivf_centroids:
+        raise RunConfigError(f"task={cfg.task} needs ivf_centroids=<file.npy>")
+    try:
+        return training_set.read_ivf_centroids(cfg.ivf_centroids, d=d)
+    except FileNotFoundError:
+        raise
+    except ValueError as e:
+        raise RunConfigError(f"ivf_centroids={cfg.ivf_centroids}: {e}") from None
+
+
+def split_training_file(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) memory-mapped views of the training file, split as the
+    reference splits it (training_set.split_validation: the last ds.valset rows
+    validate, at most ds.trainset of the others train)."""
+    path = resolve_data(cfg).trainset
+    read_vector_file(path, "training")  # no file given / missing: the error names the role
+    try:
+        return training_set.read_training_split(path, cfg.ds.valset, cfg.ds.trainset)
+    except ValueError as e:
+        raise RunConfigError(str(e)) from None
 
 
 def database_vectors(cfg: RunConfig, log: Log = print) -> np.ndarray:
@@ -96,39 +117,10 @@ def database_vectors(cfg: RunConfig, log: Log = print) -> np.ndarray:
 def training_vectors(cfg: RunConfig, log: Log = print) -> tuple[np.ndarray, np.ndarray]:
     """(training, validation) vectors as the reference splits its training file: the last
     ds.valset rows validate, the first ds.trainset of the others train."""
-    path = resolve_data(cfg).trainset
-    log(f"Loading training data from {path}")
-    xt = read_vector_file(path, "training")
-    nval = cfg.ds.valset
-    if nval > len(xt) // 2:
-        raise RunConfigError(f"ds.valset={nval} validation vectors is more than half of the {len(xt)} "
-                             f"vectors of {path}: lower ds.valset")
-    xt, xval = xt[:-nval], xt[-nval:]
-    ntrain = min(cfg.ds.trainset or len(xt), len(xt))
-    log(f"Split into {ntrain} training vectors and {len(xval)} validation vectors")
-    return xt[:ntrain], xval
-
-
-class _Rows:
-    """Rows of several arrays end to end, sliced without copying them all (the encoded
-    training set is the training vectors then the validation vectors)."""
-
-    def __init__(self, *arrays: np.ndarray):
-        self.arrays = arrays
-        self.shape = (sum(len(a) for a in arrays), arrays[0].shape[1])
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        start, stop, _ = rows.indices(len(self))
-        out, offset = [], 0
-        for a in self.arrays:
-            lo, hi = max(start - offset, 0), min(stop - offset, len(a))
-            if lo < hi:
-                out.append(np.asarray(a[lo:hi]))
-            offset += len(a)
-        return np.concatenate(out) if out else np.zeros((0, self.shape[1]), np.float32)
+    log(f"Loading training data from {resolve_data(cfg).trainset}")
+    xt, xval = split_training_file(cfg)
+    log(f"Split into {len(xt)} training vectors and {len(xval)} validation vectors")
+    return xt, xval
 
 
 # --------------------------------------------------------------------------------------
@@ -171,7 +163,7 @@ def _check_ivf_centroids(cfg: RunConfig, model: QincoModel) -> None:
 
     if not model.config.is_ivf:
         raise RunConfigError(f"ivf_centroids={cfg.ivf_centroids} given, but model={cfg.model} is not an IVF model")
-    given = np.load(cfg.ivf_centroids)
+    given = read_ivf_centroids(cfg)
     own = ivf_centroids(model)
     if given.shape != own.shape or not np.allclose(given, own, rtol=1e-4, atol=1e-4 * float(np.abs(own).max())):
         raise RunConfigError(f"ivf_centroids={cfg.ivf_centroids} ({given.shape}) are not the IVF centroids of "
@@ -192,11 +184,6 @@ def encode_options(cfg: RunConfig, model: QincoModel) -> EncodeOptions:
 # --------------------------------------------------------------------------------------
 
 
-def _chunks(n: int, size: int):
-    for i0 in range(0, n, size):
-        yield i0, min(n, i0 + size)
-
-
 def eval(cfg: RunConfig, log: Log = print) -> dict:  # noqa: A001 - the reference's task name
     """MSE of the model on the database (see the module docstring)."""
     cfg = with_folder_data(cfg)
@@ -206,17 +193,10 @@ def eval(cfg: RunConfig, log: Log = print) -> dict:  # noqa: A001 - the referenc
     xb = database_vectors(cfg, log)
     mse_scale = resolve_data(cfg).mse_scale
     log(f"Test set: {xb.shape}; encoding with A={opts.preselect} B={opts.beam}")
-    total, t_encode, t_decode = 0.0, 0.0, 0.0
-    for i0, i1 in _chunks(len(xb), max(1, cfg.enc_max_bs)):
-        x = np.asarray(xb[i0:i1], dtype=np.float32)
-        t0 = time.perf_counter()
-        codes = codec.encode(model, x, opts)
-        t1 = time.perf_counter()
-        xhat = codec.decode(model, codes)
-        t2 = time.perf_counter()
-        total += float(np.sum((x.astype(np.float64) - xhat) ** 2))
-        t_encode, t_decode = t_encode + t1 - t0, t_decode + t2 - t1
-    mse = total / len(xb) * mse_scale
+    if xb.shape[1] != model.d:
+        raise RunConfigError(f"the database vectors have dimension {xb.shape[1]}, model={cfg.model} encodes {model.d}")
+    measured = reconstruction_error(model, xb, opts, batch_size=max(1, cfg.enc_max_bs))
+    mse, t_encode, t_decode = measured.mse * mse_scale, measured.t_encode, measured.t_decode
     log(f"Test metrics: MSE={mse:g}")
     result = {"mse": mse, "n": int(len(xb)), "A": opts.preselect, "B": opts.beam, "mse_scale": mse_scale,
               "t_encode": t_encode, "t_decode": t_decode}
@@ -230,62 +210,20 @@ def eval(cfg: RunConfig, log: Log = print) -> dict:  # noqa: A001 - the referenc
 eval_time = eval
 
 
-def process_slot() -> tuple[int, int, Callable[[str], None] | None]:
-    """(index, count, barrier) of this encoding process: from QINCO_PROCESS_INDEX /
-    QINCO_PROCESS_COUNT when set, else from jax.distributed (started here when a cluster
-    launcher's variables are present, as `--distributed` does for training; the barrier
-    waits for every process), else (0, 1). Call it before any JAX computation."""
-    env_i, env_n = os.environ.get(PROCESS_INDEX_ENV), os.environ.get(PROCESS_COUNT_ENV)
-    if (env_i is None) != (env_n is None):
-        raise RunConfigError(f"set both {PROCESS_INDEX_ENV} and {PROCESS_COUNT_ENV}, or neither")
-    if env_i is not None:
-        try:
-            index, count = int(env_i), int(env_n)
-        except ValueError:
-            raise RunConfigError(f"{PROCESS_INDEX_ENV}={env_i!r} and {PROCESS_COUNT_ENV}={env_n!r} must be "
-                                 "integers") from None
-        if not 0 <= index < count:
-            raise RunConfigError(f"{PROCESS_INDEX_ENV}={index} must lie in [0, {PROCESS_COUNT_ENV}={count})")
-        return index, count, None
-    import jax
-
-    if _launched_on_several_processes() and not jax.distributed.is_initialized():
-        # JAX reads the coordinator's address from JAX_COORDINATOR_ADDRESS itself; the
-        # process count and id come from the launcher (SLURM, Open MPI) or, with a bare
-        # coordinator address, from JAX_NUM_PROCESSES / JAX_PROCESS_ID.
-        def env_int(name):
-            v = os.environ.get(name)
-            if v is not None and not v.isdigit():
-                raise RunConfigError(f"{name}={v!r} must be a non-negative integer")
-            return None if v is None else int(v)
-
-        jax.distributed.initialize(num_processes=env_int("JAX_NUM_PROCESSES"), process_id=env_int("JAX_PROCESS_ID"))
-    if jax.process_count() == 1:
-        return 0, 1, None
-    from jax.experimental import multihost_utils
-
-    return jax.process_index(), jax.process_count(), multihost_utils.sync_global_devices
-
-
-def _launched_on_several_processes() -> bool:
-    """Whether a cluster launcher that jax.distributed.initialize() understands started
-    this process as one of several (SLURM, Open MPI, or JAX's own coordinator variables)."""
-    for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-        if os.environ.get(var, "1").isdigit() and int(os.environ.get(var, "1")) > 1:
-            return True
-    return "JAX_COORDINATOR_ADDRESS" in os.environ
-
-
 def encode(cfg: RunConfig, log: Log = print) -> Path:
     """Codes of the database or training set in the reference's part files."""
     cfg = with_folder_data(cfg)
     check_task(cfg)
-    index, count, barrier = process_slot()  # before any JAX computation (jax.distributed)
+    try:
+        slot = distributed.process_slot()  # before any JAX computation (jax.distributed)
+    except ValueError as e:
+        raise RunConfigError(str(e)) from None
+    index, count = slot.index, slot.count
     model = load_model(cfg, log)
     opts = encode_options(cfg, model)
     if cfg.encode_trainset:
         xt, xval = training_vectors(cfg, log)
-        vectors = _Rows(xt, xval)
+        vectors = training_set.ConcatenatedRows(xt, xval)
         log(f"Training + validation sets: {vectors.shape}")
     else:
         vectors = database_vectors(cfg, log)
@@ -299,13 +237,9 @@ def encode(cfg: RunConfig, log: Log = print) -> Path:
     t0 = time.perf_counter()
     part = encode_to_parts(cfg.output, vectors, lambda x: codec.encode(model, x, opts), width=width,
                            header=header, process_index=index, process_count=count,
-                           batch_size=max(1, cfg.enc_max_bs), barrier=barrier, log=log if cfg.verbose else _quiet)
+                           batch_size=max(1, cfg.enc_max_bs), barrier=slot.barrier, log=log if cfg.verbose else quiet)
     log(f"Stored codes part {index} in {part} ({time.perf_counter() - t0:.1f} s); header: {cfg.output}")
     return part
-
-
-def _quiet(_msg: str) -> None:
-    pass
 
 
 def ivf_centroids(cfg: RunConfig, log: Log = print) -> np.ndarray:

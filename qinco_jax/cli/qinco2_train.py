@@ -10,6 +10,18 @@ is written to `output` (`.pt`: QINCo2's format) each time validation improves; t
 training state is checkpointed after every epoch in `<output>.checkpoint/`, and
 `resume=true` continues from it (without `resume`, an old checkpoint there is replaced).
 The history goes to `<output>.history.json`.
+
+    run.py task=train model=trained.pt output=new.pt trainset=xt.npy [ds.valset=...]
+
+continues a trained QINCo2 model (the reference's files or ours): its architecture,
+normalisation and IVF centroids come from the file (model keys given on the command
+line must agree with it), there is no RQ initialisation, and the optimizer and
+schedule start afresh (training.finetune.continue_training). `batch` is per device, as
+the reference's is per GPU.
+
+Not implemented yet (each refused with a message naming the key): optimizer=adam and
+scheduler.name=reduce_lr_plateau (so model_args=qinco1), grad_accumulate > 1,
+tensorboard=, and starting a continued model's schedule at the epoch after the file's.
 """
 
 from __future__ import annotations
@@ -20,33 +32,19 @@ import shutil
 import numpy as np
 
 from qinco_jax.cli import run_config
+from qinco_jax.cli.qinco2_tasks import read_ivf_centroids, split_training_file
 from qinco_jax.cli.run_config import RunConfig, RunConfigError
 
 
 def _training_vectors(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
-    from qinco_jax.training import qinco2_recipe as q2
-    from qinco_jax.formats.vecs_io import read_vectors
-
-    path = run_config.resolve_data(cfg).trainset
-    x = read_vectors(path, mmap=True)
-    if x.ndim != 2:
-        raise RunConfigError(f"trainset={path}: expected a 2-D array of vectors, got shape {x.shape}")
-    try:
-        xt, xval = q2.split_validation(x, cfg.ds.valset, cfg.ds.trainset)
-    except ValueError as e:
-        raise RunConfigError(f"trainset={path}: {e}") from None
+    xt, xval = split_training_file(cfg)
     return np.asarray(xt, np.float32), np.asarray(xval, np.float32)
 
 
 def _ivf_centroids(cfg: RunConfig, d: int) -> np.ndarray | None:
     if not cfg.ivf_centroids:
         return None
-    from qinco_jax.formats.vecs_io import read_vectors
-
-    c = np.asarray(read_vectors(cfg.ivf_centroids, mmap=False), np.float32)
-    if c.ndim != 2 or c.shape[1] != d:
-        raise RunConfigError(f"ivf_centroids={cfg.ivf_centroids} has shape {c.shape}: its dimension must be "
-                             f"the training vectors' d={d}")
+    c = read_ivf_centroids(cfg, d)
     if cfg.ivf_K is not None and cfg.ivf_K != len(c):
         raise RunConfigError(f"ivf_K={cfg.ivf_K} but ivf_centroids={cfg.ivf_centroids} holds {len(c)} centroids")
     return c
@@ -69,44 +67,87 @@ def model_spec(cfg: RunConfig):
 
 def train_config(cfg: RunConfig):
     """The training.TrainConfig the run's keys describe (QINCo2's cosine recipe)."""
-    from qinco_jax.training.loop import qinco2_train_config
+    from qinco_jax.training.loop import make_mesh, qinco2_train_config
 
     if cfg.optimizer != "adamw" or cfg.scheduler.name != "cosine":
         raise RunConfigError(f"optimizer={cfg.optimizer} scheduler.name={cfg.scheduler.name}: only QINCo2's "
                              "recipe (optimizer=adamw, scheduler.name=cosine) is implemented for task=train")
     if cfg.grad_accumulate != 1:
         raise RunConfigError(f"grad_accumulate={cfg.grad_accumulate}: only 1 is implemented")
+    ngpu = 0 if cfg.cpu else -1
     try:
+        # batch= is per device, as the reference's (per GPU): the loop's batch spans the mesh
+        batch_size = cfg.batch * make_mesh(ngpu).devices.size
         return qinco2_train_config(
-            lr=cfg.lr, weight_decay=cfg.wd, grad_clip=cfg.grad_clip, batch_size=cfg.batch, epochs=cfg.epochs,
+            lr=cfg.lr, weight_decay=cfg.wd, grad_clip=cfg.grad_clip, batch_size=batch_size, epochs=cfg.epochs,
             ramp_epochs=cfg.scheduler.ramp_epochs, lr_min_fact=cfg.scheduler.lr_min_fact,
             stop_patience=cfg.scheduler.stop_patience, codebook_noise=cfg.codebook_noise_init, seed=cfg.seed,
             # The reference does not loop in qinco1_mode: every epoch is the whole set.
-            epoch_size=None if cfg.qinco1_mode else cfg.ds.loop, ngpu=0 if cfg.cpu else -1)
+            epoch_size=None if cfg.qinco1_mode else cfg.ds.loop, ngpu=ngpu)
     except ValueError as e:
         raise RunConfigError(str(e)) from None
 
 
 def train(cfg: RunConfig, log=print):
     """task=train: returns the training.TrainResult."""
-    from qinco_jax.training import recipe
+    from qinco_jax.training import finetune, recipe
 
     run_config.check_task(cfg)
-    if cfg.model is not None:
-        raise RunConfigError("task=train from model=<file> is not implemented: use resume=true with the same "
-                             "output= to continue an interrupted run")
     if not cfg.output:
         raise RunConfigError("task=train needs output=<file.pt>")
-    spec, tcfg = model_spec(cfg), train_config(cfg)
+    if cfg.tensorboard:
+        raise RunConfigError(f"tensorboard={cfg.tensorboard}: TensorBoard logging is not implemented yet; "
+                             f"the training history is written to {cfg.output}.history.json")
+    if cfg.model is not None and os.path.abspath(cfg.model) == os.path.abspath(cfg.output):
+        raise RunConfigError(f"model={cfg.model} and output= are the same file: training writes output=, "
+                             "give another name (or resume=true without model= to continue a run)")
+    # everything is checked before the (long) data reading and training start
+    start = _trained_model(cfg, log) if cfg.model is not None else None
+    spec = model_spec(cfg) if start is None else None
+    tcfg = train_config(cfg)
     xt, xval = _training_vectors(cfg)
-    centroids = _ivf_centroids(cfg, xt.shape[1])
+    centroids = _ivf_centroids(cfg, xt.shape[1]) if start is None else None
     checkpoint_dir = cfg.output + ".checkpoint"
     if not cfg.resume and os.path.isdir(checkpoint_dir):
         log(f"resume=false: starting over, removing the old checkpoint {checkpoint_dir}")
         shutil.rmtree(checkpoint_dir)
     log(f"training on {len(xt)} vectors, validating on {len(xval)}")
-    return recipe.train_model(xt, xval, spec, tcfg, ivf_centroids=centroids, model_path=cfg.output,
-                              checkpoint_dir=checkpoint_dir, history_path=cfg.output + ".history.json", log=log)
+    paths = dict(model_path=cfg.output, checkpoint_dir=checkpoint_dir, history_path=cfg.output + ".history.json")
+    if start is not None:
+        if xt.shape[1] != start.d:
+            raise RunConfigError(f"trainset vectors have dimension {xt.shape[1]}, model={cfg.model} needs {start.d}")
+        return finetune.continue_training(start, xt, xval, tcfg, log=log, **paths)
+    return recipe.train_model(xt, xval, spec, tcfg, ivf_centroids=centroids, log=log, **paths)
+
+
+def _trained_model(cfg: RunConfig, log):
+    """The QINCo2 model of model= to train further, checked against the model keys the
+    command line gives (qinco2_tasks.load_model: a different M, K, L, dh, de, ivf_K is
+    an error naming the key)."""
+    from qinco_jax.cli.qinco2_tasks import load_model
+    from qinco_jax.formats.torch_pickle import CheckpointError
+
+    try:
+        model = load_model(cfg, log)
+    except CheckpointError as e:
+        raise RunConfigError(f"model={cfg.model} is not a QINCo2 checkpoint: {e}") from None
+    if not model.config.is_qinco2:
+        raise RunConfigError(f"model={cfg.model} is a {model.describe()}, not a QINCo2 model: task=train "
+                             "continues QINCo2 models (train_qinco.py trains QINCo v1)")
+    for key, of_model in (("A", model.config.A), ("B", model.config.B)):
+        given = getattr(cfg, key)
+        if given is not None and given != of_model:
+            raise RunConfigError(f"{key}={given} given, but model={cfg.model} was trained with {key}={of_model}: "
+                                 "continuing a model keeps its architecture")
+    if str(cfg.model).endswith(".pt"):
+        from qinco_jax.formats.torch_pickle import load_pt
+
+        root = load_pt(cfg.model)
+        epoch = root.get("epoch") if isinstance(root, dict) else None
+        if epoch is not None:  # the reference's files record it; ours (no training state) hold None
+            log(f"model={cfg.model} stopped after epoch {epoch}; the schedule restarts from epoch 0 here "
+                "(starting at the next epoch is not implemented)")
+    return model
 
 
 def eval_valset(cfg: RunConfig, log=print) -> float:

@@ -75,7 +75,8 @@ class DataLimits:
 
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
-    """`search.*`: the large-scale search task's index and operating points."""
+    """`search.*`: the large-scale search task's index and operating points;
+    batch_size: shortlist entries the model decodes per batch when re-ranking."""
 
     index_key: str = "IVF${ivf_K}_HNSW32,RQ${M}x8_Nqint8"
     aq_training_samples: int = 1_000_000
@@ -311,6 +312,44 @@ def _apply(cfg: RunConfig, key: str, value: Any, text: str | None = None) -> Run
     return dataclasses.replace(cfg, **{key: value})
 
 
+# The keys each task reads (beside ANY_TASK_KEYS); a key given on the command line that
+# its task does not read is an error naming it, never silently ignored.
+ANY_TASK_KEYS = ("task", "cpu", "verbose", "inference", "seed", "mse_scale", "model_args")
+_MODEL_FILE_KEYS = ("model", "M", "K", "L", "de", "dh", "A", "B", "ivf_K", "qinco1_mode", "ivf_in_use",
+                    "ivf_centroids")  # a model task checks these against the file
+_TRAINSET_KEYS = ("db", "trainset", "ds.trainset", "ds.valset")
+TASK_KEYS: dict[str, tuple[str, ...]] = {
+    "train": (*_MODEL_FILE_KEYS, *_TRAINSET_KEYS, "output", "resume", "tensorboard", "precision", "optimizer", "lr", "wd", "grad_clip",
+              "batch", "epochs", "grad_accumulate", "ds.loop", "codebook_noise_init",
+              *(f"scheduler.{f.name}" for f in dataclasses.fields(SchedulerConfig))),
+    "eval": (*_MODEL_FILE_KEYS, "db", "ds.db", "enc_max_bs"),
+    "eval_time": (*_MODEL_FILE_KEYS, "db", "ds.db", "enc_max_bs"),
+    "eval_valset": (*_MODEL_FILE_KEYS, *_TRAINSET_KEYS),
+    "encode": (*_MODEL_FILE_KEYS, *_TRAINSET_KEYS, "output", "encode_trainset", "ds.db", "enc_max_bs"),
+    "ivf_centroids": (*_TRAINSET_KEYS, "ivf_K", "output"),
+    "train_pairwise_decoder": (*_TRAINSET_KEYS, "ivf_centroids", "ivf_K", "encoded_trainset", "output", "K", "M",
+                               "model", "n_pairwise_codebooks", "pairwise_shrinkage", "allow_model_mismatch"),
+    "build_index": (*_TRAINSET_KEYS, "ivf_centroids", "ivf_K", "encoded_trainset", "encoded_db", "output", "K", "M",
+                    "model", "ds.db", "search.index_key", "search.aq_training_samples", "ondisk"),
+    "search": (*_MODEL_FILE_KEYS, "db", "queries", "queries_gt", "ds.db", "enc_max_bs", "index", "pairwise_decoder",
+               "output", "resume", "allow_model_mismatch",
+               *(f"search.{f.name}" for f in dataclasses.fields(SearchConfig))),
+    "convert": ("model", "output", "db"),
+}
+assert set(TASK_KEYS) == set(TASKS)
+
+
+def check_keys_used(task: str | None, given: Sequence[str]) -> None:
+    """A RunConfigError naming the keys of the command line that `task` does not read."""
+    if task not in TASK_KEYS:
+        return
+    unused = [k for k in given if k not in ANY_TASK_KEYS and k not in TASK_KEYS[task]]
+    if unused:
+        raise RunConfigError(f"task={task} does not use {', '.join(unused)}: remove "
+                             f"{'it' if len(unused) == 1 else 'them'} (keys of task={task}: "
+                             f"{', '.join(TASK_KEYS[task])})")
+
+
 def parse_run_args(argv: Sequence[str]) -> RunConfig:
     """`key=value` words (run.py's command line, program name excluded) -> RunConfig."""
     overrides: dict[str, Any] = {}
@@ -336,7 +375,11 @@ def parse_run_args(argv: Sequence[str]) -> RunConfig:
             cfg = _apply(cfg, key, value)
     for key, (value, text) in overrides.items():
         cfg = _apply(cfg, key, value, text)
+    if "ivf_centroids" in overrides and "ivf_K" not in overrides:
+        # the centroids file decides how many IVF lists there are, not a preset's ivf_K
+        cfg = dataclasses.replace(cfg, ivf_K=None)
     check_values(cfg)
+    check_keys_used(cfg.task, list(overrides))
     return cfg
 
 
@@ -349,7 +392,8 @@ def check_values(cfg: RunConfig) -> None:
     if cfg.scheduler.name not in SCHEDULERS:
         raise RunConfigError(f"unknown scheduler.name {cfg.scheduler.name!r}: use one of {', '.join(SCHEDULERS)}")
     positive = {"M": cfg.M, "K": cfg.K, "dh": cfg.dh, "B": cfg.B, "ivf_K": cfg.ivf_K, "batch": cfg.batch,
-                "grad_accumulate": cfg.grad_accumulate, "ds.valset": cfg.ds.valset}
+                "grad_accumulate": cfg.grad_accumulate, "ds.valset": cfg.ds.valset,
+                "search.batch_size": cfg.search.batch_size}
     for key, v in positive.items():
         if v is not None and v < 1:
             raise RunConfigError(f"{key} must be >= 1, got {v}")

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qinco_jax import cli
+from qinco_jax import cli, distributed
 from qinco_jax.data import validation
 
 DEFAULT_TODO = ["train_rq", "train"]
@@ -183,13 +183,14 @@ def check_args(args) -> None:
 
 
 def load_ivf_centroids(path: str, d: int) -> np.ndarray:
-    from qinco_jax.formats.vecs_io import read_vectors
+    from qinco_jax.data.training_set import read_ivf_centroids
 
-    c = validation.as_finite_float32(read_vectors(path), "IVF centroids")
-    if c.ndim != 2 or c.shape[1] != d:
-        raise cli.UsageError(f"IVF centroids {path} have shape {c.shape}: their dimension must be the "
-                             f"training vectors' d={d}")
-    return c
+    try:
+        return read_ivf_centroids(path, d=d)
+    except (FileNotFoundError, validation.VectorInputError):
+        raise  # both name the file already
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
 
 
 def model_spec_from_args(args):
@@ -288,9 +289,7 @@ def train_from_args(args, xt_all: np.ndarray, log=print):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.distributed:
-        import jax
-
-        jax.distributed.initialize()
+        distributed.start(required=True)
     cli.print_args(args)
     check_args(args)
     xt_all = load_training_vectors(args)

@@ -22,7 +22,7 @@ import argparse
 
 import numpy as np
 
-from qinco_jax import cli
+from qinco_jax import cli, distributed
 from qinco_jax.cli import train as train_cli
 
 
@@ -157,9 +157,7 @@ def main(argv=None):
     if args.recombine:
         return do_recombine(args)
     if args.distributed:
-        import jax
-
-        jax.distributed.initialize()
+        distributed.start(required=True)
     return train_all(args)
 
 

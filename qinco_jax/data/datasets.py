@@ -34,11 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from qinco_jax.data import validation
+from qinco_jax.data import image_sift, validation
+from qinco_jax.data.groundtruth import GT_K, exact_groundtruth  # noqa: F401 - datasets.exact_groundtruth, as before
 from qinco_jax.formats import vecs_io
 
 DEFAULT_DATA_ROOT = "data"
-GT_K = 100  # neighbours in computed ground truths, as in the published ones
 
 # Synthetic data sets: (nt, nb, nq). "synthetic" is sized for the main job (a model
 # trains on 100k vectors in minutes on a CPU); "synthetic_small" for tests.
@@ -49,7 +49,7 @@ SYNTHETIC_SIZES = {
 
 REFERENCE_NAMES = ("bigann1M", "bigann10M", "bigann100M", "bigann1B", "deep1M", "deep10M",
                    "deep100M", "deep1B", "FB_ssnpp1M", "Contriever1M")
-BUILT_IN_REAL_NAMES = ("sift_images",)  # qinco_jax.data.image_sift.NAMED_SPECS
+BUILT_IN_REAL_NAMES = ("sift_images",)  # image_sift.NAMED_SPECS, opened by sift_images_dataset
 AVAILABLE_NAMES = REFERENCE_NAMES + tuple(SYNTHETIC_SIZES) + BUILT_IN_REAL_NAMES
 
 # The reference's (and faiss's) guard: beyond this, get_database() would need hundreds
@@ -115,16 +115,6 @@ def _slice_gt(gt: np.ndarray, k: int | None, name: str) -> np.ndarray:
     if k > gt.shape[1]:
         raise ValueError(f"{name}: asked for {k} ground-truth neighbours, only {gt.shape[1]} are available")
     return gt[:, :k]
-
-
-def exact_groundtruth(xq: np.ndarray, xb: np.ndarray, k: int = GT_K) -> np.ndarray:
-    """(nq, min(k, nb)) int64 ids of the exact L2 nearest neighbours (faiss IndexFlatL2)."""
-    import faiss
-
-    index = faiss.IndexFlatL2(xb.shape[1])
-    index.add(_float32(xb))
-    _, ids = index.search(_float32(xq), min(k, len(xb)))
-    return ids
 
 
 # --------------------------------------------------------------------------------------
@@ -387,6 +377,20 @@ def folder_dataset(folder: str | os.PathLike) -> FileDataset:
     return FileDataset(str(folder), files, compute_missing_gt=True)
 
 
+def sift_images_dataset(name: str = "sift_images", spec: image_sift.SiftImagesSpec | None = None,
+                        root: str | os.PathLike | None = None) -> FileDataset:
+    """The built-in real data set `name` (see image_sift.NAMED_SPECS) as a FileDataset,
+    built under the data root (`<root>/<name>`) on first use."""
+    if spec is None:
+        if name not in image_sift.NAMED_SPECS:
+            raise ValueError(f"unknown sift_images data set {name!r}: use one of {', '.join(image_sift.NAMED_SPECS)}")
+        spec = image_sift.NAMED_SPECS[name]
+    folder = Path(root if root is not None else data_root()) / name
+    ds = folder_dataset(image_sift.ensure_built(folder, spec))
+    ds.name = name
+    return ds
+
+
 # --------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------
@@ -398,8 +402,6 @@ def get_dataset(name_or_folder: str | os.PathLike) -> Dataset:
     if name in SYNTHETIC_SIZES:
         return _named_synthetic(name)
     if name in BUILT_IN_REAL_NAMES:
-        from qinco_jax.data.image_sift import sift_images_dataset
-
         return sift_images_dataset(name)
     ds = _reference_dataset(name)
     if ds is not None:

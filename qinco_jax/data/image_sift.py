@@ -19,7 +19,8 @@ Construction (deterministic):
      duplicates are skipped — and split into learn, base, query in that order;
   4. exact L2 ground truth of the queries in the base (100 neighbours).
 
-The files are written once under the data root, in BigANN's layout and format
+The files are written once (under the data root when opened through
+`datasets.sift_images_dataset`), in BigANN's layout and format
 (`learn.bvecs`, `base.bvecs`, `query.bvecs`, `gt.ivecs`) plus `info.json` recording the
 recipe; later calls read them. A cache built with another recipe or size is rebuilt.
 """
@@ -33,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qinco_jax.data.groundtruth import GT_K, exact_groundtruth
 from qinco_jax.formats import vecs_io
 from qinco_jax.formats.io import atomic_path
 
@@ -160,8 +162,6 @@ def compute_descriptors(n: int, seed: int = 0, progress: bool | None = None) -> 
 def build(folder: str | os.PathLike, spec: SiftImagesSpec, progress: bool | None = None) -> Path:
     """Compute the data set and write it to folder (learn/base/query .bvecs, gt.ivecs,
     info.json written last: its presence marks a complete build)."""
-    from qinco_jax.data.datasets import GT_K, exact_groundtruth
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     x = compute_descriptors(spec.total, spec.seed, progress=progress)
@@ -196,19 +196,3 @@ def ensure_built(folder: str | os.PathLike, spec: SiftImagesSpec, progress: bool
             info.unlink()  # a cache of another recipe: rebuilt below
         build(folder, spec, progress=progress)
     return Path(folder)
-
-
-def sift_images_dataset(name: str = "sift_images", spec: SiftImagesSpec | None = None,
-                        root: str | os.PathLike | None = None):
-    """The data set `name` (see NAMED_SPECS) as a FileDataset, built under the data root
-    (`<root>/<name>`) on first use."""
-    from qinco_jax.data.datasets import data_root, folder_dataset
-
-    if spec is None:
-        if name not in NAMED_SPECS:
-            raise ValueError(f"unknown sift_images data set {name!r}: use one of {', '.join(NAMED_SPECS)}")
-        spec = NAMED_SPECS[name]
-    folder = Path(root if root is not None else data_root()) / name
-    ds = folder_dataset(ensure_built(folder, spec))
-    ds.name = name
-    return ds

@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from qinco_jax.logs import quiet
 from qinco_jax.formats.io import atomic_path
 
 CODE_DTYPE = np.dtype("<i8")  # the reference stores torch's int64 indices as they are
@@ -218,7 +219,7 @@ def read_codes(path: str | os.PathLike) -> np.ndarray:
 def encode_to_parts(path: str | os.PathLike, vectors: np.ndarray, encode_batch: Callable[[np.ndarray], np.ndarray],
                     *, width: int, header: CodeFileHeader, process_index: int = 0, process_count: int = 1,
                     batch_size: int = 65536, barrier: Callable[[str], None] | None = None,
-                    log: Callable[[str], None] = lambda _m: None) -> Path:
+                    log: Callable[[str], None] = quiet) -> Path:
     """Encode this process's share of `vectors` (n, D) (rows part_rows(n, process_count,
     process_index)) in batches of batch_size with `encode_batch` (raw vectors -> codes
     (rows, width)) and write it as part `process_index`; process 0 then writes the

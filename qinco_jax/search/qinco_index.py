@@ -39,6 +39,7 @@ from typing import Callable
 
 import numpy as np
 
+from qinco_jax.logs import quiet
 from qinco_jax.models import pairwise
 from qinco_jax.data import validation
 from qinco_jax.config import EncodeOptions
@@ -51,10 +52,6 @@ DEFAULT_ADD_BATCH = 1 << 16  # database vectors encoded and added per batch
 PAIRWISE_SUFFIX = ".pairwise.pt"  # where `write` puts the pairwise decoder, beside the index
 # Search settings `write` records and `read` restores, besides nprobe / efSearch / options.
 _SETTINGS = ("nshort", "nmid_short", "pairwise_table_dtype", "engine")
-
-
-def _quiet(_msg: str) -> None:
-    pass
 
 
 def _warn(msg: str) -> None:
@@ -111,7 +108,7 @@ class QincoIndex:
     @classmethod
     def build(cls, model: QincoModel, xt: np.ndarray, index_key: str, *, xt_codes: np.ndarray | None = None,
               options: EncodeOptions | None = None, ef_construction: int = -1,
-              log: Callable[[str], None] = _quiet) -> "QincoIndex":
+              log: Callable[[str], None] = quiet) -> "QincoIndex":
         """A trained, empty index for `model` (see search.index.train_index)."""
         index, _ = ivf_index.train_index(model, xt, index_key, xt_codes=xt_codes, options=options,
                                          ef_construction=ef_construction, log=log)
@@ -189,7 +186,7 @@ class QincoIndex:
 
     # ---- adding ----------------------------------------------------------------------
 
-    def add(self, x: np.ndarray, batch_size: int = DEFAULT_ADD_BATCH, log: Callable[[str], None] = _quiet) -> None:
+    def add(self, x: np.ndarray, batch_size: int = DEFAULT_ADD_BATCH, log: Callable[[str], None] = quiet) -> None:
         """Encode raw vectors with the model (self.options) and add them, batch by batch;
         ids continue from ntotal."""
         if batch_size < 1:

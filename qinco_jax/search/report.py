@@ -10,7 +10,9 @@ with times in seconds for the whole query set; "recalls_orig" are the recalls of
 shortlist before QINCo re-ranking. A three-stage search (pairwise decoder) adds
 "nmid_short" to the parameters, "t_mid" (the pairwise stage) and "recalls_mid" (the
 pairwise stage's shortlist of nshort). `load_results` also reads a bare list of points
-(files written before this schema).
+(files written before this schema), and the QINCo2 reference's search log
+{"ivf_real_res": [...]} (`from_reference_log`), so that `run.py task=search resume=true`
+continues a sweep the reference started; we always write our schema.
 """
 
 from __future__ import annotations
@@ -39,13 +41,48 @@ def save_results(path: str | os.PathLike, results: Sequence[Result], **metadata)
 
 
 def load_results(path: str | os.PathLike) -> list[Result]:
+    """The operating points of a results file: ours, or a search log of the QINCo2
+    reference (`run.py task=search output=<log.json>`), converted (see from_reference_log)."""
     with open(path) as f:
         data = json.load(f)
+    if isinstance(data, dict) and REFERENCE_LOG_KEY in data:
+        return from_reference_log(data, path)
     results = data.get("results") if isinstance(data, dict) else data
     if not isinstance(results, list) or not all("recalls" in r and "parameters" in r for r in results):
         raise ValueError(f"{path}: not a search results file (expected a list of "
                          "{{parameters, recalls, recalls_orig, t_search, t_decode, t_dis}})")
     return results
+
+
+REFERENCE_LOG_KEY = "ivf_real_res"  # the reference's search log: {"ivf_real_res": [point, ...]}
+
+
+def from_reference_log(log: dict, path: str | os.PathLike = "the log") -> list[Result]:
+    """The points of a QINCo2 reference search log, in our schema: its parameters
+    (nmid_short=0, the reference's "no pairwise stage", left out as ours leave it out),
+    recalls and recalls_orig as they are, and its timers renamed: t_search,
+    t_mid_rerank -> t_mid (with a pairwise stage), t_decode, t_rerank -> t_dis. Its log
+    does not record the number of queries; the points' totals are the same seconds."""
+    points = log[REFERENCE_LOG_KEY]
+    if not isinstance(points, list):
+        raise ValueError(f"{path}: '{REFERENCE_LOG_KEY}' must be a list of search results")
+    out = []
+    for i, r in enumerate(points):
+        missing = [k for k in ("parameters", "recalls", "t_search", "t_decode", "t_rerank") if k not in r]
+        if missing:
+            raise ValueError(f"{path}: point {i} of the reference's search log has no {', '.join(missing)}")
+        parameters = {k: int(v) for k, v in r["parameters"].items()}
+        point = {"parameters": parameters, "recalls": {str(k): float(v) for k, v in r["recalls"].items()},
+                 "recalls_orig": {str(k): float(v) for k, v in r.get("recalls_orig", {}).items()},
+                 "t_search": float(r["t_search"]), "t_decode": float(r["t_decode"]), "t_dis": float(r["t_rerank"])}
+        if parameters.get("nmid_short", 0) == 0:
+            parameters.pop("nmid_short", None)
+        else:
+            point["t_mid"] = float(r.get("t_mid_rerank", 0.0))
+        if "cno" in r:
+            point["cno"] = int(r["cno"])
+        out.append(point)
+    return out
 
 
 def queries_in(results: Sequence[Result]) -> int:

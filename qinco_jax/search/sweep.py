@@ -9,6 +9,7 @@ faiss shortlist, more pairwise decodes), so the same pruning covers the 4-axis g
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import numpy as np
@@ -127,3 +128,53 @@ def explore(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe:
             on_result(results)
     return results
 
+
+
+def searchable_ef_search(index, ef_search: Sequence[int], log: Callable[[str], None] = print) -> tuple[int, ...]:
+    """The efSearch values that apply to `index`: all of them with an HNSW coarse
+    quantizer, none with another (a config's default efSearch axis has no meaning for a
+    flat quantizer: searched without it rather than refused)."""
+    quantizer = coarse_quantizer(index)
+    if ef_search and not hasattr(quantizer, "hnsw"):
+        log(f"the index's coarse quantizer is {type(quantizer).__name__}, not HNSW: "
+            f"quantizer_efSearch={list(ef_search)} does not apply and is left out")
+        return ()
+    return tuple(int(v) for v in ef_search)
+
+
+def sweep_index(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe: Sequence[int],
+                nshort: Sequence[int], ef_search: Sequence[int] = (), n_autotune: int = 0,
+                pairwise_decoder=None, pairwise_table_dtype: str = "float32",
+                nmid_short: Sequence[int] = (), reranker_dtype: str | None = None,
+                rerank_rows: int | None = None, previous: Sequence[dict] = (), on_result: Callable[[list[dict]], None] | None = None,
+                engine: str = "faiss", engine_fallback: bool = False,
+                log: Callable[[str], None] = print) -> list[dict]:
+    """The search set-up both index programs share, then `explore`: QINCo re-ranking
+    (decoding in `reranker_dtype`, default the model's, `rerank_rows` shortlist entries
+    per decoding batch, default the backend's), and with `pairwise_decoder` (a
+    file in the reference's format, or a `models.pairwise.PairwiseDecoder` already
+    loaded and checked) the three-stage search, its tables stored as
+    `pairwise_table_dtype`. engine: "faiss" (faiss's scan) or "jax" (`search.jax_engine`;
+    with engine_fallback, faiss where the JAX engine does not implement the index).
+    Returns `explore`'s results."""
+    from qinco_jax.search import jax_engine, pairwise_stage
+
+    model = require_ivf_model(model)
+    check_index_matches_model(index, model)
+    mid = None
+    if isinstance(pairwise_decoder, (str, os.PathLike)) and os.fspath(pairwise_decoder):
+        decoder = pairwise_stage.load_for_model(pairwise_decoder, model, pairwise_table_dtype)
+        mid = pairwise_stage.middle_stage(decoder, model)
+        log(f"three-stage search with the pairwise decoder {os.fspath(pairwise_decoder)} "
+            f"({pairwise_table_dtype} tables), nmid_short {list(nmid_short)}")
+    elif pairwise_decoder is not None and not isinstance(pairwise_decoder, (str, os.PathLike)):
+        mid = pairwise_stage.middle_stage(pairwise_decoder, model, table_dtype=pairwise_table_dtype)
+        log(f"three-stage search with a pairwise decoder ({pairwise_table_dtype} tables), "
+            f"nmid_short {list(nmid_short)}")
+    opened = jax_engine.open_engine(index, engine, fallback=engine_fallback, log=log)
+    if opened is not None:
+        log(f"searching with the JAX engine (built in {opened.t_build:.2f} s; exact coarse assignment: "
+            "efSearch has no effect on it)")
+    return explore(index, model, xq, gt, nprobe=nprobe, nshort=nshort, ef_search=ef_search, n_autotune=n_autotune,
+                   reranker=Reranker(model, dtype=reranker_dtype, rows_per_batch=rerank_rows), mid=mid,
+                   nmid_short=nmid_short, previous=previous, on_result=on_result, log=log, engine=opened)

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 import faiss
 import numpy as np
 
+from qinco_jax.logs import quiet
 from qinco_jax import metrics
 from qinco_jax.search import aq
 from qinco_jax.models import codec
@@ -83,13 +84,9 @@ def two_stage_search(model: QincoModel, xq: np.ndarray, gt: np.ndarray, xb_codes
 
 
 
-def _quiet(_msg: str) -> None:
-    pass
-
-
 def run_two_stage(model: QincoModel, xt: np.ndarray, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray,
                   nshort: Sequence[int], options: EncodeOptions | None = None,
-                  log: Callable[[str], None] = _quiet) -> tuple[list[dict], dict]:
+                  log: Callable[[str], None] = quiet) -> tuple[list[dict], dict]:
     """The whole pipeline of the paper's Table 4: encode the training set, fit the AQ
     codebooks to its codes, encode the database, then `two_stage_search` for every
     nshort. Returns (results, stats: MSE_train, MSE_train_AQ, MSE_db, MSE_db_AQ,

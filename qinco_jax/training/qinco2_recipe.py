@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from qinco_jax.data.training_set import split_validation  # noqa: F401 - re-exported: the recipe splits with it
 from qinco_jax.models import qinco as qm
 from qinco_jax.data import validation
 from qinco_jax.config import QincoConfig
@@ -237,22 +238,6 @@ def max_epochs(epochs: int, stop_patience: int, cosine: bool = True) -> int | No
 # --------------------------------------------------------------------------------------
 # Data: validation split, epoch order, normalisation
 # --------------------------------------------------------------------------------------
-
-
-def split_validation(x, valset: int, trainset: int | None = None):
-    """(train, validation) views of one training file, as the reference splits it: the
-    last `valset` rows validate, and at most `trainset` of the first ones train."""
-    n = len(x)
-    if valset < 1:
-        raise ValueError(f"ds.valset must be >= 1, got {valset}")
-    if valset > n // 2:
-        raise ValueError(f"ds.valset={valset} is more than half of the {n} training vectors")
-    xt, xval = x[:n - valset], x[n - valset:]
-    if trainset is not None:
-        if trainset < 1:
-            raise ValueError(f"ds.trainset must be >= 1 or null, got {trainset}")
-        xt = xt[:min(trainset, len(xt))]
-    return xt, xval
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,0 +1,40 @@
+"""Training a trained model further: QINCo2's `run.py task=train model=<file>`.
+
+The model file gives the architecture, the normalisation and the IVF centroids; there is
+no RQ initialisation. A model file carries no optimizer or schedule state, so those start
+afresh (the reference's files record the epoch they stopped at; its schedule position is
+not restored here)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from qinco_jax.data import validation
+from qinco_jax.logs import quiet
+from qinco_jax.models.qinco import QincoModel
+from qinco_jax.training import loop as training
+from qinco_jax.training import rq_init
+def continue_training(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: training.TrainConfig, *,
+                      model_path: str | None = None, checkpoint_dir: str | None = None,
+                      history_path: str | None = None, log: Callable[[str], None] = quiet) -> training.TrainResult:
+    """Train an already trained model further (QINCo2's `task=train model=<file>`: its
+    architecture, normalisation and IVF centroids are the file's; no RQ
+    initialisation). The optimizer and schedule start afresh (a model file carries no
+    training state); see training.fit for the paths."""
+    validation.check_all_finite(xt, "training vectors")
+    validation.check_all_finite(xval, "validation vectors")
+    xt, xval = np.asarray(xt, np.float32), np.asarray(xval, np.float32)
+    if xt.ndim != 2 or xt.shape[1] != model.d or xval.ndim != 2 or xval.shape[1] != model.d:
+        raise ValueError(f"training vectors {xt.shape} and validation vectors {xval.shape} must be (n, {model.d}) "
+                         f"for the model ({model.describe()})")
+    training.check_batch_size(cfg.batch_size, training.make_mesh(cfg.ngpu))
+    assign = None
+    if model.config.is_ivf:
+        centroids = model.denormalise(np.asarray(model.params["codebook0"], np.float32))
+        log(f"assigning {len(xt)} training vectors to the model's {len(centroids)} IVF centroids")
+        assign = rq_init.assign_to_centroids(xt, centroids)
+    log(f"continuing the training of {model.config.describe()}")
+    return training.fit(model, xt, xval, cfg, code0=assign, model_path=model_path,
+                        checkpoint_dir=checkpoint_dir, history_path=history_path, log=log)
