@@ -23,6 +23,13 @@ On a GPU (the full mode, < 8 minutes on an H100) it checks and measures, in orde
                 reference's, MSE, decoding of the reference's codes; then QINCo2-S
                 (D = De = 128, Dh = 256, L = 2, M = 8, K = 256, random weights) encode
                 throughput at (A, B) = (16, 32);
+  jax_engine    the JAX IVF search engine (qinco_jax.search.jax_engine) on generated
+                tables of the reference's bigann 10M index size (K_IVF = 65,536 lists,
+                10M codes of 8 bytes, d = 128, uneven list sizes): its shortlists
+                against a float64 brute-force scan of the same tables (a few queries),
+                then ms per query at batch 10,000 for nprobe 16 and 64, shortlist only,
+                and with faiss present the whole search (QINCo re-ranking of nshort at
+                the paper's model size in the same jit);
   reference     with --reference_dir (a copy of the reference's qinco_v1 folder and
                 torch), the reference's own encode, decode, re-ranking, train step and
                 IVF assignment on the same device and weights, in the same run: ratios.
@@ -100,10 +107,13 @@ ENCODE_SETTINGS = [(1, 0), (1, 32), (1, 16), (4, 32), (8, 0)]
 
 FULL = dict(d=128, M=8, K=256, L=2, h=256, n_encode=32768, n_encode_search=8192, n_decode=1 << 20,
             rerank_queries=1000, nshort=1000, train_batch=1024, train_steps=20, k_ivf=1 << 20,
-            n_assign=65536, matmul_n=8192, n_precision=4096, ref_encode=4096, n_qinco2=4096, budget_s=400)
+            n_assign=65536, matmul_n=8192, n_precision=4096, ref_encode=4096, n_qinco2=4096, budget_s=400,
+            engine_nlist=65536, engine_ntotal=10_000_000, engine_queries=10_000, engine_nprobe=(16, 64),
+            engine_nshort=100)
 SMOKE = dict(d=32, M=4, K=64, L=1, h=32, n_encode=512, n_encode_search=256, n_decode=4096,
              rerank_queries=20, nshort=100, train_batch=256, train_steps=4, k_ivf=4096,
-             n_assign=1024, matmul_n=512, n_precision=256, ref_encode=256, n_qinco2=128, budget_s=150)
+             n_assign=1024, matmul_n=512, n_precision=256, ref_encode=256, n_qinco2=128, budget_s=150,
+             engine_nlist=256, engine_ntotal=20_000, engine_queries=300, engine_nprobe=(4, 16), engine_nshort=20)
 
 
 def has_gpu() -> bool:
@@ -567,6 +577,98 @@ def rerank_throughput(check: Check, ref: Reference | None) -> dict:
     return out
 
 
+def generated_ivf_tables(nlist: int, ntotal: int, d: int, M: int, K: int, seed: int = 0):
+    """IVF-AQ tables as a faiss index would hold them, generated: Gaussian centroids
+    and codebooks, uneven list sizes (Gamma(2)-distributed, as k-means lists are),
+    random codes and 8-bit-like decoded norms."""
+    from qinco_jax.search.jax_engine import IvfTables
+
+    rs = np.random.default_rng(seed)
+    weights = rs.gamma(2.0, 1.0, nlist)
+    sizes = rs.multinomial(ntotal, weights / weights.sum())
+    list_offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    centroids = (10 * rs.standard_normal((nlist, d))).astype(np.float32)
+    codebooks = (rs.standard_normal((M * K, d)) / np.sqrt(M)).astype(np.float32)
+    codes = rs.integers(0, K, (ntotal, M), dtype=np.int32)
+    norms = rs.uniform(0.5 * d, 1.5 * d, ntotal).astype(np.float32)
+    return IvfTables(centroids, codebooks, np.arange(M + 1, dtype=np.int64) * K, codes, norms,
+                     rs.permutation(ntotal).astype(np.int64), list_offsets, "qint8")
+
+
+def brute_force_shortlist(tables, xq: np.ndarray, nprobe: int, n: int):
+    """faiss's scan in float64 by its own formula: ‖q − c‖² + n(x̂) − 2⟨q − c, x̂⟩ over
+    the exact nprobe nearest lists. Returns per query (distances, ids), nearest first."""
+    c = tables.centroids.astype(np.float64)
+    cb = tables.codebooks.astype(np.float64)
+    out = []
+    for q in xq.astype(np.float64):
+        coarse = ((c - q) ** 2).sum(1)
+        lists = np.argsort(coarse)[:nprobe]
+        dis, ids = [], []
+        for l in lists:
+            a, b = tables.list_offsets[l], tables.list_offsets[l + 1]
+            rec = sum(cb[tables.offsets[m] + tables.codes[a:b, m]] for m in range(tables.M))
+            dis.append(coarse[l] + tables.norms[a:b] - 2 * (rec @ (q - c[l])))
+            ids.append(tables.ids[a:b])
+        dis, ids = np.concatenate(dis), np.concatenate(ids)
+        order = np.argsort(dis, kind="stable")[:n]
+        out.append((dis[order], ids[order]))
+    return out
+
+
+def jax_engine_search(check: Check) -> dict:
+    """The JAX IVF engine at the bigann 10M index size (generated tables): correctness
+    against a float64 brute-force scan, then ms per query at each nprobe."""
+    from qinco_jax.search.jax_engine import JaxIvfEngine
+
+    sz = check.sizes
+    d, M, K = 128, 8, 256
+    t = time.perf_counter()
+    tables = generated_ivf_tables(sz["engine_nlist"], sz["engine_ntotal"], d, M, K)
+    t_generate = time.perf_counter() - t
+    t = time.perf_counter()
+    engine = JaxIvfEngine.from_tables(tables)
+    t_build = time.perf_counter() - t
+    rs = np.random.default_rng(1)
+    nq, ns = sz["engine_queries"], sz["engine_nshort"]
+    xq = (tables.centroids[rs.integers(0, tables.nlist, nq)] + rs.standard_normal((nq, d))).astype(np.float32)
+    sizes = np.diff(tables.list_offsets)
+    out = {"nlist": tables.nlist, "ntotal": tables.ntotal, "d": d, "M": M, "K": K, "queries": nq, "nshort": ns,
+           "list_size_mean": float(sizes.mean()), "list_size_max": int(sizes.max()), "generate_s": t_generate,
+           "build_s": t_build, "chunk": engine.layout.chunk, "block_bytes": engine.block_bytes}
+    # correctness: the same shortlists as the float64 scan, up to float ties at the edge
+    nprobe0 = sz["engine_nprobe"][0]
+    n_check = 16
+    D, I = engine.shortlist(xq[:n_check], nprobe0, ns)
+    agree = []
+    for (dref, iref), dq, iq in zip(brute_force_shortlist(tables, xq[:n_check], nprobe0, ns), D, I):
+        edge = dref[-1] if len(dref) else 0.0
+        common = len(set(iref) & set(iq[iq >= 0]))
+        at_edge = np.sum(np.abs(dref - edge) <= 1e-5 * max(abs(edge), 1.0))
+        agree.append(common >= len(iref) - at_edge)
+    out["shortlists_checked"] = n_check
+    out["shortlists_equal"] = int(sum(agree))
+    out["passed"] = bool(all(agree))
+    for nprobe in sz["engine_nprobe"]:
+        t_s = best_time(lambda: engine.shortlist(xq, nprobe, ns), check, seconds=2.0, max_runs=3)
+        blocks, _ = engine.plan(np.ascontiguousarray(xq), nprobe)
+        out[f"nprobe{nprobe}"] = {"shortlist_ms_per_query": 1000 * t_s / nq, "queries_per_s": nq / t_s,
+                                  "blocks": len(blocks), "shapes": len({b.slots.shape for b in blocks}),
+                                  "codes_scanned_per_query": float(sizes[engine.coarse(xq[:256], nprobe)[1]].sum(1).mean())}
+    try:
+        from qinco_jax.search.rerank import Reranker
+    except ImportError as e:
+        out["rerank"] = f"skipped: the re-ranking's module (qinco_jax.search.rerank) imports faiss ({e})"
+        return out
+    model = QincoModel.init(QincoConfig(d=d, K=K, M=M, L=2, h=256, variant="ivf", K_IVF=tables.nlist))
+    reranker = Reranker(model)
+    side = (reranker.params, reranker.mean, reranker.std)
+    for nprobe in sz["engine_nprobe"]:
+        t_f = best_time(lambda: engine.search(xq, nprobe, ns, 10, side), check, seconds=2.0, max_runs=3)
+        out[f"nprobe{nprobe}"]["search_ms_per_query"] = 1000 * t_f / nq
+    return out
+
+
 def train_throughput(check: Check, ref: Reference | None) -> dict:
     """The sharded train step (make_mesh / make_train_step) at the paper's size."""
     model = paper_model(check)
@@ -697,6 +799,16 @@ def summary(r: dict) -> str:
     if qe:
         lines.append(f"QINCo2 encode {qe['model']} at A={qe['A']} B={qe['B']}: {qe['vectors_per_s']:,.0f} vec/s, "
                      f"{qe['useful_gflops']:,.0f} useful GFLOP/s")
+    je = r.get("jax_engine")
+    if je:
+        lines.append(f"JAX IVF engine, {je['nlist']} lists, {je['ntotal']:,} codes, batch {je['queries']}: shortlists "
+                     f"{je['shortlists_equal']}/{je['shortlists_checked']} equal to the float64 scan")
+        for key in sorted((k for k in je if k.startswith("nprobe")), key=lambda k: int(k[len("nprobe"):])):
+            v = je[key]
+            full_search = (f", whole search {v['search_ms_per_query']:.4f} ms/query"
+                           if "search_ms_per_query" in v else "")
+            lines.append(f"  {key}: shortlist {v['shortlist_ms_per_query']:.4f} ms/query "
+                         f"({v['queries_per_s']:,.0f} q/s, {v['codes_scanned_per_query']:,.0f} codes/query){full_search}")
     tt = r.get("train_step")
     if tt:
         lines.append(f"sharded train step (batch {tt['batch_size']}, {tt['devices']} device(s)): "
@@ -724,6 +836,8 @@ def main(argv=None):
     p.add_argument("--mode", choices=["auto", "full", "smoke"], default="auto",
                    help="auto: full sizes where JAX finds a GPU, smoke sizes otherwise")
     p.add_argument("--budget_s", type=float, default=0, help="global time budget (0: the mode's default)")
+    p.add_argument("--sections", default="", help="comma-separated sections to run (default: all), e.g. "
+                   "environment,jax_engine")
     for k in ("d", "M", "K", "L", "h", "k_ivf", "n_encode", "n_decode", "train_batch"):
         p.add_argument(f"--{k}", type=int, default=0, help=f"override the mode's {k}")
     args = p.parse_args(argv)
@@ -733,6 +847,10 @@ def main(argv=None):
     sizes.update({k: getattr(args, k) for k in ("d", "M", "K", "L", "h", "k_ivf", "n_encode", "n_decode",
                                                  "train_batch") if getattr(args, k)})
     check = Check(args.out, sizes, mode, args.budget_s or sizes["budget_s"])
+    if args.sections:
+        wanted = {w.strip() for w in args.sections.split(",") if w.strip()} | {"environment"}
+        section = check.section
+        check.section = lambda name, *a: section(name, *a) if name in wanted else None
     if not args.reference_dir:
         check.note("no --reference_dir: the PyTorch reference is not timed, no ratios")
     if mode == "smoke":
@@ -756,10 +874,14 @@ def main(argv=None):
     check.section("rerank", 20 if full else 5, rerank_throughput, check, ref)
     check.section("ivf_assign", 25 if full else 5, ivf_assign_throughput, check, ref)
     check.section("qinco2_encode", 30 if full else 5, qinco2_encode_throughput, check)
+    check.section("jax_engine", 120 if full else 10, jax_engine_search, check)
 
     r = check.results
-    verdicts = [r.get(k, {}).get("passed") for k in ("fixtures", "train", "ivf_search", "qinco2")]
-    r["passed"] = bool(all(v is not False for v in verdicts) and verdicts[0] and verdicts[1])
+    verdicts = [r.get(k, {}).get("passed") for k in ("fixtures", "train", "ivf_search", "qinco2", "jax_engine")]
+    ran = set(r["sections"])
+    required = [r.get(k, {}).get("passed") for k in ("fixtures", "train") if k in ran or not args.sections]
+    r["passed"] = bool(all(v is not False for v in verdicts) and all(required) and
+                       any(v is not None for v in verdicts))
     check.save()
     text = summary(r)
     write_bytes(os.path.join(args.out, "summary.txt"), (text + "\n").encode())

@@ -26,7 +26,7 @@ def test_smoke_mode_without_faiss_passes_and_writes_every_figure(tmp_path):
     assert r["environment"]["faiss"] is None and r["environment"]["platform"] == "cpu"
     assert {s: v["status"] for s, v in r["sections"].items()} == {s: "ok" for s in (
         "environment", "fixtures", "train", "ivf_search", "matmul", "paper_precision", "encode", "decode",
-        "train_step", "rerank", "ivf_assign", "qinco2", "qinco2_encode")}
+        "train_step", "rerank", "ivf_assign", "qinco2", "qinco2_encode", "jax_engine")}
     # correctness: every fixture agrees with the reference at the library's default precision
     assert set(r["fixtures"]["models"]) == {"qinco", "qinco_lr", "ivf_qinco", "pq_qinco"}
     assert all(m["agreement"]["highest"] >= 0.995 for m in r["fixtures"]["models"].values())
@@ -41,6 +41,11 @@ def test_smoke_mode_without_faiss_passes_and_writes_every_figure(tmp_path):
     assert r["encode"]["greedy_vectors_per_s"] > 0 and r["decode"]["vectors_per_s"] > 0
     assert r["train_step"]["devices"] == 1 and r["train_step"]["mesh_axis"] == ["data"]
     assert r["ivf_assign"]["k_ivf"] == 256 and r["matmul"]["float32_highest_gflops"] > 0
+    # the JAX IVF engine runs without faiss: its shortlists are the float64 scan's
+    je = r["jax_engine"]
+    assert je["passed"] and je["shortlists_equal"] == je["shortlists_checked"] == 16
+    assert je["nprobe16"]["shortlist_ms_per_query"] > 0 and je["nprobe16"]["codes_scanned_per_query"] > 0
+    assert "faiss" in je["rerank"]
     assert "no --reference_dir" in " ".join(r["notes"])
     summary = (tmp_path / "summary.txt").read_text()
     assert proc.stdout.rstrip().endswith(summary.rstrip()) and "overall: PASS" in summary
@@ -58,3 +63,14 @@ def test_sections_beyond_the_budget_are_skipped_with_a_note(tmp_path):
     assert "fixtures" in skipped and "ivf_assign" in skipped
     assert "s of the budget left" in r["sections"]["fixtures"]["note"]
     assert "sections not completed: fixtures (skipped)" in proc.stdout
+
+
+def test_sections_flag_runs_only_the_named_sections(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_FAISS, str(ROOT / "bench" / "device_check.py"),
+                           "--out", str(tmp_path), "--sections", "jax_engine"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r = json.loads((tmp_path / "device_check.json").read_text())
+    assert set(r["sections"]) == {"environment", "jax_engine"} and r["passed"] is True
+    assert "JAX IVF engine, 256 lists, 20,000 codes" in (tmp_path / "summary.txt").read_text()

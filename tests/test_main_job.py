@@ -38,10 +38,16 @@ def _check_summary(s: dict, out, names: list[str], M: int) -> None:
 def test_tiny_main_job(tmp_path):
     logged = []
     s = run(MainJobConfig(out=str(tmp_path), qinco2=False, **TINY), log=logged.append)
-    _check_summary(s, tmp_path, ["IVF-PQ", "IVF-RQ (beam 2)", "IVF-QINCo: AQ shortlist only", "IVF-QINCo"], 4)
-    qinco = s["methods"][-1]
+    _check_summary(s, tmp_path, ["IVF-PQ", "IVF-RQ (beam 2)", "IVF-QINCo: AQ shortlist only", "IVF-QINCo",
+                                 "IVF-QINCo (JAX engine, batch)"], 4)
+    qinco, jax_curve = s["methods"][-2:]
     assert {(p["parameters"]["nprobe"], p["parameters"]["nshort"]) for p in qinco["points"]} == {
         (1, 10), (1, 20), (4, 10), (4, 20)}
+    # the JAX engine searches the same index: the same operating points, the same recalls (up to ties)
+    faiss_points = {tuple(sorted(p["parameters"].items())): p for p in qinco["points"]}
+    for p in jax_curve["points"]:
+        ref = faiss_points[tuple(sorted(p["parameters"].items()))]
+        assert abs(p["recall@1"] - ref["recall@1"]) <= 0.01 + 1e-9
     data = s["data"]
     assert data["nq"] > 0 and data["M"] == 4 and data["K_IVF"] == 16
     # the exact-RQ initialisation is where training started; the table shows it and QINCo
@@ -81,7 +87,8 @@ def test_bad_configs_are_refused(bad):
 def test_tiny_main_job_with_qinco2(tmp_path):
     s = run(MainJobConfig(out=str(tmp_path), **TINY, **TINY_QINCO2), log=lambda msg: None)
     _check_summary(s, tmp_path, ["IVF-PQ", "IVF-RQ (beam 2)", "IVF-QINCo: AQ shortlist only", "IVF-QINCo",
-                                 "IVF-QINCo2: AQ shortlist only", "IVF-QINCo2"], 4)
+                                 "IVF-QINCo (JAX engine, batch)", "IVF-QINCo2: AQ shortlist only", "IVF-QINCo2",
+                                 "IVF-QINCo2 (JAX engine, batch)"], 4)
     # both families start from the IVF-RQ baseline's codebooks, exactly at its greedy error
     # (QINCo2 trained with B = 1 encodes greedily over candidates pre-selected by its
     # substep codebook, which starts as the RQ's)

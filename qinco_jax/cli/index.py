@@ -109,6 +109,13 @@ def build_parser():
                    help="train_pairwise_decoder: each table entry is its residuals' sum over (count + this) "
                    "instead of their mean (0, the reference's); > 0 keeps the 65,536-row tables from "
                    "memorising a small training set (see the README)")
+    g.add_argument("--engine", default="faiss", choices=["faiss", "jax"],
+                   help="search engine (not the reference's): faiss's IVF-RQ scan, or the JAX engine "
+                   "(qinco_jax.search.jax_engine: the same shortlists, batched and jitted, on any JAX device; "
+                   "exact coarse assignment, so --quantizer_efSearch has no effect on it)")
+    g.add_argument("--engine_fallback", action="store_true",
+                   help="with --engine jax: search with faiss (saying why) if the JAX engine does not "
+                   "implement the index, instead of stopping")
     g.add_argument("--n_autotune", default=0, type=int,
                    help="number of autotune experiments, skipping non-Pareto-optimal ones (0 = exhaustive)")
     return p
@@ -316,9 +323,14 @@ def run_search(args, model, ds, index) -> list[dict]:
         mid = pairwise_stage.middle_stage(decoder, model)
         log(f"three-stage search with the pairwise decoder {args.pairwise_decoder} ({args.pairwise_table_dtype} "
             f"tables), nmid_short {args.nmid_short}")
+    from qinco_jax.search import jax_engine
+
+    engine = jax_engine.open_engine(index, args.engine, fallback=args.engine_fallback, log=log)
+    if engine is not None:
+        log(f"searching with the JAX engine (built in {engine.t_build:.2f} s)")
     results = explore(index, model, xq, gt, nprobe=args.nprobe, nshort=args.nshort,
                       ef_search=args.quantizer_efSearch, n_autotune=args.n_autotune,
-                      reranker=reranker, mid=mid, nmid_short=args.nmid_short, log=log)
+                      reranker=reranker, mid=mid, nmid_short=args.nmid_short, log=log, engine=engine)
     log("\n" + report.format_table(results, len(xq)))
     return results
 
@@ -401,7 +413,7 @@ def main(argv=None):
             from qinco_jax.search import report
 
             report.save_results(args.json, results, nq=int(ds.nq),
-                                db=ds.name, model=model.describe(), stats=stats)
+                                db=ds.name, model=model.describe(), stats=stats, engine=args.engine)
             log(f"wrote {len(results)} results to {args.json}")
     if stats:
         log("stats: " + json.dumps(stats))

@@ -41,6 +41,8 @@ HELP = {
     "nprobe": "IVF lists visited: the search sweep of every method",
     "nshort": "shortlist lengths re-ranked by QINCo (IVF-QINCo sweep, x nprobe)",
     "search_threads": "faiss threads while searching, the same for every method (0: all cores)",
+    "jax_engine": "also search each IVF-QINCo index with the JAX engine (qinco_jax.search.jax_engine), "
+                  "all queries in one batch: the same shortlists, its own curve",
     "build_threads": "faiss threads while building (k-means, PQ, RQ; 0: all cores, which spin on a busy machine)",
     "qinco2": "also train and search IVF-QINCo2 (QINCo2's training recipe, from the same RQ start)",
     "qinco2_L": "IVF-QINCo2 residual blocks per step",

@@ -251,7 +251,8 @@ def search(cfg: RunConfig, log: Log = print) -> list[dict]:
         mid = pairwise_stage.middle_stage(decoder, model)
         log(f"three-stage search with the pairwise decoder {cfg.pairwise_decoder} "
             f"({cfg.search.pairwise_table_dtype} tables)")
-    metadata = dict(nq=len(xq), model=model.describe(), index=cfg.index, pairwise_decoder=cfg.pairwise_decoder)
+    metadata = dict(nq=len(xq), model=model.describe(), index=cfg.index, pairwise_decoder=cfg.pairwise_decoder,
+                    engine=cfg.search.engine)
     if mid is not None:
         metadata["pairwise_table_dtype"] = cfg.search.pairwise_table_dtype
     previous: list[dict] = []
@@ -273,9 +274,14 @@ def search(cfg: RunConfig, log: Log = print) -> list[dict]:
             f"search.quantizer_efSearch={list(ef_search)} does not apply and is left out")
         ef_search = ()
     n_points = len(s.nprobe) * max(1, len(ef_search)) * len(s.nshort) * (len(s.nmid_short) if mid else 1)
+    from qinco_jax.search import jax_engine
+
+    engine = jax_engine.open_engine(index, s.engine, fallback=s.engine_fallback, log=log)
+    if engine is not None:
+        log(f"searching with the JAX engine (exact coarse assignment: quantizer_efSearch has no effect on it)")
     results = explore(index, model, xq, gt, nprobe=s.nprobe, nshort=s.nshort, ef_search=ef_search,
                       n_autotune=n_points, reranker=Reranker(model), mid=mid, nmid_short=s.nmid_short,
-                      previous=previous, on_result=save, log=log)
+                      previous=previous, on_result=save, log=log, engine=engine)
     save(results)
     log("\n" + report.format_table(results, len(xq)))
     return results

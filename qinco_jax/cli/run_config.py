@@ -88,6 +88,10 @@ class SearchConfig:
     # not the reference's: how the three-stage search stores the pairwise tables
     # (qinco_jax.models.pairwise.TABLE_DTYPES; float16 / int8 look up faster)
     pairwise_table_dtype: str = "float32"
+    # not the reference's: "faiss" (its IVF-RQ scan) or "jax" (qinco_jax.search.jax_engine);
+    # engine_fallback: with "jax", search with faiss if the JAX engine cannot read the index
+    engine: str = "faiss"
+    engine_fallback: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,6 +370,8 @@ def check_values(cfg: RunConfig) -> None:
     for key in ("nshort", "nprobe", "quantizer_efSearch", "nmid_short"):
         if any(v < 1 for v in getattr(cfg.search, key)):
             raise RunConfigError(f"search.{key} values must be >= 1, got {list(getattr(cfg.search, key))}")
+    if cfg.search.engine not in ("faiss", "jax"):
+        raise RunConfigError(f"unknown search.engine {cfg.search.engine!r}: use faiss or jax")
     if cfg.search.pairwise_table_dtype not in PAIRWISE_TABLE_DTYPES:
         raise RunConfigError(f"unknown search.pairwise_table_dtype {cfg.search.pairwise_table_dtype!r}: "
                              f"use one of {', '.join(PAIRWISE_TABLE_DTYPES)}")

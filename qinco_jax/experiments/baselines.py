@@ -240,7 +240,7 @@ def plot_methods(s: dict, path: str | os.PathLike, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 5.4))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, rank in zip(axes, ("recall@1", "recall@10")):
         for i, m in enumerate(s["methods"]):
@@ -255,9 +255,11 @@ def plot_methods(s: dict, path: str | os.PathLike, title: str = "") -> None:
         ax.set_xlabel("search time (ms per query)")
         ax.set_ylabel(f"1-{rank}")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
+    # one legend below both panels, off the curves
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=8, frameon=False)
     fig.suptitle(title or "recall against search time (Pareto fronts)")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.02 + 0.035 * ((len(labels) + 1) // 2), 1, 1))
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)

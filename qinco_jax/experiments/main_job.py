@@ -32,6 +32,7 @@ from qinco_jax.experiments import baselines, published
 PQ_NAME, RQ_NAME, QINCO_NAME, QINCO2_NAME = "IVF-PQ", "IVF-RQ", "IVF-QINCo", "IVF-QINCo2"
 INITS = ("rq_exact", "random")  # the models' initialisations (MainJobConfig.init)
 SHORTLIST_SUFFIX = ": AQ shortlist only"
+JAX_ENGINE_SUFFIX = " (JAX engine, batch)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +65,7 @@ class MainJobConfig:
     nprobe: tuple[int, ...] = (1, 2, 4, 8, 16)
     nshort: tuple[int, ...] = (10, 20)  # 5 loses recall@1 for little time, 50 re-ranks for nothing
     search_threads: int = 1         # faiss threads while searching (timed; 0: faiss's default, all cores)
+    jax_engine: bool = True         # also search the IVF-QINCo indexes with the JAX engine, all queries in one batch
     build_threads: int = 1          # faiss threads while building (0: all cores; they spin on a busy machine)
     # IVF-QINCo2 beside IVF-QINCo: QINCo2's recipe (AdamW, cosine schedule), same exact-RQ
     # start; trained greedily (B = 1) over A pre-selected candidates, the database
@@ -305,10 +307,11 @@ def _recall_cell(recall: float | None) -> str:
     return f"{'-':>11s}" if recall is None else f"{recall:11.3f}"  # "-": no point of that method is as fast
 
 
-def _sweep_ivf(trained: TrainedIvfModel, xq, gt, cfg: MainJobConfig, log) -> list[dict]:
+def _sweep_ivf(trained: TrainedIvfModel, xq, gt, cfg: MainJobConfig, log, engine=None) -> list[dict]:
     from qinco_jax.search.sweep import explore
 
-    return explore(trained.index, trained.model, xq, gt, nprobe=cfg.nprobe, nshort=cfg.nshort, log=log)
+    return explore(trained.index, trained.model, xq, gt, nprobe=cfg.nprobe, nshort=cfg.nshort, log=log,
+                   engine=engine)
 
 
 def run(cfg: MainJobConfig = MainJobConfig(), log: Callable[[str], None] = print) -> dict:
@@ -400,6 +403,13 @@ def _run(cfg: MainJobConfig, log, datasets, save_npy) -> dict:
             methods.append(baselines.Method(t.name + SHORTLIST_SUFFIX, M, t.shortlist_mse,
                                             tuple(baselines.points_from_search_results(results, reranked=False))))
             methods.append(baselines.Method(t.name, M, t.db_mse, tuple(baselines.points_from_search_results(results))))
+            if cfg.jax_engine:  # the same index and shortlists, every query in one batch
+                from qinco_jax.search.jax_engine import JaxIvfEngine
+
+                log(t.name + JAX_ENGINE_SUFFIX)
+                results = _sweep_ivf(t, xq, gt, cfg, log, engine=JaxIvfEngine(t.index))
+                methods.append(baselines.Method(t.name + JAX_ENGINE_SUFFIX, M, t.db_mse,
+                                                tuple(baselines.points_from_search_results(results))))
 
     data = {"name": ds.name, "d": int(ds.d), "nt": cfg.nt, "nval": cfg.nval, "nb": int(len(xb)), "nq": int(len(xq)),
             "K_IVF": cfg.n_centroids, "M": M, "config": _jsonable(dataclasses.asdict(cfg)),

@@ -10,10 +10,19 @@
     pairwise_stage  the pairwise decoder of an IVF model as the middle search stage
     provenance   which model made an index's codes: fingerprints, metadata files, the decode check
     report       the one results schema: its file, table, Pareto front and plot
+    jax_engine   a JAX search engine for the same faiss indexes (batched, jitted, any device)
 
 Results are dicts of the schema in `qinco_jax.search.report`.
 """
 
-from qinco_jax.search.qinco_index import QincoIndex
-
 __all__ = ["QincoIndex"]
+
+
+def __getattr__(name):
+    # Imported on use, so that faiss-free parts (jax_engine on a GPU machine without
+    # faiss) import without it.
+    if name == "QincoIndex":
+        from qinco_jax.search.qinco_index import QincoIndex
+
+        return QincoIndex
+    raise AttributeError(f"module 'qinco_jax.search' has no attribute {name!r}")

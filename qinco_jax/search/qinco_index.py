@@ -23,6 +23,10 @@ pairwise decoder keeps the nshort nearest before QINCo decodes them:
     index.pairwise_decoder = pairwise.load_pairwise_decoder("pairwise.pt")
     index.nmid_short = 4
     index.pairwise_table_dtype = "int8"   # optional: smaller tables, a faster middle stage
+
+engine="jax" searches with `search.jax_engine` instead of faiss's scan: the same
+shortlists (up to float ties), the stages fused in one jitted function per block of
+queries, on any JAX device; its coarse assignment is exact (efSearch is ignored).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from qinco_jax.data import validation
 from qinco_jax.config import EncodeOptions
 from qinco_jax.models.qinco import QincoModel
 from qinco_jax.search import index as ivf_index
-from qinco_jax.search import pairwise_stage, provenance
+from qinco_jax.search import jax_engine, pairwise_stage, provenance
 from qinco_jax.search.rerank import PairwiseReranker, Reranker, SearchResult, search_ivf
 
 DEFAULT_ADD_BATCH = 1 << 16  # database vectors encoded and added per batch
@@ -77,7 +81,14 @@ class QincoIndex:
     def __init__(self, index, model: QincoModel, *, options: EncodeOptions | None = None, nshort: int = 100,
                  pairwise_decoder: pairwise.PairwiseDecoder | None = None, nmid_short: int = 0,
                  pairwise_table_dtype: str | None = None, allow_model_mismatch: bool = False,
-                 index_path: str | os.PathLike | None = None):
+                 index_path: str | os.PathLike | None = None, engine: str = "faiss",
+                 engine_fallback: bool = False):
+        if engine not in jax_engine.ENGINES:
+            raise ValueError(f"unknown search engine {engine!r}: use one of {', '.join(jax_engine.ENGINES)}")
+        self.engine = engine
+        self.engine_fallback = engine_fallback
+        self._jax_engine: jax_engine.JaxIvfEngine | None = None
+        self._jax_engine_ntotal = -1
         self.index = ivf_index.as_ivf_index(index)
         self.model = ivf_index.require_ivf_model(model)
         ivf_index.check_index_matches_model(self.index, self.model)
@@ -290,8 +301,20 @@ class QincoIndex:
         validation.check_all_finite(xq, "queries")
         if k not in self._rerankers:
             self._rerankers[k] = Reranker(self.model, dtype=self.options.dtype, k=k)
+        engine = self.jax_engine() if self.engine == "jax" else None
+        if engine is not None:
+            return jax_engine.search_ivf(engine, xq, self.nprobe, self.nshort, self._rerankers[k], mid=self._mid,
+                                         nmid_short=self.nmid_short)
         return search_ivf(self.index, self.model, xq, self.nshort, self._rerankers[k], mid=self._mid,
                           nmid_short=self.nmid_short)
+
+    def jax_engine(self) -> jax_engine.JaxIvfEngine | None:
+        """The JAX engine of the index as it is now (rebuilt when entries were added);
+        None when it falls back to faiss."""
+        if self._jax_engine_ntotal != self.index.ntotal:
+            self._jax_engine = jax_engine.open_engine(self.index, "jax", fallback=self.engine_fallback)
+            self._jax_engine_ntotal = self.index.ntotal
+        return self._jax_engine
 
     def search(self, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(D, I), each (nq, k): exact squared distances and ids of the k nearest

@@ -54,7 +54,7 @@ def explore(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe:
             reranker: Reranker | None = None, mid: PairwiseReranker | None = None,
             nmid_short: Sequence[int] = (), previous: Sequence[dict] = (),
             on_result: Callable[[list[dict]], None] | None = None,
-            log: Callable[[str], None] = print) -> list[dict]:
+            log: Callable[[str], None] = print, engine=None) -> list[dict]:
     """Search at every operating point of nprobe x efSearch x nshort (x nmid_short when
     a pairwise stage `mid` is given: see `search.pairwise_stage.middle_stage`), or at
     n_autotune sampled ones, skipping points that cannot be Pareto-optimal, as the
@@ -62,7 +62,9 @@ def explore(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe:
     t_search, t_decode, t_dis, nq (and with `mid`: t_mid, recalls_mid).
     previous: results of an earlier run (resume): their points are not searched again,
     they feed the pruning and are returned first. on_result(results so far) is called
-    after every new point (e.g. to save them)."""
+    after every new point (e.g. to save them).
+    engine: a `search.jax_engine.JaxIvfEngine` of `index` to search with instead of
+    faiss's scan (its coarse assignment is exact: efSearch has no effect on it)."""
     from faiss.contrib.evaluation import OperatingPointsWithRanges
 
     model = require_ivf_model(model)
@@ -109,8 +111,14 @@ def explore(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe:
                 log(f"{cno:4d} {str(parameters):55s} skipped: cannot be Pareto-optimal")
                 continue
         set_search_parameters(index, parameters)  # the first point checks efSearch applies
-        r = search_ivf(index, model, xq, parameters["nshort"], reranker, mid=mid,
-                       nmid_short=parameters.get("nmid_short", 0))
+        if engine is not None:
+            from qinco_jax.search import jax_engine
+
+            r = jax_engine.search_ivf(engine, xq, parameters["nprobe"], parameters["nshort"], reranker, mid=mid,
+                                      nmid_short=parameters.get("nmid_short", 0))
+        else:
+            r = search_ivf(index, model, xq, parameters["nshort"], reranker, mid=mid,
+                           nmid_short=parameters.get("nmid_short", 0))
         res = dict(operating_point(parameters, r, gt), cno=int(cno))
         op.add_operating_point(key, res["recalls"]["1"], report.total_seconds(res))
         results.append(res)
