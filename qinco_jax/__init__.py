@@ -38,6 +38,8 @@ Indexes and search:
     PairwiseDecoder   QINCo2's pairwise additive decoder (the three-stage search's middle stage)
     train_pairwise_decoder   an IVF model's pairwise decoder, trained on its codes of xt
     load_pairwise_decoder, save_pairwise_decoder   its file (the reference's), checked against the model
+    ModelMismatchError  raised when a model, an index and / or a pairwise decoder do not belong together
+    model_fingerprint   the digest of a model recorded beside the indexes and decoders it made
 
 Data and measurements:
     get_dataset       the reference's data sets, a folder of vector files, built-in sets
@@ -90,6 +92,8 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "train_pairwise_decoder": ("qinco_jax.search.pairwise_stage", "train_for_model"),
     "load_pairwise_decoder": ("qinco_jax.search.pairwise_stage", "load_for_model"),
     "save_pairwise_decoder": ("qinco_jax.models.pairwise", "save_pairwise_decoder"),
+    "ModelMismatchError": ("qinco_jax.search.provenance", "ModelMismatchError"),
+    "model_fingerprint": ("qinco_jax.search.provenance", "model_fingerprint"),
     # data and measurements
     "get_dataset": ("qinco_jax.data.datasets", "get_dataset"),
     "Dataset": ("qinco_jax.data.datasets", "Dataset"),
@@ -135,6 +139,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ do
     from qinco_jax.models.qinco import PQQincoModel, QincoModel
     from qinco_jax.search.pairwise_stage import load_for_model as load_pairwise_decoder
     from qinco_jax.search.pairwise_stage import train_for_model as train_pairwise_decoder
+    from qinco_jax.search.provenance import ModelMismatchError, model_fingerprint
     from qinco_jax.search.qinco_index import QincoIndex
     from qinco_jax.search.sweep import explore
     from qinco_jax.search.two_stage import run_two_stage

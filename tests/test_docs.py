@@ -39,7 +39,8 @@ from tests.test_layout import entry_points
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+# docs/_pending_*.md: text waiting for code not merged yet, outside the site (mkdocs.yml exclude_docs)
+PAGES = [ROOT / "README.md", *sorted(p for p in (ROOT / "docs").rglob("*.md") if not p.name.startswith("_pending_"))]
 NOT_RUN = re.compile(r"<!--\s*not-run:(.*?)-->")
 FENCE = re.compile(r"^(\s*)```(\w*)")
 INLINE_COMMAND = re.compile(r"(?:python3? |qinco-[\w-]+|make |bash )")

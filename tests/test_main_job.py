@@ -58,6 +58,8 @@ def test_tiny_main_job(tmp_path):
     assert set(data["stages"]) >= {"data", "IVF k-means", "IVF-PQ index", "IVF-RQ index", "search"}
     text = "\n".join(logged)
     assert "database MSE" in text and "validation MSE" in text and "recall@1 at equal time" in text
+    # the README's figures are for the default configuration: this one says it is not comparable
+    assert "comparison with the README's figures: not comparable" in text and "db='synthetic_small'" in text
 
 
 def test_cli_flags_map_onto_the_config():

@@ -7,7 +7,8 @@ same code size, faiss IVF-PQ and IVF-RQ, on the same IVF centroids, on real desc
 Stages: data set (built on first use) -> k-means IVF centroids -> IVF-QINCo training
 (exact-RQ initialisation: training starts at the RQ's error) -> IVF-QINCo index (AQ
 shortlist fitted to the QINCo codes + QINCo re-ranking), IVF-PQ and IVF-RQ indexes ->
-search sweeps over nprobe (x nshort) -> MSE table, `summary.json`, `pareto.png` in `out`.
+search sweeps over nprobe (x nshort) -> MSE table, `summary.json`, `pareto.png` in `out`,
+and the figures beside the README's (`published.format_comparison`).
 IVF-QINCo2 is trained and searched beside IVF-QINCo from the same RQ start (`qinco2=False`
 leaves it out). Every stage's wall and CPU seconds are stored in the summary's data
 section.
@@ -26,7 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from qinco_jax.experiments import baselines
+from qinco_jax.experiments import baselines, published
 
 PQ_NAME, RQ_NAME, QINCO_NAME, QINCO2_NAME = "IVF-PQ", "IVF-RQ", "IVF-QINCo", "IVF-QINCo2"
 INITS = ("rq_exact", "random")  # the models' initialisations (MainJobConfig.init)
@@ -425,6 +426,7 @@ def _run(cfg: MainJobConfig, log, datasets, save_npy) -> dict:
         log("\nvalidation MSE\n" + "\n".join(f"{n:66s} {v:12.6g}" for n, v in val_rows))
     for t in trained:
         log("\n" + format_equal_time(methods, t.name))
+    log("\n" + published.format_comparison(s))  # the README's figures, for the default configuration
     log(f"\ntotal {data['total']['wall_s']:.0f} s wall, {data['total']['cpu_s']:.0f} s CPU; "
         f"results in {out}/summary.json, plot {out}/pareto.png")
     return s
