@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES
-from qinco_jax.cli import qinco2_search, qinco2_tasks, run_config
+from qinco_jax import distributed
+from qinco_jax.cli import qinco2_search, run_config
 from qinco_jax.formats import checkpoint, code_parts
 from qinco_jax.models import codec
 from qinco_jax.search import index as ivf
@@ -96,8 +97,8 @@ def test_two_process_ondisk_build_searches_as_the_in_memory_build(setup, tmp_pat
     common = [c for c in setup["common"] if c != "verbose=false"]
     cmd = [sys.executable, str(ROOT / "run.py"), "cpu=true", "task=build_index", *common,
            f"encoded_db={setup['tmp'] / 'db.npz'}", f"output={disk}", "ondisk=true"]
-    procs = [subprocess.Popen(cmd, env={**env, qinco2_tasks.PROCESS_INDEX_ENV: str(i),
-                                        qinco2_tasks.PROCESS_COUNT_ENV: "2"},
+    procs = [subprocess.Popen(cmd, env={**env, distributed.PROCESS_INDEX_ENV: str(i),
+                                        distributed.PROCESS_COUNT_ENV: "2"},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs
@@ -267,15 +268,15 @@ def test_search_ivf_adds_on_two_processes_then_searches_the_ondisk_index(setup, 
                               "--index", str(tmp_path / "mem.faissindex"), "--json", str(tmp_path / "mem.json")])
     disk = tmp_path / "disk.faissindex"
     for p in (1, 0):
-        monkeypatch.setenv(qinco2_tasks.PROCESS_INDEX_ENV, str(p))
-        monkeypatch.setenv(qinco2_tasks.PROCESS_COUNT_ENV, "2")
+        monkeypatch.setenv(distributed.PROCESS_INDEX_ENV, str(p))
+        monkeypatch.setenv(distributed.PROCESS_COUNT_ENV, "2")
         search_ivf.main(common + ["--todo", "add", "--ondisk", "--trained_index",
                                   str(tmp_path / "trained.faissindex"), "--index", str(disk)])
     with pytest.raises(Exception, match="only --todo add --ondisk --trained_index"):
         search_ivf.main(common + ["--todo", "add", "search", "--ondisk", "--index", str(disk),
                                   "--trained_index", str(tmp_path / "trained.faissindex")])
-    monkeypatch.delenv(qinco2_tasks.PROCESS_INDEX_ENV)
-    monkeypatch.delenv(qinco2_tasks.PROCESS_COUNT_ENV)
+    monkeypatch.delenv(distributed.PROCESS_INDEX_ENV)
+    monkeypatch.delenv(distributed.PROCESS_COUNT_ENV)
     assert (tmp_path / "disk.ivfdata").is_file()
     assert_same_lists(ivf.read_index(disk), ivf.read_index(tmp_path / "mem.faissindex"))
     search_ivf.main(common + ["--todo", "search", "--index", str(disk), "--json", str(tmp_path / "disk.json")])
@@ -407,8 +408,8 @@ def test_ondisk_index_with_missing_or_truncated_lists(setup, tmp_path):
 
 
 def test_several_processes_need_ondisk(setup, tmp_path, monkeypatch):
-    monkeypatch.setenv(qinco2_tasks.PROCESS_INDEX_ENV, "0")
-    monkeypatch.setenv(qinco2_tasks.PROCESS_COUNT_ENV, "2")
+    monkeypatch.setenv(distributed.PROCESS_INDEX_ENV, "0")
+    monkeypatch.setenv(distributed.PROCESS_COUNT_ENV, "2")
     with pytest.raises(run_config.RunConfigError, match="needs ondisk=true"):
         qinco2_search.build_index(build_cfg(setup, tmp_path / "x.faissindex"), log=quiet)
     assert not list(tmp_path.iterdir())

@@ -156,3 +156,11 @@ def test_other_configurations_are_not_compared():
     assert "not comparable" in text and "db='synthetic_small'" in text
     assert published.config_differences(fake_summary()["data"]["config"]) == {}
     assert published.config_differences({}) != {}  # a summary without its configuration is not comparable
+
+
+def test_the_published_configuration_is_the_main_jobs_default():
+    """A changed default of the main job makes its figures incomparable with the README's
+    until they are measured again: this test says so."""
+    default = dataclasses.asdict(MainJobConfig())
+    relevant = {k: v for k, v in default.items() if k not in published._IRRELEVANT_FIELDS}
+    assert relevant == published.PUBLISHED["config"]

@@ -319,7 +319,7 @@ _MODEL_FILE_KEYS = ("model", "M", "K", "L", "de", "dh", "A", "B", "ivf_K", "qinc
                     "ivf_centroids")  # a model task checks these against the file
 _TRAINSET_KEYS = ("db", "trainset", "ds.trainset", "ds.valset")
 TASK_KEYS: dict[str, tuple[str, ...]] = {
-    "train": (*_MODEL_FILE_KEYS, *_TRAINSET_KEYS, "output", "resume", "tensorboard", "precision", "optimizer", "lr", "wd", "grad_clip",
+    "train": (*_MODEL_FILE_KEYS, *_TRAINSET_KEYS, "output", "resume", "tensorboard", "optimizer", "lr", "wd", "grad_clip",
               "batch", "epochs", "grad_accumulate", "ds.loop", "codebook_noise_init",
               *(f"scheduler.{f.name}" for f in dataclasses.fields(SchedulerConfig))),
     "eval": (*_MODEL_FILE_KEYS, "db", "ds.db", "enc_max_bs"),

@@ -19,7 +19,7 @@ import dataclasses
 from typing import Any, Sequence
 
 # Fields of MainJobConfig that change no figure compared here (where the files go, bars).
-_IRRELEVANT_FIELDS = ("out", "progress")
+_IRRELEVANT_FIELDS = ("out", "progress", "jax_engine")  # change no compared figure
 
 MSE_TOLERANCE = 0.01     # relative: "MSEs within about 1 %"
 RECALL_TOLERANCE = 0.01  # absolute: "recalls within about 0.01"
@@ -29,6 +29,13 @@ PUBLISHED: dict[str, Any] = {
     "machine": "this project's shared 2-core CPU (Intel Sapphire Rapids), idle; faiss on one thread",
     "db": "sift_images",
     "nq": 5000,
+    # the main job's configuration of that run (MainJobConfig's defaults; tests check they still are)
+    "config": {"db": "sift_images", "n_centroids": 256, "kmeans_niter": 10, "M": 8, "nt": 95000, "nval": 5000,
+               "L": 1, "h": 64, "epochs": 3, "lr": 0.0003, "batch_size": 256, "init": "rq_exact",
+               "train_preselect": 64, "encode_beam": 8, "encode_preselect": 32, "aq_train": 10000, "rq_beam": 5,
+               "nprobe": (1, 2, 4, 8, 16), "nshort": (10, 20), "search_threads": 1, "build_threads": 1,
+               "qinco2": True, "qinco2_L": 1, "qinco2_h": 64, "qinco2_de": 64, "qinco2_A": 32, "qinco2_B": 1,
+               "qinco2_epochs": 3, "qinco2_lr": 0.002},
     # database MSE of each method, 8 bytes per vector
     "mse": {
         "IVF-PQ": 20321,
@@ -93,15 +100,11 @@ def published_points(method: str) -> list[dict]:
 
 def config_differences(config: dict) -> dict[str, tuple[Any, Any]]:
     """The fields of a run's configuration (the summary's data.config) that differ from
-    the default MainJobConfig's, as {field: (run's, default)}; fields that change no
-    compared figure (out, progress) are left out."""
-    from qinco_jax.experiments.main_job import MainJobConfig
-
-    default = dataclasses.asdict(MainJobConfig())
+    the published run's (PUBLISHED["config"], the default MainJobConfig's), as
+    {field: (run's, published)}; fields that change no compared figure (out, progress,
+    jax_engine) are left out."""
     differences = {}
-    for key, value in default.items():
-        if key in _IRRELEVANT_FIELDS:
-            continue
+    for key, value in PUBLISHED["config"].items():
         given = config.get(key, "(missing)")
         same = list(given) == list(value) if isinstance(value, tuple) and isinstance(given, (list, tuple)) \
             else given == value

@@ -1,6 +1,7 @@
 """Searching with QINCo codes, one module per concern:
 
     index        IVF-RQ indexes for an IVF-QINCo model: files, checks, training, adding codes
+    index_files  reading index files whose lists may be on disk (.faissindex + .ivfdata)
     ondisk       building at scale: codes added in bounded chunks, lists on disk, shards merged
     rerank       QINCo re-ranking of a shortlist (decode, exact distances, top k)
     sweep        the operating-point sweep (nprobe x efSearch x nshort) of an IVF index

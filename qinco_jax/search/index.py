@@ -44,6 +44,7 @@ from qinco_jax.data import validation
 from qinco_jax.config import EncodeOptions
 from qinco_jax.formats.io import atomic_path
 from qinco_jax.models.qinco import QincoModel
+from qinco_jax.search.index_files import faiss_message, read_ondisk_index  # lists on disk: memory-mapped, checked
 
 
 # --------------------------------------------------------------------------------------
@@ -61,12 +62,6 @@ def require_ivf_model(model) -> QincoModel:
 def ivf_centroids(model: QincoModel) -> np.ndarray:
     """The IVF centroids in raw units, computed as the reference does (float32)."""
     return model.denormalise(np.asarray(model.params["codebook0"], np.float32))
-
-
-def _faiss_message(e: Exception) -> str:
-    """The last line of a faiss C++ error (the line that says what is wrong)."""
-    text = str(e).strip()
-    return text.splitlines()[-1] if text else ""
 
 
 def as_ivf_index(index) -> faiss.IndexIVFResidualQuantizer:
@@ -89,8 +84,6 @@ def read_index(path, what: str = "index") -> faiss.IndexIVFResidualQuantizer:
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{what} {path}: no such file")
-    from qinco_jax.search.ondisk import read_ondisk_index  # lists on disk: memory-mapped, checked
-
     index = read_ondisk_index(path, what)
     try:
         return as_ivf_index(index)
@@ -146,7 +139,7 @@ def new_index(model: QincoModel, index_key: str, ef_construction: int = -1) -> f
     try:
         index = faiss.index_factory(model.d, index_key)
     except RuntimeError as e:
-        raise ValueError(f"faiss cannot build index key {index_key!r}: {_faiss_message(e)}") from None
+        raise ValueError(f"faiss cannot build index key {index_key!r}: {faiss_message(e)}") from None
     try:
         index = as_ivf_index(index)
     except ValueError:
@@ -229,7 +222,7 @@ def train_index_on_codes(centroids: np.ndarray, xt: np.ndarray, xt_codes: np.nda
     try:
         index = as_ivf_index(faiss.index_factory(xt.shape[1], index_key))
     except RuntimeError as e:
-        raise ValueError(f"faiss cannot build index key {index_key!r}: {_faiss_message(e)}") from None
+        raise ValueError(f"faiss cannot build index key {index_key!r}: {faiss_message(e)}") from None
     check_index_layout(index, d=xt.shape[1], nlist=len(centroids), M=xt_codes.shape[1] - 1, K=K,
                        what=f"index key {index_key!r}")
     if ef_construction > 0:
