@@ -61,7 +61,7 @@ def model_spec(cfg: RunConfig):
         raise RunConfigError(f"task=train needs {', '.join(f'{k}=...' for k in missing)} (or model_args=...)")
     try:
         return ModelSpec(M=cfg.M, K=cfg.K, L=cfg.L, h=cfg.dh, variant="ivf" if cfg.ivf_centroids else "qinco",
-                         seed=cfg.seed, arch="qinco2", de=cfg.de, A=cfg.A, B=cfg.B,
+                         seed=cfg.seed, arch="qinco2", de=cfg.de or 0, A=cfg.A, B=cfg.B,
                          qinco1_mode=bool(cfg.qinco1_mode))
     except ValueError as e:
         raise RunConfigError(str(e)) from None

@@ -195,7 +195,7 @@ def model_spec_from_args(args):
             raise ValueError("--db_scale and --rq_beam_size are QINCo v1 options; --arch qinco2 "
                              "normalises and trains its RQ with QINCo2's recipe")
         return ModelSpec(M=args.M, K=args.K, L=args.L, h=args.h, variant=variant, seed=args.seed, init=args.init,
-                         arch="qinco2", de=args.de, A=args.A, B=args.B, qinco1_mode=args.qinco1_mode)
+                         arch="qinco2", de=args.de or 0, A=args.A, B=args.B, qinco1_mode=args.qinco1_mode)
     if args.de is not None or args.qinco1_mode or args.dtype != "float32" or args.epoch_size is not None:
         raise ValueError("--de, --qinco1_mode, --dtype and --epoch_size need --arch qinco2")
     return ModelSpec(M=args.M, K=args.K, L=args.L, h=args.h, variant=variant, rq_beam_size=args.rq_beam_size,

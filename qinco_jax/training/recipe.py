@@ -24,62 +24,36 @@ from qinco_jax.training import qinco2_recipe as q2
 from qinco_jax.training import rq_init
 from qinco_jax.training import loop as training
 from qinco_jax.data import validation
-from qinco_jax.config import VARIANTS, QincoConfig
+from qinco_jax.config import QincoConfig
 from qinco_jax.models.qinco import QincoModel, init_params
 
 
 INITS = ("random", "rq_exact")
+# QincoConfig's fields that the data decides: the dimension, the number of IVF centroids
+# and (QINCo v1) db_scale, the maximum of the training set unless the spec forces it.
+FROM_DATA = ("d", "K_IVF", "db_scale")
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """The model to train: QincoConfig's sizes without those that come from the data
-    (d, K_IVF, db_scale unless forced), the RQ initialisation and the random seed."""
-
-    M: int = 8
-    K: int = 256
-    L: int = 4
-    h: int = 256
-    variant: str = "qinco"   # "qinco", "lowrank" or "ivf" (then ivf_centroids are needed)
-    rq_beam_size: int = 1    # beam of the initial faiss residual quantizer
-    seed: int = 1234         # network initialisation
-    init: str = "random"     # "random" (the reference's) or "rq_exact" (the untrained model is the RQ: starts at its error)
-    db_scale: float | None = None  # None: the maximum of the training set, as the reference
-    # QINCo2 (arch="qinco2"; h is its hidden width dh): step-network width de (None: d),
-    # substep pre-selection A (0: none) and beam B the model encodes (and trains) with,
-    # and qinco1_mode (no outer skip, QINCo v1's normalisation and initialisation).
-    arch: str = "qinco"      # "qinco" | "qinco2"
-    de: int | None = None
-    A: int = 0
-    B: int = 1
-    qinco1_mode: bool = False
+class _ModelSpecMethods:
+    """Checks and derived values of ModelSpec (its fields are generated below)."""
 
     def __post_init__(self):
-        if self.arch not in ("qinco", "qinco2"):
-            raise ValueError(f"arch must be 'qinco' or 'qinco2', got {self.arch!r}")
-        if self.arch == "qinco2":
-            if self.variant == "lowrank":
-                raise ValueError("QINCo2 has no low-rank (QINCo-LR) variant")
-            if (self.de is not None and self.de < 1) or self.A < 0 or self.B < 1 or self.A > self.K:
-                raise ValueError(f"need de >= 1 (or None), 0 <= A <= K and B >= 1, got de={self.de} "
-                                 f"A={self.A} B={self.B} K={self.K}")
-            if self.db_scale is not None:
-                raise ValueError("db_scale is a QINCo v1 setting: a QINCo2 model normalises with the "
-                                 "training set's mean and std")
-        elif self.de is not None or self.A or self.B != 1 or self.qinco1_mode:
-            raise ValueError(f"de, A, B and qinco1_mode are QINCo2 settings (arch='qinco2'), got de={self.de} "
-                             f"A={self.A} B={self.B} qinco1_mode={self.qinco1_mode}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.M < (1 if self.variant == "ivf" else 2):
-            raise ValueError(f"M must be >= {1 if self.variant == 'ivf' else 2}, got {self.M}")
-        rq_init.codebook_bits(self.K)
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.rq_beam_size < 1:
             raise ValueError(f"rq_beam_size must be >= 1, got {self.rq_beam_size}")
         if self.db_scale is not None and not self.db_scale > 0:
             raise ValueError(f"db_scale must be > 0 (or None: the maximum of the training set), got {self.db_scale}")
+        if self.is_qinco2 and self.db_scale is not None:
+            raise ValueError("db_scale is a QINCo v1 setting: a QINCo2 model normalises with the "
+                             "training set's mean and std")
+        if self.is_qinco2 and self.A > self.K:
+            raise ValueError(f"need A <= K, got A={self.A} K={self.K}")
+        if self.M < (1 if self.variant == "ivf" else 2):
+            raise ValueError(f"M must be >= {1 if self.variant == 'ivf' else 2}, got {self.M}")
+        rq_init.codebook_bits(self.K)
+        # every other check is QincoConfig's: a config of this spec on stand-in data
+        self.config(d=self.de + 1, K_IVF=1 if self.variant == "ivf" else 0)
 
     @property
     def is_ivf(self) -> bool:
@@ -88,6 +62,38 @@ class ModelSpec:
     @property
     def is_qinco2(self) -> bool:
         return self.arch == "qinco2"
+
+    def config(self, d: int, K_IVF: int = 0, db_scale: float = 1.0) -> QincoConfig:
+        """The QincoConfig of this spec on data of dimension d (de = d is stored as 0)."""
+        sizes = {f.name: getattr(self, f.name) for f in dataclasses.fields(QincoConfig) if f.name not in FROM_DATA}
+        sizes["de"] = 0 if sizes["de"] == d else sizes["de"]
+        return QincoConfig(d=d, K_IVF=K_IVF, db_scale=db_scale, **sizes)
+
+
+def _model_spec_fields() -> list[tuple]:
+    model = [(f.name, f.type, dataclasses.field(default=f.default))
+             for f in dataclasses.fields(QincoConfig) if f.name not in FROM_DATA]
+    return model + [
+        ("db_scale", "float | None", dataclasses.field(default=None)),
+        ("init", "str", dataclasses.field(default="random")),
+        ("rq_beam_size", "int", dataclasses.field(default=1)),
+        ("seed", "int", dataclasses.field(default=1234)),
+    ]
+
+
+ModelSpec = dataclasses.make_dataclass("ModelSpec", _model_spec_fields(), bases=(_ModelSpecMethods,), frozen=True)
+ModelSpec.__module__ = __name__
+ModelSpec.__doc__ = """The model to train: QincoConfig's fields, with its defaults and checks, except
+those the data decides (d, K_IVF; db_scale unless forced), plus how it starts:
+
+    db_scale: QINCo v1's input scale; None: the maximum of the training set (the reference).
+    init: "random" (the reference's network initialisation) or "rq_exact" (the untrained
+        model decodes exactly as the RQ, so training starts at its error).
+    rq_beam_size: beam of the initial faiss residual quantizer (QINCo v1).
+    seed: the network initialisation's.
+
+`spec.config(d, K_IVF, db_scale)` is the QincoConfig it trains. The command lines keep
+the reference's own defaults (e.g. train_qinco.py's L=4) in their flags."""
 
 
 def _quiet(_msg: str) -> None:
@@ -133,8 +139,7 @@ def initial_model(xt: np.ndarray, spec: ModelSpec, rq_codebooks: np.ndarray | No
     db_scale = float(spec.db_scale) if spec.db_scale is not None else float(np.max(xt))
     if not db_scale > 0:
         raise ValueError(f"db_scale = max of the training set = {db_scale}: it must be > 0, set it explicitly")
-    config = QincoConfig(d=d, K=spec.K, M=spec.M, L=spec.L, h=spec.h, variant=spec.variant,
-                         K_IVF=len(centroids) if centroids is not None else 0, db_scale=db_scale)
+    config = spec.config(d, len(centroids) if centroids is not None else 0, db_scale)
     scale = np.float32(db_scale)
     kwargs = {}
     if rq_codebooks is not None:
@@ -145,12 +150,6 @@ def initial_model(xt: np.ndarray, spec: ModelSpec, rq_codebooks: np.ndarray | No
     if spec.init == "rq_exact":
         params = rq_init.zero_network_init(params)
     return QincoModel(config, params)
-
-
-def qinco2_config(spec: ModelSpec, d: int, n_ivf: int = 0) -> QincoConfig:
-    de = 0 if spec.de in (None, d) else int(spec.de)
-    return QincoConfig(d=d, K=spec.K, M=spec.M, L=spec.L, h=spec.h, variant=spec.variant, K_IVF=n_ivf,
-                       arch="qinco2", de=de, A=spec.A, B=spec.B, qinco1_mode=spec.qinco1_mode)
 
 
 def qinco2_initial_model(xt: np.ndarray, spec: ModelSpec, cfg: training.TrainConfig, *,
@@ -183,7 +182,7 @@ def qinco2_initial_model(xt: np.ndarray, spec: ModelSpec, cfg: training.TrainCon
     books = q2.initial_codebooks(rq_codebooks, mean, std, ivf=centroids is not None,
                                  key=jax.random.key(cfg.seed), noise=0.0 if exact else cfg.codebook_noise,
                                  qinco1_mode=spec.qinco1_mode)
-    config = qinco2_config(spec, d, len(centroids) if centroids is not None else 0)
+    config = spec.config(d, len(centroids) if centroids is not None else 0)
     kwargs = {"codebooks": books}
     if centroids is not None:
         kwargs["codebook0"] = (centroids - mean) / np.float32(std)
