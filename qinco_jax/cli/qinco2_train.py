@@ -35,7 +35,8 @@ def _training_vectors(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
         xt, xval = q2.split_validation(x, cfg.ds.valset, cfg.ds.trainset)
     except ValueError as e:
         raise RunConfigError(f"trainset={path}: {e}") from None
-    return np.asarray(xt, np.float32), np.asarray(xval, np.float32)
+    # the training rows stay on disk (read batch by batch), the validation rows are read once
+    return xt, np.asarray(xval, np.float32)
 
 
 def _ivf_centroids(cfg: RunConfig, d: int) -> np.ndarray | None:
@@ -99,6 +100,13 @@ def train(cfg: RunConfig, log=print):
         raise RunConfigError("task=train needs output=<file.pt>")
     spec, tcfg = model_spec(cfg), train_config(cfg)
     xt, xval = _training_vectors(cfg)
+    from qinco_jax.training.streaming import check_training_rows
+
+    trainset = run_config.resolve_data(cfg).trainset
+    try:
+        check_training_rows(len(xt) + len(xval), len(xval), tcfg.batch_size, trainset)
+    except ValueError as e:
+        raise RunConfigError(str(e)) from None
     centroids = _ivf_centroids(cfg, xt.shape[1])
     checkpoint_dir = cfg.output + ".checkpoint"
     if not cfg.resume and os.path.isdir(checkpoint_dir):

@@ -133,7 +133,8 @@ def build_parser():
 
 
 def load_training_vectors(args, log=print) -> np.ndarray:
-    """The first nt + nval training vectors, float32."""
+    """The first nt + nval training vectors: of --training_data, a memory map (training
+    reads it batch by batch); of --db, float32."""
     need = args.nt + args.nval
     if args.training_data:
         from qinco_jax.formats.vecs_io import read_vectors
@@ -145,7 +146,13 @@ def load_training_vectors(args, log=print) -> np.ndarray:
         if len(x) < need:
             raise cli.UsageError(f"not enough training vectors in {args.training_data}: {len(x)} < "
                                  f"--nt {args.nt} + --nval {args.nval}")
-        return validation.as_finite_float32(x[:need], "training vectors")  # checked as copied: one read
+        from qinco_jax.training.streaming import check_training_rows
+
+        try:
+            check_training_rows(len(x), args.nval, getattr(args, "batch_size", 1), args.training_data)
+        except ValueError as e:
+            raise cli.UsageError(str(e)) from None
+        return x[:need]  # stays on disk: checked and read chunk by chunk, batch by batch
     from qinco_jax.data.datasets import get_dataset
 
     ds = get_dataset(args.db)

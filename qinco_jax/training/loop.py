@@ -68,6 +68,7 @@ from qinco_jax.formats.io import write_bytes
 from qinco_jax.models import codec
 from qinco_jax.models import qinco as qm
 from qinco_jax.models.qinco import AnyModel, QincoModel
+from qinco_jax.training import streaming
 from qinco_jax.training.recipes import (  # noqa: F401  (re-exported: the loop's vocabulary)
     DATA_SEED, Params, Qinco2Recipe, Recipe, V1Recipe, batch_loss, epoch_batches, make_optimizer, merge,
     qinco2_batch_loss, recipe_for, split_trainable)
@@ -247,7 +248,7 @@ class BatchFeeder:
         weights[:len(idx)] = 1
         idx = np.concatenate([idx, np.zeros(self.bs - len(idx), idx.dtype)])[self.rows]
         weights = weights[self.rows]
-        x = self.normalise(np.asarray(self.xt[idx], np.float32))
+        x = self.normalise(streaming.gather(self.xt, idx))  # reads these rows only
         c0 = None if self.code0 is None else np.asarray(self.code0[idx]).astype(np.int32)
         return x, c0, weights
 
@@ -453,13 +454,13 @@ def check_inputs(model: QincoModel, xt, xval, code0, recipe: Recipe):
     bounded batches), the IVF assignment. Returns (xt, xval, code0); a memory-mapped
     xt stays a memory map."""
     config = model.config
-    xt, xval = np.asanyarray(xt), np.asarray(xval)  # a memmap stays a view: no copy
+    xt = np.asanyarray(xt)  # a memmap stays a memmap: read batch by batch
     if xt.ndim != 2 or xt.shape[1] != config.d:
         raise ValueError(f"training vectors have shape {xt.shape}, the model needs dimension {config.d}")
     if len(xt) == 0:
         raise ValueError("no training vectors")
     validation.check_all_finite(xt, "training vectors")
-    validation.check_all_finite(xval, "validation vectors")
+    xval = validation.as_finite_float32(xval, "validation vectors")  # read once
     if xval.ndim != 2 or xval.shape[1] != config.d or len(xval) == 0:
         raise ValueError(f"validation vectors have shape {xval.shape}, the model needs (n >= 1, {config.d})")
     if config.is_ivf:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qinco_jax.training import qinco2_recipe as q2
-from qinco_jax.training import rq_init
+from qinco_jax.training import rq_init, streaming
 from qinco_jax.training import loop as training
 from qinco_jax.data import validation
 from qinco_jax.config import QincoConfig
@@ -29,6 +29,9 @@ from qinco_jax.models.qinco import QincoModel, init_params
 
 
 INITS = ("random", "rq_exact")
+# QINCo v1's RQ initialisation trains on at most this many vectors: the reference's
+# train_qinco.py trains it on its --nt training vectors, 500k by default.
+V1_RQ_MAX_ROWS = 500_000
 # QincoConfig's fields that the data decides: the dimension, the number of IVF centroids
 # and (QINCo v1) db_scale, the maximum of the training set unless the spec forces it.
 FROM_DATA = ("d", "K_IVF", "db_scale")
@@ -115,19 +118,33 @@ def check_ivf_centroids(spec: ModelSpec, centroids: np.ndarray | None, d: int) -
 
 def train_rq_codebooks(xt: np.ndarray, spec: ModelSpec, xval: np.ndarray | None = None,
                        ivf_centroids: np.ndarray | None = None, xt_assign: np.ndarray | None = None,
-                       log: Callable[[str], None] = _quiet) -> np.ndarray:
-    """The initial RQ codebooks (M, K, d), raw units: on the vectors, or for IVF-QINCo on
-    their residuals to the nearest IVF centroid (xt_assign: those of xt, if known).
-    xval, if given, is only measured (its MSE is logged)."""
+                       log: Callable[[str], None] = _quiet, max_rows: int | None = V1_RQ_MAX_ROWS) -> np.ndarray:
+    """The initial RQ codebooks (M, K, d), raw units: on the first `max_rows` vectors
+    (None: all), or for IVF-QINCo on their residuals to the nearest IVF centroid
+    (xt_assign: those of xt, if known). xval, if given, is only measured (its MSE is
+    logged). xt may be a memory map: only the sample is read."""
     centroids = check_ivf_centroids(spec, ivf_centroids, xt.shape[1])
+    sample = streaming.head(xt, max_rows)
+    if len(sample) < len(xt):
+        log(f"the RQ initialisation trains on the first {len(sample)} of {len(xt)} training vectors")
     if centroids is None:
-        return rq_init.train_rq(xt, spec.M, spec.K, spec.rq_beam_size, xval, log=log)
-    if xt_assign is None:
-        xt_assign = rq_init.assign_to_centroids(xt, centroids)
-    res_t = rq_init.ivf_residuals(xt, centroids, xt_assign)
+        return rq_init.train_rq(sample, spec.M, spec.K, spec.rq_beam_size, xval, log=log)
+    sample_assign = (rq_init.assign_to_centroids(sample, centroids) if xt_assign is None
+                     else np.asarray(xt_assign)[:len(sample)])
+    res_t = rq_init.ivf_residuals(sample, centroids, sample_assign)
     res_v = None if xval is None else rq_init.ivf_residuals(xval, centroids,
                                                             rq_init.assign_to_centroids(xval, centroids))
     return rq_init.train_rq(res_t, spec.M, spec.K, spec.rq_beam_size, res_v, log=log)
+
+
+def assign_to_centroids(xt: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """The nearest IVF centroid (int32) of every training vector, read chunk by chunk
+    (a memory map's pages released as it goes)."""
+    out = np.empty(len(xt), np.int32)
+    for i0 in range(0, len(xt), streaming.CHUNK_ROWS):
+        out[i0:i0 + streaming.CHUNK_ROWS] = rq_init.assign_to_centroids(
+            streaming.head(xt[i0:i0 + streaming.CHUNK_ROWS], None), centroids)
+    return out
 
 
 def initial_model(xt: np.ndarray, spec: ModelSpec, rq_codebooks: np.ndarray | None,
@@ -136,7 +153,7 @@ def initial_model(xt: np.ndarray, spec: ModelSpec, rq_codebooks: np.ndarray | No
     RQ (None: random, e.g. when a checkpoint will replace them), IVF centroids frozen."""
     d = xt.shape[1]
     centroids = check_ivf_centroids(spec, ivf_centroids, d)
-    db_scale = float(spec.db_scale) if spec.db_scale is not None else float(np.max(xt))
+    db_scale = float(spec.db_scale) if spec.db_scale is not None else streaming.extremes(xt)[1]
     if not db_scale > 0:
         raise ValueError(f"db_scale = max of the training set = {db_scale}: it must be > 0, set it explicitly")
     config = spec.config(d, len(centroids) if centroids is not None else 0, db_scale)
@@ -167,13 +184,14 @@ def qinco2_initial_model(xt: np.ndarray, spec: ModelSpec, cfg: training.TrainCon
     Returns the model and the RQ's validation MSE (None if not trained here)."""
     d = xt.shape[1]
     centroids = check_ivf_centroids(spec, ivf_centroids, d)
-    mean, std = q2.normalisation_stats(xt, spec.qinco1_mode)
+    mean, std = q2.normalisation_stats(xt if spec.qinco1_mode else streaming.head(xt, q2.STATS_ROWS),
+                                       spec.qinco1_mode)
     rq_val = None
     if rq_codebooks is None:
         order = q2.DataOrder.for_run(len(xt), cfg.epoch_size, cfg.seed, spec.qinco1_mode)
         rows = order.rq_rows(cfg.batch_size)
         log(f"training the RQ initialisation on {len(rows)} vectors (M={spec.M}, K={spec.K})")
-        rq = q2.train_rq_init(np.asarray(xt[rows], np.float32),
+        rq = q2.train_rq_init(streaming.gather(xt, rows),
                               spec.M, spec.K, ivf_centroids=centroids, xval=xval, seed=cfg.seed,
                               qinco1_mode=spec.qinco1_mode)
         rq_codebooks, rq_val = rq.codebooks, rq.val_mse
@@ -219,9 +237,9 @@ def train_model(xt: np.ndarray, xval: np.ndarray, spec: ModelSpec, cfg: training
     """Train a model of `spec` on raw vectors xt (validation xval), from a residual
     quantizer: `rq_codebooks` if given, else trained here (skipped when resuming from
     `checkpoint_dir`). See training.fit for model_path, checkpoint_dir, history_path."""
-    validation.check_all_finite(xt, "training vectors")  # dtype and values; no copy of float32 input
-    validation.check_all_finite(xval, "validation vectors")
-    xt, xval = np.asarray(xt, np.float32), np.asarray(xval, np.float32)
+    xt = np.asanyarray(xt)  # a memory map stays on disk: read in batches, converted to float32 per batch
+    validation.check_all_finite(xt, "training vectors")  # dtype and values, chunk by chunk
+    xval = validation.as_finite_float32(xval, "validation vectors")  # read once
     if xt.ndim != 2 or xval.ndim != 2 or xt.shape[1] != xval.shape[1]:
         raise ValueError(f"training vectors {xt.shape} and validation vectors {xval.shape} must be 2-D "
                          f"with the same dimension")
@@ -230,7 +248,7 @@ def train_model(xt: np.ndarray, xval: np.ndarray, spec: ModelSpec, cfg: training
     assign = None
     if centroids is not None:
         log(f"assigning {len(xt)} training vectors to {len(centroids)} IVF centroids")
-        assign = rq_init.assign_to_centroids(xt, centroids)
+        assign = assign_to_centroids(xt, centroids)
     resuming = will_resume(checkpoint_dir)
     if resuming:
         log(f"checkpoint {checkpoint_dir} exists: resuming, the RQ initialisation is not needed")

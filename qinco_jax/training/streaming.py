@@ -1,0 +1,68 @@
+"""Reading a training set that stays on disk.
+
+Training takes its vectors as any (n, d) array; a memory map of a vector file
+(`formats.vecs_io.read_vectors`: bvecs, fvecs, ivecs, fbin, u8bin, ibin, npy) stays a
+memory map throughout: every pass over it reads bounded chunks, converts them to
+float32 and releases the pages it touched (`vecs_io.release`), so the process's
+resident memory does not grow with the file. What training needs from the whole set:
+
+    extremes(x)                 min and max (QINCo v1's db_scale, QINCo2's qinco1_mode)
+    head(x, n)                  the first n rows, float32 (bounded initialisation samples)
+    gather(x, rows)             rows in any order, float32 (one batch)
+    check_training_rows(...)    enough rows for the validation set plus one batch
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from qinco_jax.data import validation
+from qinco_jax.formats import vecs_io
+
+CHUNK_ROWS = 65_536
+
+
+def _name(x) -> str:
+    source = validation.source_of(x)
+    return f" ({source})" if source else ""
+
+
+def extremes(x, chunk_rows: int = CHUNK_ROWS) -> tuple[float, float]:
+    """(min, max) over every element of x, read chunk by chunk (pages released)."""
+    if len(x) == 0:
+        raise ValueError(f"no vectors{_name(x)}")
+    lo, hi = np.inf, -np.inf
+    for i0 in range(0, len(x), chunk_rows):
+        chunk = np.asarray(x[i0:i0 + chunk_rows])
+        lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
+        vecs_io.release(x[i0:i0 + chunk_rows])
+    return lo, hi
+
+
+def head(x, n: int | None, chunk_rows: int = CHUNK_ROWS) -> np.ndarray:
+    """The first n rows of x (all if None) as a contiguous float32 array, read and
+    converted chunk by chunk (no full-size temporary in the file's dtype)."""
+    n = len(x) if n is None else min(int(n), len(x))
+    out = np.empty((n, x.shape[1]), np.float32)
+    for i0 in range(0, n, chunk_rows):
+        i1 = min(i0 + chunk_rows, n)
+        out[i0:i1] = x[i0:i1]
+        vecs_io.release(x[i0:i1])
+    return out
+
+
+def gather(x, rows: np.ndarray) -> np.ndarray:
+    """x[rows] as float32 (rows in any order): only those rows are read, then the pages
+    of x are released, so reading a file's rows batch after batch keeps the resident
+    memory to a batch."""
+    out = np.asarray(x[np.asarray(rows)], np.float32)
+    vecs_io.release(x)
+    return out
+
+
+def check_training_rows(n_total: int, nval: int, batch_size: int, source: str | None = None) -> None:
+    """A training file must hold the validation set plus at least one batch."""
+    if n_total < nval + batch_size:
+        where = f"{source}: " if source else ""
+        raise ValueError(f"{where}{n_total} vectors is too few: training needs the {nval} validation vectors "
+                         f"plus at least one batch of {batch_size}")
