@@ -173,3 +173,21 @@ def test_resident_memory_does_not_grow_with_the_file(tmp_path):
     print(f"peak RSS: 150k rows {small['peak_kb'] / 1024:.0f} MB, 3M rows {big['peak_kb'] / 1024:.0f} MB")
     assert grown_mb < 64, (small, big)
     assert big["peak_kb"] / 1024 < 1500  # below the in-RAM float32 copy alone
+
+
+def test_kmeans_sample_gives_faiss_s_centroids(bvecs):
+    """ivf_centroids reads only faiss's own subsample of the file: the same centroids."""
+    import faiss
+
+    from qinco_jax.search.index import train_ivf_centroids
+
+    mapped = read_vectors(bvecs)  # 2,300 rows: k=4 samples 1,024 of them
+    for n, m in ((50_000, 1024), (3000, 1024), (100, 100)):  # the O(m) shuffle and faiss's own
+        perm = np.empty(n, np.int32)
+        faiss.rand_perm(faiss.swig_ptr(perm), n, 1234)
+        np.testing.assert_array_equal(streaming.faiss_permutation_prefix(n, m, 1234), perm[:m])
+    sample = streaming.kmeans_sample(mapped, 4)
+    assert sample.shape == (1024, 32) and sample.dtype == np.float32
+    full = train_ivf_centroids(np.asarray(mapped, np.float32), 4, niter=5, verbose=False)
+    np.testing.assert_array_equal(train_ivf_centroids(sample, 4, niter=5, verbose=False), full)
+    assert len(streaming.kmeans_sample(mapped, 16)) == len(mapped)  # 16 x 256 > 2,300: all rows

@@ -9,6 +9,7 @@ resident memory does not grow with the file. What training needs from the whole 
     extremes(x)                 min and max (QINCo v1's db_scale, QINCo2's qinco1_mode)
     head(x, n)                  the first n rows, float32 (bounded initialisation samples)
     gather(x, rows)             rows in any order, float32 (one batch)
+    kmeans_sample(x, k)         the rows faiss's k-means would train on, float32
     check_training_rows(...)    enough rows for the validation set plus one batch
 """
 
@@ -71,6 +72,40 @@ def gather(x, rows: np.ndarray, chunk_rows: int = GATHER_ROWS) -> np.ndarray:
         out[at] = x[span]
         vecs_io.release(x[int(span[0]):int(span[-1]) + 1])
     return out
+
+
+def faiss_permutation_prefix(n: int, m: int, seed: int) -> np.ndarray:
+    """The first m entries of faiss's `rand_perm(n, seed)` (int64), in memory O(m):
+    faiss's Fisher-Yates shuffle (swap i with i + rand_int(n - i), its own RNG) run for
+    m steps, the swapped positions kept in a dict. For n not much larger than m, faiss's
+    own full permutation (4 n bytes) is faster and as small."""
+    import faiss
+
+    m = min(m, n)
+    if n <= 16 * m:
+        perm = np.empty(n, np.int32)
+        faiss.rand_perm(faiss.swig_ptr(perm), n, seed)
+        return perm[:m].astype(np.int64)
+    rng = faiss.RandomGenerator(seed)
+    moved: dict[int, int] = {}
+    out = np.empty(m, np.int64)
+    for i in range(m):
+        j = i + rng.rand_int(n - i)
+        out[i] = moved.get(j, j)
+        moved[j] = moved.get(i, i)
+    return out
+
+
+def kmeans_sample(x, k: int, max_points_per_centroid: int = 256, seed: int = 1234) -> np.ndarray:
+    """The training rows of faiss's k-means of k centroids on x, float32, in the order
+    faiss uses them: all of x if it has at most k * max_points_per_centroid rows, else
+    faiss's random subsample of that many (its rand_perm, seed as faiss.Kmeans's
+    default). Training faiss.Kmeans on this sample gives the centroids it gives on all
+    of x, reading only the sample from a memory-mapped file."""
+    n, m = len(x), k * max_points_per_centroid
+    if n <= m:
+        return head(x, None)
+    return gather(x, faiss_permutation_prefix(n, m, seed))
 
 
 def check_training_rows(n_total: int, nval: int, batch_size: int, source: str | None = None) -> None:
