@@ -68,8 +68,10 @@ def model_spec(cfg: RunConfig):
         raise RunConfigError(str(e)) from None
 
 
-def train_config(cfg: RunConfig):
-    """The training.TrainConfig the run's keys describe (QINCo2's cosine recipe)."""
+def train_config(cfg: RunConfig, n_devices: int = 1):
+    """The training.TrainConfig the run's keys describe (QINCo2's cosine recipe). `batch`
+    is per device, as in the reference: the global batch is batch x n_devices (the
+    training mesh's devices, over all processes)."""
     from qinco_jax.training.loop import qinco2_train_config
 
     if cfg.optimizer != "adamw" or cfg.scheduler.name != "cosine":
@@ -79,7 +81,8 @@ def train_config(cfg: RunConfig):
         raise RunConfigError(f"grad_accumulate={cfg.grad_accumulate}: only 1 is implemented")
     try:
         return qinco2_train_config(
-            lr=cfg.lr, weight_decay=cfg.wd, grad_clip=cfg.grad_clip, batch_size=cfg.batch, epochs=cfg.epochs,
+            lr=cfg.lr, weight_decay=cfg.wd, grad_clip=cfg.grad_clip, batch_size=cfg.batch * n_devices,
+            epochs=cfg.epochs,
             ramp_epochs=cfg.scheduler.ramp_epochs, lr_min_fact=cfg.scheduler.lr_min_fact,
             stop_patience=cfg.scheduler.stop_patience, codebook_noise=cfg.codebook_noise_init, seed=cfg.seed,
             # The reference does not loop in qinco1_mode: every epoch is the whole set.
@@ -98,7 +101,21 @@ def train(cfg: RunConfig, log=print):
                              "output= to continue an interrupted run")
     if not cfg.output:
         raise RunConfigError("task=train needs output=<file.pt>")
-    spec, tcfg = model_spec(cfg), train_config(cfg)
+    import jax
+
+    from qinco_jax.training import distributed
+    from qinco_jax.training.loop import make_mesh
+
+    try:  # several processes (a launcher's variables): one mesh over all their devices
+        distributed.start_from_environment()
+    except ValueError as e:
+        raise RunConfigError(str(e)) from None
+    ngpu = 0 if cfg.cpu else -1
+    n_devices = make_mesh(ngpu).devices.size
+    spec, tcfg = model_spec(cfg), train_config(cfg, n_devices)
+    if n_devices > 1:
+        log(f"{n_devices} devices over {jax.process_count()} process(es): global batch "
+            f"{tcfg.batch_size} = batch {cfg.batch} x {n_devices}")
     xt, xval = _training_vectors(cfg)
     from qinco_jax.training.streaming import check_training_rows
 

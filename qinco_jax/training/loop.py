@@ -367,7 +367,7 @@ class TrainState:
         """The array part, as a checkpoint stores it."""
         return {"params": self.trainable, "frozen": self.frozen, "opt_state": self.opt_state,
                 "best_params": self.best_trainable, "best_frozen": self.best_frozen,
-                "rng": jax.random.key_data(self.rng)}
+                "rng": np.asarray(jax.random.key_data(self.rng))}  # host: the same on every process
 
     def numbers(self) -> dict:
         """The JSON part, as a checkpoint stores it."""
@@ -377,7 +377,7 @@ class TrainState:
     def from_saved(cls, arrays: dict, numbers: dict) -> "TrainState":
         return cls(trainable=arrays["params"], frozen=arrays["frozen"], opt_state=arrays["opt_state"],
                    epoch=int(numbers["epoch"]), step=int(numbers["step"]),
-                   rng=jax.random.wrap_key_data(arrays["rng"]), schedule=numbers["schedule"],
+                   rng=jax.random.wrap_key_data(np.asarray(arrays["rng"])), schedule=numbers["schedule"],
                    best_mse=numbers["best_mse"], best_trainable=arrays["best_params"],
                    best_frozen=arrays["best_frozen"])
 
@@ -489,7 +489,12 @@ class _Trainer:
         self.feeder = BatchFeeder(xt, code0, model.normalise, cfg.batch_size, mesh)
 
     def put(self, tree):
-        return jax.device_put(tree, self.replicated)
+        """tree replicated on the mesh. A local array goes through the host, so that the
+        same values on every process make one global array (multi-process runs)."""
+        def host(a):
+            return a if isinstance(a, jax.Array) and not a.is_fully_addressable else np.asarray(a)
+
+        return jax.device_put(jax.tree.map(host, tree), self.replicated)
 
     def model(self, trainable: Params, frozen: Params) -> QincoModel:
         return QincoModel(self.config, local_copy(merge(trainable, frozen)))
