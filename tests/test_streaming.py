@@ -191,3 +191,30 @@ def test_kmeans_sample_gives_faiss_s_centroids(bvecs):
     full = train_ivf_centroids(np.asarray(mapped, np.float32), 4, niter=5, verbose=False)
     np.testing.assert_array_equal(train_ivf_centroids(sample, 4, niter=5, verbose=False), full)
     assert len(streaming.kmeans_sample(mapped, 16)) == len(mapped)  # 16 x 256 > 2,300: all rows
+
+
+def test_pq_qinco_streams_its_rotated_sub_vectors(bvecs):
+    """train_pq on a memory map == OPQ on the whole set, rotated and split in RAM, one
+    train_model per part: each sub-model reads its rotated rows batch by batch."""
+    import faiss
+
+    from qinco_jax.training import pq
+
+    mapped = read_vectors(bvecs)
+    xt, xval = mapped[:2000], np.asarray(mapped[2000:], np.float32)
+    sub = recipe.ModelSpec(M=2, K=16, L=1, h=8, seed=0)
+    cfg = training.TrainConfig(lr=1e-3, batch_size=256, max_epochs=1, ngpu=1, progress=False)
+    model = pq.train_pq(xt, xval, pq.PQSpec(nsub=2, opq=True, sub=sub), cfg, log=quiet)
+    in_ram = np.asarray(xt, np.float32)
+    A = pq.train_opq(in_ram, 2)
+    np.testing.assert_array_equal(model.opq, A)
+    rotated_t, rotated_v = pq.split_subvectors(in_ram @ A.T, 2), pq.split_subvectors(xval @ A.T, 2)
+    for got, xs_t, xs_v in zip(model.subs, rotated_t, rotated_v):
+        _assert_same_params(got, recipe.train_model(xs_t, xs_v, sub, cfg, log=quiet).best)
+    # the sample OPQ trains on is faiss's own subsample
+    x = np.asarray(mapped, np.float32)
+    full, sampled = faiss.OPQMatrix(32, 2, 32), faiss.OPQMatrix(32, 2, 32)
+    full.max_train_points = sampled.max_train_points = 1000
+    full.train(x)
+    sampled.train(streaming.faiss_sample(mapped, 1000))
+    np.testing.assert_array_equal(faiss.vector_to_array(full.A), faiss.vector_to_array(sampled.A))

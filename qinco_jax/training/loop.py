@@ -454,12 +454,12 @@ def check_inputs(model: QincoModel, xt, xval, code0, recipe: Recipe):
     bounded batches), the IVF assignment. Returns (xt, xval, code0); a memory-mapped
     xt stays a memory map."""
     config = model.config
-    xt = np.asanyarray(xt)  # a memmap stays a memmap: read batch by batch
+    xt = streaming.as_rows(xt)  # a memmap stays a memmap: read batch by batch
     if xt.ndim != 2 or xt.shape[1] != config.d:
         raise ValueError(f"training vectors have shape {xt.shape}, the model needs dimension {config.d}")
     if len(xt) == 0:
         raise ValueError("no training vectors")
-    validation.check_all_finite(xt, "training vectors")
+    streaming.check_rows(xt, "training vectors")
     xval = validation.as_finite_float32(xval, "validation vectors")  # read once
     if xval.ndim != 2 or xval.shape[1] != config.d or len(xval) == 0:
         raise ValueError(f"validation vectors have shape {xval.shape}, the model needs (n >= 1, {config.d})")

@@ -350,7 +350,7 @@ def normalisation_stats(xt: np.ndarray, qinco1_mode: bool = False) -> tuple[np.n
     ddof 0) of the first STATS_ROWS training vectors, computed by numpy in the data's
     own dtype as the reference does. qinco1_mode: data_mean = min + 1 in every
     dimension and data_std = (max - min) / 2 over the whole training split."""
-    xt = np.asanyarray(xt)  # a memory map stays one: qinco1_mode reads it chunk by chunk
+    xt = xt if hasattr(xt, "shape") else np.asarray(xt)  # a memory map stays one: read chunk by chunk
     if xt.ndim != 2 or len(xt) == 0:
         raise ValueError(f"training vectors must be a non-empty (n, d) array, got shape {xt.shape}")
     if qinco1_mode:

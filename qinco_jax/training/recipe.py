@@ -237,8 +237,8 @@ def train_model(xt: np.ndarray, xval: np.ndarray, spec: ModelSpec, cfg: training
     """Train a model of `spec` on raw vectors xt (validation xval), from a residual
     quantizer: `rq_codebooks` if given, else trained here (skipped when resuming from
     `checkpoint_dir`). See training.fit for model_path, checkpoint_dir, history_path."""
-    xt = np.asanyarray(xt)  # a memory map stays on disk: read in batches, converted to float32 per batch
-    validation.check_all_finite(xt, "training vectors")  # dtype and values, chunk by chunk
+    xt = streaming.as_rows(xt)  # a memory map stays on disk: read in batches, converted to float32 per batch
+    streaming.check_rows(xt, "training vectors")  # dtype and values, chunk by chunk
     xval = validation.as_finite_float32(xval, "validation vectors")  # read once
     if xt.ndim != 2 or xval.ndim != 2 or xt.shape[1] != xval.shape[1]:
         raise ValueError(f"training vectors {xt.shape} and validation vectors {xval.shape} must be 2-D "

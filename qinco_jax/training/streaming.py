@@ -10,6 +10,8 @@ resident memory does not grow with the file. What training needs from the whole 
     head(x, n)                  the first n rows, float32 (bounded initialisation samples)
     gather(x, rows)             rows in any order, float32 (one batch)
     kmeans_sample(x, k)         the rows faiss's k-means would train on, float32
+    faiss_sample(x, m)          the rows faiss's OPQ (any `fvecs_maybe_subsample`) trains on
+    RowMap(x, fn, d)            x's rows transformed when read (PQ-QINCo's rotated sub-vectors)
     check_training_rows(...)    enough rows for the validation set plus one batch
 """
 
@@ -96,6 +98,15 @@ def faiss_permutation_prefix(n: int, m: int, seed: int) -> np.ndarray:
     return out
 
 
+def faiss_sample(x, max_rows: int, seed: int = 1234) -> np.ndarray:
+    """The rows faiss's `fvecs_maybe_subsample` keeps (OPQ training, ...), float32, in
+    faiss's order: all of x if it has at most max_rows rows, else the first max_rows of
+    its rand_perm(n, seed). Only those rows are read."""
+    if len(x) <= max_rows:
+        return head(x, None)
+    return gather(x, faiss_permutation_prefix(len(x), max_rows, seed))
+
+
 def kmeans_sample(x, k: int, max_points_per_centroid: int = 256, seed: int = 1234) -> np.ndarray:
     """The training rows of faiss's k-means of k centroids on x, float32, in the order
     faiss uses them: all of x if it has at most k * max_points_per_centroid rows, else
@@ -106,6 +117,44 @@ def kmeans_sample(x, k: int, max_points_per_centroid: int = 256, seed: int = 123
     if n <= m:
         return head(x, None)
     return gather(x, faiss_permutation_prefix(n, m, seed))
+
+
+class RowMap:
+    """The rows of x transformed by fn when read: an (n, d) float32 array-like whose
+    rows are computed batch by batch (`fn` maps float32 rows (b, x's d) to (b, d)), so
+    a transformed training set never exists whole. Reads: `rm[i0:i1]`, `rm[rows]`.
+    Its values are checked where x is read (x is assumed checked)."""
+
+    ndim = 2
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, x, fn, d: int):
+        self.x, self.fn = x, fn
+        self.shape = (len(x), int(d))
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step != 1:
+                raise IndexError("RowMap reads contiguous slices or row indices")
+            rows = head(self.x[start:stop], None)
+        else:
+            rows = gather(self.x, np.asarray(key))
+        return np.ascontiguousarray(self.fn(rows), np.float32)
+
+
+def as_rows(x):
+    """x as training reads it: a RowMap or a memory map stays as is, anything else an array."""
+    return x if isinstance(x, RowMap) else np.asanyarray(x)
+
+
+def check_rows(x, what: str) -> None:
+    """Element type and finite values, chunk by chunk (a RowMap's source is checked)."""
+    if not isinstance(x, RowMap):
+        validation.check_all_finite(x, what)
 
 
 def check_training_rows(n_total: int, nval: int, batch_size: int, source: str | None = None) -> None:
