@@ -133,35 +133,37 @@ def build_parser():
 
 
 def load_training_vectors(args, log=print) -> np.ndarray:
-    """The first nt + nval training vectors: of --training_data, a memory map (training
-    reads it batch by batch); of --db, float32."""
-    need = args.nt + args.nval
-    if args.training_data:
-        from qinco_jax.formats.vecs_io import read_vectors
-
-        log(f"loading training data from {args.training_data}")
-        x = read_vectors(args.training_data, mmap=True)
-        if x.ndim != 2:
-            raise cli.UsageError(f"{args.training_data}: expected a 2-D array of vectors, got shape {x.shape}")
-        if len(x) < need:
-            raise cli.UsageError(f"not enough training vectors in {args.training_data}: {len(x)} < "
-                                 f"--nt {args.nt} + --nval {args.nval}")
-        from qinco_jax.training.streaming import check_training_rows
-
-        try:
-            check_training_rows(len(x), args.nval, getattr(args, "batch_size", 1), args.training_data)
-        except ValueError as e:
-            raise cli.UsageError(str(e)) from None
-        return x[:need]  # stays on disk: checked and read chunk by chunk, batch by batch
+    """The first nt + nval training vectors: of --training_data or of a --db data set
+    stored in a file, a memory map (training reads it batch by batch); of a generated
+    data set, float32."""
     from qinco_jax.data.datasets import get_dataset
+    from qinco_jax.formats.vecs_io import read_vectors
+    from qinco_jax.training.streaming import check_training_rows
 
-    ds = get_dataset(args.db)
-    log(f"loading training vectors of data set {args.db}: {ds}")
-    x = validation.as_finite_float32(ds.get_train(maxtrain=need), "training vectors")
+    need = args.nt + args.nval
+    path, where = args.training_data, args.training_data
+    if not path:
+        ds = get_dataset(args.db)
+        log(f"loading training vectors of data set {args.db}: {ds}")
+        path_of = getattr(ds, "path_of", None)  # a data set of files: its training file
+        path, where = (path_of("train") if path_of else None), f"data set {args.db}"
+        if path is None:
+            x = validation.as_finite_float32(ds.get_train(maxtrain=need), "training vectors")
+            if len(x) < need:
+                raise cli.UsageError(f"not enough training vectors in {where}: {len(x)} < "
+                                     f"--nt {args.nt} + --nval {args.nval}")
+            return x[:need]
+    log(f"loading training data from {path}")
+    x = read_vectors(path, mmap=True)
+    if x.ndim != 2:
+        raise cli.UsageError(f"{path}: expected a 2-D array of vectors, got shape {x.shape}")
     if len(x) < need:
-        raise cli.UsageError(f"not enough training vectors in data set {args.db}: {len(x)} < "
-                             f"--nt {args.nt} + --nval {args.nval}")
-    return x[:need]
+        raise cli.UsageError(f"not enough training vectors in {where}: {len(x)} < --nt {args.nt} + --nval {args.nval}")
+    try:
+        check_training_rows(len(x), args.nval, getattr(args, "batch_size", 1), str(path))
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+    return x[:need]  # stays on disk: checked and read chunk by chunk, batch by batch
 
 
 def check_args(args) -> None:

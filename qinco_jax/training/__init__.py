@@ -8,6 +8,9 @@
     recipes         what v1 and QINCo2 training do differently, one object each (V1Recipe,
                     Qinco2Recipe): loss, parameter split, optimizer, data order, schedule,
                     codeword reset
+    streaming       reading a training set that stays on disk: bounded chunks, batches,
+                    faiss's own subsamples, transformed rows (RowMap)
+    distributed     several processes: jax.distributed started from a launcher's variables
     qinco2_recipe   QINCo2's recipe pieces: AdamW, cosine schedule, clipping, beam training
     scheduler       QINCo v1's reduce-on-plateau learning-rate schedule and stopping rule
     rq_init         initial codebooks from a faiss ResidualQuantizer (and the exact-RQ start)
