@@ -163,7 +163,8 @@ def load_training_vectors(args, log=print) -> np.ndarray:
         check_training_rows(len(x), args.nval, getattr(args, "batch_size", 1), str(path))
     except ValueError as e:
         raise cli.UsageError(str(e)) from None
-    return x[:need]  # stays on disk: checked and read chunk by chunk, batch by batch
+    validation.check_all_finite(x[:need], "training vectors")  # chunk by chunk, naming the file
+    return x[:need]  # stays on disk: read batch by batch
 
 
 def check_args(args) -> None:

@@ -38,8 +38,9 @@ best validation MSE and its parameters), saved and restored whole every epoch.
 batch gathers its rows and converts them to float32), a background thread reading the
 next batches while the device trains on the current one.
 
-Multi-host: call `jax.distributed.initialize()` before anything else (train_qinco.py
---distributed). Every process runs this same loop on the same data order, feeds its
+Multi-host: call `jax.distributed.initialize()` (or training.distributed.
+start_from_environment()) before anything else (train_qinco.py --distributed; run.py
+task=train starts it from a launcher's variables). Every process runs this same loop on the same data order, feeds its
 own slice of each global batch (`jax.make_array_from_process_local_data`) and the mesh
 spans the devices of all processes. Only process 0 writes the model and history.
 """
@@ -418,11 +419,7 @@ class TrainCheckpointer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like.arrays())
         out = self.mngr.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                meta=ocp.args.JsonRestore()))
-        meta = out["meta"]
-        if "state" not in meta:
-            raise ValueError(f"checkpoint {self.mngr.directory} is of an older layout (before TrainState): "
-                             f"delete it to start over")
-        return TrainState.from_saved(out["state"], meta["state"]), meta
+        return TrainState.from_saved(out["state"], out["meta"]["state"]), out["meta"]
 
     def close(self) -> None:
         self.mngr.wait_until_finished()
@@ -516,6 +513,9 @@ class _Trainer:
             raise ValueError(f"checkpoint {where} is of another run ({meta['run']['model']}, "
                              f"nt={meta['run']['nt']}), not of this one ({run_info['model']}, "
                              f"nt={run_info['nt']}); use another --checkpoint directory or delete it")
+        if "state" not in meta:
+            raise ValueError(f"checkpoint {where} is of an older layout (before TrainState, qinco-jax's training "
+                             f"loop of issue 18): delete it to start over")
         restored, meta = ckpt.restore(last, state)
         arrays = jax.tree.map(self.put, (restored.trainable, restored.frozen, restored.opt_state,
                                          restored.best_trainable, restored.best_frozen))
