@@ -24,7 +24,7 @@ from qinco_jax.training import qinco2_recipe as q2
 from qinco_jax.training import rq_init, streaming
 from qinco_jax.training import loop as training
 from qinco_jax.data import validation
-from qinco_jax.config import QincoConfig
+from qinco_jax.config import QincoArch, QincoConfig
 from qinco_jax.models.qinco import QincoModel, init_params
 
 
@@ -32,13 +32,28 @@ INITS = ("random", "rq_exact")
 # QINCo v1's RQ initialisation trains on at most this many vectors: the reference's
 # train_qinco.py trains it on its --nt training vectors, 500k by default.
 V1_RQ_MAX_ROWS = 500_000
-# QincoConfig's fields that the data decides: the dimension, the number of IVF centroids
-# and (QINCo v1) db_scale, the maximum of the training set unless the spec forces it.
-FROM_DATA = ("d", "K_IVF", "db_scale")
 
 
-class _ModelSpecMethods:
-    """Checks and derived values of ModelSpec (its fields are generated below)."""
+@dataclasses.dataclass(frozen=True)
+class ModelSpec(QincoArch):
+    """The model to train: a QincoConfig's architecture (QincoArch's fields, with their
+    defaults: keyword-only) without what the data decides (d, K_IVF; db_scale unless
+    forced), plus how it starts:
+
+    db_scale: QINCo v1's input scale; None: the maximum of the training set (the reference).
+    init: "random" (the reference's network initialisation) or "rq_exact" (the untrained
+        model decodes exactly as the RQ, so training starts at its error).
+    rq_beam_size: beam of the initial faiss residual quantizer (QINCo v1).
+    seed: the network initialisation's.
+
+    `spec.config(d, K_IVF, db_scale)` is the QincoConfig it trains; QincoConfig's checks
+    apply. The command lines keep the reference's own defaults (e.g. train_qinco.py's
+    L=4) in their flags."""
+
+    db_scale: float | None = None
+    init: str = "random"
+    rq_beam_size: int = 1
+    seed: int = 1234
 
     def __post_init__(self):
         if self.init not in INITS:
@@ -58,45 +73,11 @@ class _ModelSpecMethods:
         # every other check is QincoConfig's: a config of this spec on stand-in data
         self.config(d=self.de + 1, K_IVF=1 if self.variant == "ivf" else 0)
 
-    @property
-    def is_ivf(self) -> bool:
-        return self.variant == "ivf"
-
-    @property
-    def is_qinco2(self) -> bool:
-        return self.arch == "qinco2"
-
     def config(self, d: int, K_IVF: int = 0, db_scale: float = 1.0) -> QincoConfig:
         """The QincoConfig of this spec on data of dimension d (de = d is stored as 0)."""
-        sizes = {f.name: getattr(self, f.name) for f in dataclasses.fields(QincoConfig) if f.name not in FROM_DATA}
-        sizes["de"] = 0 if sizes["de"] == d else sizes["de"]
-        return QincoConfig(d=d, K_IVF=K_IVF, db_scale=db_scale, **sizes)
-
-
-def _model_spec_fields() -> list[tuple]:
-    model = [(f.name, f.type, dataclasses.field(default=f.default))
-             for f in dataclasses.fields(QincoConfig) if f.name not in FROM_DATA]
-    return model + [
-        ("db_scale", "float | None", dataclasses.field(default=None)),
-        ("init", "str", dataclasses.field(default="random")),
-        ("rq_beam_size", "int", dataclasses.field(default=1)),
-        ("seed", "int", dataclasses.field(default=1234)),
-    ]
-
-
-ModelSpec = dataclasses.make_dataclass("ModelSpec", _model_spec_fields(), bases=(_ModelSpecMethods,), frozen=True)
-ModelSpec.__module__ = __name__
-ModelSpec.__doc__ = """The model to train: QincoConfig's fields, with its defaults and checks, except
-those the data decides (d, K_IVF; db_scale unless forced), plus how it starts:
-
-    db_scale: QINCo v1's input scale; None: the maximum of the training set (the reference).
-    init: "random" (the reference's network initialisation) or "rq_exact" (the untrained
-        model decodes exactly as the RQ, so training starts at its error).
-    rq_beam_size: beam of the initial faiss residual quantizer (QINCo v1).
-    seed: the network initialisation's.
-
-`spec.config(d, K_IVF, db_scale)` is the QincoConfig it trains. The command lines keep
-the reference's own defaults (e.g. train_qinco.py's L=4) in their flags."""
+        arch = {f.name: getattr(self, f.name) for f in dataclasses.fields(QincoArch)}
+        arch["de"] = 0 if arch["de"] == d else arch["de"]
+        return QincoConfig(d=d, K_IVF=K_IVF, db_scale=db_scale, **arch)
 
 
 def _quiet(_msg: str) -> None:
