@@ -2,6 +2,7 @@
 #   make demo   installs what it needs in .venv and runs the main job (IVF-QINCo against faiss
 #               IVF-PQ / IVF-RQ on the built-in real descriptors; DEMO_ARGS='--epochs 5' etc.)
 #   make test   installs the test dependencies in .venv and runs the test suite (.ci/run)
+#   make docs   builds the documentation site (mkdocs, strict) into site/, offline
 # Both are idempotent: a second run reuses .venv.
 
 PYTHON ?= python3
@@ -15,7 +16,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed-$(strip $(EXTRA))
 
-.PHONY: demo test install install-test clean-demo
+.PHONY: demo test docs install install-test clean-demo
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +39,14 @@ demo: install
 
 test: install-test
 	QINCO_REQUIRE_TORCH=1 $(PY) -m pytest -q tests
+
+$(VENV)/.installed-docs: $(STAMP)
+	$(PIP) install -q -e ".[$(strip $(EXTRA)),docs]"
+	touch $@
+
+# NO_MKDOCS_2_WARNING: mkdocs-material's banner about its successor, printed on every build
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean-demo:
 	rm -rf $(DEMO_OUT)

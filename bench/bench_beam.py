@@ -18,10 +18,10 @@ import time
 import numpy as np
 
 
-from qinco_jax.models import codec  # noqa: E402
-from qinco_jax.config import EncodeOptions  # noqa: E402
-from qinco_jax.formats.io import write_bytes  # noqa: E402
-from qinco_jax.formats.checkpoint import load_model  # noqa: E402
+from qinco_jax.models import codec
+from qinco_jax.config import EncodeOptions
+from qinco_jax.formats.io import write_bytes
+from qinco_jax.formats.checkpoint import load_model
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
 

@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 import numpy as np
 
 
-import jax  # noqa: E402
-from timing import timed  # noqa: E402
+import jax
+from qinco_jax.experiments.timing import timed
 
-from qinco_jax.models import codec  # noqa: E402
-from qinco_jax.formats.io import write_bytes  # noqa: E402
-from qinco_jax.config import EncodeOptions, QincoConfig  # noqa: E402
-from qinco_jax.models.qinco import QincoModel  # noqa: E402
+from qinco_jax.models import codec
+from qinco_jax.formats.io import write_bytes
+from qinco_jax.config import EncodeOptions, QincoConfig
+from qinco_jax.models.qinco import QincoModel
 
 
 def sgemm_gflops(n=2048):
@@ -59,8 +58,9 @@ def faiss_qinco(model: QincoModel):
 def torch_reference(model: QincoModel, reference_dir: str):
     import torch
 
-    sys.path.insert(0, reference_dir)
-    import model_qinco  # the reference's module
+    from qinco_jax.experiments.reference import import_reference
+
+    model_qinco = import_reference(reference_dir, "utils", "model_qinco")  # the reference's module
 
     from qinco_jax.formats.state_dict import state_dict_from_params
 

@@ -24,15 +24,14 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import jax  # noqa: E402
+import jax
 
-from qinco_jax.models import codec  # noqa: E402
+from qinco_jax.models import codec
 from qinco_jax.formats import vecs_io
-from qinco_jax.config import EncodeOptions, QincoConfig  # noqa: E402
-from qinco_jax.formats.io import write_bytes  # noqa: E402
-from qinco_jax.models.qinco import QincoModel, init_params  # noqa: E402
+from qinco_jax.config import EncodeOptions, QincoConfig
+from qinco_jax.formats.io import write_bytes
+from qinco_jax.models.qinco import QincoModel, init_params
 
 
 def status_kb(field: str) -> int:

@@ -30,26 +30,23 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from timing import timed  # noqa: E402
+import jax
+import jax.numpy as jnp
+from qinco_jax.experiments.timing import timed
 
-from qinco_jax.search import aq  # noqa: E402
+from qinco_jax.search import aq
 from qinco_jax.models import codec
 from qinco_jax.models import pairwise
-from qinco_jax.formats.checkpoint import load_model  # noqa: E402
-from qinco_jax.config import QincoConfig  # noqa: E402
-from qinco_jax.formats.io import write_bytes  # noqa: E402
-from qinco_jax.search.index import ivf_centroids  # noqa: E402
-from qinco_jax.models.qinco import QincoModel  # noqa: E402
+from qinco_jax.formats.checkpoint import load_model
+from qinco_jax.config import QincoConfig
+from qinco_jax.formats.io import write_bytes
+from qinco_jax.search.index import ivf_centroids
+from qinco_jax.models.qinco import QincoModel
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
 JITTED_MODEL_ROWS = 16384  # rows of the model's jitted decode batch at most

@@ -18,24 +18,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from qinco_jax.experiments import baselines  # noqa: E402
+from qinco_jax.experiments import baselines
 from qinco_jax.formats import checkpoint
 from qinco_jax.models import codec
 from qinco_jax.data import datasets
 from qinco_jax.models import pairwise
-from qinco_jax.formats.io import write_bytes  # noqa: E402
-from qinco_jax.metrics import mean_squared_error  # noqa: E402
-from qinco_jax.search import index as ivf  # noqa: E402
-from qinco_jax.search import pairwise_stage  # noqa: E402
-from qinco_jax.search.sweep import explore  # noqa: E402
+from qinco_jax.formats.io import write_bytes
+from qinco_jax.metrics import mean_squared_error
+from qinco_jax.search import index as ivf
+from qinco_jax.search import pairwise_stage
+from qinco_jax.search.sweep import explore
 
 
 def main(argv=None):

@@ -17,21 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from qinco_jax.models import codec  # noqa: E402
-from qinco_jax.formats.checkpoint import save_model  # noqa: E402
-from qinco_jax.config import EncodeOptions, QincoConfig  # noqa: E402
-from qinco_jax.formats.io import write_bytes  # noqa: E402
-from qinco_jax.models.qinco import QincoModel  # noqa: E402
+from qinco_jax.models import codec
+from qinco_jax.formats.checkpoint import save_model
+from qinco_jax.config import EncodeOptions, QincoConfig
+from qinco_jax.formats.io import write_bytes
+from qinco_jax.models.qinco import QincoModel
 
-from timing import timed  # noqa: E402
+from qinco_jax.experiments.timing import timed
 
 
 def random_qinco2(d: int, de: int, dh: int, L: int, M: int, K: int, A: int, B: int, seed: int = 0) -> QincoModel:
@@ -52,9 +50,12 @@ def random_qinco2(d: int, de: int, dh: int, L: int, M: int, K: int, A: int, B: i
 
 def reference_encoder(reference_dir: str, model_path: str, db_path: str, A: int, B: int, threads: int):
     """The reference's evaluation model for this file at (A, B): a function x -> codes."""
-    sys.path.insert(0, reference_dir)
     import torch
     from hydra import compose, initialize_config_dir
+
+    from qinco_jax.experiments.reference import import_reference
+
+    import_reference(reference_dir, "qinco")  # the reference's package, for the import below
     from qinco.qinco_tasks import QincoEvalTask
 
     torch.set_num_threads(threads)

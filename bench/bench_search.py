@@ -20,17 +20,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
 
-import jax  # noqa: E402
-from timing import timed  # noqa: E402
+import jax
+from qinco_jax.experiments.timing import timed
 
-from qinco_jax.search import index as ivf_index, rerank, sweep  # noqa: E402
-from qinco_jax.config import QincoConfig  # noqa: E402
-from qinco_jax.models.qinco import QincoModel  # noqa: E402
+from qinco_jax.search import index as ivf_index, rerank, sweep
+from qinco_jax.config import QincoConfig
+from qinco_jax.models.qinco import QincoModel
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
 
@@ -71,8 +70,9 @@ def torch_reference(model: QincoModel, reference_dir: str):
     """The reference's module with the model's weights."""
     import torch
 
-    sys.path.insert(0, reference_dir)
-    import model_qinco
+    from qinco_jax.experiments.reference import import_reference
+
+    model_qinco = import_reference(reference_dir, "utils", "model_qinco")
 
     from qinco_jax.formats.state_dict import state_dict_from_params
 

@@ -33,12 +33,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from qinco_jax.formats import checkpoint
 from qinco_jax.models import codec
@@ -92,9 +90,12 @@ class WideCoarseCodes:
 def reference_search(reference_dir, index_path, decoder_path, args, tmp):
     """The reference's run_search_ivf (set up by its SearchTask) on the index file
     (through WideCoarseCodes); its results."""
-    sys.path.insert(0, reference_dir)
     import torch
     from hydra import compose, initialize_config_dir
+
+    from qinco_jax.experiments.reference import import_reference
+
+    import_reference(reference_dir, "qinco")  # the reference's package, for the import below
     from qinco.search.search_tasks import SearchTask, run_search_ivf
 
     torch.set_num_threads(args.threads)

@@ -25,7 +25,6 @@ import contextlib
 import io
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -61,12 +60,13 @@ def jax_run(ref, xt, xval, cb, seed, epochs, ngpu):
 
 
 def torch_epoch_times(ref_dir, ref, xt, xval, cb, epochs, threads):
-    sys.path.insert(0, os.path.abspath(ref_dir))
     import torch
     from torch import optim
 
-    import model_qinco
-    import train_qinco
+    from qinco_jax.experiments.reference import import_reference
+
+    model_qinco = import_reference(ref_dir, "utils", "model_qinco")
+    train_qinco = import_reference(ref_dir, "datasets", "train_qinco")
 
     if threads:
         torch.set_num_threads(threads)

@@ -47,7 +47,6 @@ import traceback
 import numpy as np
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -198,9 +197,10 @@ class Reference:
         if not os.path.isfile(os.path.join(self.dir, "model_qinco.py")):
             raise FileNotFoundError(f"--reference_dir {reference_dir}: no model_qinco.py there "
                                     f"(give a copy of the reference's qinco_v1 folder)")
-        sys.path.insert(0, self.dir)
-        import model_qinco  # noqa: F401  (the reference's module: torch.load needs it importable)
-        import utils as reference_utils
+        from qinco_jax.experiments.reference import import_reference
+
+        reference_utils = import_reference(self.dir, "utils")
+        import_reference(self.dir, "model_qinco")  # torch.load of its pickled modules needs it importable
 
         self.utils = reference_utils
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -10,11 +10,13 @@
 #                     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #                       --implementation cp --platform manylinux_2_28_x86_64 -d .whl faiss-cpu==1.15.1
 #   .ref/qinco_v1/    a copy of the PyTorch reference's qinco_v1 folder: timed as well (ratios)
-# Environment: PYTHON (default python3), REFERENCE_DIR (default .ref/qinco_v1 if present),
+# Environment: PYTHON (default .venv/bin/python if present, else python3), REFERENCE_DIR (default .ref/qinco_v1 if present),
 # DEVICE_CHECK_ARGS (extra flags for the driver, e.g. "--budget_s 300").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-runs/device_check}"
+# the project's .venv (make install) when there is one, else the system python3 (the GPU machines)
+if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; fi
 PYTHON="${PYTHON:-python3}"
 mkdir -p "$OUT"
 

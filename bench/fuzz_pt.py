@@ -38,12 +38,11 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from qinco_jax.formats import checkpoint  # noqa: E402
+from qinco_jax.formats import checkpoint
 from qinco_jax.models import pairwise
 from qinco_jax.formats import torch_pickle
-from qinco_jax.formats.torch_pickle import CheckpointError  # noqa: E402
+from qinco_jax.formats.torch_pickle import CheckpointError
 
 FIXTURES = ROOT / "tests" / "fixtures"
 EXTREME_U32 = (0, 1, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0xFFFFFFFE, 0x10000, 0x40000000)

@@ -101,6 +101,13 @@ def test_tiny_main_job_with_qinco2(tmp_path):
         index = faiss.read_index(str(tmp_path / f"{stem}.faissindex"))
         ivf.check_index_matches_model(index, model)
         assert index.ntotal == s["data"]["nb"] and model.config.is_qinco2 == (stem == "ivf_qinco2")
+    # each index records its model: the other family's model, of the same shape, is refused
+    from qinco_jax.search import QincoIndex, provenance
+
+    qinco, qinco2 = (checkpoint.load_model(tmp_path / f"{stem}.pt") for stem in ("ivf_qinco", "ivf_qinco2"))
+    assert QincoIndex.read(tmp_path / "ivf_qinco.faissindex", qinco).provenance.by == "fingerprint"
+    with pytest.raises(provenance.ModelMismatchError, match="fingerprint"):
+        QincoIndex.read(tmp_path / "ivf_qinco.faissindex", qinco2)
 
 
 def test_database_codes_stay_in_the_nearest_ivf_list():
@@ -122,3 +129,35 @@ def test_database_codes_stay_in_the_nearest_ivf_list():
 
     free = qm.encode_beam(codec.network_params(model.params), model.normalise(x), beam=8)[0]
     assert (np.asarray(free)[:, 0] != codes[:, 0]).any()  # the hazard this guards against is real here
+
+
+def test_main_job_scales_its_sizes_to_a_small_data_set(tmp_path):
+    """`make demo DEMO_ARGS="--db synthetic_small"`: the default nt + nval (100,000) is
+    more than the data set holds; the job cuts both in the same proportion and says so."""
+    logged = []
+    small = {**TINY, "nt": MainJobConfig().nt, "nval": MainJobConfig().nval, "aq_train": MainJobConfig().aq_train,
+             "epochs": 1}
+    s = run(MainJobConfig(out=str(tmp_path), qinco2=False, **small), log=logged.append)
+    data = s["data"]
+    assert data["nt"] + data["nval"] == 5000 and data["nval"] == 250  # synthetic_small: 5,000 training vectors
+    assert data["config"]["aq_train"] <= data["nt"]
+    assert any("using nt=4750 and nval=250" in line for line in logged)
+
+
+def test_main_job_never_saves_a_model_worse_than_its_start(tmp_path):
+    """A learning rate far too high: no epoch beats the exact-RQ start on validation,
+    so the saved model is the start (validation MSE equal to the RQ's)."""
+    import numpy as np
+
+    from qinco_jax.data import datasets
+    from qinco_jax.formats import checkpoint
+    from qinco_jax.training import loop as training
+
+    logged = []
+    s = run(MainJobConfig(out=str(tmp_path), qinco2=False, **{**TINY, "lr": 0.5, "epochs": 1}), log=logged.append)
+    val = s["data"]["val_mse"]["IVF-QINCo"]
+    assert val["kept_start"] and val["trained"] == val["rq_init"]
+    assert any("keeping the starting model" in line for line in logged)
+    xt_all = np.asarray(datasets.get_dataset("synthetic_small").get_train(TINY["nt"] + TINY["nval"]), np.float32)
+    saved = checkpoint.load_model(tmp_path / "ivf_qinco.pt")
+    assert training.validation_mse(saved, xt_all[TINY["nt"]:]) == pytest.approx(val["rq_init"], rel=1e-4)

@@ -336,3 +336,32 @@ def test_qinco2_run_tasks(k16, data, tmp_path):
     with pytest.raises(run_config.RunConfigError, match="K="):
         qinco2_search.train_pairwise_decoder(run_config.parse_run_args(
             ["task=train_pairwise_decoder", *[c for c in common if c != "K=16"], f"output={tmp_path / 'x.pt'}"]))
+
+
+def test_run_tasks_read_K_from_the_encoded_set(k16, tmp_path):
+    """run.py task=train_pairwise_decoder / build_index as the README writes them (no K=,
+    no model=): QINCo2's .npz codes record K in their header."""
+    from qinco_jax.cli import qinco2_search
+    from qinco_jax.formats import code_parts
+
+    model = k16["model"]
+    np.save(tmp_path / "c.npy", ivf.ivf_centroids(model))
+    np.save(tmp_path / "xt.npy", k16["xt"])
+    code_parts.write_code_parts(tmp_path / "xt.npz", k16["xt_codes"].astype(np.int64), K=16, M=4, D=32)
+    code_parts.write_code_parts(tmp_path / "xb.npz", k16["xb_codes"].astype(np.int64), K=16, M=4, D=32, n_parts=2)
+    common = [f"ivf_centroids={tmp_path / 'c.npy'}", f"trainset={tmp_path / 'xt.npy'}",
+              f"encoded_trainset={tmp_path / 'xt.npz'}", "ds.valset=1000", "verbose=false"]
+    quiet = lambda _: None  # noqa: E731
+    training = qinco2_search.train_pairwise_decoder(run_config.parse_run_args(
+        ["task=train_pairwise_decoder", *common, "n_pairwise_codebooks=1", f"output={tmp_path / 'pw.pt'}"]), log=quiet)
+    assert training.decoder.K == 16
+    index = qinco2_search.build_index(run_config.parse_run_args(
+        ["task=build_index", *common, f"encoded_db={tmp_path / 'xb.npz'}", f"output={tmp_path / 'i.faissindex'}",
+         "search.index_key=IVF${ivf_K},RQ${M}x4_Nqint8"]), log=quiet)
+    assert index.ntotal == 10000 and ivf.rq_nbits(index) == [4] * 4
+    # a header that contradicts its codes is refused
+    code_parts.write_code_parts(tmp_path / "bad.npz", k16["xt_codes"].astype(np.int64), K=16, M=3, D=32)
+    with pytest.raises(ValueError, match="the header says M=3"):
+        qinco2_search.train_pairwise_decoder(run_config.parse_run_args(
+            ["task=train_pairwise_decoder", *common[:2], f"encoded_trainset={tmp_path / 'bad.npz'}",
+             "ds.valset=1000", f"output={tmp_path / 'x.pt'}"]), log=quiet)

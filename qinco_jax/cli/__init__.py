@@ -41,9 +41,19 @@ def run_main(main: Callable[[list[str] | None], object], argv: list[str] | None 
         sys.exit(2)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every flag's default, except an unset (None) one whose help already says
+    what it defaults to: one default per flag, not "(default: 1e-4) (default: None)"."""
+
+    def _get_help_string(self, action):
+        if action.default is None and "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def parser(description: str) -> argparse.ArgumentParser:
     """An ArgumentParser that shows every flag's default in --help."""
-    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
 
 
 def add_compute_args(group, *, batch_flag: str = "--batch_size", batch_default: int | None = None) -> None:

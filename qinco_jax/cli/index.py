@@ -53,6 +53,10 @@ def build_parser():
     g = p.add_argument_group("QINCo model")
     g.add_argument("--model", default="", help="IVF-QINCo model: a reference .pt file or a qinco-jax model directory")
     cli.add_search_args(g)
+    g.add_argument("--allow_mismatch", action="store_true",
+                   help="search (or add to) an index, or use a pairwise decoder, that the model did not make: "
+                   "without it they are refused (checked by the model fingerprint this library records beside "
+                   "the files it writes, else by decoding a sample of the index's stored codes)")
 
     g = p.add_argument_group("database")
     cli.add_db_arg(g)
@@ -222,9 +226,35 @@ def run_train_pairwise(args, model, ds):
     training = pairwise_stage.train_for_model(model, xt, xt_codes, n_tables_per_code=args.n_pairwise_codebooks,
                                               options=encode_options(args), shrinkage=args.pairwise_shrinkage)
     log(f"pairwise decoder training MSE {training.train_mse[-1]:g} (IVF centroids alone {training.train_mse[0]:g})")
-    pairwise.save_pairwise_decoder(training.decoder, args.pairwise_decoder)
+    from qinco_jax.search.provenance import model_fingerprint
+
+    pairwise.save_pairwise_decoder(training.decoder, args.pairwise_decoder, model_fingerprint=model_fingerprint(model))
     log(f"stored the pairwise decoder in {args.pairwise_decoder}")
     return training
+
+
+def check_belongs(args, model, index, index_path: str) -> None:
+    """Refuse an index read from a file whose codes the model did not make."""
+    from qinco_jax.search import provenance
+
+    found = provenance.check_index_belongs(index, model, index_path=index_path, model_path=args.model,
+                                           allow_mismatch=args.allow_mismatch, override_hint="--allow_mismatch",
+                                           log=log)
+    if found.disagreement is not None:
+        log(f"model and index checked ({found.by}): disagreement {found.disagreement:.3f} on a sample of "
+            "stored entries")
+    else:
+        log(f"model and index checked ({found.by})")
+
+
+def write_index(index, model, path: str, what: str) -> None:
+    """The index and its metadata (the model's fingerprint), beside it."""
+    from qinco_jax.search import index as ivf
+    from qinco_jax.search import provenance
+
+    ivf.write_index(index, path)
+    provenance.write_metadata(path, index, model)
+    log(f"stored {what} in {path} (model fingerprint in {provenance.metadata_path(path)})")
 
 
 def run_search(args, model, ds, index) -> list[dict]:
@@ -244,8 +274,10 @@ def run_search(args, model, ds, index) -> list[dict]:
     if args.pairwise_decoder:
         from qinco_jax.search import pairwise_stage
 
-        mid = pairwise_stage.middle_stage(
-            pairwise_stage.load_for_model(args.pairwise_decoder, model, args.pairwise_table_dtype), model)
+        decoder = pairwise_stage.load_checked(args.pairwise_decoder, model, index, table_dtype=args.pairwise_table_dtype,
+                                              model_path=args.model, allow_mismatch=args.allow_mismatch,
+                                              override_hint="--allow_mismatch", log=log)
+        mid = pairwise_stage.middle_stage(decoder, model)
         log(f"three-stage search with the pairwise decoder {args.pairwise_decoder} ({args.pairwise_table_dtype} "
             f"tables), nmid_short {args.nmid_short}")
     results = explore(index, model, xq, gt, nprobe=args.nprobe, nshort=args.nshort,
@@ -288,8 +320,7 @@ def main(argv=None):
         log("====================== training")
         index = run_train(args, model, ds, stats)
         if args.trained_index:
-            ivf.write_index(index, args.trained_index)
-            log(f"stored trained index in {args.trained_index}")
+            write_index(index, model, args.trained_index, "trained index")
 
     if "add" in args.todo:
         log("====================== adding")
@@ -297,10 +328,10 @@ def main(argv=None):
             if not args.trained_index:
                 raise cli.UsageError("add needs a trained index: run --todo train too, or give --trained_index")
             index = ivf.read_index(args.trained_index, "trained index")
+            check_belongs(args, model, index, args.trained_index)
         run_add(args, model, ds, index, stats)
         if args.index:
-            ivf.write_index(index, args.index)
-            log(f"stored index in {args.index}")
+            write_index(index, model, args.index, "index")
 
     if "train_pairwise_decoder" in args.todo:
         log("====================== training the pairwise decoder")
@@ -312,6 +343,7 @@ def main(argv=None):
             if not args.index:
                 raise cli.UsageError("search needs an index: run --todo train add too, or give --index")
             index = ivf.read_index(args.index, "index")
+            check_belongs(args, model, index, args.index)
         results = run_search(args, model, ds, index)
         if args.json:
             from qinco_jax.search import report

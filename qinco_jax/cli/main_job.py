@@ -25,7 +25,7 @@ HELP = {
     "n_centroids": "IVF centroids (k-means), shared by every method",
     "kmeans_niter": "k-means iterations of the IVF centroids",
     "M": "bytes per vector of every method (M codes of 8 bits)",
-    "nt": "training vectors (QINCo, PQ, RQ)",
+    "nt": "training vectors (QINCo, PQ, RQ); with nval, cut in proportion to a data set that has fewer",
     "nval": "validation vectors held out after the nt training vectors",
     "L": "IVF-QINCo residual blocks per step",
     "h": "IVF-QINCo hidden dimension",
@@ -65,6 +65,10 @@ def build_parser():
             p.add_argument(flag, choices=sorted(_ON_OFF), default="on" if f.default else "off", help=HELP[f.name])
         elif typing.get_origin(hint) is tuple:
             p.add_argument(flag, type=int, nargs="+", default=list(f.default), help=HELP[f.name])
+        elif f.name == "init":
+            from qinco_jax.experiments.main_job import INITS
+
+            p.add_argument(flag, choices=INITS, default=f.default, help=HELP[f.name])
         elif hint == (float | None):
             p.add_argument(flag, type=float, default=f.default, help=HELP[f.name])
         else:

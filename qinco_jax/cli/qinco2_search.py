@@ -91,13 +91,23 @@ def encoded_training_set(cfg: RunConfig, log: Log) -> tuple[np.ndarray, np.ndarr
 
 
 def _codebook_size(cfg: RunConfig, codes: np.ndarray) -> int:
+    """K= if given, else the K recorded in the header of encoded_trainset= (QINCo2's
+    .npz codes, written by task=encode), else the model='s."""
     if cfg.K is not None:
         return int(cfg.K)
+    if str(cfg.encoded_trainset).endswith(".npz"):
+        header = code_parts.read_code_header(cfg.encoded_trainset)
+        if not header.M == codes.shape[1] - 1:
+            raise RunConfigError(f"encoded_trainset={cfg.encoded_trainset}: its header says M={header.M}, "
+                                 f"its codes have {codes.shape[1] - 1} steps")
+        return int(header.K)
     if cfg.model:
         from qinco_jax.formats import checkpoint
 
         return int(checkpoint.load_model(cfg.model).config.K)
-    raise RunConfigError(f"task={cfg.task} needs K=<codebook size> (or model=<file.pt>)")
+    raise RunConfigError(f"task={cfg.task} needs K=<codebook size> (or model=<file.pt>): encoded_trainset="
+                         f"{cfg.encoded_trainset} is a plain array, which does not record it (task=encode's "
+                         ".npz codes do)")
 
 
 def checked_training_codes(cfg: RunConfig, log: Log):
@@ -136,7 +146,18 @@ def train_pairwise_decoder(cfg: RunConfig, log: Log = print) -> pairwise.Pairwis
     training = pairwise.train_pairwise_decoder(xt, codes, centroids, K, n_tables=cfg.n_pairwise_codebooks * M,
                                                seed=cfg.seed, shrinkage=cfg.pairwise_shrinkage,
                                                progress=cfg.verbose)
-    pairwise.save_pairwise_decoder(training.decoder, cfg.output)
+    fingerprint = None
+    if cfg.model:  # the model whose codes encoded_trainset= holds, once checked: recorded in the file
+        from qinco_jax.formats import checkpoint
+        from qinco_jax.search import provenance
+
+        model = checkpoint.load_model(cfg.model)
+        found = provenance.check_decoder_belongs(training.decoder, model, val_codes[:provenance.SAMPLE_SIZE],
+                                         ivf_centroids=centroids, decoder_path=cfg.output, model_path=cfg.model,
+                                         allow_mismatch=cfg.allow_model_mismatch,
+                                         override_hint="allow_model_mismatch=true", log=log)
+        fingerprint = provenance.model_fingerprint(model) if found.by != "overridden" else None
+    pairwise.save_pairwise_decoder(training.decoder, cfg.output, model_fingerprint=fingerprint)
     scale = resolve_data(cfg).mse_scale
     val_mse = mean_squared_error(pairwise.decode(training.decoder, val_codes, centroids), xval) * scale
     log(f"train MSE {training.train_mse[-1] * scale:.6g} "
@@ -185,7 +206,7 @@ def search(cfg: RunConfig, log: Log = print) -> list[dict]:
     from qinco_jax.formats import checkpoint
     from qinco_jax.search import report
     from qinco_jax.search import index as ivf
-    from qinco_jax.search import pairwise_stage
+    from qinco_jax.search import pairwise_stage, provenance
     from qinco_jax.search.rerank import Reranker
     from qinco_jax.search.sweep import explore
 
@@ -198,14 +219,21 @@ def search(cfg: RunConfig, log: Log = print) -> list[dict]:
     ivf.require_ivf_model(model)
     index = ivf.read_index(cfg.index, "index")
     ivf.check_index_matches_model(index, model, f"index {cfg.index}")
+    found = provenance.check_index_belongs(index, model, index_path=cfg.index, model_path=cfg.model,
+                                           allow_mismatch=cfg.allow_model_mismatch,
+                                           override_hint="allow_model_mismatch=true", log=log)
+    log(f"model and index checked ({found.by})")
     xq = np.asarray(read_vector_file(data.queries, "queries"), np.float32)
     gt = np.asarray(read_vector_file(data.queries_gt, "ground-truth"))
     if cfg.search.nthreads > 0:
         faiss.omp_set_num_threads(int(cfg.search.nthreads))
     mid = None
     if cfg.pairwise_decoder:
-        mid = pairwise_stage.middle_stage(
-            pairwise_stage.load_for_model(cfg.pairwise_decoder, model, cfg.search.pairwise_table_dtype), model)
+        decoder = pairwise_stage.load_checked(cfg.pairwise_decoder, model, index,
+                                              table_dtype=cfg.search.pairwise_table_dtype, model_path=cfg.model,
+                                              allow_mismatch=cfg.allow_model_mismatch,
+                                              override_hint="allow_model_mismatch=true", log=log)
+        mid = pairwise_stage.middle_stage(decoder, model)
         log(f"three-stage search with the pairwise decoder {cfg.pairwise_decoder} "
             f"({cfg.search.pairwise_table_dtype} tables)")
     metadata = dict(nq=len(xq), model=model.describe(), index=cfg.index, pairwise_decoder=cfg.pairwise_decoder)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import Callable
 
@@ -61,15 +62,23 @@ def use_cpu() -> None:
     jax.config.update("jax_platforms", "cpu")
 
 
+def program_name() -> str:
+    """How the user called this program: `qinco-run` (the installed command) by that
+    name, `python run.py` (or any .py / python -m) as run.py."""
+    name = os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "")
+    return name if name and not name.endswith(".py") else "run.py"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The --help of run.py (its arguments are key=value words, parsed by run_config)."""
     keys = ", ".join(valid_keys())
+    prog = program_name()
     p = argparse.ArgumentParser(
-        prog="run.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="QINCo2's tasks, with QINCo2's key=value arguments (defaults: its config/qinco_cfg.yaml; "
                     "model_args=<qinco1|qinco2-S|qinco2-M|qinco2-L> presets).",
         epilog=f"tasks: {', '.join(TASK_MODULES)}\nkeys: {keys}\n"
-               "example: run.py task=eval model=model.pt db=deep1M A=16 B=32 (default values: see run_config)\n"
+               f"example: {prog} task=eval model=model.pt db=deep1M A=16 B=32 (default values: see run_config)\n"
                "batch is per device, as in the reference: task=train's global batch is batch x the devices of "
                "all processes\n(several processes: started by a launcher setting JAX_COORDINATOR_ADDRESS, "
                "JAX_NUM_PROCESSES, JAX_PROCESS_ID, or SLURM / Open MPI)")

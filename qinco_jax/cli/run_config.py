@@ -146,6 +146,7 @@ class RunConfig:
     encode_trainset: bool = False
     n_pairwise_codebooks: int = 2
     pairwise_shrinkage: float = 0.0  # qinco-jax's: table entries sum / (count + this); 0 = the reference's means
+    allow_model_mismatch: bool = False  # qinco-jax's: task=search with a model that did not make index= (expert)
 
     seed: int = 0
     qinco1_mode: bool | None = None
@@ -402,7 +403,19 @@ def resolve_data(cfg: RunConfig) -> DataFiles:
             limit = min(limit or ds.nb, ds.nb)
         path = lambda role: os.fspath(ds.path_of(role))  # noqa: E731
         return DataFiles(cfg.db, path("base"), path("train"), path("query"), path("gt"), limit, scale)
+    if cfg.db is not None and not os.path.exists(cfg.db) and not _looks_like_a_path(cfg.db):
+        close = difflib.get_close_matches(cfg.db, DATASET_NAMES, n=1)
+        hint = f" (did you mean db={close[0]}?)" if close else ""
+        raise RunConfigError(f"db={cfg.db} is neither a data-set name nor an existing file{hint}: "
+                             f"data-set names are {', '.join(DATASET_NAMES)}; a file is .npy, .fvecs, .bvecs, "
+                             ".fbin or .u8bin")
     return DataFiles(None, cfg.db, cfg.trainset, cfg.queries, cfg.queries_gt, limit, cfg.mse_scale)
+
+
+def _looks_like_a_path(db: str) -> bool:
+    """A db= value meant as a file (one to be read later, perhaps not there yet): it
+    has a folder or a suffix. A bare word is meant as a data-set name."""
+    return os.sep in db or "/" in db or bool(os.path.splitext(db)[1])
 
 
 _INTERP = re.compile(r"\$\{([A-Za-z_][\w.]*)\}")

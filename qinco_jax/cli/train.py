@@ -43,13 +43,14 @@ from qinco_jax.data import validation
 DEFAULT_TODO = ["train_rq", "train"]
 
 
-def add_data_args(p, *, nt_default: int = 500_000) -> None:
+def add_data_args(p, *, nt_default: int = 500_000,
+                  nval_help: str = "validation vectors, read after the --nt training vectors (in addition)") -> None:
     group = p.add_argument_group("database")
     cli.add_db_arg(group)
     group.add_argument("--training_data", default="",
                        help="file of training vectors (npy, fvecs, bvecs, fbin, u8bin); overrides --db")
     group.add_argument("--nt", default=nt_default, type=int, help="nb training vectors to use")
-    group.add_argument("--nval", default=10_000, type=int, help="additional validation vectors")
+    group.add_argument("--nval", default=10_000, type=int, help=nval_help)
     group.add_argument("--db_scale", default=-1, type=float,
                        help="force database scaling. If not set, the maximum of the training set is used")
 
@@ -84,9 +85,14 @@ def add_optim_args(p) -> None:
     group = p.add_argument_group("optimization parameters")
     group.add_argument("--ngpu", default=-1, type=int,
                        help="number of local devices to train on (-1: all; 0: the CPU)")
-    group.add_argument("--lr", default=None, type=float, help="base learning rate (default 1e-4; 8e-4 for qinco2)")
+    group.add_argument("--lr", default=None, type=float,
+                       help="base learning rate (default: 1e-4; with --arch qinco2, 8e-4)")
     group.add_argument("--max_epochs", default=None, type=int,
-                       help="max nb of epochs (default 1000); qinco2: the cosine schedule's epochs (default 60)")
+                       help="max nb of epochs (default: 1000). With --arch qinco2 (default: 60) it is the "
+                       "length of the cosine schedule (QINCo2's `epochs`), not a hard cap: as QINCo2's run.py, "
+                       "training goes on while validation improves, stopping after --stop_patience epochs "
+                       "without a new best or after max_epochs + stop_patience + 1 epochs (--max_epochs 3: up to "
+                       "14); lower --stop_patience to stop sooner")
     group.add_argument("--wd", default=0.1, type=float, help="qinco2: AdamW weight decay")
     group.add_argument("--grad_clip", default=0.1, type=float, help="qinco2: clip gradients by value (0: no)")
     group.add_argument("--epoch_size", default=None, type=int,

@@ -35,7 +35,8 @@ def build_parser():
                        help="recombine the QINCo models (and OPQ) into one PQ-QINCo model")
     group.add_argument("--opq", default=False, action="store_true", help="also train (or use) an OPQ rotation")
     group.add_argument("--OPQMatrix", default="", help="where to store or load the OPQ matrix (npy)")
-    train_cli.add_data_args(p, nt_default=510_000)
+    train_cli.add_data_args(p, nt_default=510_000, nval_help="validation vectors: the last --nval of the --nt "
+                            "training vectors (part of --nt, not in addition; --nt must exceed it)")
     p.set_defaults(nval=10_000)
     group = p.add_argument_group("for prepare")
     group.add_argument("--training_subvectors", default=[], nargs="+", help="where to store the training sub-vectors")

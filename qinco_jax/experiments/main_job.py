@@ -29,6 +29,7 @@ import numpy as np
 from qinco_jax.experiments import baselines
 
 PQ_NAME, RQ_NAME, QINCO_NAME, QINCO2_NAME = "IVF-PQ", "IVF-RQ", "IVF-QINCo", "IVF-QINCo2"
+INITS = ("rq_exact", "random")  # the models' initialisations (MainJobConfig.init)
 SHORTLIST_SUFFIX = ": AQ shortlist only"
 
 
@@ -95,7 +96,7 @@ class MainJobConfig:
             raise ValueError(f"main job: nprobe and nshort need values >= 1, got {self.nprobe} and {self.nshort}")
         if max(self.nprobe) > self.n_centroids:
             raise ValueError(f"main job: nprobe {max(self.nprobe)} > n_centroids {self.n_centroids}")
-        if self.init not in ("rq_exact", "random"):
+        if self.init not in INITS:
             raise ValueError(f"main job: init must be 'rq_exact' or 'random', got {self.init!r}")
         if not self.lr > 0 or (self.qinco2_lr is not None and not self.qinco2_lr > 0):
             raise ValueError("main job: learning rates must be > 0")
@@ -148,9 +149,40 @@ def _encode_options(cfg: MainJobConfig, model=None):
     return EncodeOptions(beam=cfg.encode_beam, preselect=cfg.encode_preselect or None)
 
 
+def scaled_sizes(cfg: MainJobConfig, available: int, log: Callable[[str], None] = print) -> MainJobConfig:
+    """cfg with nt and nval cut, in the same proportion, to a data set of `available`
+    training vectors when it has fewer than nt + nval (e.g. `--db synthetic_small`);
+    aq_train at most the new nt."""
+    if cfg.nt + cfg.nval <= available:
+        return cfg
+    if available < 4:
+        raise ValueError(f"{cfg.db} has {available} training vectors: too few for the main job")
+    nval = max(1, min(available // 2, round(available * cfg.nval / (cfg.nt + cfg.nval))))
+    nt = available - nval
+    log(f"{cfg.db} has {available} training vectors, fewer than nt + nval = {cfg.nt} + {cfg.nval}: "
+        f"using nt={nt} and nval={nval} (the same split)")
+    return dataclasses.replace(cfg, nt=nt, nval=nval, aq_train=min(cfg.aq_train, nt))
+
+
+def _no_worse_than_start(res, start: Callable[[], object], name: str, log) -> tuple[object, dict]:
+    """The trained model, or the model training started from when no epoch beat its
+    validation MSE (a learning rate too high for the data): what the job saves never
+    does worse on validation than its start."""
+    history = res.history
+    before = history.get("before")
+    epochs = history.get("epochs") or []
+    best = min((e["val_mse"] for e in epochs), default=None)
+    if before is None or best is None or best <= before:
+        return res.best, history
+    log(f"{name}: no epoch beat the starting point on validation (best {best:g} > {before:g} at the start): "
+        "keeping the starting model")
+    return start(), {**history, "kept_start": True}
+
+
 def train_qinco(cfg: MainJobConfig, xt, xval, centroids, log, rq_codebooks=None) -> tuple[object, dict]:
     """The IVF-QINCo model of the recipe and its training history, from the RQ codebooks
-    `rq_codebooks` (M, K, d) on the residuals to the IVF centroids (None: trained here)."""
+    `rq_codebooks` (M, K, d) on the residuals to the IVF centroids (None: trained here);
+    the starting model itself if training did not improve on it."""
     from qinco_jax.training import recipe
     from qinco_jax.training import loop as training
     from qinco_jax.config import EncodeOptions
@@ -158,8 +190,10 @@ def train_qinco(cfg: MainJobConfig, xt, xval, centroids, log, rq_codebooks=None)
     spec = recipe.ModelSpec(M=cfg.M, L=cfg.L, h=cfg.h, variant="ivf", init=cfg.init)
     tc = training.TrainConfig(lr=cfg.lr, max_epochs=cfg.epochs, batch_size=cfg.batch_size, ngpu=0,
                               encode=EncodeOptions(preselect=cfg.train_preselect or None), progress=cfg.progress)
+    if rq_codebooks is None:
+        rq_codebooks = recipe.train_rq_codebooks(xt, spec, xval, centroids, None, log)
     res = recipe.train_model(xt, xval, spec, tc, ivf_centroids=centroids, rq_codebooks=rq_codebooks, log=log)
-    return res.best, res.history
+    return _no_worse_than_start(res, lambda: recipe.initial_model(xt, spec, rq_codebooks, centroids), QINCO_NAME, log)
 
 
 def train_qinco2(cfg: MainJobConfig, xt, xval, centroids, log, rq_codebooks=None) -> tuple[object, dict]:
@@ -176,15 +210,20 @@ def train_qinco2(cfg: MainJobConfig, xt, xval, centroids, log, rq_codebooks=None
         overrides.update(epochs=cfg.qinco2_epochs, ramp_epochs=min(3.0, cfg.qinco2_epochs / 3))
     if cfg.qinco2_lr is not None:
         overrides["lr"] = cfg.qinco2_lr
-    res = recipe.train_model(xt, xval, spec, training.qinco2_train_config(**overrides), ivf_centroids=centroids,
-                             rq_codebooks=rq_codebooks, log=log)
-    return res.best, res.history
+    tc = training.qinco2_train_config(**overrides)
+    res = recipe.train_model(xt, xval, spec, tc, ivf_centroids=centroids, rq_codebooks=rq_codebooks, log=log)
+    start = lambda: recipe.qinco2_initial_model(xt, spec, tc, xval=xval, ivf_centroids=centroids,  # noqa: E731
+                                                rq_codebooks=rq_codebooks)[0]
+    return _no_worse_than_start(res, start, QINCO2_NAME, log)
 
 
 def _val_mse(history: dict, init: str) -> dict:
     epochs = history.get("epochs") or []
-    return {"rq_init": history.get("before") if init == "rq_exact" else None,
-            "trained": min(e["val_mse"] for e in epochs) if epochs else None}
+    trained = min(e["val_mse"] for e in epochs) if epochs else None
+    if history.get("kept_start"):
+        trained = history.get("before")
+    return {"rq_init": history.get("before") if init == "rq_exact" else None, "trained": trained,
+            "kept_start": bool(history.get("kept_start"))}
 
 
 def build_qinco_index(name: str, model, history: dict, cfg: MainJobConfig, xt, xb, log) -> TrainedIvfModel:
@@ -213,10 +252,14 @@ def save_trained(trained: TrainedIvfModel, out: Path) -> tuple[Path, Path]:
     from qinco_jax.formats.checkpoint import save_model
     from qinco_jax.search import index as ivf
 
+    from qinco_jax.search import provenance
+
     stem = trained.name.lower().replace("-", "_")
     model_path, index_path = out / f"{stem}.pt", out / f"{stem}.faissindex"
     save_model(trained.model, model_path)
     ivf.write_index(trained.index, index_path)
+    # the model's fingerprint beside the index: searching it with another model is refused
+    provenance.write_metadata(index_path, trained.index, trained.model)
     return model_path, index_path
 
 
@@ -297,6 +340,7 @@ def _run(cfg: MainJobConfig, log, datasets, save_npy) -> dict:
 
     with stage("data"):
         ds = datasets.get_dataset(cfg.db)
+        cfg = scaled_sizes(cfg, int(ds.nt), log)
         xt_all = np.asarray(ds.get_train(cfg.nt + cfg.nval), np.float32)
         if len(xt_all) < cfg.nt + cfg.nval:
             raise ValueError(f"{cfg.db} has {len(xt_all)} training vectors, the job needs nt + nval = "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import jax
@@ -68,6 +69,10 @@ def load_model(path: str | os.PathLike) -> AnyModel:
             return qinco2_file.model_from_qinco2_checkpoint(obj, path.name)
         except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:  # a damaged file: name it
             raise CheckpointError(f"{path}: {e}") from None
+    if isinstance(obj, Mapping) and {"ivf_code_map", "combine_mvals_m", "codebook_MKD"} <= set(obj):
+        raise CheckpointError(f"{path} is a pairwise decoder (QINCo2's middle search stage, written by "
+                              "train_pairwise_decoder), not a model: give it as --pairwise_decoder / "
+                              "pairwise_decoder=, and the IVF model whose codes it decodes as the model")
     if not isinstance(obj, TorchModule):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a whole QINCo model "
                               "(a state dict or training checkpoint lacks the configuration and db_scale)")

@@ -415,6 +415,17 @@ _ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplemented
                struct.error, OverflowError, IndexError, KeyError)
 
 
+def read_extra_record(path: str | os.PathLike, key: str) -> bytes | None:
+    """The bytes of an extra entry `write_pt` stored under `key`, or None if the
+    archive has none (files written by torch, or by older versions)."""
+    path = os.fspath(path)
+    with _open_zip(path) as zf:
+        names = zf.namelist()
+        pkl = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
+        entry = f"{pkl[0][: -len('data.pkl')]}extra/{key}" if pkl else None
+        return _read(zf, entry, path) if entry in names else None
+
+
 def _read(zf: zipfile.ZipFile, name: str, path: str) -> bytes:
     """An entry's bytes, after checking its sizes against the file (a damaged size field
     must not size an allocation); zipfile checks the entry's CRC-32 as it reads."""
@@ -664,9 +675,12 @@ class TorchWriter:
         return Reduce(Global("numpy.core.multiarray", "scalar"), (dtype, np.float32(value).tobytes()))
 
 
-def write_pt(path: str | os.PathLike, writer: TorchWriter, root, archive_name: str | None = None) -> None:
+def write_pt(path: str | os.PathLike, writer: TorchWriter, root, archive_name: str | None = None,
+             extra_records: dict[str, bytes] | None = None) -> None:
     """Write `root` (built with `writer`) as a torch zip checkpoint at `path` (not atomic:
-    callers write to a temporary path and rename)."""
+    callers write to a temporary path and rename). extra_records: more entries of the
+    archive, `<archive>/extra/<name>` (torch.load reads only the entries it knows and
+    ignores these; `read_extra_record` reads one back)."""
     path = os.fspath(path)
     emitter = _Emitter()
     emitter.save(root)
@@ -678,6 +692,7 @@ def write_pt(path: str | os.PathLike, writer: TorchWriter, root, archive_name: s
     records += [(f"data/{i}", a.tobytes()) for i, a in enumerate(writer.storages)]
     digest = hashlib.sha1(b"".join(r for _, r in records)).hexdigest()  # data.pkl included
     records += [("version", b"3\n"), (".data/serialization_id", str(int(digest, 16))[:40].encode())]
+    records += [(f"extra/{key}", bytes(data)) for key, data in (extra_records or {}).items()]
     with open(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
         for rel, data in records:
             _write_aligned(zf, f, f"{name}/{rel}", data)

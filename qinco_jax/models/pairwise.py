@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 from typing import Mapping
@@ -62,7 +63,7 @@ import numpy as np
 
 from qinco_jax.data import validation
 from qinco_jax.formats.io import atomic_path
-from qinco_jax.formats.torch_pickle import CheckpointError, TorchWriter, load_pt, write_pt
+from qinco_jax.formats.torch_pickle import CheckpointError, TorchWriter, load_pt, read_extra_record, write_pt
 
 # Stages of the residual quantizer over the IVF centroids (the reference's IVF_M).
 IVF_SUBCODE_STAGES = 5
@@ -82,6 +83,8 @@ _INT8_LEVELS = 127  # symmetric: codes in [-127, 127], so -x is exact
 
 # The keys of the reference's state_dict, in its order.
 _FILE_KEYS = ("ivf_code_map", "combine_mvals_m", "codebook_MKD")
+# The archive entry where this library records the model a decoder belongs to.
+_FINGERPRINT_RECORD = "qinco_jax.json"
 
 
 @jax.tree_util.register_dataclass
@@ -534,11 +537,15 @@ def load_pairwise_decoder(path: str | os.PathLike) -> PairwiseDecoder:
         raise CheckpointError(str(e)) from None
 
 
-def save_pairwise_decoder(decoder: PairwiseDecoder, path: str | os.PathLike) -> None:
+def save_pairwise_decoder(decoder: PairwiseDecoder, path: str | os.PathLike, *,
+                          model_fingerprint: str | None = None) -> None:
     """Write the decoder as the reference saves it (torch state_dict: int64 maps,
     float32 tables), atomically. A compact decoder is written with its tables
     dequantised to float32 (the format has no other storage): the file decodes as the
-    compact decoder does, not as the float32 decoder it was made from."""
+    compact decoder does, not as the float32 decoder it was made from.
+    model_fingerprint: the fingerprint of the model whose codes the decoder was trained
+    on (`search.provenance.model_fingerprint`), kept in an archive entry that torch and
+    the reference ignore; `read_model_fingerprint` reads it back."""
     decoder = check_decoder(decoder)
     decoder = PairwiseDecoder(decoder.ivf_subcodes, decoder.pairs, float32_tables(decoder))
     writer = TorchWriter()
@@ -547,5 +554,22 @@ def save_pairwise_decoder(decoder: PairwiseDecoder, path: str | os.PathLike) -> 
         "combine_mvals_m": writer.plain_tensor(decoder.pairs.astype(np.int64)),
         "codebook_MKD": writer.plain_tensor(decoder.tables),
     }
+    extra = None
+    if model_fingerprint:
+        extra = {_FINGERPRINT_RECORD: json.dumps({"model_fingerprint": model_fingerprint}).encode()}
     with atomic_path(path) as tmp:
-        write_pt(tmp, writer, state, archive_name=os.path.splitext(os.path.basename(os.fspath(path)))[0])
+        write_pt(tmp, writer, state, archive_name=os.path.splitext(os.path.basename(os.fspath(path)))[0],
+                 extra_records=extra)
+
+
+def read_model_fingerprint(path: str | os.PathLike) -> str | None:
+    """The fingerprint of the model a decoder file was trained for, if this library
+    recorded one when it wrote the file (None for the reference's files)."""
+    raw = read_extra_record(path, _FINGERPRINT_RECORD)
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw.decode()).get("model_fingerprint")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return None
+    return value if isinstance(value, str) else None

@@ -7,6 +7,7 @@
     qinco_index  QincoIndex, an IVF-QINCo index with faiss's interface
     aq           least-squares AQ codebooks fitted to QINCo codes (the shortlist's decoder)
     pairwise_stage  the pairwise decoder of an IVF model as the middle search stage
+    provenance   which model made an index's codes: fingerprints, metadata files, the decode check
     report       the one results schema: its file, table, Pareto front and plot
 
 Results are dicts of the schema in `qinco_jax.search.report`.

@@ -18,6 +18,7 @@ from qinco_jax.models import codec
 from qinco_jax.models import pairwise
 from qinco_jax.config import EncodeOptions
 from qinco_jax.models.qinco import QincoModel
+from qinco_jax.search import provenance
 from qinco_jax.search.index import check_model_codes, ivf_centroids as model_ivf_centroids, require_ivf_model
 from qinco_jax.search.rerank import PairwiseReranker
 
@@ -43,6 +44,19 @@ def load_for_model(path: str | os.PathLike, model: QincoModel,
     decoder = pairwise.load_pairwise_decoder(path)
     check_decoder_fits(decoder, model, f"pairwise decoder {os.fspath(path)}")
     return pairwise.compact(decoder, table_dtype)
+
+
+def load_checked(path: str | os.PathLike, model: QincoModel, index, *, table_dtype: str = "float32",
+                 model_path: str | os.PathLike | None = None, allow_mismatch: bool = False,
+                 override_hint: str = "allow_mismatch=True", log=None) -> pairwise.PairwiseDecoder:
+    """`load_for_model`, then a check that the decoder belongs to `model` (the model
+    fingerprint its file records, else its reconstructions of a sample of the stored
+    entries of `index` against the model's: `provenance.check_decoder_belongs`)."""
+    decoder = load_for_model(path, model, table_dtype)
+    provenance.check_decoder_belongs(decoder, model, provenance.stored_codes_sample(index), decoder_path=path,
+                                     model_path=model_path, recorded_fingerprint=pairwise.read_model_fingerprint(path),
+                                     allow_mismatch=allow_mismatch, override_hint=override_hint, log=log)
+    return decoder
 
 
 def middle_stage(decoder: pairwise.PairwiseDecoder, model: QincoModel,
