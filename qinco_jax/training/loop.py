@@ -586,7 +586,7 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
 
     recipe: what v1 and QINCo2 training do differently (training.recipes); by default
       `recipe_for(model.config, cfg)`: QINCo2's for a QINCo2 model, else v1's.
-    xt: any (n, d) array; a memory map stays on disk, read batch by batch.
+    xt: any (n, d) array; a memory map (or a streaming.RowMap) stays on disk, read batch by batch.
     code0: IVF-QINCo only, the nearest IVF centroid of every training vector.
     model_path: where the best model is written whenever validation improves
       (save_fn(model, path), by default qinco_jax.formats.checkpoint.save_model).

@@ -123,8 +123,6 @@ class V1Recipe:
 
     cfg: Any  # training.loop.TrainConfig
 
-    name = "qinco"
-
     def check(self, config: QincoConfig) -> None:
         if self.cfg.dtype != "float32":
             raise ValueError(f"dtype {self.cfg.dtype!r}: mixed precision is implemented for QINCo2 training only")
@@ -183,8 +181,6 @@ class Qinco2Recipe:
     cfg: the run's TrainConfig."""
 
     cfg: Any  # training.loop.TrainConfig
-
-    name = "qinco2"
 
     def check(self, config: QincoConfig) -> None:
         if not config.is_qinco2:
