@@ -14,11 +14,12 @@ VARIANTS = ("qinco", "lowrank", "ivf")
 ARCHS = ("qinco", "qinco2")
 
 
-@dataclasses.dataclass(frozen=True)
-class QincoConfig:
-    """One QINCo quantizer.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QincoArch:
+    """The architecture of a QINCo quantizer: what a QincoConfig holds apart from what
+    the data decides (d, K_IVF, db_scale). Shared by QincoConfig and the training spec
+    (qinco_jax.training.recipe.ModelSpec), so both have the same fields and defaults.
 
-    d: vector dimension.
     K: codebook size of the neural steps (256 in all published models).
     M: number of codes per vector for QINCo / QINCo-LR. For IVF-QINCo, the number of
        neural steps *after* the IVF step, so an IVF code has M + 1 entries (as in the
@@ -26,9 +27,6 @@ class QincoConfig:
     L: residual blocks per step.   h: hidden width of those blocks.
     variant: "qinco", "lowrank" (QINCo-LR: concat block 2d -> h -> d, no bias) or
        "ivf" (step 0 is a frozen IVF codebook of K_IVF centroids).
-    db_scale: inputs are divided by it before quantization, outputs multiplied (QINCo v1;
-       QINCo2 models normalise with the per-dimension mean and scalar std stored in
-       their parameters, see model.Normalisation, and keep db_scale = 1).
     arch: "qinco" (QINCo v1, the ICML 2024 model and file format) or "qinco2" (ICLR
        2025: projections, outer skip, substep codebooks, mean/std normalisation).
     de: QINCo2 embedding width of the step networks; 0 means d (no in/out projection).
@@ -38,19 +36,41 @@ class QincoConfig:
        output alone, as QINCo v1 does).
     """
 
-    d: int
     K: int = 256
     M: int = 8
     L: int = 2
     h: int = 256
     variant: str = "qinco"
-    K_IVF: int = 0
-    db_scale: float = 1.0
     arch: str = "qinco"
     de: int = 0
     A: int = 0
     B: int = 1
     qinco1_mode: bool = False
+
+    @property
+    def is_ivf(self) -> bool:
+        return self.variant == "ivf"
+
+    @property
+    def is_qinco2(self) -> bool:
+        return self.arch == "qinco2"
+
+
+@dataclasses.dataclass(frozen=True)
+class QincoConfig(QincoArch):
+    """One QINCo quantizer: its architecture (QincoArch's fields, keyword-only) and
+    what the data decides:
+
+    d: vector dimension.
+    K_IVF: IVF centroids of an "ivf" variant (0 otherwise).
+    db_scale: inputs are divided by it before quantization, outputs multiplied (QINCo v1;
+       QINCo2 models normalise with the per-dimension mean and scalar std stored in
+       their parameters, see model.Normalisation, and keep db_scale = 1).
+    """
+
+    d: int
+    K_IVF: int = 0
+    db_scale: float = 1.0
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -80,14 +100,6 @@ class QincoConfig:
                 raise ValueError("QINCo2 has no low-rank (QINCo-LR) variant")
             if self.db_scale != 1.0:
                 raise ValueError("a QINCo2 model normalises with its stored mean and std: db_scale must be 1")
-
-    @property
-    def is_ivf(self) -> bool:
-        return self.variant == "ivf"
-
-    @property
-    def is_qinco2(self) -> bool:
-        return self.arch == "qinco2"
 
     @property
     def embed_dim(self) -> int:

@@ -72,7 +72,7 @@ def test_untrained_model_is_its_rq_initialisation(data):
     np.testing.assert_allclose(np.asarray(p["normalisation"]["mean"]), xt.mean(0), rtol=1e-4)
 
 
-@pytest.mark.parametrize("de", [None, 24])  # de = d (codebook halved) and projected (out_proj zeroed)
+@pytest.mark.parametrize("de", [0, 24])  # de = 0: d (codebook halved) and projected (out_proj zeroed)
 def test_rq_exact_init_starts_at_the_rq_error_then_goes_below(data, de):
     xt, xval = data
     spec = recipe.ModelSpec(arch="qinco2", M=3, K=16, L=1, h=32, de=de, A=4, B=1, seed=0, init="rq_exact")

@@ -245,12 +245,14 @@ def encode(cfg: RunConfig, log: Log = print) -> Path:
 def ivf_centroids(cfg: RunConfig, log: Log = print) -> np.ndarray:
     """k-means IVF centroids of ivf_K on the training vectors, saved to output (.npy)."""
     from qinco_jax.search.index import train_ivf_centroids
+    from qinco_jax.training.streaming import kmeans_sample
 
     cfg = with_folder_data(cfg)
     check_task(cfg)
     xt, _ = training_vectors(cfg, log)
     log(f"Training set: {xt.shape}; k-means with {cfg.ivf_K} centroids")
-    centroids = train_ivf_centroids(np.asarray(xt, dtype=np.float32), cfg.ivf_K, niter=100, verbose=cfg.verbose)
+    # only the rows faiss's k-means samples are read from the (memory-mapped) file
+    centroids = train_ivf_centroids(kmeans_sample(xt, cfg.ivf_K), cfg.ivf_K, niter=100, verbose=cfg.verbose)
     log(f"Storing IVF centroids to {cfg.output}")
     save_npy(cfg.output, np.asarray(centroids, dtype=np.float32))
     return centroids

@@ -38,7 +38,8 @@ from qinco_jax.cli.run_config import RunConfig, RunConfigError
 
 def _training_vectors(cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
     xt, xval = split_training_file(cfg)
-    return np.asarray(xt, np.float32), np.asarray(xval, np.float32)
+    # the training rows stay on disk (read batch by batch), the validation rows are read once
+    return xt, np.asarray(xval, np.float32)
 
 
 def _ivf_centroids(cfg: RunConfig, d: int) -> np.ndarray | None:
@@ -59,15 +60,17 @@ def model_spec(cfg: RunConfig):
         raise RunConfigError(f"task=train needs {', '.join(f'{k}=...' for k in missing)} (or model_args=...)")
     try:
         return ModelSpec(M=cfg.M, K=cfg.K, L=cfg.L, h=cfg.dh, variant="ivf" if cfg.ivf_centroids else "qinco",
-                         seed=cfg.seed, arch="qinco2", de=cfg.de, A=cfg.A, B=cfg.B,
+                         seed=cfg.seed, arch="qinco2", de=cfg.de or 0, A=cfg.A, B=cfg.B,
                          qinco1_mode=bool(cfg.qinco1_mode))
     except ValueError as e:
         raise RunConfigError(str(e)) from None
 
 
-def train_config(cfg: RunConfig):
-    """The training.TrainConfig the run's keys describe (QINCo2's cosine recipe)."""
-    from qinco_jax.training.loop import make_mesh, qinco2_train_config
+def train_config(cfg: RunConfig, n_devices: int = 1):
+    """The training.TrainConfig the run's keys describe (QINCo2's cosine recipe). `batch`
+    is per device, as in the reference: the global batch is batch x n_devices (the
+    training mesh's devices, over all processes)."""
+    from qinco_jax.training.loop import qinco2_train_config
 
     if cfg.optimizer != "adamw" or cfg.scheduler.name != "cosine":
         raise RunConfigError(f"optimizer={cfg.optimizer} scheduler.name={cfg.scheduler.name}: only QINCo2's "
@@ -76,10 +79,9 @@ def train_config(cfg: RunConfig):
         raise RunConfigError(f"grad_accumulate={cfg.grad_accumulate}: only 1 is implemented")
     ngpu = 0 if cfg.cpu else -1
     try:
-        # batch= is per device, as the reference's (per GPU): the loop's batch spans the mesh
-        batch_size = cfg.batch * make_mesh(ngpu).devices.size
         return qinco2_train_config(
-            lr=cfg.lr, weight_decay=cfg.wd, grad_clip=cfg.grad_clip, batch_size=batch_size, epochs=cfg.epochs,
+            lr=cfg.lr, weight_decay=cfg.wd, grad_clip=cfg.grad_clip, batch_size=cfg.batch * n_devices,
+            epochs=cfg.epochs,
             ramp_epochs=cfg.scheduler.ramp_epochs, lr_min_fact=cfg.scheduler.lr_min_fact,
             stop_patience=cfg.scheduler.stop_patience, codebook_noise=cfg.codebook_noise_init, seed=cfg.seed,
             # The reference does not loop in qinco1_mode: every epoch is the whole set.
@@ -101,11 +103,29 @@ def train(cfg: RunConfig, log=print):
     if cfg.model is not None and os.path.abspath(cfg.model) == os.path.abspath(cfg.output):
         raise RunConfigError(f"model={cfg.model} and output= are the same file: training writes output=, "
                              "give another name (or resume=true without model= to continue a run)")
+    import jax
+
+    from qinco_jax import distributed
+    from qinco_jax.training.loop import make_mesh
+    from qinco_jax.training.streaming import check_training_rows
+
+    try:  # several processes (a launcher's variables): one mesh over all their devices
+        distributed.start()
+    except ValueError as e:
+        raise RunConfigError(str(e)) from None
+    n_devices = make_mesh(0 if cfg.cpu else -1).devices.size
     # everything is checked before the (long) data reading and training start
     start = _trained_model(cfg, log) if cfg.model is not None else None
     spec = model_spec(cfg) if start is None else None
-    tcfg = train_config(cfg)
+    tcfg = train_config(cfg, n_devices)
+    if n_devices > 1:
+        log(f"{n_devices} devices over {jax.process_count()} process(es): global batch "
+            f"{tcfg.batch_size} = batch {cfg.batch} x {n_devices}")
     xt, xval = _training_vectors(cfg)
+    try:
+        check_training_rows(len(xt) + len(xval), len(xval), tcfg.batch_size, run_config.resolve_data(cfg).trainset)
+    except ValueError as e:
+        raise RunConfigError(str(e)) from None
     centroids = _ivf_centroids(cfg, xt.shape[1]) if start is None else None
     checkpoint_dir = cfg.output + ".checkpoint"
     if not cfg.resume and os.path.isdir(checkpoint_dir):

@@ -78,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="QINCo2's tasks, with QINCo2's key=value arguments (defaults: its config/qinco_cfg.yaml; "
                     "model_args=<qinco1|qinco2-S|qinco2-M|qinco2-L> presets).",
         epilog=f"tasks: {', '.join(TASK_MODULES)}\nkeys: {keys}\n"
-               f"example: {prog} task=eval model=model.pt db=deep1M A=16 B=32 (default values: see run_config)")
+               f"example: {prog} task=eval model=model.pt db=deep1M A=16 B=32 (default values: see run_config)\n"
+               "batch is per device, as in the reference: task=train's global batch is batch x the devices of "
+               "all processes\n(several processes: started by a launcher setting JAX_COORDINATOR_ADDRESS, "
+               "JAX_NUM_PROCESSES, JAX_PROCESS_ID, or SLURM / Open MPI)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="task=<task> and any keys (default: none)")
     return p
 

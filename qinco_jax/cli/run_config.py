@@ -103,7 +103,7 @@ class RunConfig:
     width (null: = data dimension), dh hidden width, A pre-selected candidates per beam
     entry (0: none), B beam size (1: no beam), ivf_K IVF centroids (set from the
     ivf_centroids file when given). null model keys are filled from a loaded model.
-    Training: optimizer, lr, wd, grad_clip (by value; 0: none), batch (per device),
+    Training: optimizer, lr, wd, grad_clip (by value; 0: none), batch (per device: the global batch is batch x the devices of all processes),
     epochs, grad_accumulate, seed, codebook_noise_init, enc_max_bs, qinco1_mode.
     Paths: output, model, tensorboard, ivf_centroids, index, encoded_db,
     encoded_trainset, pairwise_decoder; data: db (a data-set name or file), trainset,

@@ -139,28 +139,38 @@ def build_parser():
 
 
 def load_training_vectors(args, log=print) -> np.ndarray:
-    """The first nt + nval training vectors, float32."""
-    need = args.nt + args.nval
-    if args.training_data:
-        from qinco_jax.formats.vecs_io import read_vectors
-
-        log(f"loading training data from {args.training_data}")
-        x = read_vectors(args.training_data, mmap=True)
-        if x.ndim != 2:
-            raise cli.UsageError(f"{args.training_data}: expected a 2-D array of vectors, got shape {x.shape}")
-        if len(x) < need:
-            raise cli.UsageError(f"not enough training vectors in {args.training_data}: {len(x)} < "
-                                 f"--nt {args.nt} + --nval {args.nval}")
-        return validation.as_finite_float32(x[:need], "training vectors")  # checked as copied: one read
+    """The first nt + nval training vectors: of --training_data or of a --db data set
+    stored in a file, a memory map (training reads it batch by batch); of a generated
+    data set, float32."""
     from qinco_jax.data.datasets import get_dataset
+    from qinco_jax.formats.vecs_io import read_vectors
+    from qinco_jax.training.streaming import check_training_rows
 
-    ds = get_dataset(args.db)
-    log(f"loading training vectors of data set {args.db}: {ds}")
-    x = validation.as_finite_float32(ds.get_train(maxtrain=need), "training vectors")
+    need = args.nt + args.nval
+    path, where = args.training_data, args.training_data
+    if not path:
+        ds = get_dataset(args.db)
+        log(f"loading training vectors of data set {args.db}: {ds}")
+        path_of = getattr(ds, "path_of", None)  # a data set of files: its training file
+        path, where = (path_of("train") if path_of else None), f"data set {args.db}"
+        if path is None:
+            x = validation.as_finite_float32(ds.get_train(maxtrain=need), "training vectors")
+            if len(x) < need:
+                raise cli.UsageError(f"not enough training vectors in {where}: {len(x)} < "
+                                     f"--nt {args.nt} + --nval {args.nval}")
+            return x[:need]
+    log(f"loading training data from {path}")
+    x = read_vectors(path, mmap=True)
+    if x.ndim != 2:
+        raise cli.UsageError(f"{path}: expected a 2-D array of vectors, got shape {x.shape}")
     if len(x) < need:
-        raise cli.UsageError(f"not enough training vectors in data set {args.db}: {len(x)} < "
-                             f"--nt {args.nt} + --nval {args.nval}")
-    return x[:need]
+        raise cli.UsageError(f"not enough training vectors in {where}: {len(x)} < --nt {args.nt} + --nval {args.nval}")
+    try:
+        check_training_rows(len(x), args.nval, getattr(args, "batch_size", 1), str(path))
+    except ValueError as e:
+        raise cli.UsageError(str(e)) from None
+    validation.check_all_finite(x[:need], "training vectors")  # chunk by chunk, naming the file
+    return x[:need]  # stays on disk: read batch by batch
 
 
 def check_args(args) -> None:
@@ -202,7 +212,7 @@ def model_spec_from_args(args):
             raise ValueError("--db_scale and --rq_beam_size are QINCo v1 options; --arch qinco2 "
                              "normalises and trains its RQ with QINCo2's recipe")
         return ModelSpec(M=args.M, K=args.K, L=args.L, h=args.h, variant=variant, seed=args.seed, init=args.init,
-                         arch="qinco2", de=args.de, A=args.A, B=args.B, qinco1_mode=args.qinco1_mode)
+                         arch="qinco2", de=args.de or 0, A=args.A, B=args.B, qinco1_mode=args.qinco1_mode)
     if args.de is not None or args.qinco1_mode or args.dtype != "float32" or args.epoch_size is not None:
         raise ValueError("--de, --qinco1_mode, --dtype and --epoch_size need --arch qinco2")
     return ModelSpec(M=args.M, K=args.K, L=args.L, h=args.h, variant=variant, rq_beam_size=args.rq_beam_size,

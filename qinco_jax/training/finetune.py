@@ -15,7 +15,8 @@ from qinco_jax.data import validation
 from qinco_jax.logs import quiet
 from qinco_jax.models.qinco import QincoModel
 from qinco_jax.training import loop as training
-from qinco_jax.training import rq_init
+from qinco_jax.training import streaming
+from qinco_jax.training.recipe import assign_to_centroids
 def continue_training(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: training.TrainConfig, *,
                       model_path: str | None = None, checkpoint_dir: str | None = None,
                       history_path: str | None = None, log: Callable[[str], None] = quiet) -> training.TrainResult:
@@ -23,9 +24,9 @@ def continue_training(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: 
     architecture, normalisation and IVF centroids are the file's; no RQ
     initialisation). The optimizer and schedule start afresh (a model file carries no
     training state); see training.fit for the paths."""
-    validation.check_all_finite(xt, "training vectors")
-    validation.check_all_finite(xval, "validation vectors")
-    xt, xval = np.asarray(xt, np.float32), np.asarray(xval, np.float32)
+    xt = streaming.as_rows(xt)  # a memory map stays on disk: read in batches, converted to float32 per batch
+    streaming.check_rows(xt, "training vectors")  # dtype and values, chunk by chunk
+    xval = validation.as_finite_float32(xval, "validation vectors")  # read once
     if xt.ndim != 2 or xt.shape[1] != model.d or xval.ndim != 2 or xval.shape[1] != model.d:
         raise ValueError(f"training vectors {xt.shape} and validation vectors {xval.shape} must be (n, {model.d}) "
                          f"for the model ({model.describe()})")
@@ -34,7 +35,7 @@ def continue_training(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: 
     if model.config.is_ivf:
         centroids = model.denormalise(np.asarray(model.params["codebook0"], np.float32))
         log(f"assigning {len(xt)} training vectors to the model's {len(centroids)} IVF centroids")
-        assign = rq_init.assign_to_centroids(xt, centroids)
+        assign = assign_to_centroids(xt, centroids)
     log(f"continuing the training of {model.config.describe()}")
     return training.fit(model, xt, xval, cfg, code0=assign, model_path=model_path,
                         checkpoint_dir=checkpoint_dir, history_path=history_path, log=log)

@@ -28,16 +28,19 @@ whole run and any number of devices computes the same update as one.
 The learning rate is a traced argument (optax.inject_hyperparams): changing it never
 recompiles.
 
-QINCo2 models train with QINCo2's recipe instead (qinco2_recipe; `qinco2_train_config`
-gives its defaults): AdamW with gradients clipped by value, the rate set per batch by a
-linear ramp then a cosine, epochs of `epoch_size` samples cycling through a fixed
-shuffled order, a loss adding each step's substep-codebook error, codes from an encode
-with the model's own A and B, running target statistics (frozen, outside the gradient
-like the normalisation) that re-draw the codewords an epoch did not use, after the best
-model is written. `dtype="bfloat16"` runs that network in bfloat16 on float32 weights.
+Everything v1 and QINCo2 do differently (loss, parameter split, optimizer, data order,
+schedule, codeword reset) is owned by a recipe object (training.recipes: V1Recipe,
+Qinco2Recipe; `qinco2_train_config` gives QINCo2's defaults), passed to `fit`. The whole
+of a run is one `TrainState` (parameters, optimizer state, epoch, step, RNG, schedule,
+best validation MSE and its parameters), saved and restored whole every epoch.
 
-Multi-host: call `jax.distributed.initialize()` before anything else (train_qinco.py
---distributed). Every process runs this same loop on the same data order, feeds its
+`fit` reads the training rows batch by batch (a memory-mapped file stays on disk: each
+batch gathers its rows and converts them to float32), a background thread reading the
+next batches while the device trains on the current one.
+
+Multi-host: call `jax.distributed.initialize()` (or qinco_jax.distributed.
+start()) before anything else (train_qinco.py --distributed; run.py
+task=train starts it from a launcher's variables). Every process runs this same loop on the same data order, feeds its
 own slice of each global batch (`jax.make_array_from_process_local_data`) and the mesh
 spans the devices of all processes. Only process 0 writes the model and history.
 """
@@ -48,7 +51,9 @@ import dataclasses
 import json
 import math
 import os
+import queue
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -58,17 +63,16 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qinco_jax.models import codec
-from qinco_jax.data import validation
-from qinco_jax.training import qinco2_recipe as q2
-from qinco_jax.models import qinco as qm
 from qinco_jax.config import EncodeOptions
+from qinco_jax.data import validation
 from qinco_jax.formats.io import write_bytes
+from qinco_jax.models import codec
+from qinco_jax.models import qinco as qm
 from qinco_jax.models.qinco import AnyModel, QincoModel
-from qinco_jax.training.scheduler import Scheduler
-
-Params = dict[str, Any]
-DATA_SEED = 123
+from qinco_jax.training import streaming
+from qinco_jax.training.recipes import (  # noqa: F401  (re-exported: the loop's vocabulary)
+    DATA_SEED, Params, Qinco2Recipe, Recipe, V1Recipe, batch_loss, epoch_batches, make_optimizer, merge,
+    qinco2_batch_loss, recipe_for, split_trainable)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,19 +169,8 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
 
 
 # --------------------------------------------------------------------------------------
-# The loss and the compiled step
+# The compiled step
 # --------------------------------------------------------------------------------------
-
-
-def split_trainable(params: Params, frozen_codebook0: bool) -> tuple[Params, Params]:
-    """(trainable, frozen) parts: IVF centroids are frozen, as in the reference."""
-    if frozen_codebook0:
-        return {"steps": params["steps"]}, {"codebook0": params["codebook0"]}
-    return dict(params), {}
-
-
-def merge(trainable: Params, frozen: Params) -> Params:
-    return {**frozen, **trainable}
 
 
 def make_encode_fn(options: EncodeOptions | None = None, outer_skip: bool = False) -> Callable:
@@ -191,59 +184,6 @@ def make_encode_fn(options: EncodeOptions | None = None, outer_skip: bool = Fals
         return codes
 
     return encode_fn
-
-
-def _cast(tree, dtype):
-    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
-
-
-def batch_loss(trainable: Params, frozen: Params, x: jax.Array, code0, weights: jax.Array,
-               encode_fn: Callable) -> tuple[jax.Array, tuple[Params, jax.Array]]:
-    """Reference loss: sum over steps of the squared error of the partial
-    reconstructions, averaged over the (non-padding) vectors and divided by d.
-    Returns (loss, (frozen, usage)) as qinco2_batch_loss does; v1 changes neither."""
-    params = merge(trainable, frozen)
-    codes = jax.lax.stop_gradient(encode_fn(jax.lax.stop_gradient(params), x, code0))
-    xhats = qm.decode_steps(params, codes)  # (W, B, d)
-    per_vector = jnp.sum((xhats - x[None]) ** 2, axis=(0, 2))
-    loss = jnp.sum(per_vector * weights) / (jnp.sum(weights) * x.shape[1])
-    return loss, (frozen, jnp.zeros((), jnp.int32))
-
-
-def qinco2_batch_loss(trainable: Params, frozen: Params, x: jax.Array, code0, weights: jax.Array,
-                      encode_fn: Callable, *, is_ivf: bool, K: int, outer_skip: bool = True,
-                      dtype=jnp.float32):
-    """QINCo2's loss (qinco2_recipe.model_losses: step MSEs + substep losses, model
-    units) of codes from a no-gradient encode with the model's own A and B. Also returns
-    the frozen part with the running target statistics updated, and the batch's
-    codeword usage (M, K). dtype bfloat16: the network runs in bfloat16 on float32
-    master weights (the cast is inside the gradient), losses are summed in float32."""
-    params = _cast(merge(trainable, frozen), dtype)
-    xc = x.astype(dtype)
-    codes = jax.lax.stop_gradient(encode_fn(jax.lax.stop_gradient(params), xc, code0))
-    mse, sub, xhats = q2.model_losses(params, xc, codes, weights, outer_skip=outer_skip, is_ivf=is_ivf)
-    stats = frozen["xtarget_stats"]
-    new_frozen = dict(frozen)
-    new_frozen["xtarget_stats"] = q2.update_model_target_stats(stats, x, jax.lax.stop_gradient(xhats), weights)
-    usage = q2.model_codeword_usage(codes, K, stats["mean"].shape[0], weights)
-    return mse + sub, (new_frozen, usage)
-
-
-def make_optimizer() -> optax.GradientTransformation:
-    # torch.optim.Adam defaults: betas (0.9, 0.999), eps 1e-8 outside the sqrt.
-    return optax.inject_hyperparams(optax.adam)(learning_rate=0.0)
-
-
-def make_train_step(encode_fn: Callable, optimizer: optax.GradientTransformation, mesh: Mesh):
-    """The v1 step: jitted `(trainable, opt_state, frozen, x, code0, weights, lr) ->
-    (trainable, opt_state, loss)` (see make_step)."""
-    step = make_step(lambda tr, fr, x, c0, w: batch_loss(tr, fr, x, c0, w, encode_fn), optimizer, mesh)
-
-    def v1_step(trainable, opt_state, frozen, x, code0, weights, lr):
-        trainable, opt_state, _, loss, _ = step(trainable, opt_state, frozen, x, code0, weights, lr)
-        return trainable, opt_state, loss
-
-    return v1_step
 
 
 def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, mesh: Mesh):
@@ -265,20 +205,28 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, mesh: 
     return jax.jit(step, out_shardings=replicated)
 
 
+def make_train_step(encode_fn: Callable, optimizer: optax.GradientTransformation, mesh: Mesh):
+    """The v1 step: jitted `(trainable, opt_state, frozen, x, code0, weights, lr) ->
+    (trainable, opt_state, loss)` (see make_step)."""
+    step = make_step(lambda tr, fr, x, c0, w: batch_loss(tr, fr, x, c0, w, encode_fn), optimizer, mesh)
+
+    def v1_step(trainable, opt_state, frozen, x, code0, weights, lr):
+        trainable, opt_state, _, loss, _ = step(trainable, opt_state, frozen, x, code0, weights, lr)
+        return trainable, opt_state, loss
+
+    return v1_step
+
+
 # --------------------------------------------------------------------------------------
 # Batches
 # --------------------------------------------------------------------------------------
 
 
-def epoch_batches(n: int, batch_size: int, epoch: int, data_seed: int = DATA_SEED) -> list[np.ndarray]:
-    """The reference's data order for one epoch."""
-    perm = np.random.RandomState(epoch + data_seed).permutation(n)
-    return [perm[i0:i0 + batch_size] for i0 in range(0, n, batch_size)]
-
-
 class BatchFeeder:
-    """Gathers, scales, pads and places batches on the mesh. In multi-process runs
-    each process reads only its own rows of the global batch."""
+    """Reads, scales, pads and places batches on the mesh. `read` is host work only
+    (gather the batch's rows -- from a memory map: only those rows are read -- convert
+    them to float32, normalise); `place` puts a read batch on the devices. In
+    multi-process runs each process reads only its own rows of the global batch."""
 
     def __init__(self, xt: np.ndarray, code0: np.ndarray | None,
                  normalise: Callable[[np.ndarray], np.ndarray] | float, batch_size: int, mesh: Mesh):
@@ -295,32 +243,81 @@ class BatchFeeder:
         per = batch_size // nproc
         self.rows = slice(jax.process_index() * per, (jax.process_index() + 1) * per)
 
-    def _put(self, local: np.ndarray, global_shape):
-        return jax.make_array_from_process_local_data(self.sharding, local, global_shape)
-
-    def __call__(self, idx: np.ndarray):
+    def read(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """This process's part of the batch of rows idx: (x, code0, weights), host arrays."""
         weights = np.zeros(self.bs, np.float32)
         weights[:len(idx)] = 1
         idx = np.concatenate([idx, np.zeros(self.bs - len(idx), idx.dtype)])[self.rows]
         weights = weights[self.rows]
-        x = self.normalise(np.asarray(self.xt[idx], np.float32))
-        d = x.shape[1]
-        xb = self._put(x, (self.bs, d))
-        wb = self._put(weights, (self.bs,))
-        cb = None if self.code0 is None else self._put(self.code0[idx].astype(np.int32), (self.bs,))
-        return xb, cb, wb
+        x = self.normalise(streaming.gather(self.xt, idx))  # reads these rows only
+        c0 = None if self.code0 is None else np.asarray(self.code0[idx]).astype(np.int32)
+        return x, c0, weights
+
+    def place(self, host_batch):
+        x, c0, weights = host_batch
+
+        def put(local, global_shape):
+            return jax.make_array_from_process_local_data(self.sharding, local, global_shape)
+
+        return (put(x, (self.bs, x.shape[1])), None if c0 is None else put(c0, (self.bs,)),
+                put(weights, (self.bs,)))
+
+    def __call__(self, idx: np.ndarray):
+        return self.place(self.read(idx))
 
 
-def prefetched(feeder: BatchFeeder, batches: list[np.ndarray]):
-    """Yield placed batches; batch i+1 is gathered and copied while the device runs
-    the (asynchronously dispatched) step on batch i."""
+_DONE = object()
+
+
+def prefetched(feeder: BatchFeeder, batches: list[np.ndarray], depth: int = 2):
+    """Yield placed batches in order. A background thread reads up to `depth` batches
+    ahead (the disk and the float32 conversion overlap the device's steps); batch i+1
+    is placed on the devices while the (asynchronously dispatched) step runs on batch i.
+    Read-ahead is bounded: at most depth + 2 batches exist on the host at a time."""
     if not batches:
         return
-    nxt = feeder(batches[0])
-    for i in range(len(batches)):
-        yield nxt  # the consumer dispatches its (asynchronous) step on it ...
-        if i + 1 < len(batches):
-            nxt = feeder(batches[i + 1])  # ... while we gather the next one
+    ahead: queue.Queue = queue.Queue(maxsize=max(depth, 1))
+    stop = threading.Event()
+
+    def reader():
+        try:
+            for idx in batches:
+                item = feeder.read(idx)
+                while not stop.is_set():
+                    try:
+                        ahead.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        pass
+                if stop.is_set():
+                    return
+            ahead.put(_DONE)
+        except BaseException as e:  # handed to the consumer, raised there
+            ahead.put(e)
+
+    thread = threading.Thread(target=reader, name="batch-reader", daemon=True)
+    thread.start()
+
+    def take():
+        item = ahead.get()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    try:
+        nxt = feeder.place(take())
+        for i in range(len(batches)):
+            yield nxt  # the consumer dispatches its (asynchronous) step on it ...
+            if i + 1 < len(batches):
+                nxt = feeder.place(take())  # ... while we place the next one
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a reader waiting on a full queue
+            try:
+                ahead.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.05)
 
 
 # --------------------------------------------------------------------------------------
@@ -340,15 +337,57 @@ def validation_mse(model: AnyModel, xval: np.ndarray, options: EncodeOptions | N
 
 
 # --------------------------------------------------------------------------------------
-# Checkpoints
+# The training state and its checkpoints
 # --------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """The whole of a training run between two epochs.
+
+    trainable / frozen: the model's parameters, split by the recipe (frozen: IVF
+    centroids, QINCo2's normalisation and running statistics). opt_state: the
+    optimizer's. epoch: epochs completed (the next epoch's index). step: optimizer
+    steps taken. rng: the run's key (epoch e's codeword reset draws from
+    fold_in(rng, e)). schedule: the recipe's schedule state (plain numbers).
+    best_mse: the best validation MSE so far (None before the first epoch) and
+    best_trainable / best_frozen the parameters that gave it (the initial ones before)."""
+
+    trainable: Params
+    frozen: Params
+    opt_state: Any
+    epoch: int
+    step: int
+    rng: jax.Array
+    schedule: dict
+    best_mse: float | None
+    best_trainable: Params
+    best_frozen: Params
+
+    def arrays(self) -> dict:
+        """The array part, as a checkpoint stores it."""
+        return {"params": self.trainable, "frozen": self.frozen, "opt_state": self.opt_state,
+                "best_params": self.best_trainable, "best_frozen": self.best_frozen,
+                "rng": np.asarray(jax.random.key_data(self.rng))}  # host: the same on every process
+
+    def numbers(self) -> dict:
+        """The JSON part, as a checkpoint stores it."""
+        return {"epoch": self.epoch, "step": self.step, "schedule": self.schedule, "best_mse": self.best_mse}
+
+    @classmethod
+    def from_saved(cls, arrays: dict, numbers: dict) -> "TrainState":
+        return cls(trainable=arrays["params"], frozen=arrays["frozen"], opt_state=arrays["opt_state"],
+                   epoch=int(numbers["epoch"]), step=int(numbers["step"]),
+                   rng=jax.random.wrap_key_data(np.asarray(arrays["rng"])), schedule=numbers["schedule"],
+                   best_mse=numbers["best_mse"], best_trainable=arrays["best_params"],
+                   best_frozen=arrays["best_frozen"])
+
+
 class TrainCheckpointer:
-    """Orbax CheckpointManager over a directory: one checkpoint per finished epoch
-    holding the arrays (trainable params, optimizer state, best params) and a JSON
-    part (epoch, scheduler, history, run description). Orbax writes each checkpoint
-    to a temporary directory and renames it, so a kill leaves the previous one."""
+    """Orbax CheckpointManager over a directory: one checkpoint per finished epoch,
+    numbered by that epoch's index, holding a TrainState whole (its arrays, and its
+    numbers with the history and the run's description as JSON). Orbax writes each
+    checkpoint to a temporary directory and renames it, so a kill leaves the previous one."""
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int = 2):
         import orbax.checkpoint as ocp
@@ -364,21 +403,23 @@ class TrainCheckpointer:
     def latest_epoch(self) -> int | None:
         return self.mngr.latest_step()
 
-    def save(self, epoch: int, arrays: dict, meta: dict) -> None:
+    def save(self, state: TrainState, history: dict, run: dict) -> None:
         ocp = self._ocp
-        self.mngr.save(epoch, args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
-                                                      meta=ocp.args.JsonSave(meta)))
+        meta = {"state": state.numbers(), "history": history, "run": run}
+        self.mngr.save(state.epoch - 1, args=ocp.args.Composite(state=ocp.args.StandardSave(state.arrays()),
+                                                                meta=ocp.args.JsonSave(meta)))
 
     def restore_meta(self, epoch: int) -> dict:
         """The JSON part alone: read first, to check the run before restoring arrays."""
         return self.mngr.restore(epoch, args=self._ocp.args.Composite(meta=self._ocp.args.JsonRestore()))["meta"]
 
-    def restore(self, epoch: int, target: dict) -> tuple[dict, dict]:
+    def restore(self, epoch: int, like: TrainState) -> tuple[TrainState, dict]:
+        """(the TrainState saved after `epoch`, arrays shaped as `like`'s; the JSON part)."""
         ocp = self._ocp
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like.arrays())
         out = self.mngr.restore(epoch, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
                                                                meta=ocp.args.JsonRestore()))
-        return out["state"], out["meta"]
+        return TrainState.from_saved(out["state"], out["meta"]["state"]), out["meta"]
 
     def close(self) -> None:
         self.mngr.wait_until_finished()
@@ -405,109 +446,18 @@ def _save_json(path: str, obj) -> None:
     write_bytes(path, json.dumps(obj, indent=1).encode())
 
 
-class _V1Recipe:
-    """QINCo v1's loop policy: Adam (rebuilt every epoch unless persistent), the
-    reference's plateau Scheduler (constant rate within an epoch), its data order."""
-
-    def __init__(self, cfg: TrainConfig, n: int):
-        self.cfg, self.n = cfg, n
-        self.scheduler = Scheduler(cfg.lr)
-
-    def optimizer(self):
-        return make_optimizer()
-
-    def rebuild_optimizer(self) -> bool:
-        return not self.cfg.persistent_optimizer
-
-    def should_stop(self, epoch: int) -> bool:
-        return epoch >= self.cfg.max_epochs or self.scheduler.should_stop()
-
-    def batches(self, epoch: int) -> list[np.ndarray]:
-        return epoch_batches(self.n, self.cfg.batch_size, epoch, self.cfg.data_seed)
-
-    def batch_lrs(self, epoch: int, n_batches: int) -> np.ndarray:
-        return np.full(n_batches, self.scheduler.lr)
-
-    def after_epoch(self, epoch: int, mse: float, n_steps: int, log) -> bool:
-        decision = self.scheduler.append_loss(mse)
-        if decision.reduced_lr:
-            log(f"val MSE did not improve for 10 epochs: lr -> {self.scheduler.lr:g}")
-        return decision.is_best
-
-    def state_dict(self) -> dict:
-        return self.scheduler.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.scheduler = Scheduler.from_state_dict(state)
-
-
-class _Qinco2Recipe:
-    """QINCo2's loop policy (qinco2_recipe): AdamW + clipping, persistent; the rate set
-    per batch by the ramp + cosine schedule; epochs of `epoch_size` samples cycling
-    through a fixed shuffled order; stop after `stop_patience` epochs without a new best
-    or `epochs + stop_patience + 1` epochs (or cfg.max_epochs, whichever is first)."""
-
-    def __init__(self, cfg: TrainConfig, n: int):
-        self.cfg = cfg
-        self.schedule = q2.CosineSchedule(cfg.lr, cfg.ramp_epochs, cfg.epochs, cfg.lr_min_fact)
-        self.order = q2.DataOrder(n, cfg.epoch_size, cfg.seed)
-        self.progress = q2.TrainProgress()
-
-    def optimizer(self):
-        return q2.make_optimizer(self.cfg.weight_decay, self.cfg.grad_clip)
-
-    def rebuild_optimizer(self) -> bool:
-        return False
-
-    def should_stop(self, epoch: int) -> bool:
-        return epoch >= self.cfg.max_epochs or q2.should_stop(self.progress, self.cfg.epochs,
-                                                                self.cfg.stop_patience)
-
-    def batches(self, epoch: int) -> list[np.ndarray]:
-        return self.order.batches(epoch, self.cfg.batch_size)
-
-    def batch_lrs(self, epoch: int, n_batches: int) -> np.ndarray:
-        return self.schedule.epoch_lrs(epoch, n_batches)
-
-    def after_epoch(self, epoch: int, mse: float, n_steps: int, log) -> bool:
-        self.progress, improved = self.progress.after_epoch(mse, n_steps)
-        return improved
-
-    def state_dict(self) -> dict:
-        return dataclasses.asdict(self.progress)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.progress = q2.TrainProgress(**state)
-
-
-def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *,
-        code0: np.ndarray | None = None, model_path: str | None = None,
-        checkpoint_dir: str | None = None, history_path: str | None = None,
-        save_fn: Callable[[QincoModel, str], None] | None = None,
-        log: Callable[[str], None] | None = None) -> TrainResult:
-    """Train `model` (initialised, e.g. from an RQ) on raw vectors xt, validating on xval.
-
-    A QINCo v1 model trains with the v1 recipe (module docstring); a QINCo2 model with
-    QINCo2's (see _Qinco2Recipe and qinco2_batch_loss; the cfg fields weight_decay,
-    grad_clip, epochs, ramp_epochs, lr_min_fact, stop_patience, epoch_size, seed,
-    dtype apply), with the unused codewords re-drawn after every epoch.
-
-    code0: IVF-QINCo only, the nearest IVF centroid of every training vector.
-    model_path: where the best model is written whenever validation improves
-      (save_fn(model, path), by default qinco_jax.formats.checkpoint.save_model).
-    checkpoint_dir: resume from / save to this orbax directory every epoch.
-    history_path: JSON history, rewritten every epoch."""
-    is_main = jax.process_index() == 0
-    log = (log or _default_log) if is_main else (lambda msg: None)
+def check_inputs(model: QincoModel, xt, xval, code0, recipe: Recipe):
+    """The loop's input checks: shapes, finite values (a memory map is read once, in
+    bounded batches), the IVF assignment. Returns (xt, xval, code0); a memory-mapped
+    xt stays a memory map."""
     config = model.config
-    qinco2 = config.is_qinco2
-    xt, xval = np.asarray(xt), np.asarray(xval)  # a memmap stays a view: no copy
+    xt = streaming.as_rows(xt)  # a memmap stays a memmap: read batch by batch
     if xt.ndim != 2 or xt.shape[1] != config.d:
         raise ValueError(f"training vectors have shape {xt.shape}, the model needs dimension {config.d}")
     if len(xt) == 0:
         raise ValueError("no training vectors")
-    validation.check_all_finite(xt, "training vectors")
-    validation.check_all_finite(xval, "validation vectors")
+    streaming.check_rows(xt, "training vectors")
+    xval = validation.as_finite_float32(xval, "validation vectors")  # read once
     if xval.ndim != 2 or xval.shape[1] != config.d or len(xval) == 0:
         raise ValueError(f"validation vectors have shape {xval.shape}, the model needs (n >= 1, {config.d})")
     if config.is_ivf:
@@ -518,104 +468,77 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
             raise ValueError(f"code0 has {len(code0)} entries for {len(xt)} training vectors")
     elif code0 is not None:
         raise ValueError("code0 applies to IVF-QINCo training only")
-    if cfg.dtype != "float32" and not qinco2:
-        raise ValueError(f"dtype {cfg.dtype!r}: mixed precision is implemented for QINCo2 training only")
-    if save_fn is None and model_path:
-        from qinco_jax.formats.checkpoint import save_model as save_fn  # noqa: N813
+    recipe.check(config)
+    return xt, xval, code0
 
-    mesh = make_mesh(cfg.ngpu)
-    check_batch_size(cfg.batch_size, mesh)
-    replicated = NamedSharding(mesh, P())
-    n_dev = mesh.devices.size
-    log(f"training {config.describe()} on {len(xt)} vectors, validation {len(xval)}, "
-        f"{n_dev} device(s) ({mesh.devices.flat[0].platform}), global batch {cfg.batch_size}")
 
-    recipe = (_Qinco2Recipe if qinco2 else _V1Recipe)(cfg, len(xt))
-    optimizer = recipe.optimizer()
-    encode_options = codec.resolve_options(model, cfg.encode)
-    encode_fn = make_encode_fn(encode_options, outer_skip=config.outer_skip)
-    if qinco2:
-        dtype = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
+class _Trainer:
+    """What stays fixed during a run: the model's config, the recipe, the mesh, the
+    compiled step, the batch feeder and the validation set."""
 
-        def loss_fn(tr, fr, x, c0, w):
-            return qinco2_batch_loss(tr, fr, x, c0, w, encode_fn, is_ivf=config.is_ivf, K=config.K,
-                                     outer_skip=config.outer_skip, dtype=dtype)
+    def __init__(self, model: QincoModel, xt, xval, code0, cfg: TrainConfig, recipe: Recipe, mesh: Mesh):
+        self.config, self.recipe, self.cfg, self.xval, self.n = model.config, recipe, cfg, xval, len(xt)
+        self.replicated = NamedSharding(mesh, P())
+        self.optimizer = recipe.optimizer()
+        self.encode_options = codec.resolve_options(model, cfg.encode)
+        encode_fn = make_encode_fn(self.encode_options, outer_skip=self.config.outer_skip)
+        self.step = make_step(recipe.loss_fn(self.config, encode_fn), self.optimizer, mesh)
+        self.feeder = BatchFeeder(xt, code0, model.normalise, cfg.batch_size, mesh)
 
-        trainable, frozen = q2.split_trainable(model.params, config.is_ivf)
-    else:
-        def loss_fn(tr, fr, x, c0, w):
-            return batch_loss(tr, fr, x, c0, w, encode_fn)
+    def put(self, tree):
+        """tree replicated on the mesh. A local array goes through the host, so that the
+        same values on every process make one global array (multi-process runs)."""
+        def host(a):
+            return a if isinstance(a, jax.Array) and not a.is_fully_addressable else np.asarray(a)
 
-        trainable, frozen = split_trainable(model.params, config.is_ivf)
-    train_step = make_step(loss_fn, optimizer, mesh)
-    trainable = jax.device_put(trainable, replicated)
-    frozen = jax.device_put(frozen, replicated)
-    opt_state = jax.device_put(optimizer.init(trainable), replicated)
-    feeder = BatchFeeder(xt, code0, model.normalise, cfg.batch_size, mesh)
+        return jax.device_put(jax.tree.map(host, tree), self.replicated)
 
-    def as_model(tr, fr) -> QincoModel:
-        return QincoModel(config, local_copy(merge(tr, fr)))
+    def model(self, trainable: Params, frozen: Params) -> QincoModel:
+        return QincoModel(self.config, local_copy(merge(trainable, frozen)))
 
-    def val_mse(tr, fr) -> float:
-        return validation_mse(as_model(tr, fr), xval, encode_options)
+    def initial_state(self, model: QincoModel) -> TrainState:
+        trainable, frozen = (self.put(t) for t in self.recipe.split(model.params, self.config))
+        return TrainState(trainable=trainable, frozen=frozen, opt_state=self.put(self.optimizer.init(trainable)),
+                          epoch=0, step=0, rng=jax.random.key(self.cfg.seed + 1),
+                          schedule=self.recipe.initial_schedule(), best_mse=None,
+                          best_trainable=trainable, best_frozen=frozen)
 
-    run_info = {"model": config.describe(), "db_scale": config.db_scale, "nt": int(len(xt)),
-                "nval": int(len(xval)), "train": dataclasses.asdict(cfg),
-                "devices": n_dev}
-    ckpt = TrainCheckpointer(checkpoint_dir) if checkpoint_dir else None
-    best_trainable, best_frozen = trainable, frozen
-    start_epoch = 0
-    history: dict = {"run": run_info, "before": None, "epochs": []}
-
-    def checkpoint_arrays():
-        arrays = {"params": trainable, "opt_state": opt_state, "best_params": best_trainable}
-        if qinco2:  # the running statistics change during training
-            arrays.update(frozen=frozen, best_frozen=best_frozen)
-        return arrays
-
-    if ckpt is not None and ckpt.latest_epoch() is not None:
+    def restore(self, ckpt: TrainCheckpointer, state: TrainState, run_info: dict, where: str
+                ) -> tuple[TrainState, dict]:
+        """The state and history of the checkpoint's last epoch, after checking that it
+        is of this run (model and training set size)."""
         last = ckpt.latest_epoch()
         meta = ckpt.restore_meta(last)
         if meta["run"]["model"] != run_info["model"] or meta["run"]["nt"] != run_info["nt"]:
-            raise ValueError(f"checkpoint {checkpoint_dir} is of another run ({meta['run']['model']}, "
+            raise ValueError(f"checkpoint {where} is of another run ({meta['run']['model']}, "
                              f"nt={meta['run']['nt']}), not of this one ({run_info['model']}, "
                              f"nt={run_info['nt']}); use another --checkpoint directory or delete it")
-        arrays, meta = ckpt.restore(last, checkpoint_arrays())
-        trainable = jax.device_put(arrays["params"], replicated)
-        opt_state = jax.device_put(arrays["opt_state"], replicated)
-        best_trainable = jax.device_put(arrays["best_params"], replicated)
-        if qinco2:
-            frozen = jax.device_put(arrays["frozen"], replicated)
-            best_frozen = jax.device_put(arrays["best_frozen"], replicated)
-        else:
-            best_frozen = frozen
-        recipe.load_state_dict(meta["scheduler"])
-        history = meta["history"]
-        start_epoch = int(meta["epoch"]) + 1
-        log(f"resuming from checkpoint {checkpoint_dir} after epoch {meta['epoch']}")
-    else:
-        mse0 = val_mse(trainable, frozen)
-        history["before"] = mse0
-        log(f"before optimization: val MSE={mse0:g}")
+        if "state" not in meta:
+            raise ValueError(f"checkpoint {where} is of an older layout (before TrainState, qinco-jax's training "
+                             f"loop of issue 18): delete it to start over")
+        restored, meta = ckpt.restore(last, state)
+        arrays = jax.tree.map(self.put, (restored.trainable, restored.frozen, restored.opt_state,
+                                         restored.best_trainable, restored.best_frozen))
+        restored = dataclasses.replace(restored, trainable=arrays[0], frozen=arrays[1], opt_state=arrays[2],
+                                       best_trainable=arrays[3], best_frozen=arrays[4])
+        return restored, meta["history"]
 
-    show_bar = cfg.progress if cfg.progress is not None else sys.stderr.isatty()
-    t_start = time.time()
-    epoch = start_epoch
-    while not recipe.should_stop(epoch):
-        t0 = time.time()
-        if recipe.rebuild_optimizer():
-            opt_state = jax.device_put(optimizer.init(trainable), replicated)
-        batches = recipe.batches(epoch)
-        lrs = recipe.batch_lrs(epoch, len(batches))
+    def train_epoch(self, state: TrainState, show_bar: bool) -> tuple[TrainState, dict, Any]:
+        """One epoch of optimizer steps: (state after it, its record so far, codeword usage)."""
+        recipe, epoch = self.recipe, state.epoch
+        opt_state = self.put(self.optimizer.init(state.trainable)) if recipe.rebuild_optimizer else state.opt_state
+        batches = recipe.epoch_rows(self.n, epoch)
+        lrs = recipe.batch_lrs(state.schedule, epoch, len(batches))
         bar = None
-        if show_bar and is_main:
+        if show_bar:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(batches), desc=f"epoch {epoch}", unit="batch", leave=False)
+        trainable, frozen = state.trainable, state.frozen
         losses, usage = [], None
-        for i, (xb, cb, wb) in enumerate(prefetched(feeder, batches)):
-            trainable, opt_state, frozen, loss, batch_usage = train_step(trainable, opt_state, frozen, xb, cb, wb,
-                                                                         np.float32(lrs[i]))
+        for i, (xb, cb, wb) in enumerate(prefetched(self.feeder, batches)):
+            trainable, opt_state, frozen, loss, batch_usage = self.step(trainable, opt_state, frozen, xb, cb, wb,
+                                                                        np.float32(lrs[i]))
             losses.append(loss)
             usage = batch_usage if usage is None else usage + batch_usage
             if bar is not None:
@@ -626,40 +549,105 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
         if bar is not None:
             bar.close()
         if not math.isfinite(train_loss):
-            raise FloatingPointError(f"training diverged at epoch {epoch} (loss {train_loss}); "
-                                     f"try a lower --lr")
-        mse = val_mse(trainable, frozen)
-        is_best = recipe.after_epoch(epoch, mse, len(batches), log)
+            raise FloatingPointError(f"training diverged at epoch {epoch} (loss {train_loss}); try a lower --lr")
+        state = dataclasses.replace(state, trainable=trainable, frozen=frozen, opt_state=opt_state,
+                                    step=state.step + len(batches))
+        return state, {"epoch": epoch, "train_loss": train_loss, "lr": float(lrs[0]), "n_steps": len(batches)}, usage
+
+    def validate(self, trainable: Params, frozen: Params) -> float:
+        return validation_mse(self.model(trainable, frozen), self.xval, self.encode_options)
+
+    def after_validation(self, state: TrainState, mse: float, n_steps: int) -> tuple[TrainState, bool, str]:
+        """The recipe's schedule fed the epoch's validation MSE; the best kept."""
+        schedule, is_best, note = self.recipe.after_epoch(state.schedule, state.epoch, mse, n_steps)
+        state = dataclasses.replace(state, schedule=schedule, epoch=state.epoch + 1)
         if is_best:
-            best_trainable, best_frozen = trainable, frozen
-        record = {"epoch": epoch, "train_loss": train_loss, "val_mse": mse, "lr": float(lrs[0]),
-                  "seconds": time.time() - t0, "best": is_best}
+            state = dataclasses.replace(state, best_mse=mse, best_trainable=state.trainable,
+                                        best_frozen=state.frozen)
+        return state, is_best, note
+
+    def reset_codewords(self, state: TrainState, usage) -> tuple[TrainState, list[int] | None]:
+        """The recipe's codeword reset after epoch state.epoch - 1 (QINCo2's; v1: none)."""
+        key = jax.random.fold_in(state.rng, state.epoch - 1)
+        params, n_reset = self.recipe.reset_codewords(local_copy(merge(state.trainable, state.frozen)), self.config,
+                                                      local_copy(usage), key)
+        if n_reset is None:
+            return state, None
+        trainable = self.put(self.recipe.split(params, self.config)[0])
+        return dataclasses.replace(state, trainable=trainable), n_reset
+
+
+def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *,
+        recipe: Recipe | None = None, code0: np.ndarray | None = None, model_path: str | None = None,
+        checkpoint_dir: str | None = None, history_path: str | None = None,
+        save_fn: Callable[[QincoModel, str], None] | None = None,
+        log: Callable[[str], None] | None = None) -> TrainResult:
+    """Train `model` (initialised, e.g. from an RQ) on raw vectors xt, validating on xval.
+
+    recipe: what v1 and QINCo2 training do differently (training.recipes); by default
+      `recipe_for(model.config, cfg)`: QINCo2's for a QINCo2 model, else v1's.
+    xt: any (n, d) array; a memory map (or a streaming.RowMap) stays on disk, read batch by batch.
+    code0: IVF-QINCo only, the nearest IVF centroid of every training vector.
+    model_path: where the best model is written whenever validation improves
+      (save_fn(model, path), by default qinco_jax.formats.checkpoint.save_model).
+    checkpoint_dir: resume from / save to this orbax directory every epoch.
+    history_path: JSON history, rewritten every epoch."""
+    is_main = jax.process_index() == 0
+    log = (log or _default_log) if is_main else (lambda msg: None)
+    recipe = recipe or recipe_for(model.config, cfg)
+    xt, xval, code0 = check_inputs(model, xt, xval, code0, recipe)
+    if save_fn is None and model_path:
+        from qinco_jax.formats.checkpoint import save_model as save_fn  # noqa: N813
+    mesh = make_mesh(cfg.ngpu)
+    check_batch_size(cfg.batch_size, mesh)
+    n_dev = mesh.devices.size
+    log(f"training {model.config.describe()} on {len(xt)} vectors, validation {len(xval)}, "
+        f"{n_dev} device(s) ({mesh.devices.flat[0].platform}), global batch {cfg.batch_size}")
+
+    trainer = _Trainer(model, xt, xval, code0, cfg, recipe, mesh)
+    run_info = {"model": model.config.describe(), "db_scale": model.config.db_scale, "nt": int(len(xt)),
+                "nval": int(len(xval)), "train": dataclasses.asdict(cfg), "devices": n_dev}
+    state = trainer.initial_state(model)
+    history: dict = {"run": run_info, "before": None, "epochs": []}
+    ckpt = TrainCheckpointer(checkpoint_dir) if checkpoint_dir else None
+    if ckpt is not None and ckpt.latest_epoch() is not None:
+        state, history = trainer.restore(ckpt, state, run_info, checkpoint_dir)
+        log(f"resuming from checkpoint {checkpoint_dir} after epoch {state.epoch - 1}")
+    else:
+        history["before"] = trainer.validate(state.trainable, state.frozen)
+        log(f"before optimization: val MSE={history['before']:g}")
+
+    show_bar = (cfg.progress if cfg.progress is not None else sys.stderr.isatty()) and is_main
+    t_start = time.time()
+    while not recipe.should_stop(state.schedule, state.epoch):
+        t0 = time.time()
+        state, record, usage = trainer.train_epoch(state, show_bar)
+        mse = trainer.validate(state.trainable, state.frozen)
+        state, is_best, note = trainer.after_validation(state, mse, record.pop("n_steps"))
+        if note:
+            log(note)
+        record.update(val_mse=mse, seconds=time.time() - t0, best=is_best)
+        record = {k: record[k] for k in ("epoch", "train_loss", "val_mse", "lr", "seconds", "best")}
         if is_best and model_path and is_main:
-            save_fn(as_model(trainable, frozen), model_path)
-        if qinco2:  # after the best model is written, as the reference
-            key = jax.random.fold_in(jax.random.key(cfg.seed + 1), epoch)
-            params, n_reset = q2.reset_model_codewords(local_copy(merge(trainable, frozen)), config,
-                                                       local_copy(usage), key, cfg.codebook_noise)
-            trainable = jax.device_put(q2.split_trainable(params, config.is_ivf)[0], replicated)
-            record["codewords_reset"] = [int(n) for n in n_reset]
+            save_fn(trainer.model(state.trainable, state.frozen), model_path)
+        state, n_reset = trainer.reset_codewords(state, usage)  # after the best model is written, as the reference
+        if n_reset is not None:
+            record["codewords_reset"] = n_reset
         history["epochs"].append(record)
-        log(f"epoch {epoch} train loss {train_loss:g} val MSE {mse:g} lr {record['lr']:g} "
+        log(f"epoch {record['epoch']} train loss {record['train_loss']:g} val MSE {mse:g} lr {record['lr']:g} "
             f"{record['seconds']:.1f} s" + (" (best)" if is_best else "")
-            + (f" reset {sum(record['codewords_reset'])} codewords" if record.get("codewords_reset")
-               and sum(record["codewords_reset"]) else ""))
-        if recipe.should_stop(epoch + 1) and epoch + 1 < cfg.max_epochs:
+            + (f" reset {sum(n_reset)} codewords" if n_reset and sum(n_reset) else ""))
+        if recipe.should_stop(state.schedule, state.epoch) and state.epoch < cfg.max_epochs:
             log("stopping: no improvement for too long or the schedule is over")
         if history_path and is_main:
             _save_json(history_path, history)
         if ckpt is not None:
-            ckpt.save(epoch, checkpoint_arrays(),
-                      {"epoch": epoch, "scheduler": recipe.state_dict(), "history": history, "run": run_info})
-        epoch += 1
+            ckpt.save(state, history, run_info)
     if ckpt is not None:
         ckpt.close()
     if history_path and is_main:
         _save_json(history_path, history)
     log(f"training done in {time.time() - t_start:.1f} s, best val MSE "
         f"{min([e['val_mse'] for e in history['epochs']], default=history['before'])}")
-    return TrainResult(best=as_model(best_trainable, best_frozen), last=as_model(trainable, frozen),
-                       history=history)
+    return TrainResult(best=trainer.model(state.best_trainable, state.best_frozen),
+                       last=trainer.model(state.trainable, state.frozen), history=history)

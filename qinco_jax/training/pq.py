@@ -9,15 +9,20 @@ recombined into one PQQincoModel whose codes are the sub-models' codes side by s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Callable, Sequence
 
 import numpy as np
 
-from qinco_jax.training import recipe
+from qinco_jax.training import recipe, streaming
 from qinco_jax.training import loop as training
 from qinco_jax.data import validation
 from qinco_jax.models.qinco import AnyModel, PQQincoModel, QincoModel
+
+
+# faiss.OPQMatrix trains on at most max_train_points = 256 x 256 vectors (its own subsample)
+OPQ_MAX_TRAIN_ROWS = 65_536
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +65,11 @@ def train_opq(xt: np.ndarray, nsub: int, opq_dim: int | None = None, log: Callab
     return faiss.vector_to_array(opq.A).reshape(opq.d_out, opq.d_in).astype(np.float32)
 
 
+def _sub_rows(rows: np.ndarray, A: np.ndarray | None, lo: int, hi: int) -> np.ndarray:
+    """Rows rotated by the OPQ matrix A (if any), columns lo:hi: a sub-model's vectors."""
+    return (rows @ A.T if A is not None else rows)[:, lo:hi]
+
+
 def split_subvectors(x: np.ndarray, nsub: int) -> list[np.ndarray]:
     """x (n, d) cut into nsub contiguous (n, d / nsub) blocks of columns."""
     d = x.shape[1]
@@ -90,9 +100,9 @@ def train_pq(xt: np.ndarray, xval: np.ndarray, spec: PQSpec, cfg: training.Train
     """OPQ (trained on xt), split, train every sub-model (recipe.train_model; xval rotated
     and split alike validates it), recombine. sub_model_paths: where to save each
     sub-model; checkpoint_dir: one resumable checkpoint per sub-model in <dir>/sub<i>."""
-    validation.check_all_finite(xt, "training vectors")  # dtype and values; no copy of float32 input
-    validation.check_all_finite(xval, "validation vectors")
-    xt, xval = np.asarray(xt, np.float32), np.asarray(xval, np.float32)
+    xt = np.asanyarray(xt)  # a memory map stays on disk: each sub-model reads its rotated rows per batch
+    validation.check_all_finite(xt, "training vectors")  # dtype and values, chunk by chunk
+    xval = validation.as_finite_float32(xval, "validation vectors")
     if xt.ndim != 2 or xval.ndim != 2 or xt.shape[1] != xval.shape[1] or not len(xt) or not len(xval):
         raise ValueError(f"training vectors {xt.shape} and validation vectors {xval.shape} must be non-empty "
                          f"2-D arrays of the same dimension")
@@ -100,16 +110,19 @@ def train_pq(xt: np.ndarray, xval: np.ndarray, spec: PQSpec, cfg: training.Train
         raise ValueError(f"{len(sub_model_paths)} sub-model paths for {spec.nsub} sub-vectors")
     if not spec.opq:
         split_subvectors(xt[:1], spec.nsub)  # fail before any training
-    A = train_opq(xt, spec.nsub, spec.opq_dim, log) if spec.opq else None
-    both = np.concatenate([xt, xval])
-    if A is not None:
-        both = both @ A.T
+    # faiss trains OPQ on its own subsample: only those rows are read
+    A = train_opq(streaming.faiss_sample(xt, OPQ_MAX_TRAIN_ROWS), spec.nsub, spec.opq_dim, log) if spec.opq else None
+    d_out = A.shape[0] if A is not None else xt.shape[1]
+    split_subvectors(np.zeros((1, d_out), np.float32), spec.nsub)
+    ds = d_out // spec.nsub
+    val_parts = split_subvectors(xval @ A.T if A is not None else xval, spec.nsub)
     subs = []
-    for i, xs in enumerate(split_subvectors(both, spec.nsub)):
-        log(f"====================== sub-quantizer {i} / {spec.nsub}: d={xs.shape[1]}")
+    for i, xs_val in enumerate(val_parts):
+        log(f"====================== sub-quantizer {i} / {spec.nsub}: d={ds}")
         path = sub_model_paths[i] if sub_model_paths else None
+        xs_train = streaming.RowMap(xt, functools.partial(_sub_rows, A=A, lo=i * ds, hi=(i + 1) * ds), ds)
         result = recipe.train_model(
-            xs[:len(xt)], xs[len(xt):], spec.sub, cfg, model_path=path,
+            xs_train, xs_val, spec.sub, cfg, model_path=path,
             history_path=path.rstrip("/") + ".history.json" if path else None,
             checkpoint_dir=os.path.join(checkpoint_dir, f"sub{i}") if checkpoint_dir else None, log=log)
         subs.append(result.best)

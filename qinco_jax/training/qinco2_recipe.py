@@ -335,12 +335,14 @@ def normalisation_stats(xt: np.ndarray, qinco1_mode: bool = False) -> tuple[np.n
     ddof 0) of the first STATS_ROWS training vectors, computed by numpy in the data's
     own dtype as the reference does. qinco1_mode: data_mean = min + 1 in every
     dimension and data_std = (max - min) / 2 over the whole training split."""
-    xt = np.asarray(xt)
+    xt = xt if hasattr(xt, "shape") else np.asarray(xt)  # a memory map stays one: read chunk by chunk
     if xt.ndim != 2 or len(xt) == 0:
         raise ValueError(f"training vectors must be a non-empty (n, d) array, got shape {xt.shape}")
     if qinco1_mode:
-        d_min, d_max = float(xt.min()), float(xt.max())
-        mean = np.ones_like(xt[0]) * d_min + 1
+        from qinco_jax.training import streaming
+
+        d_min, d_max = streaming.extremes(xt)
+        mean = np.ones(xt.shape[1], np.float32) * np.float32(d_min) + np.float32(1)
         std = (d_max - d_min) / 2
     else:
         stats = xt[:STATS_ROWS]

@@ -21,73 +21,63 @@ import jax.numpy as jnp
 import numpy as np
 
 from qinco_jax.training import qinco2_recipe as q2
-from qinco_jax.training import rq_init
+from qinco_jax.training import rq_init, streaming
 from qinco_jax.training import loop as training
 from qinco_jax.data import validation
-from qinco_jax.config import VARIANTS, QincoConfig
+from qinco_jax.config import QincoArch, QincoConfig
 from qinco_jax.models.qinco import QincoModel, init_params
 
 
 INITS = ("random", "rq_exact")
+# QINCo v1's RQ initialisation trains on at most this many vectors: the reference's
+# train_qinco.py trains it on its --nt training vectors, 500k by default.
+V1_RQ_MAX_ROWS = 500_000
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """The model to train: QincoConfig's sizes without those that come from the data
-    (d, K_IVF, db_scale unless forced), the RQ initialisation and the random seed."""
+class ModelSpec(QincoArch):
+    """The model to train: a QincoConfig's architecture (QincoArch's fields, with their
+    defaults: keyword-only) without what the data decides (d, K_IVF; db_scale unless
+    forced), plus how it starts:
 
-    M: int = 8
-    K: int = 256
-    L: int = 4
-    h: int = 256
-    variant: str = "qinco"   # "qinco", "lowrank" or "ivf" (then ivf_centroids are needed)
-    rq_beam_size: int = 1    # beam of the initial faiss residual quantizer
-    seed: int = 1234         # network initialisation
-    init: str = "random"     # "random" (the reference's) or "rq_exact" (the untrained model is the RQ: starts at its error)
-    db_scale: float | None = None  # None: the maximum of the training set, as the reference
-    # QINCo2 (arch="qinco2"; h is its hidden width dh): step-network width de (None: d),
-    # substep pre-selection A (0: none) and beam B the model encodes (and trains) with,
-    # and qinco1_mode (no outer skip, QINCo v1's normalisation and initialisation).
-    arch: str = "qinco"      # "qinco" | "qinco2"
-    de: int | None = None
-    A: int = 0
-    B: int = 1
-    qinco1_mode: bool = False
+    db_scale: QINCo v1's input scale; None: the maximum of the training set (the reference).
+    init: "random" (the reference's network initialisation) or "rq_exact" (the untrained
+        model decodes exactly as the RQ, so training starts at its error).
+    rq_beam_size: beam of the initial faiss residual quantizer (QINCo v1).
+    seed: the network initialisation's.
+
+    `spec.config(d, K_IVF, db_scale)` is the QincoConfig it trains; QincoConfig's checks
+    apply. The command lines keep the reference's own defaults (e.g. train_qinco.py's
+    L=4) in their flags."""
+
+    db_scale: float | None = None
+    init: str = "random"
+    rq_beam_size: int = 1
+    seed: int = 1234
 
     def __post_init__(self):
-        if self.arch not in ("qinco", "qinco2"):
-            raise ValueError(f"arch must be 'qinco' or 'qinco2', got {self.arch!r}")
-        if self.arch == "qinco2":
-            if self.variant == "lowrank":
-                raise ValueError("QINCo2 has no low-rank (QINCo-LR) variant")
-            if (self.de is not None and self.de < 1) or self.A < 0 or self.B < 1 or self.A > self.K:
-                raise ValueError(f"need de >= 1 (or None), 0 <= A <= K and B >= 1, got de={self.de} "
-                                 f"A={self.A} B={self.B} K={self.K}")
-            if self.db_scale is not None:
-                raise ValueError("db_scale is a QINCo v1 setting: a QINCo2 model normalises with the "
-                                 "training set's mean and std")
-        elif self.de is not None or self.A or self.B != 1 or self.qinco1_mode:
-            raise ValueError(f"de, A, B and qinco1_mode are QINCo2 settings (arch='qinco2'), got de={self.de} "
-                             f"A={self.A} B={self.B} qinco1_mode={self.qinco1_mode}")
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.M < (1 if self.variant == "ivf" else 2):
-            raise ValueError(f"M must be >= {1 if self.variant == 'ivf' else 2}, got {self.M}")
-        rq_init.codebook_bits(self.K)
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if self.rq_beam_size < 1:
             raise ValueError(f"rq_beam_size must be >= 1, got {self.rq_beam_size}")
         if self.db_scale is not None and not self.db_scale > 0:
             raise ValueError(f"db_scale must be > 0 (or None: the maximum of the training set), got {self.db_scale}")
+        if self.is_qinco2 and self.db_scale is not None:
+            raise ValueError("db_scale is a QINCo v1 setting: a QINCo2 model normalises with the "
+                             "training set's mean and std")
+        if self.is_qinco2 and self.A > self.K:
+            raise ValueError(f"need A <= K, got A={self.A} K={self.K}")
+        if self.M < (1 if self.variant == "ivf" else 2):
+            raise ValueError(f"M must be >= {1 if self.variant == 'ivf' else 2}, got {self.M}")
+        rq_init.codebook_bits(self.K)
+        # every other check is QincoConfig's: a config of this spec on stand-in data
+        self.config(d=self.de + 1, K_IVF=1 if self.variant == "ivf" else 0)
 
-    @property
-    def is_ivf(self) -> bool:
-        return self.variant == "ivf"
-
-    @property
-    def is_qinco2(self) -> bool:
-        return self.arch == "qinco2"
+    def config(self, d: int, K_IVF: int = 0, db_scale: float = 1.0) -> QincoConfig:
+        """The QincoConfig of this spec on data of dimension d (de = d is stored as 0)."""
+        arch = {f.name: getattr(self, f.name) for f in dataclasses.fields(QincoArch)}
+        arch["de"] = 0 if arch["de"] == d else arch["de"]
+        return QincoConfig(d=d, K_IVF=K_IVF, db_scale=db_scale, **arch)
 
 
 def _quiet(_msg: str) -> None:
@@ -109,19 +99,33 @@ def check_ivf_centroids(spec: ModelSpec, centroids: np.ndarray | None, d: int) -
 
 def train_rq_codebooks(xt: np.ndarray, spec: ModelSpec, xval: np.ndarray | None = None,
                        ivf_centroids: np.ndarray | None = None, xt_assign: np.ndarray | None = None,
-                       log: Callable[[str], None] = _quiet) -> np.ndarray:
-    """The initial RQ codebooks (M, K, d), raw units: on the vectors, or for IVF-QINCo on
-    their residuals to the nearest IVF centroid (xt_assign: those of xt, if known).
-    xval, if given, is only measured (its MSE is logged)."""
+                       log: Callable[[str], None] = _quiet, max_rows: int | None = V1_RQ_MAX_ROWS) -> np.ndarray:
+    """The initial RQ codebooks (M, K, d), raw units: on the first `max_rows` vectors
+    (None: all), or for IVF-QINCo on their residuals to the nearest IVF centroid
+    (xt_assign: those of xt, if known). xval, if given, is only measured (its MSE is
+    logged). xt may be a memory map: only the sample is read."""
     centroids = check_ivf_centroids(spec, ivf_centroids, xt.shape[1])
+    sample = streaming.head(xt, max_rows)
+    if len(sample) < len(xt):
+        log(f"the RQ initialisation trains on the first {len(sample)} of {len(xt)} training vectors")
     if centroids is None:
-        return rq_init.train_rq(xt, spec.M, spec.K, spec.rq_beam_size, xval, log=log)
-    if xt_assign is None:
-        xt_assign = rq_init.assign_to_centroids(xt, centroids)
-    res_t = rq_init.ivf_residuals(xt, centroids, xt_assign)
+        return rq_init.train_rq(sample, spec.M, spec.K, spec.rq_beam_size, xval, log=log)
+    sample_assign = (rq_init.assign_to_centroids(sample, centroids) if xt_assign is None
+                     else np.asarray(xt_assign)[:len(sample)])
+    res_t = rq_init.ivf_residuals(sample, centroids, sample_assign)
     res_v = None if xval is None else rq_init.ivf_residuals(xval, centroids,
                                                             rq_init.assign_to_centroids(xval, centroids))
     return rq_init.train_rq(res_t, spec.M, spec.K, spec.rq_beam_size, res_v, log=log)
+
+
+def assign_to_centroids(xt: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """The nearest IVF centroid (int32) of every training vector, read chunk by chunk
+    (a memory map's pages released as it goes)."""
+    out = np.empty(len(xt), np.int32)
+    for i0 in range(0, len(xt), streaming.CHUNK_ROWS):
+        out[i0:i0 + streaming.CHUNK_ROWS] = rq_init.assign_to_centroids(
+            streaming.head(xt[i0:i0 + streaming.CHUNK_ROWS], None), centroids)
+    return out
 
 
 def initial_model(xt: np.ndarray, spec: ModelSpec, rq_codebooks: np.ndarray | None,
@@ -130,11 +134,10 @@ def initial_model(xt: np.ndarray, spec: ModelSpec, rq_codebooks: np.ndarray | No
     RQ (None: random, e.g. when a checkpoint will replace them), IVF centroids frozen."""
     d = xt.shape[1]
     centroids = check_ivf_centroids(spec, ivf_centroids, d)
-    db_scale = float(spec.db_scale) if spec.db_scale is not None else float(np.max(xt))
+    db_scale = float(spec.db_scale) if spec.db_scale is not None else streaming.extremes(xt)[1]
     if not db_scale > 0:
         raise ValueError(f"db_scale = max of the training set = {db_scale}: it must be > 0, set it explicitly")
-    config = QincoConfig(d=d, K=spec.K, M=spec.M, L=spec.L, h=spec.h, variant=spec.variant,
-                         K_IVF=len(centroids) if centroids is not None else 0, db_scale=db_scale)
+    config = spec.config(d, len(centroids) if centroids is not None else 0, db_scale)
     scale = np.float32(db_scale)
     kwargs = {}
     if rq_codebooks is not None:
@@ -145,12 +148,6 @@ def initial_model(xt: np.ndarray, spec: ModelSpec, rq_codebooks: np.ndarray | No
     if spec.init == "rq_exact":
         params = rq_init.zero_network_init(params)
     return QincoModel(config, params)
-
-
-def qinco2_config(spec: ModelSpec, d: int, n_ivf: int = 0) -> QincoConfig:
-    de = 0 if spec.de in (None, d) else int(spec.de)
-    return QincoConfig(d=d, K=spec.K, M=spec.M, L=spec.L, h=spec.h, variant=spec.variant, K_IVF=n_ivf,
-                       arch="qinco2", de=de, A=spec.A, B=spec.B, qinco1_mode=spec.qinco1_mode)
 
 
 def qinco2_initial_model(xt: np.ndarray, spec: ModelSpec, cfg: training.TrainConfig, *,
@@ -168,13 +165,14 @@ def qinco2_initial_model(xt: np.ndarray, spec: ModelSpec, cfg: training.TrainCon
     Returns the model and the RQ's validation MSE (None if not trained here)."""
     d = xt.shape[1]
     centroids = check_ivf_centroids(spec, ivf_centroids, d)
-    mean, std = q2.normalisation_stats(xt, spec.qinco1_mode)
+    mean, std = q2.normalisation_stats(xt if spec.qinco1_mode else streaming.head(xt, q2.STATS_ROWS),
+                                       spec.qinco1_mode)
     rq_val = None
     if rq_codebooks is None:
         order = q2.DataOrder.for_run(len(xt), cfg.epoch_size, cfg.seed, spec.qinco1_mode)
         rows = order.rq_rows(cfg.batch_size)
         log(f"training the RQ initialisation on {len(rows)} vectors (M={spec.M}, K={spec.K})")
-        rq = q2.train_rq_init(np.asarray(xt[rows], np.float32),
+        rq = q2.train_rq_init(streaming.gather(xt, rows),
                               spec.M, spec.K, ivf_centroids=centroids, xval=xval, seed=cfg.seed,
                               qinco1_mode=spec.qinco1_mode)
         rq_codebooks, rq_val = rq.codebooks, rq.val_mse
@@ -183,7 +181,7 @@ def qinco2_initial_model(xt: np.ndarray, spec: ModelSpec, cfg: training.TrainCon
     books = q2.initial_codebooks(rq_codebooks, mean, std, ivf=centroids is not None,
                                  key=jax.random.key(cfg.seed), noise=0.0 if exact else cfg.codebook_noise,
                                  qinco1_mode=spec.qinco1_mode)
-    config = qinco2_config(spec, d, len(centroids) if centroids is not None else 0)
+    config = spec.config(d, len(centroids) if centroids is not None else 0)
     kwargs = {"codebooks": books}
     if centroids is not None:
         kwargs["codebook0"] = (centroids - mean) / np.float32(std)
@@ -220,9 +218,9 @@ def train_model(xt: np.ndarray, xval: np.ndarray, spec: ModelSpec, cfg: training
     """Train a model of `spec` on raw vectors xt (validation xval), from a residual
     quantizer: `rq_codebooks` if given, else trained here (skipped when resuming from
     `checkpoint_dir`). See training.fit for model_path, checkpoint_dir, history_path."""
-    validation.check_all_finite(xt, "training vectors")  # dtype and values; no copy of float32 input
-    validation.check_all_finite(xval, "validation vectors")
-    xt, xval = np.asarray(xt, np.float32), np.asarray(xval, np.float32)
+    xt = streaming.as_rows(xt)  # a memory map stays on disk: read in batches, converted to float32 per batch
+    streaming.check_rows(xt, "training vectors")  # dtype and values, chunk by chunk
+    xval = validation.as_finite_float32(xval, "validation vectors")  # read once
     if xt.ndim != 2 or xval.ndim != 2 or xt.shape[1] != xval.shape[1]:
         raise ValueError(f"training vectors {xt.shape} and validation vectors {xval.shape} must be 2-D "
                          f"with the same dimension")
@@ -231,7 +229,7 @@ def train_model(xt: np.ndarray, xval: np.ndarray, spec: ModelSpec, cfg: training
     assign = None
     if centroids is not None:
         log(f"assigning {len(xt)} training vectors to {len(centroids)} IVF centroids")
-        assign = rq_init.assign_to_centroids(xt, centroids)
+        assign = assign_to_centroids(xt, centroids)
     resuming = will_resume(checkpoint_dir)
     if resuming:
         log(f"checkpoint {checkpoint_dir} exists: resuming, the RQ initialisation is not needed")
