@@ -9,7 +9,8 @@ at most `ds.trainset` of the others train, `ds.loop` samples per epoch. The best
 is written to `output` (`.pt`: QINCo2's format) each time validation improves; the full
 training state is checkpointed after every epoch in `<output>.checkpoint/`, and
 `resume=true` continues from it (without `resume`, an old checkpoint there is replaced).
-The history goes to `<output>.history.json`.
+The history goes to `<output>.history.json`; `tensorboard=<dir>` also writes TensorBoard
+event files there (training.monitor). `precision=bf16` trains in mixed precision.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def train_config(cfg: RunConfig):
             ramp_epochs=cfg.scheduler.ramp_epochs, lr_min_fact=cfg.scheduler.lr_min_fact,
             stop_patience=cfg.scheduler.stop_patience, codebook_noise=cfg.codebook_noise_init, seed=cfg.seed,
             # The reference does not loop in qinco1_mode: every epoch is the whole set.
-            epoch_size=None if cfg.qinco1_mode else cfg.ds.loop, ngpu=0 if cfg.cpu else -1)
+            epoch_size=None if cfg.qinco1_mode else cfg.ds.loop, ngpu=0 if cfg.cpu else -1,
+            dtype=run_config.PRECISIONS[cfg.precision])
     except ValueError as e:
         raise RunConfigError(str(e)) from None
 
@@ -98,6 +100,7 @@ def train(cfg: RunConfig, log=print):
     if not cfg.output:
         raise RunConfigError("task=train needs output=<file.pt>")
     spec, tcfg = model_spec(cfg), train_config(cfg)
+    _check_tensorboard(cfg)  # before any work
     xt, xval = _training_vectors(cfg)
     centroids = _ivf_centroids(cfg, xt.shape[1])
     checkpoint_dir = cfg.output + ".checkpoint"
@@ -105,8 +108,28 @@ def train(cfg: RunConfig, log=print):
         log(f"resume=false: starting over, removing the old checkpoint {checkpoint_dir}")
         shutil.rmtree(checkpoint_dir)
     log(f"training on {len(xt)} vectors, validating on {len(xval)}")
-    return recipe.train_model(xt, xval, spec, tcfg, ivf_centroids=centroids, model_path=cfg.output,
-                              checkpoint_dir=checkpoint_dir, history_path=cfg.output + ".history.json", log=log)
+    with _monitor(cfg) as monitor:
+        return recipe.train_model(xt, xval, spec, tcfg, ivf_centroids=centroids, model_path=cfg.output,
+                                  checkpoint_dir=checkpoint_dir, history_path=cfg.output + ".history.json",
+                                  log=log, monitor=monitor)
+
+
+def _check_tensorboard(cfg: RunConfig) -> None:
+    """tensorboard=<dir> must be a directory we can write (created if missing)."""
+    from qinco_jax.training.monitor import check_writable_dir
+
+    if cfg.tensorboard is not None:
+        try:
+            check_writable_dir(cfg.tensorboard)
+        except ValueError as e:
+            raise RunConfigError(f"tensorboard={cfg.tensorboard}: {e}") from None
+
+
+def _monitor(cfg: RunConfig):
+    """tensorboard=<dir>: a TensorBoardMonitor writing there; else a NullMonitor."""
+    from qinco_jax.training import monitor
+
+    return monitor.TensorBoardMonitor(cfg.tensorboard) if cfg.tensorboard else monitor.NullMonitor()
 
 
 def eval_valset(cfg: RunConfig, log=print) -> float:

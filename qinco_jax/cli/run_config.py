@@ -35,6 +35,8 @@ SCHEDULERS = ("cosine", "reduce_lr_plateau")
 OPTIMIZERS = ("adamw", "adam")
 # qinco_jax.models.pairwise.TABLE_DTYPES, spelled out so that this module does not import jax
 PAIRWISE_TABLE_DTYPES = ("float32", "float16", "int8")
+# precision= (training): the network's dtype; parameters, optimizer and loss stay float32
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 class RunConfigError(ValueError):
@@ -99,8 +101,10 @@ class RunConfig:
     entry (0: none), B beam size (1: no beam), ivf_K IVF centroids (set from the
     ivf_centroids file when given). null model keys are filled from a loaded model.
     Training: optimizer, lr, wd, grad_clip (by value; 0: none), batch (per device),
-    epochs, grad_accumulate, seed, codebook_noise_init, enc_max_bs, qinco1_mode.
-    Paths: output, model, tensorboard, ivf_centroids, index, encoded_db,
+    epochs, grad_accumulate, seed, codebook_noise_init, enc_max_bs, qinco1_mode,
+    precision (fp32, or bf16: mixed precision, the network in bfloat16).
+    Paths: output, model, tensorboard (a directory for TensorBoard event files of
+    task=train), ivf_centroids, index, encoded_db,
     encoded_trainset, pairwise_decoder; data: db (a data-set name or file), trainset,
     queries, queries_gt. mse_scale multiplies reported MSEs (set by the data set)."""
 
@@ -127,6 +131,7 @@ class RunConfig:
     batch: int = 1024
     epochs: int = 60
     grad_accumulate: int = 1
+    precision: str = "fp32"
 
     output: str | None = None
     model: str | None = None
@@ -361,6 +366,8 @@ def check_values(cfg: RunConfig) -> None:
     for key in ("nshort", "nprobe", "quantizer_efSearch", "nmid_short"):
         if any(v < 1 for v in getattr(cfg.search, key)):
             raise RunConfigError(f"search.{key} values must be >= 1, got {list(getattr(cfg.search, key))}")
+    if cfg.precision not in PRECISIONS:
+        raise RunConfigError(f"unknown precision {cfg.precision!r}: use one of {', '.join(PRECISIONS)}")
     if cfg.search.pairwise_table_dtype not in PAIRWISE_TABLE_DTYPES:
         raise RunConfigError(f"unknown search.pairwise_table_dtype {cfg.search.pairwise_table_dtype!r}: "
                              f"use one of {', '.join(PAIRWISE_TABLE_DTYPES)}")

@@ -215,10 +215,12 @@ def will_resume(checkpoint_dir: str | None) -> bool:
 def train_model(xt: np.ndarray, xval: np.ndarray, spec: ModelSpec, cfg: training.TrainConfig, *,
                 ivf_centroids: np.ndarray | None = None, rq_codebooks: np.ndarray | None = None,
                 model_path: str | None = None, checkpoint_dir: str | None = None,
-                history_path: str | None = None, log: Callable[[str], None] = _quiet) -> training.TrainResult:
+                history_path: str | None = None, log: Callable[[str], None] = _quiet,
+                monitor=None) -> training.TrainResult:
     """Train a model of `spec` on raw vectors xt (validation xval), from a residual
     quantizer: `rq_codebooks` if given, else trained here (skipped when resuming from
-    `checkpoint_dir`). See training.fit for model_path, checkpoint_dir, history_path."""
+    `checkpoint_dir`). See training.fit for model_path, checkpoint_dir, history_path
+    and monitor."""
     validation.check_all_finite(xt, "training vectors")  # dtype and values; no copy of float32 input
     validation.check_all_finite(xval, "validation vectors")
     xt, xval = np.asarray(xt, np.float32), np.asarray(xval, np.float32)
@@ -248,4 +250,4 @@ def train_model(xt: np.ndarray, xval: np.ndarray, spec: ModelSpec, cfg: training
     log(f"model {model.config.describe()}")
     log(f"   nb trainable parameters {count_trainable(model)}")
     return training.fit(model, xt, xval, cfg, code0=assign, model_path=model_path,
-                        checkpoint_dir=checkpoint_dir, history_path=history_path, log=log)
+                        checkpoint_dir=checkpoint_dir, history_path=history_path, log=log, monitor=monitor)
