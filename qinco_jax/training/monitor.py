@@ -103,15 +103,21 @@ def check_writable_dir(path: str | os.PathLike, what: str = "tensorboard directo
 class TensorBoardMonitor:
     """Writes the training curves to TensorBoard event files in `logdir` (created; a
     directory that cannot be written is an error here, before any training work).
+    The event file is opened at the first epoch's call, so that in a multi-process run
+    only the process that reports (fit calls process 0's monitor) writes one.
     Use as a context manager or call close()."""
 
     def __init__(self, logdir: str | os.PathLike):
-        from tensorboardX import SummaryWriter
+        import tensorboardX  # noqa: F401  (missing: an error now, not after an epoch)
 
         self.logdir = check_writable_dir(logdir)
-        self.writer = SummaryWriter(logdir=self.logdir)
+        self.writer = None
 
     def on_epoch(self, record: dict, steps: dict[str, np.ndarray], first_step: int) -> None:
+        if self.writer is None:
+            from tensorboardX import SummaryWriter
+
+            self.writer = SummaryWriter(logdir=self.logdir)
         w = self.writer
         n = 0
         for name, values in steps.items():
@@ -135,7 +141,8 @@ class TensorBoardMonitor:
         w.flush()
 
     def close(self) -> None:
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
     def __enter__(self) -> "TensorBoardMonitor":
         return self
