@@ -11,7 +11,8 @@ data and seeds (default both: the cost of mixed precision, `precision=bf16` /
 `--dtype bfloat16`, in validation MSE and seconds per epoch). On a CPU bfloat16 is
 usually slower than float32 (no bfloat16 matrix units: XLA converts around every
 product); its speed-up is a GPU / TPU matter (bench/device_check.py, section
-mixed_precision).
+mixed_precision). --v1 adds the same comparison for QINCo v1 (M=4 K=16 L=2 h=32, its
+recipe, 6 epochs on the fixture's 9000 / 1000 vectors).
 
 One seed is not enough to compare curves: the RQ initialisation and the random
 projections make the untrained model vary a lot (seed 0 here: 2346 before training,
@@ -54,6 +55,26 @@ def ours(x, seed, dtype):
     return [e["val_mse"] for e in ep], [e["seconds"] for e in ep]
 
 
+def v1_precision(dtypes, epochs=6):
+    """QINCo v1 trained from the same RQ in each dtype, in this process: {dtype:
+    (val MSE per epoch, median s/epoch after the first)}."""
+    from qinco_jax.training import recipe
+    from qinco_jax.training import loop as training
+
+    xt, xval = np.load(FIX / "train_xt.npy"), np.load(FIX / "train_xval.npy")
+    spec = recipe.ModelSpec(M=4, K=16, L=2, h=32, seed=0)
+    codebooks = recipe.train_rq_codebooks(xt, spec)
+    out = {}
+    for dtype in dtypes:
+        cfg = training.TrainConfig(lr=1e-3, batch_size=256, max_epochs=epochs, ngpu=1, progress=False, dtype=dtype)
+        res = training.fit(recipe.initial_model(xt, spec, codebooks), xt, xval, cfg, log=lambda msg: None)
+        ep = res.history["epochs"]
+        out[dtype] = ([e["val_mse"] for e in ep], float(np.median([e["seconds"] for e in ep][1:])))
+        print(f"v1 {dtype}: val MSE per epoch {np.round(out[dtype][0], 1).tolist()}, "
+              f"median s/epoch {out[dtype][1]:.3f}")
+    return out
+
+
 def reference(ref_dir, x, seed):
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / "x.npy", x)
@@ -88,8 +109,15 @@ def main():
                    help="our seeds (the curve is their mean, as the fixture's is of seeds 0 1 2)")
     p.add_argument("--precision", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"],
                    help="network dtypes to train with, in this order, in this process")
+    p.add_argument("--v1", action="store_true", help="also compare the dtypes for QINCo v1 training")
     args = p.parse_args()
     x = np.concatenate([np.load(FIX / "train_xt.npy"), np.load(FIX / "train_xval.npy")])
+    if args.v1:
+        v1 = v1_precision(args.precision)
+        if len(v1) == 2:
+            (a, ta), (b, tb) = v1["float32"], v1["bfloat16"]
+            print(f"v1 bfloat16 vs float32: final val MSE {b[-1]:.1f} vs {a[-1]:.1f} ({100 * (b[-1] / a[-1] - 1):+.2f} %)"
+                  f"; s/epoch {tb:.3f} vs {ta:.3f} ({tb / ta:.2f}x the time)")
     ref = json.loads(REF_JSON.read_text())
     ref_curve = ref["mean_val_mse"]
     ref_log = None
