@@ -116,8 +116,8 @@ def main():
         v1 = v1_precision(args.precision)
         if len(v1) == 2:
             (a, ta), (b, tb) = v1["float32"], v1["bfloat16"]
-            print(f"v1 bfloat16 vs float32: final val MSE {b[-1]:.1f} vs {a[-1]:.1f} ({100 * (b[-1] / a[-1] - 1):+.2f} %)"
-                  f"; s/epoch {tb:.3f} vs {ta:.3f} ({tb / ta:.2f}x the time)")
+            print(f"v1 bfloat16 vs float32: final val MSE {b[-1]:.1f} vs {a[-1]:.1f} "
+                  f"({100 * (b[-1] / a[-1] - 1):+.2f} %); s/epoch {tb:.3f} vs {ta:.3f} ({tb / ta:.2f}x the time)")
     ref = json.loads(REF_JSON.read_text())
     ref_curve = ref["mean_val_mse"]
     ref_log = None
