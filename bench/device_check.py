@@ -30,6 +30,11 @@ On a GPU (the full mode, < 8 minutes on an H100) it checks and measures, in orde
                 then ms per query at batch 10,000 for nprobe 16 and 64, shortlist only,
                 and with faiss present the whole search (QINCo re-ranking of nshort at
                 the paper's model size in the same jit);
+  mixed precision
+                QINCo2 trained (training.fit, its recipe) a few epochs in float32 then
+                with the network in bfloat16 (precision=bf16 / --dtype bfloat16), same
+                data and seeds: validation MSE and seconds per epoch of each, their
+                ratios (informational: not part of the overall verdict);
   reference     with --reference_dir (a copy of the reference's qinco_v1 folder and
                 torch), the reference's own encode, decode, re-ranking, train step and
                 IVF assignment on the same device and weights, in the same run: ratios.
@@ -109,11 +114,13 @@ FULL = dict(d=128, M=8, K=256, L=2, h=256, n_encode=32768, n_encode_search=8192,
             rerank_queries=1000, nshort=1000, train_batch=1024, train_steps=20, k_ivf=1 << 20,
             n_assign=65536, matmul_n=8192, n_precision=4096, ref_encode=4096, n_qinco2=4096, budget_s=400,
             engine_nlist=65536, engine_ntotal=10_000_000, engine_queries=10_000, engine_nprobe=(16, 64),
-            engine_nshort=100)
+            engine_nshort=100,
+            mp_train=65536, mp_val=4096, mp_epoch=16384, mp_epochs=3, mp_batch=1024, mp_A=16, mp_B=8)
 SMOKE = dict(d=32, M=4, K=64, L=1, h=32, n_encode=512, n_encode_search=256, n_decode=4096,
              rerank_queries=20, nshort=100, train_batch=256, train_steps=4, k_ivf=4096,
              n_assign=1024, matmul_n=512, n_precision=256, ref_encode=256, n_qinco2=128, budget_s=150,
-             engine_nlist=256, engine_ntotal=20_000, engine_queries=300, engine_nprobe=(4, 16), engine_nshort=20)
+             engine_nlist=256, engine_ntotal=20_000, engine_queries=300, engine_nprobe=(4, 16), engine_nshort=20,
+             mp_train=1024, mp_val=256, mp_epoch=512, mp_epochs=2, mp_batch=256, mp_A=4, mp_B=2)
 
 
 def has_gpu() -> bool:
@@ -376,6 +383,45 @@ def qinco2_encode_throughput(check: Check) -> dict:
     print(f"  QINCo2 encode A={c.A} B={c.B}: {n / t:,.0f} vec/s", flush=True)
     check.note("the QINCo2 reference is not timed here (--reference_dir is the QINCo v1 folder); "
                "bench/bench_qinco2.py times QINCo2 encoding against it")
+    return out
+
+
+def mixed_precision(check: Check) -> dict:
+    """QINCo2 training in float32 and in mixed precision (network bfloat16, weights,
+    optimizer and loss float32), one after the other on the same data and initial
+    model: validation MSE and seconds per epoch (the first epoch, which compiles, left
+    out; validation included). Data: random vectors of a 16-dimensional subspace plus
+    noise, so that there is structure to learn."""
+    s = check.sizes
+    c = QincoConfig(d=s["d"], K=s["K"], M=s["M"], L=s["L"], h=s["h"], de=s["d"], arch="qinco2",
+                    A=min(s["mp_A"], s["K"]), B=s["mp_B"])
+    rs = np.random.RandomState(0)
+    basis = rs.randn(16, c.d).astype(np.float32)
+    n = s["mp_train"] + s["mp_val"]
+    # scaled to unit variance per dimension, the scale of the random initial codebooks
+    x = (rs.randn(n, 16).astype(np.float32) @ basis / 4 + 0.1 * rs.randn(n, c.d).astype(np.float32))
+    xt, xval = x[:s["mp_train"]], x[s["mp_train"]:]
+    model = QincoModel.init(c, 0)
+    out = {"model": c.describe(), "n_train": len(xt), "n_val": len(xval), "epoch_size": s["mp_epoch"],
+           "batch_size": s["mp_batch"], "epochs": s["mp_epochs"]}
+    for dtype in ("float32", "bfloat16"):
+        cfg = training.qinco2_train_config(batch_size=s["mp_batch"], epochs=s["mp_epochs"], ramp_epochs=1,
+                                           epoch_size=s["mp_epoch"], stop_patience=s["mp_epochs"],
+                                           max_epochs=s["mp_epochs"], dtype=dtype, progress=False)
+        res = training.fit(model, xt, xval, cfg, log=lambda msg: None)
+        epochs = res.history["epochs"]
+        secs = [e["seconds"] for e in epochs]
+        out[dtype] = {"val_mse": [e["val_mse"] for e in epochs], "seconds": secs,
+                      "seconds_per_epoch": float(np.median(secs[1:] or secs)),
+                      "weights_float32": all(a.dtype == np.float32 for a in jax.tree.leaves(res.last.params))}
+        print(f"  {dtype}: val MSE {out[dtype]['val_mse'][-1]:.4g}, {out[dtype]['seconds_per_epoch']:.2f} s/epoch",
+              flush=True)
+    f32, bf16 = out["float32"], out["bfloat16"]
+    out["mse_ratio"] = bf16["val_mse"][-1] / f32["val_mse"][-1]
+    out["time_ratio"] = bf16["seconds_per_epoch"] / f32["seconds_per_epoch"]
+    out["passed"] = bool(np.isfinite(out["mse_ratio"]) and out["mse_ratio"] < 1.1 and bf16["weights_float32"])
+    if not has_gpu():
+        check.note("mixed precision timed on the CPU: bfloat16 is no faster there (no bfloat16 matrix units)")
     return out
 
 
@@ -809,6 +855,12 @@ def summary(r: dict) -> str:
                            if "search_ms_per_query" in v else "")
             lines.append(f"  {key}: shortlist {v['shortlist_ms_per_query']:.4f} ms/query "
                          f"({v['queries_per_s']:,.0f} q/s, {v['codes_scanned_per_query']:,.0f} codes/query){full_search}")
+    mp = r.get("mixed_precision")
+    if mp:
+        lines.append(f"mixed precision training {mp['model']}: bfloat16 val MSE {mp['bfloat16']['val_mse'][-1]:.4g} "
+                     f"vs float32 {mp['float32']['val_mse'][-1]:.4g} ({mp['mse_ratio']:.3f}x), "
+                     f"{mp['bfloat16']['seconds_per_epoch']:.2f} vs {mp['float32']['seconds_per_epoch']:.2f} s/epoch "
+                     f"({mp['time_ratio']:.2f}x the time): {'PASS' if mp['passed'] else 'FAIL'} (informational)")
     tt = r.get("train_step")
     if tt:
         lines.append(f"sharded train step (batch {tt['batch_size']}, {tt['devices']} device(s)): "
@@ -875,6 +927,7 @@ def main(argv=None):
     check.section("ivf_assign", 25 if full else 5, ivf_assign_throughput, check, ref)
     check.section("qinco2_encode", 30 if full else 5, qinco2_encode_throughput, check)
     check.section("jax_engine", 120 if full else 10, jax_engine_search, check)
+    check.section("mixed_precision", 60 if full else 30, mixed_precision, check)
 
     r = check.results
     verdicts = [r.get(k, {}).get("passed") for k in ("fixtures", "train", "ivf_search", "qinco2", "jax_engine")]

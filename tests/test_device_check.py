@@ -26,7 +26,7 @@ def test_smoke_mode_without_faiss_passes_and_writes_every_figure(tmp_path):
     assert r["environment"]["faiss"] is None and r["environment"]["platform"] == "cpu"
     assert {s: v["status"] for s, v in r["sections"].items()} == {s: "ok" for s in (
         "environment", "fixtures", "train", "ivf_search", "matmul", "paper_precision", "encode", "decode",
-        "train_step", "rerank", "ivf_assign", "qinco2", "qinco2_encode", "jax_engine")}
+        "train_step", "rerank", "ivf_assign", "qinco2", "qinco2_encode", "jax_engine", "mixed_precision")}
     # correctness: every fixture agrees with the reference at the library's default precision
     assert set(r["fixtures"]["models"]) == {"qinco", "qinco_lr", "ivf_qinco", "pq_qinco"}
     assert all(m["agreement"]["highest"] >= 0.995 for m in r["fixtures"]["models"].values())
@@ -34,6 +34,9 @@ def test_smoke_mode_without_faiss_passes_and_writes_every_figure(tmp_path):
     assert r["qinco2"]["passed"] and len(r["qinco2"]["models"]) == 8
     assert all(m["equal_rows"] >= 0.99 for m in r["qinco2"]["models"].values())
     assert (r["qinco2_encode"]["A"], r["qinco2_encode"]["B"]) == (16, 32) and r["qinco2_encode"]["vectors_per_s"] > 0
+    mp = r["mixed_precision"]  # both runs trained; weights stay float32 in bfloat16
+    assert mp["bfloat16"]["weights_float32"] and len(mp["bfloat16"]["val_mse"]) == mp["epochs"] == 2
+    assert mp["float32"]["val_mse"] != mp["bfloat16"]["val_mse"] and mp["mse_ratio"] > 0 and mp["time_ratio"] > 0
     # the parts that need faiss say so instead of failing
     assert "faiss" in r["ivf_search"]["skipped"] and "faiss" in r["rerank"]["skipped"]
     assert r["encode"]["model"].startswith("QINCo d=16 M=3 K=16 L=1 h=16")

@@ -9,7 +9,8 @@ at most `ds.trainset` of the others train, `ds.loop` samples per epoch. The best
 is written to `output` (`.pt`: QINCo2's format) each time validation improves; the full
 training state is checkpointed after every epoch in `<output>.checkpoint/`, and
 `resume=true` continues from it (without `resume`, an old checkpoint there is replaced).
-The history goes to `<output>.history.json`.
+The history goes to `<output>.history.json`; `tensorboard=<dir>` also writes TensorBoard
+event files there (training.monitor). `precision=bf16` trains in mixed precision.
 
     run.py task=train model=trained.pt output=new.pt trainset=xt.npy [ds.valset=...]
 
@@ -20,8 +21,8 @@ schedule start afresh (training.finetune.continue_training). `batch` is per devi
 the reference's is per GPU.
 
 Not implemented yet (each refused with a message naming the key): optimizer=adam and
-scheduler.name=reduce_lr_plateau (so model_args=qinco1), grad_accumulate > 1,
-tensorboard=, and starting a continued model's schedule at the epoch after the file's.
+scheduler.name=reduce_lr_plateau (so model_args=qinco1), grad_accumulate > 1, and
+starting a continued model's schedule at the epoch after the file's.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def train_config(cfg: RunConfig, n_devices: int = 1):
             ramp_epochs=cfg.scheduler.ramp_epochs, lr_min_fact=cfg.scheduler.lr_min_fact,
             stop_patience=cfg.scheduler.stop_patience, codebook_noise=cfg.codebook_noise_init, seed=cfg.seed,
             # The reference does not loop in qinco1_mode: every epoch is the whole set.
-            epoch_size=None if cfg.qinco1_mode else cfg.ds.loop, ngpu=ngpu)
+            epoch_size=None if cfg.qinco1_mode else cfg.ds.loop, ngpu=ngpu,
+            dtype=run_config.PRECISIONS[cfg.precision])
     except ValueError as e:
         raise RunConfigError(str(e)) from None
 
@@ -97,9 +99,6 @@ def train(cfg: RunConfig, log=print):
     run_config.check_task(cfg)
     if not cfg.output:
         raise RunConfigError("task=train needs output=<file.pt>")
-    if cfg.tensorboard:
-        raise RunConfigError(f"tensorboard={cfg.tensorboard}: TensorBoard logging is not implemented yet; "
-                             f"the training history is written to {cfg.output}.history.json")
     if cfg.model is not None and os.path.abspath(cfg.model) == os.path.abspath(cfg.output):
         raise RunConfigError(f"model={cfg.model} and output= are the same file: training writes output=, "
                              "give another name (or resume=true without model= to continue a run)")
@@ -118,6 +117,7 @@ def train(cfg: RunConfig, log=print):
     start = _trained_model(cfg, log) if cfg.model is not None else None
     spec = model_spec(cfg) if start is None else None
     tcfg = train_config(cfg, n_devices)
+    _check_tensorboard(cfg)
     if n_devices > 1:
         log(f"{n_devices} devices over {jax.process_count()} process(es): global batch "
             f"{tcfg.batch_size} = batch {cfg.batch} x {n_devices}")
@@ -133,11 +133,12 @@ def train(cfg: RunConfig, log=print):
         shutil.rmtree(checkpoint_dir)
     log(f"training on {len(xt)} vectors, validating on {len(xval)}")
     paths = dict(model_path=cfg.output, checkpoint_dir=checkpoint_dir, history_path=cfg.output + ".history.json")
-    if start is not None:
-        if xt.shape[1] != start.d:
-            raise RunConfigError(f"trainset vectors have dimension {xt.shape[1]}, model={cfg.model} needs {start.d}")
-        return finetune.continue_training(start, xt, xval, tcfg, log=log, **paths)
-    return recipe.train_model(xt, xval, spec, tcfg, ivf_centroids=centroids, log=log, **paths)
+    if start is not None and xt.shape[1] != start.d:
+        raise RunConfigError(f"trainset vectors have dimension {xt.shape[1]}, model={cfg.model} needs {start.d}")
+    with _monitor(cfg) as monitor:
+        if start is not None:
+            return finetune.continue_training(start, xt, xval, tcfg, log=log, monitor=monitor, **paths)
+        return recipe.train_model(xt, xval, spec, tcfg, ivf_centroids=centroids, log=log, monitor=monitor, **paths)
 
 
 def _trained_model(cfg: RunConfig, log):
@@ -168,6 +169,24 @@ def _trained_model(cfg: RunConfig, log):
             log(f"model={cfg.model} stopped after epoch {epoch}; the schedule restarts from epoch 0 here "
                 "(starting at the next epoch is not implemented)")
     return model
+
+
+def _check_tensorboard(cfg: RunConfig) -> None:
+    """tensorboard=<dir> must be a directory we can write (created if missing)."""
+    from qinco_jax.training.monitor import check_writable_dir
+
+    if cfg.tensorboard is not None:
+        try:
+            check_writable_dir(cfg.tensorboard)
+        except ValueError as e:
+            raise RunConfigError(f"tensorboard={cfg.tensorboard}: {e}") from None
+
+
+def _monitor(cfg: RunConfig):
+    """tensorboard=<dir>: a TensorBoardMonitor writing there; else a NullMonitor."""
+    from qinco_jax.training import monitor
+
+    return monitor.TensorBoardMonitor(cfg.tensorboard) if cfg.tensorboard else monitor.NullMonitor()
 
 
 def eval_valset(cfg: RunConfig, log=print) -> float:

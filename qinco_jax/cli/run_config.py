@@ -35,6 +35,8 @@ SCHEDULERS = ("cosine", "reduce_lr_plateau")
 OPTIMIZERS = ("adamw", "adam")
 # qinco_jax.models.pairwise.TABLE_DTYPES, spelled out so that this module does not import jax
 PAIRWISE_TABLE_DTYPES = ("float32", "float16", "int8")
+# precision= (training): the network's dtype; parameters, optimizer and loss stay float32
+PRECISIONS = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 class RunConfigError(ValueError):
@@ -104,8 +106,10 @@ class RunConfig:
     entry (0: none), B beam size (1: no beam), ivf_K IVF centroids (set from the
     ivf_centroids file when given). null model keys are filled from a loaded model.
     Training: optimizer, lr, wd, grad_clip (by value; 0: none), batch (per device: the global batch is batch x the devices of all processes),
-    epochs, grad_accumulate, seed, codebook_noise_init, enc_max_bs, qinco1_mode.
-    Paths: output, model, tensorboard, ivf_centroids, index, encoded_db,
+    epochs, grad_accumulate, seed, codebook_noise_init, enc_max_bs, qinco1_mode,
+    precision (fp32, or bf16: mixed precision, the network in bfloat16).
+    Paths: output, model, tensorboard (a directory for TensorBoard event files of
+    task=train), ivf_centroids, index, encoded_db,
     encoded_trainset, pairwise_decoder; data: db (a data-set name or file), trainset,
     queries, queries_gt. mse_scale multiplies reported MSEs (set by the data set).
     ondisk (qinco-jax's): build_index writes the inverted lists to <output>.ivfdata
@@ -135,6 +139,7 @@ class RunConfig:
     batch: int = 1024
     epochs: int = 60
     grad_accumulate: int = 1
+    precision: str = "fp32"
 
     output: str | None = None
     model: str | None = None
@@ -319,7 +324,7 @@ _MODEL_FILE_KEYS = ("model", "M", "K", "L", "de", "dh", "A", "B", "ivf_K", "qinc
                     "ivf_centroids")  # a model task checks these against the file
 _TRAINSET_KEYS = ("db", "trainset", "ds.trainset", "ds.valset")
 TASK_KEYS: dict[str, tuple[str, ...]] = {
-    "train": (*_MODEL_FILE_KEYS, *_TRAINSET_KEYS, "output", "resume", "tensorboard", "optimizer", "lr", "wd", "grad_clip",
+    "train": (*_MODEL_FILE_KEYS, *_TRAINSET_KEYS, "output", "resume", "tensorboard", "precision", "optimizer", "lr", "wd", "grad_clip",
               "batch", "epochs", "grad_accumulate", "ds.loop", "codebook_noise_init",
               *(f"scheduler.{f.name}" for f in dataclasses.fields(SchedulerConfig))),
     "eval": (*_MODEL_FILE_KEYS, "db", "ds.db", "enc_max_bs"),
@@ -416,6 +421,8 @@ def check_values(cfg: RunConfig) -> None:
             raise RunConfigError(f"search.{key} values must be >= 1, got {list(getattr(cfg.search, key))}")
     if cfg.search.engine not in ("faiss", "jax"):
         raise RunConfigError(f"unknown search.engine {cfg.search.engine!r}: use faiss or jax")
+    if cfg.precision not in PRECISIONS:
+        raise RunConfigError(f"unknown precision {cfg.precision!r}: use one of {', '.join(PRECISIONS)}")
     if cfg.search.pairwise_table_dtype not in PAIRWISE_TABLE_DTYPES:
         raise RunConfigError(f"unknown search.pairwise_table_dtype {cfg.search.pairwise_table_dtype!r}: "
                              f"use one of {', '.join(PAIRWISE_TABLE_DTYPES)}")

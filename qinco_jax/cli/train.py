@@ -31,6 +31,11 @@ JAX_NUM_PROCESSES / JAX_PROCESS_ID); --ngpu then counts devices per host.
 
 --checkpoint DIR saves the full training state after every epoch; rerunning the same
 command resumes after the last finished epoch and ends with the same model.
+
+--tensorboard DIR writes TensorBoard event files (loss, learning rate and gradient norm
+per step; validation MSE and codeword usage per epoch: see qinco_jax.training.monitor);
+watch with `tensorboard --logdir DIR`. --dtype bfloat16 trains in mixed precision: the
+network runs in bfloat16, parameters, optimizer state and loss stay float32.
 """
 
 from __future__ import annotations
@@ -101,7 +106,8 @@ def add_optim_args(p) -> None:
     group.add_argument("--stop_patience", default=10, type=int,
                        help="qinco2: stop after this many epochs without improvement")
     group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                       help="qinco2: bfloat16 trains in mixed precision (float32 master weights)")
+                       help="bfloat16: mixed precision training (the network in bfloat16; parameters, "
+                            "optimizer and loss in float32)")
     group.add_argument("--batch_size", default=1024, type=int,
                        help="global batch size (split across devices: must divide by their number)")
     cli.add_search_args(group)  # the no-gradient encode of every training step
@@ -120,6 +126,8 @@ def add_file_args(p) -> None:
     group.add_argument("--model", default="",
                        help="file to store the best trained model (.pt: reference format, else a library directory)")
     group.add_argument("--checkpoint", default="", help="checkpoint directory to load/store during optimization")
+    group.add_argument("--tensorboard", default="", metavar="DIR",
+                       help="write TensorBoard event files (training curves) to this directory")
     group.add_argument("--history", default="",
                        help="JSON history of the training (default: <model>.history.json when --model is set)")
 
@@ -182,6 +190,13 @@ def check_args(args) -> None:
         raise cli.UsageError("--ivf needs --IVF_centroids (a file of K_IVF x d centroids)")
     if "train" in args.todo and "train_rq" not in args.todo and not args.RQ_filename:
         raise cli.UsageError("--todo train without train_rq needs --RQ_filename to read the RQ codebooks from")
+    if args.tensorboard:
+        from qinco_jax.training.monitor import check_writable_dir
+
+        try:
+            check_writable_dir(args.tensorboard, "--tensorboard")
+        except ValueError as e:
+            raise cli.UsageError(str(e)) from None
     if args.arch == "qinco2" and args.todo != DEFAULT_TODO:
         raise cli.UsageError("--arch qinco2 trains its RQ initialisation within training: leave --todo "
                              "at its default (train_rq train)")
@@ -213,8 +228,8 @@ def model_spec_from_args(args):
                              "normalises and trains its RQ with QINCo2's recipe")
         return ModelSpec(M=args.M, K=args.K, L=args.L, h=args.h, variant=variant, seed=args.seed, init=args.init,
                          arch="qinco2", de=args.de or 0, A=args.A, B=args.B, qinco1_mode=args.qinco1_mode)
-    if args.de is not None or args.qinco1_mode or args.dtype != "float32" or args.epoch_size is not None:
-        raise ValueError("--de, --qinco1_mode, --dtype and --epoch_size need --arch qinco2")
+    if args.de is not None or args.qinco1_mode or args.epoch_size is not None:
+        raise ValueError("--de, --qinco1_mode and --epoch_size need --arch qinco2")
     return ModelSpec(M=args.M, K=args.K, L=args.L, h=args.h, variant=variant, rq_beam_size=args.rq_beam_size,
                      seed=args.seed, init=args.init, db_scale=args.db_scale if args.db_scale > 0 else None)
 
@@ -235,7 +250,7 @@ def train_config_from_args(args):
     return TrainConfig(lr=1e-4 if args.lr is None else args.lr,
                        max_epochs=1000 if args.max_epochs is None else args.max_epochs, batch_size=args.batch_size,
                        persistent_optimizer=args.persistent_optimizer, encode=cli.encode_options_from_args(args),
-                       ngpu=args.ngpu, progress=progress)
+                       ngpu=args.ngpu, progress=progress, dtype=args.dtype)
 
 
 def history_path(args) -> str | None:
@@ -244,6 +259,13 @@ def history_path(args) -> str | None:
     if args.model:
         return args.model.rstrip("/") + ".history.json"
     return None
+
+
+def make_monitor(tensorboard_dir: str):
+    """The training monitor of --tensorboard (none: a NullMonitor)."""
+    from qinco_jax.training import monitor
+
+    return monitor.TensorBoardMonitor(tensorboard_dir) if tensorboard_dir else monitor.NullMonitor()
 
 
 def train_from_args(args, xt_all: np.ndarray, log=print):
@@ -281,15 +303,20 @@ def train_from_args(args, xt_all: np.ndarray, log=print):
         rq_codebooks = np.load(args.RQ_filename)
     if not args.model:
         log("warning: no --model given, the trained model will not be saved")
+    monitor = make_monitor(args.tensorboard)
     try:
         result = recipe.train_model(xt, xval, spec, cfg, ivf_centroids=centroids,
                                     rq_codebooks=rq_codebooks,
                                     model_path=args.model or None, checkpoint_dir=args.checkpoint or None,
-                                    history_path=history_path(args), log=log)
+                                    history_path=history_path(args), log=log, monitor=monitor)
     except ValueError as e:
         if "db_scale" in str(e):
             raise cli.UsageError(f"{e} (--db_scale)") from None
         raise
+    finally:
+        monitor.close()
+    if args.tensorboard:
+        log(f"training curves are in {args.tensorboard} (tensorboard --logdir {args.tensorboard})")
     if args.model and result.history["epochs"]:
         best = min(e["val_mse"] for e in result.history["epochs"])
         log(f"best model (val MSE {best:g}) is in {args.model}")

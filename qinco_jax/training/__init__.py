@@ -12,6 +12,8 @@
                     faiss's own subsamples, transformed rows (RowMap)
     finetune        training a trained model further (run.py task=train model=<file>)
     qinco2_recipe   QINCo2's recipe pieces: AdamW, cosine schedule, clipping, beam training
+    monitor         what a person watches: codeword usage (perplexity, entropy, dead codewords
+                    per step), TensorBoard event files (TensorBoardMonitor, read_scalars)
     scheduler       QINCo v1's reduce-on-plateau learning-rate schedule and stopping rule
     rq_init         initial codebooks from a faiss ResidualQuantizer (and the exact-RQ start)
     pq              PQ-QINCo: OPQ, split, one QINCo per part, recombine

@@ -19,11 +19,12 @@ from qinco_jax.training import streaming
 from qinco_jax.training.recipe import assign_to_centroids
 def continue_training(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: training.TrainConfig, *,
                       model_path: str | None = None, checkpoint_dir: str | None = None,
-                      history_path: str | None = None, log: Callable[[str], None] = quiet) -> training.TrainResult:
+                      history_path: str | None = None, log: Callable[[str], None] = quiet,
+                      monitor=None) -> training.TrainResult:
     """Train an already trained model further (QINCo2's `task=train model=<file>`: its
     architecture, normalisation and IVF centroids are the file's; no RQ
     initialisation). The optimizer and schedule start afresh (a model file carries no
-    training state); see training.fit for the paths."""
+    training state); see training.fit for the paths and monitor."""
     xt = streaming.as_rows(xt)  # a memory map stays on disk: read in batches, converted to float32 per batch
     streaming.check_rows(xt, "training vectors")  # dtype and values, chunk by chunk
     xval = validation.as_finite_float32(xval, "validation vectors")  # read once
@@ -38,4 +39,4 @@ def continue_training(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: 
         assign = assign_to_centroids(xt, centroids)
     log(f"continuing the training of {model.config.describe()}")
     return training.fit(model, xt, xval, cfg, code0=assign, model_path=model_path,
-                        checkpoint_dir=checkpoint_dir, history_path=history_path, log=log)
+                        checkpoint_dir=checkpoint_dir, history_path=history_path, log=log, monitor=monitor)

@@ -70,6 +70,7 @@ from qinco_jax.models import codec
 from qinco_jax.models import qinco as qm
 from qinco_jax.models.qinco import AnyModel, QincoModel
 from qinco_jax.training import streaming
+from qinco_jax.training.monitor import Monitor, NullMonitor, codeword_stats, usage_summary
 from qinco_jax.training.recipes import (  # noqa: F401  (re-exported: the loop's vocabulary)
     DATA_SEED, Params, Qinco2Recipe, Recipe, V1Recipe, batch_loss, epoch_batches, make_optimizer, merge,
     qinco2_batch_loss, recipe_for, split_trainable)
@@ -186,10 +187,16 @@ def make_encode_fn(options: EncodeOptions | None = None, outer_skip: bool = Fals
     return encode_fn
 
 
+def _global_norm(tree) -> jax.Array:
+    """The L2 norm of all the leaves of a pytree together, in float32."""
+    return jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(tree)))
+
+
 def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, mesh: Mesh):
     """Jitted `(trainable, opt_state, frozen, x, code0, weights, lr) -> (trainable,
-    opt_state, frozen, loss, usage)` for `loss_fn(trainable, frozen, x, code0, weights)
-    -> (loss, (frozen, usage))`. x/code0/weights are sharded along rows over `mesh`,
+    opt_state, frozen, loss, usage, grad_norm)` for `loss_fn(trainable, frozen, x, code0,
+    weights) -> (loss, (frozen, usage))`; grad_norm is the global L2 norm of the
+    gradient before any clipping. x/code0/weights are sharded along rows over `mesh`,
     everything else replicated."""
     replicated = NamedSharding(mesh, P())
 
@@ -200,7 +207,7 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, mesh: 
         hyper["learning_rate"] = jnp.asarray(lr, jnp.float32)
         opt_state = opt_state._replace(hyperparams=hyper)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        return optax.apply_updates(trainable, updates), opt_state, frozen, loss, usage
+        return optax.apply_updates(trainable, updates), opt_state, frozen, loss, usage, _global_norm(grads)
 
     return jax.jit(step, out_shardings=replicated)
 
@@ -211,7 +218,7 @@ def make_train_step(encode_fn: Callable, optimizer: optax.GradientTransformation
     step = make_step(lambda tr, fr, x, c0, w: batch_loss(tr, fr, x, c0, w, encode_fn), optimizer, mesh)
 
     def v1_step(trainable, opt_state, frozen, x, code0, weights, lr):
-        trainable, opt_state, _, loss, _ = step(trainable, opt_state, frozen, x, code0, weights, lr)
+        trainable, opt_state, _, loss, _, _ = step(trainable, opt_state, frozen, x, code0, weights, lr)
         return trainable, opt_state, loss
 
     return v1_step
@@ -523,8 +530,9 @@ class _Trainer:
                                        best_trainable=arrays[3], best_frozen=arrays[4])
         return restored, meta["history"]
 
-    def train_epoch(self, state: TrainState, show_bar: bool) -> tuple[TrainState, dict, Any]:
-        """One epoch of optimizer steps: (state after it, its record so far, codeword usage)."""
+    def train_epoch(self, state: TrainState, show_bar: bool) -> tuple[TrainState, dict, Any, dict]:
+        """One epoch of optimizer steps: (state after it, its record so far, codeword
+        usage (M, K), its per-step values {loss, lr, grad_norm} for the monitor)."""
         recipe, epoch = self.recipe, state.epoch
         opt_state = self.put(self.optimizer.init(state.trainable)) if recipe.rebuild_optimizer else state.opt_state
         batches = recipe.epoch_rows(self.n, epoch)
@@ -535,24 +543,28 @@ class _Trainer:
 
             bar = tqdm(total=len(batches), desc=f"epoch {epoch}", unit="batch", leave=False)
         trainable, frozen = state.trainable, state.frozen
-        losses, usage = [], None
+        losses, grad_norms, usage = [], [], None
         for i, (xb, cb, wb) in enumerate(prefetched(self.feeder, batches)):
-            trainable, opt_state, frozen, loss, batch_usage = self.step(trainable, opt_state, frozen, xb, cb, wb,
-                                                                        np.float32(lrs[i]))
+            trainable, opt_state, frozen, loss, batch_usage, grad_norm = self.step(
+                trainable, opt_state, frozen, xb, cb, wb, np.float32(lrs[i]))
             losses.append(loss)
+            grad_norms.append(grad_norm)
             usage = batch_usage if usage is None else usage + batch_usage
             if bar is not None:
                 bar.update(1)
                 if i % 10 == 0 and i:
                     bar.set_postfix(loss=f"{float(losses[-2]):.4g}")  # previous step: no stall
-        train_loss = float(np.mean(jax.device_get(losses), dtype=np.float64))  # one transfer per epoch
+        losses, grad_norms = (np.asarray(v, np.float64) for v in jax.device_get((losses, grad_norms)))  # once
+        train_loss = float(np.mean(losses))
         if bar is not None:
             bar.close()
         if not math.isfinite(train_loss):
             raise FloatingPointError(f"training diverged at epoch {epoch} (loss {train_loss}); try a lower --lr")
         state = dataclasses.replace(state, trainable=trainable, frozen=frozen, opt_state=opt_state,
                                     step=state.step + len(batches))
-        return state, {"epoch": epoch, "train_loss": train_loss, "lr": float(lrs[0]), "n_steps": len(batches)}, usage
+        steps = {"loss": losses, "lr": np.asarray(lrs, np.float64), "grad_norm": grad_norms}
+        record = {"epoch": epoch, "train_loss": train_loss, "lr": float(lrs[0]), "n_steps": len(batches)}
+        return state, record, usage, steps
 
     def validate(self, trainable: Params, frozen: Params) -> float:
         return validation_mse(self.model(trainable, frozen), self.xval, self.encode_options)
@@ -581,7 +593,7 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
         recipe: Recipe | None = None, code0: np.ndarray | None = None, model_path: str | None = None,
         checkpoint_dir: str | None = None, history_path: str | None = None,
         save_fn: Callable[[QincoModel, str], None] | None = None,
-        log: Callable[[str], None] | None = None) -> TrainResult:
+        log: Callable[[str], None] | None = None, monitor: Monitor | None = None) -> TrainResult:
     """Train `model` (initialised, e.g. from an RQ) on raw vectors xt, validating on xval.
 
     recipe: what v1 and QINCo2 training do differently (training.recipes); by default
@@ -591,9 +603,14 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
     model_path: where the best model is written whenever validation improves
       (save_fn(model, path), by default qinco_jax.formats.checkpoint.save_model).
     checkpoint_dir: resume from / save to this orbax directory every epoch.
-    history_path: JSON history, rewritten every epoch."""
+    history_path: JSON history, rewritten every epoch; every epoch's record holds the
+      codeword usage of its training encodes (training.monitor.codeword_stats).
+    monitor: called after every epoch with its record and per-step loss, learning
+      rate and gradient norm (training.monitor: e.g. a TensorBoardMonitor); the
+      caller closes it."""
     is_main = jax.process_index() == 0
     log = (log or _default_log) if is_main else (lambda msg: None)
+    monitor = monitor if monitor is not None and is_main else NullMonitor()
     recipe = recipe or recipe_for(model.config, cfg)
     xt, xval, code0 = check_inputs(model, xt, xval, code0, recipe)
     if save_fn is None and model_path:
@@ -621,13 +638,15 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
     t_start = time.time()
     while not recipe.should_stop(state.schedule, state.epoch):
         t0 = time.time()
-        state, record, usage = trainer.train_epoch(state, show_bar)
+        first_step = state.step
+        state, record, usage, steps = trainer.train_epoch(state, show_bar)
         mse = trainer.validate(state.trainable, state.frozen)
         state, is_best, note = trainer.after_validation(state, mse, record.pop("n_steps"))
         if note:
             log(note)
         record.update(val_mse=mse, seconds=time.time() - t0, best=is_best)
         record = {k: record[k] for k in ("epoch", "train_loss", "val_mse", "lr", "seconds", "best")}
+        record.update(codeword_stats(local_copy(usage)))
         if is_best and model_path and is_main:
             save_fn(trainer.model(state.trainable, state.frozen), model_path)
         state, n_reset = trainer.reset_codewords(state, usage)  # after the best model is written, as the reference
@@ -636,7 +655,8 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
         history["epochs"].append(record)
         log(f"epoch {record['epoch']} train loss {record['train_loss']:g} val MSE {mse:g} lr {record['lr']:g} "
             f"{record['seconds']:.1f} s" + (" (best)" if is_best else "")
-            + (f" reset {sum(n_reset)} codewords" if n_reset and sum(n_reset) else ""))
+            + usage_summary(record) + (f" reset {sum(n_reset)} codewords" if n_reset and sum(n_reset) else ""))
+        monitor.on_epoch(record, steps, first_step)
         if recipe.should_stop(state.schedule, state.epoch) and state.epoch < cfg.max_epochs:
             log("stopping: no improvement for too long or the schedule is over")
         if history_path and is_main:

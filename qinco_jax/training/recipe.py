@@ -214,10 +214,12 @@ def will_resume(checkpoint_dir: str | None) -> bool:
 def train_model(xt: np.ndarray, xval: np.ndarray, spec: ModelSpec, cfg: training.TrainConfig, *,
                 ivf_centroids: np.ndarray | None = None, rq_codebooks: np.ndarray | None = None,
                 model_path: str | None = None, checkpoint_dir: str | None = None,
-                history_path: str | None = None, log: Callable[[str], None] = _quiet) -> training.TrainResult:
+                history_path: str | None = None, log: Callable[[str], None] = _quiet,
+                monitor=None) -> training.TrainResult:
     """Train a model of `spec` on raw vectors xt (validation xval), from a residual
     quantizer: `rq_codebooks` if given, else trained here (skipped when resuming from
-    `checkpoint_dir`). See training.fit for model_path, checkpoint_dir, history_path."""
+    `checkpoint_dir`). See training.fit for model_path, checkpoint_dir, history_path
+    and monitor."""
     xt = streaming.as_rows(xt)  # a memory map stays on disk: read in batches, converted to float32 per batch
     streaming.check_rows(xt, "training vectors")  # dtype and values, chunk by chunk
     xval = validation.as_finite_float32(xval, "validation vectors")  # read once
@@ -247,4 +249,4 @@ def train_model(xt: np.ndarray, xval: np.ndarray, spec: ModelSpec, cfg: training
     log(f"model {model.config.describe()}")
     log(f"   nb trainable parameters {count_trainable(model)}")
     return training.fit(model, xt, xval, cfg, code0=assign, model_path=model_path,
-                        checkpoint_dir=checkpoint_dir, history_path=history_path, log=log)
+                        checkpoint_dir=checkpoint_dir, history_path=history_path, log=log, monitor=monitor)

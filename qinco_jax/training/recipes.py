@@ -54,16 +54,22 @@ def _cast(tree, dtype):
 
 
 def batch_loss(trainable: Params, frozen: Params, x: jax.Array, code0, weights: jax.Array,
-               encode_fn: Callable) -> tuple[jax.Array, tuple[Params, jax.Array]]:
+               encode_fn: Callable, *, K: int | None = None, M: int | None = None,
+               dtype=jnp.float32) -> tuple[jax.Array, tuple[Params, jax.Array]]:
     """QINCo v1's loss: sum over steps of the squared error of the partial
     reconstructions, averaged over the (non-padding) vectors and divided by d.
-    Returns (loss, (frozen, usage)) as qinco2_batch_loss does; v1 changes neither."""
-    params = merge(trainable, frozen)
+    Returns (loss, (frozen, usage)) as qinco2_batch_loss does: frozen unchanged, usage
+    the (M, K) codeword counts of the batch's codes (an IVF column not counted) when K
+    and M are given, else a 0. dtype bfloat16: the network runs in bfloat16 on the
+    float32 master weights (the cast is inside the gradient); the targets, the errors
+    and the loss stay in float32."""
+    params = _cast(merge(trainable, frozen), dtype)
     codes = jax.lax.stop_gradient(encode_fn(jax.lax.stop_gradient(params), x, code0))
-    xhats = qm.decode_steps(params, codes)  # (W, B, d)
+    xhats = qm.decode_steps(params, codes).astype(jnp.float32)  # (W, B, d)
     per_vector = jnp.sum((xhats - x[None]) ** 2, axis=(0, 2))
     loss = jnp.sum(per_vector * weights) / (jnp.sum(weights) * x.shape[1])
-    return loss, (frozen, jnp.zeros((), jnp.int32))
+    usage = jnp.zeros((), jnp.int32) if K is None else q2.model_codeword_usage(codes, K, M, weights)
+    return loss, (frozen, usage)
 
 
 def qinco2_batch_loss(trainable: Params, frozen: Params, x: jax.Array, code0, weights: jax.Array,
@@ -73,11 +79,11 @@ def qinco2_batch_loss(trainable: Params, frozen: Params, x: jax.Array, code0, we
     units) of codes from a no-gradient encode with the model's own A and B. Also returns
     the frozen part with the running target statistics updated, and the batch's
     codeword usage (M, K). dtype bfloat16: the network runs in bfloat16 on float32
-    master weights (the cast is inside the gradient), losses are summed in float32."""
+    master weights (the cast is inside the gradient); the vectors stay float32, so the
+    encode's residuals, the targets and the losses are float32."""
     params = _cast(merge(trainable, frozen), dtype)
-    xc = x.astype(dtype)
-    codes = jax.lax.stop_gradient(encode_fn(jax.lax.stop_gradient(params), xc, code0))
-    mse, sub, xhats = q2.model_losses(params, xc, codes, weights, outer_skip=outer_skip, is_ivf=is_ivf)
+    codes = jax.lax.stop_gradient(encode_fn(jax.lax.stop_gradient(params), x, code0))
+    mse, sub, xhats = q2.model_losses(params, x, codes, weights, outer_skip=outer_skip, is_ivf=is_ivf)
     stats = frozen["xtarget_stats"]
     new_frozen = dict(frozen)
     new_frozen["xtarget_stats"] = q2.update_model_target_stats(stats, x, jax.lax.stop_gradient(xhats), weights)
@@ -117,6 +123,7 @@ class V1Recipe:
     epoch: lr / 10 after 10 epochs without a new best, stop after 50 or below 2e-6, or
     after `max_epochs`); every epoch visits all rows in the order of
     `RandomState(data_seed + epoch)`; IVF centroids frozen; no codeword reset.
+    dtype "bfloat16": the network runs in bfloat16 on float32 weights.
 
     cfg: the run's TrainConfig (lr, max_epochs, batch_size, data_seed,
     persistent_optimizer are read)."""
@@ -124,14 +131,15 @@ class V1Recipe:
     cfg: Any  # training.loop.TrainConfig
 
     def check(self, config: QincoConfig) -> None:
-        if self.cfg.dtype != "float32":
-            raise ValueError(f"dtype {self.cfg.dtype!r}: mixed precision is implemented for QINCo2 training only")
+        pass
 
     def split(self, params: Params, config: QincoConfig) -> tuple[Params, Params]:
         return split_trainable(params, config.is_ivf)
 
     def loss_fn(self, config: QincoConfig, encode_fn: Callable) -> LossFn:
-        return lambda tr, fr, x, c0, w: batch_loss(tr, fr, x, c0, w, encode_fn)
+        dtype = jnp.bfloat16 if self.cfg.dtype == "bfloat16" else jnp.float32
+        return lambda tr, fr, x, c0, w: batch_loss(tr, fr, x, c0, w, encode_fn, K=config.K, M=config.M,
+                                                   dtype=dtype)
 
     def optimizer(self) -> optax.GradientTransformation:
         return make_optimizer()
