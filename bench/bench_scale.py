@@ -25,9 +25,11 @@ the whole process's peak (VmHWM, with the memory-mapped files' pages), the peak 
 anonymous memory (RssAnon, sampled every 5 ms: what the process really holds) and the
 resident memory before the stage's work (imports, model, compiled code).
 
-TODO (issue 19 item 4): a QINCo2 training epoch (ds.loop 100k) from the same file. The
-library's training does not stream from disk in this branch (the "train" work of the
-same issue adds it); measure it here once it does.
+  train_epoch   QINCo2 training from the memory-mapped file (the same small model, not
+            IVF; epochs of --train_loop rows, --train_epochs of them; the last 10,000 rows
+            validate): RQ initialisation on the first epoch's rows, then the epochs read
+            batch by batch (qinco_jax.training.streaming). Its peak memory should not
+            depend on the file's size.
 """
 
 from __future__ import annotations
@@ -245,7 +247,31 @@ def stage_rate(n, batch):
     return out
 
 
-STAGES = {"encode": stage_encode, "train": stage_train, "add": stage_add, "merge": stage_merge,
+def stage_train_epoch(work, loop, epochs, batch):
+    from qinco_jax.data.training_set import split_validation
+    from qinco_jax.formats import vecs_io
+    from qinco_jax.training import recipe
+    from qinco_jax.training.loop import qinco2_train_config
+
+    c = pipeline_config()
+    spec = recipe.ModelSpec(M=c.M, K=c.K, L=c.L, h=c.h, arch="qinco2", de=c.de, A=c.A, B=c.B)
+    x = vecs_io.read_vectors(os.path.join(work, "base.bvecs"), mmap=True)
+    xt, xval = split_validation(x, 10_000)
+    cfg = qinco2_train_config(epoch_size=loop, epochs=epochs, max_epochs=epochs, batch_size=batch, ngpu=0,
+                              progress=False)
+    before = status_kb("VmRSS") / 1024
+    peak = Peak()
+    peak.start()
+    t0 = time.perf_counter()
+    result = recipe.train_model(xt, xval, spec, cfg, log=lambda _m: None)
+    seconds = time.perf_counter() - t0
+    epochs_run = result.history.get("epochs", [])
+    epoch_seconds = [round(e["seconds"], 2) for e in epochs_run if isinstance(e, dict) and "seconds" in e]
+    return {"seconds": round(seconds, 2), "rows": loop * epochs, "rows_per_s": round(loop * epochs / seconds),
+            "epoch_seconds": epoch_seconds, "file_rows": len(x), "rss_before_mb": round(before, 1), **peak.stop()}
+
+
+STAGES = {"encode": stage_encode, "train_epoch": stage_train_epoch, "train": stage_train, "add": stage_add, "merge": stage_merge,
           "search": stage_search, "rate": stage_rate}
 
 
@@ -271,6 +297,12 @@ def bench_size(n, args, root) -> dict:
     res = {"n": n, "d": D, "file_bytes": os.path.getsize(os.path.join(work, "base.bvecs")),
            "generate_seconds": round(time.time() - t0, 1)}
     print(f"n={n}: generated {res['file_bytes'] / 2**20:.0f} MiB", flush=True)
+    if args.only_train:
+        res["train_epoch"] = run_stage("train_epoch", work, args.train_loop, args.train_epochs, args.train_batch)
+        print(f"  train_epoch {res['train_epoch']}", flush=True)
+        if not args.keep:
+            shutil.rmtree(work)
+        return res
     res["encode"] = [run_stage("encode", work, p, args.parts, args.batch) for p in range(args.parts)]
     print(f"  encode {res['encode']}", flush=True)
     res["train"] = run_stage("train", work, args.n_train)
@@ -280,7 +312,9 @@ def bench_size(n, args, root) -> dict:
     print(f"  merge {res['merge']}", flush=True)
     res["search"] = run_stage("search", work, args.nq, args.nprobe, args.nshort)
     print(f"  search {res['search']}", flush=True)
-    res["train_epoch"] = "TODO: needs the streaming training of issue 19 item 1 (not in this branch)"
+    if args.train_loop:
+        res["train_epoch"] = run_stage("train_epoch", work, args.train_loop, args.train_epochs, args.train_batch)
+        print(f"  train_epoch {res['train_epoch']}", flush=True)
     if not args.keep:
         shutil.rmtree(work)
     return res
@@ -290,13 +324,16 @@ def table(results: list[dict]) -> str:
     head = f"{'stage':<10}{'n':>11}{'seconds':>9}{'rows/s':>11}{'peak anon MB':>14}{'VmHWM MB':>10}{'before MB':>10}"
     lines = [head, "-" * len(head)]
     for r in results:
-        rows = [("encode/p", e) for e in r["encode"]] + [("add/p", a) for a in r["add"]] + \
-            [("merge", r["merge"]), ("search", r["search"])]
+        rows = [("encode/p", e) for e in r.get("encode", [])] + [("add/p", a) for a in r.get("add", [])] + \
+            [(k, r[k]) for k in ("merge", "search") if k in r] + \
+            ([("train", r["train_epoch"])] if "train_epoch" in r else [])
         for name, s in rows:
             secs = s.get("seconds", s.get("search_ms_per_query"))
             rate = s.get("rows_per_s", "")
             lines.append(f"{name:<10}{r['n']:>11}{secs:>9}{rate:>11}{s['peak_anon_mb']:>14}{s['vmhwm_mb']:>10}"
                          f"{s['rss_before_mb']:>10}")
+        if "search" not in r:
+            continue
         s = r["search"]
         lines.append(f"{'':<10}search: {s['search_ms_per_query']} ms/query ({s['faiss_ms_per_query']} in faiss), "
                      f"nprobe {s['nprobe']}, nshort {s['nshort']}, index opened in {s['open_seconds']} s")
@@ -315,6 +352,11 @@ def main(argv=None) -> int:
     p.add_argument("--nprobe", type=int, default=16)
     p.add_argument("--nshort", type=int, default=100)
     p.add_argument("--rate_rows", type=int, default=2000, help="rows of the encoding-rate stage (0: skip it)")
+    p.add_argument("--train_loop", type=int, default=100_000,
+                   help="rows per QINCo2 training epoch (the reference's ds.loop; 0: skip training)")
+    p.add_argument("--train_epochs", type=int, default=1, help="QINCo2 training epochs")
+    p.add_argument("--train_batch", type=int, default=1024, help="QINCo2 training batch")
+    p.add_argument("--only_train", action="store_true", help="generate the file, then only the training stage")
     p.add_argument("--tmpdir", default=None)
     p.add_argument("--keep", action="store_true", help="keep the generated files")
     p.add_argument("--json", default="")

@@ -63,6 +63,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from qinco_jax.logs import quiet
 from qinco_jax.config import EncodeOptions
 from qinco_jax.data import validation
 from qinco_jax.formats.io import write_bytes
@@ -609,7 +610,7 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
       rate and gradient norm (training.monitor: e.g. a TensorBoardMonitor); the
       caller closes it."""
     is_main = jax.process_index() == 0
-    log = (log or _default_log) if is_main else (lambda msg: None)
+    log = (log or _default_log) if is_main else quiet  # one process speaks
     monitor = monitor if monitor is not None and is_main else NullMonitor()
     recipe = recipe or recipe_for(model.config, cfg)
     xt, xval, code0 = check_inputs(model, xt, xval, code0, recipe)

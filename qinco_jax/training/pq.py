@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from qinco_jax.logs import quiet
 from qinco_jax.training import recipe, streaming
 from qinco_jax.training import loop as training
 from qinco_jax.data import validation
@@ -46,11 +47,7 @@ class PQSpec:
             raise ValueError("PQ-QINCo with IVF-QINCo sub-quantizers is not supported (as in the reference)")
 
 
-def _quiet(_msg: str) -> None:
-    pass
-
-
-def train_opq(xt: np.ndarray, nsub: int, opq_dim: int | None = None, log: Callable[[str], None] = _quiet) -> np.ndarray:
+def train_opq(xt: np.ndarray, nsub: int, opq_dim: int | None = None, log: Callable[[str], None] = quiet) -> np.ndarray:
     """A faiss OPQ matrix (d_out x d_in) for nsub sub-vectors."""
     import faiss
 
@@ -96,7 +93,7 @@ def recombine(sub_models: Sequence[AnyModel], opq: np.ndarray | None) -> PQQinco
 
 def train_pq(xt: np.ndarray, xval: np.ndarray, spec: PQSpec, cfg: training.TrainConfig, *,
              sub_model_paths: Sequence[str] | None = None, checkpoint_dir: str | None = None,
-             log: Callable[[str], None] = _quiet) -> PQQincoModel:
+             log: Callable[[str], None] = quiet) -> PQQincoModel:
     """OPQ (trained on xt), split, train every sub-model (recipe.train_model; xval rotated
     and split alike validates it), recombine. sub_model_paths: where to save each
     sub-model; checkpoint_dir: one resumable checkpoint per sub-model in <dir>/sub<i>."""

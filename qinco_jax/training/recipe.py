@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qinco_jax.logs import quiet
 from qinco_jax.training import qinco2_recipe as q2
 from qinco_jax.training import rq_init, streaming
 from qinco_jax.training import loop as training
@@ -80,10 +81,6 @@ class ModelSpec(QincoArch):
         return QincoConfig(d=d, K_IVF=K_IVF, db_scale=db_scale, **arch)
 
 
-def _quiet(_msg: str) -> None:
-    pass
-
-
 def check_ivf_centroids(spec: ModelSpec, centroids: np.ndarray | None, d: int) -> np.ndarray | None:
     if not spec.is_ivf:
         if centroids is not None:
@@ -99,7 +96,7 @@ def check_ivf_centroids(spec: ModelSpec, centroids: np.ndarray | None, d: int) -
 
 def train_rq_codebooks(xt: np.ndarray, spec: ModelSpec, xval: np.ndarray | None = None,
                        ivf_centroids: np.ndarray | None = None, xt_assign: np.ndarray | None = None,
-                       log: Callable[[str], None] = _quiet, max_rows: int | None = V1_RQ_MAX_ROWS) -> np.ndarray:
+                       log: Callable[[str], None] = quiet, max_rows: int | None = V1_RQ_MAX_ROWS) -> np.ndarray:
     """The initial RQ codebooks (M, K, d), raw units: on the first `max_rows` vectors
     (None: all), or for IVF-QINCo on their residuals to the nearest IVF centroid
     (xt_assign: those of xt, if known). xval, if given, is only measured (its MSE is
@@ -152,7 +149,7 @@ def initial_model(xt: np.ndarray, spec: ModelSpec, rq_codebooks: np.ndarray | No
 
 def qinco2_initial_model(xt: np.ndarray, spec: ModelSpec, cfg: training.TrainConfig, *,
                          xval: np.ndarray | None = None, ivf_centroids: np.ndarray | None = None,
-                         rq_codebooks: np.ndarray | None = None, log: Callable[[str], None] = _quiet
+                         rq_codebooks: np.ndarray | None = None, log: Callable[[str], None] = quiet
                          ) -> tuple[QincoModel, float | None]:
     """QINCo2's model before training, as its reference builds it: normalisation
     statistics of the training set; an RQ (k-means per step, `cfg.seed`) trained on the
@@ -214,7 +211,7 @@ def will_resume(checkpoint_dir: str | None) -> bool:
 def train_model(xt: np.ndarray, xval: np.ndarray, spec: ModelSpec, cfg: training.TrainConfig, *,
                 ivf_centroids: np.ndarray | None = None, rq_codebooks: np.ndarray | None = None,
                 model_path: str | None = None, checkpoint_dir: str | None = None,
-                history_path: str | None = None, log: Callable[[str], None] = _quiet,
+                history_path: str | None = None, log: Callable[[str], None] = quiet,
                 monitor=None) -> training.TrainResult:
     """Train a model of `spec` on raw vectors xt (validation xval), from a residual
     quantizer: `rq_codebooks` if given, else trained here (skipped when resuming from
