@@ -20,9 +20,14 @@ line must agree with it), there is no RQ initialisation, and the optimizer and
 schedule start afresh (training.finetune.continue_training). `batch` is per device, as
 the reference's is per GPU.
 
-Not implemented yet (each refused with a message naming the key): optimizer=adam and
-scheduler.name=reduce_lr_plateau (so model_args=qinco1), grad_accumulate > 1, and
-starting a continued model's schedule at the epoch after the file's.
+`optimizer=adam|adamw`, `scheduler.name=cosine|reduce_lr_plateau` (with
+scheduler.reduce_fact / patience / threshold_frac / lr_min_fact; its state is
+checkpointed, so resume=true keeps it) and `grad_accumulate=N` (the mean gradient of N
+batches makes one optimizer update; the rate of an update is its last batch's) are the
+reference's knobs; `model_args=qinco1` (Adam, reduce-on-plateau, no ds.loop looping)
+uses them.
+
+Not implemented yet: starting a continued model's schedule at the epoch after the file's.
 """
 
 from __future__ import annotations
@@ -68,16 +73,18 @@ def model_spec(cfg: RunConfig):
 
 
 def train_config(cfg: RunConfig, n_devices: int = 1):
-    """The training.TrainConfig the run's keys describe (QINCo2's cosine recipe). `batch`
+    """The training.TrainConfig the run's keys describe (QINCo2's recipe: optimizer=,
+    scheduler.*, grad_accumulate=; the qinco1 preset's Adam and reduce-on-plateau). `batch`
     is per device, as in the reference: the global batch is batch x n_devices (the
     training mesh's devices, over all processes)."""
     from qinco_jax.training.loop import qinco2_train_config
 
-    if cfg.optimizer != "adamw" or cfg.scheduler.name != "cosine":
-        raise RunConfigError(f"optimizer={cfg.optimizer} scheduler.name={cfg.scheduler.name}: only QINCo2's "
-                             "recipe (optimizer=adamw, scheduler.name=cosine) is implemented for task=train")
-    if cfg.grad_accumulate != 1:
-        raise RunConfigError(f"grad_accumulate={cfg.grad_accumulate}: only 1 is implemented")
+    if cfg.grad_accumulate < 1:
+        raise RunConfigError(f"grad_accumulate={cfg.grad_accumulate}: must be >= 1 (batches per optimizer update)")
+    sc = cfg.scheduler
+    plateau = sc.name == "reduce_lr_plateau"
+    # the cosine run's length; reduce-on-plateau has none (stop_patience ends it)
+    max_epochs = cfg.epochs + sc.stop_patience + 1 if not plateau else 1_000_000
     ngpu = 0 if cfg.cpu else -1
     try:
         return qinco2_train_config(
@@ -87,7 +94,9 @@ def train_config(cfg: RunConfig, n_devices: int = 1):
             stop_patience=cfg.scheduler.stop_patience, codebook_noise=cfg.codebook_noise_init, seed=cfg.seed,
             # The reference does not loop in qinco1_mode: every epoch is the whole set.
             epoch_size=None if cfg.qinco1_mode else cfg.ds.loop, ngpu=ngpu,
-            dtype=run_config.PRECISIONS[cfg.precision])
+            dtype=run_config.PRECISIONS[cfg.precision], optimizer=cfg.optimizer.lower(), scheduler=sc.name,
+            reduce_fact=sc.reduce_fact, patience=sc.patience, threshold_frac=sc.threshold_frac,
+            grad_accumulate=cfg.grad_accumulate, max_epochs=max_epochs)
     except ValueError as e:
         raise RunConfigError(str(e)) from None
 

@@ -74,6 +74,7 @@ from qinco_jax.training.monitor import Monitor, NullMonitor, codeword_stats, usa
 from qinco_jax.training.recipes import (  # noqa: F401  (re-exported: the loop's vocabulary)
     DATA_SEED, Params, Qinco2Recipe, Recipe, V1Recipe, batch_loss, epoch_batches, make_optimizer, merge,
     qinco2_batch_loss, recipe_for, split_trainable)
+from qinco_jax.training.qinco2_recipe import set_learning_rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,8 +102,23 @@ class TrainConfig:
     codebook_noise: float = 0.1    # noise on the RQ codebooks, relative to their std
     seed: int = 0                  # data order, codebook noise and codeword resets
     dtype: str = "float32"         # "bfloat16": mixed precision (float32 master weights)
+    optimizer: str = "adamw"       # QINCo2: "adamw" (decoupled decay) or "adam" (L2 decay, the qinco1 preset)
+    scheduler: str = "cosine"      # QINCo2: "cosine" or "reduce_lr_plateau" (the qinco1 preset)
+    reduce_fact: float = 0.1       # reduce_lr_plateau: lr *= reduce_fact after `patience` bad epochs
+    patience: int = 10
+    threshold_frac: float = 1e-10  # reduce_lr_plateau: relative improvement that counts
+    grad_accumulate: int = 1       # QINCo2: batches whose mean gradient makes one optimizer update
 
     def __post_init__(self):
+        if self.optimizer not in ("adamw", "adam"):
+            raise ValueError(f"optimizer must be 'adamw' or 'adam', got {self.optimizer!r}")
+        if self.scheduler not in ("cosine", "reduce_lr_plateau"):
+            raise ValueError(f"scheduler must be 'cosine' or 'reduce_lr_plateau', got {self.scheduler!r}")
+        if not (0 < self.reduce_fact < 1) or self.patience < 0 or not (self.threshold_frac >= 0):
+            raise ValueError(f"reduce_lr_plateau needs 0 < reduce_fact < 1, patience >= 0 and threshold_frac >= 0, "
+                             f"got {self.reduce_fact}, {self.patience}, {self.threshold_frac}")
+        if self.grad_accumulate < 1:
+            raise ValueError(f"grad_accumulate must be >= 1, got {self.grad_accumulate}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.epoch_size is not None and self.epoch_size < 1:
@@ -203,9 +219,7 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, mesh: 
     def step(trainable, opt_state, frozen, x, code0, weights, lr):
         (loss, (frozen, usage)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, x, code0,
                                                                                    weights)
-        hyper = dict(opt_state.hyperparams)
-        hyper["learning_rate"] = jnp.asarray(lr, jnp.float32)
-        opt_state = opt_state._replace(hyperparams=hyper)
+        opt_state = set_learning_rate(opt_state, lr)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, frozen, loss, usage, _global_norm(grads)
 
