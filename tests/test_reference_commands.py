@@ -11,6 +11,7 @@ truth. Models are tiny (M=2, L=1, dh=32) and train for a few epochs of 600 sampl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 from pathlib import Path
@@ -149,12 +150,27 @@ def test_continue_training_a_model_file_the_reference_wrote(at, capsys):
         assert f"stopped after epoch {epoch}" in capsys.readouterr().out
 
 
-def test_readme_train_qinco1_preset_is_refused_with_the_reason(at):
+def test_readme_train_qinco1_preset_adam_reduce_on_plateau_then_eval(at, monkeypatch):
     # ./run.sh task=train model_args=qinco1 db=deep1M output=runs/weights/qinco1-deep1M-8x8.pt
-    # Not implemented yet: QINCo2's loop has no Adam / reduce-on-plateau option.
-    with pytest.raises(RunConfigError, match="optimizer=adam scheduler.name=reduce_lr_plateau"):
-        run("./run.sh task=train model_args=qinco1 db=deep1M output=runs/qinco1-deep1M-8x8.pt M=2 L=1 dh=32")
-    assert not (at / "runs/qinco1-deep1M-8x8.pt").exists()
+    from qinco_jax.cli import qinco2_train
+
+    # reduce-on-plateau has no epoch limit (stop_patience ends it, as in the reference): cap it here
+    capped = qinco2_train.train_config
+    monkeypatch.setattr(qinco2_train, "train_config",
+                        lambda cfg, n=1: dataclasses.replace(capped(cfg, n), max_epochs=2))
+    run("./run.sh task=train model_args=qinco1 db=deep1M output=runs/qinco1-deep1M-8x8.pt M=2 L=1 dh=32 "
+        "ds.valset=200")
+    path = at / "runs/qinco1-deep1M-8x8.pt"
+    _assert_reference_model_file(path, M=2, K=256, L=1, h=32, qinco1_mode=True)
+    history = json.loads((at / "runs/qinco1-deep1M-8x8.pt.history.json").read_text())
+    train = history["run"]["train"]
+    assert (train["optimizer"], train["scheduler"], train["epoch_size"]) == ("adam", "reduce_lr_plateau", None)
+    assert [e["lr"] for e in history["epochs"]] == [1e-4, 1e-4]  # the plateau rate: no cosine ramp
+    assert min(e["val_mse"] for e in history["epochs"]) < history["before"]
+    mse = run(f"./run.sh task=eval_valset model={path} db=deep1M ds.valset=200")
+    assert mse == pytest.approx(min(e["val_mse"] for e in history["epochs"]), rel=1e-3)
+    out = run(f"./run.sh task=eval model={path} db=deep1M")
+    assert out["n"] == 1000 and np.isfinite(out["mse"]) and out["mse"] > 0
 
 
 # --------------------------------------------------------------------------------------
