@@ -517,11 +517,11 @@ class _Trainer:
     def model(self, trainable: Params, frozen: Params) -> QincoModel:
         return QincoModel(self.config, local_copy(merge(trainable, frozen)))
 
-    def initial_state(self, model: QincoModel) -> TrainState:
+    def initial_state(self, model: QincoModel, start_epoch: int = 0) -> TrainState:
         trainable, frozen = (self.put(t) for t in self.recipe.split(model.params, self.config))
         return TrainState(trainable=trainable, frozen=frozen, opt_state=self.put(self.optimizer.init(trainable)),
-                          epoch=0, step=0, rng=jax.random.key(self.cfg.seed + 1),
-                          schedule=self.recipe.initial_schedule(), best_mse=None,
+                          epoch=start_epoch, step=0, rng=jax.random.key(self.cfg.seed + 1),
+                          schedule=self.recipe.initial_schedule(start_epoch), best_mse=None,
                           best_trainable=trainable, best_frozen=frozen)
 
     def restore(self, ckpt: TrainCheckpointer, state: TrainState, run_info: dict, where: str
@@ -607,7 +607,8 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
         recipe: Recipe | None = None, code0: np.ndarray | None = None, model_path: str | None = None,
         checkpoint_dir: str | None = None, history_path: str | None = None,
         save_fn: Callable[[QincoModel, str], None] | None = None,
-        log: Callable[[str], None] | None = None, monitor: Monitor | None = None) -> TrainResult:
+        log: Callable[[str], None] | None = None, monitor: Monitor | None = None,
+        start_epoch: int = 0) -> TrainResult:
     """Train `model` (initialised, e.g. from an RQ) on raw vectors xt, validating on xval.
 
     recipe: what v1 and QINCo2 training do differently (training.recipes); by default
@@ -621,7 +622,9 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
       codeword usage of its training encodes (training.monitor.codeword_stats).
     monitor: called after every epoch with its record and per-step loss, learning
       rate and gradient norm (training.monitor: e.g. a TensorBoardMonitor); the
-      caller closes it."""
+      caller closes it.
+    start_epoch: the first epoch's index (a continued model: the epoch after its last);
+      the data order, learning rate and epoch limits count from there."""
     is_main = jax.process_index() == 0
     log = (log or _default_log) if is_main else (lambda msg: None)
     monitor = monitor if monitor is not None and is_main else NullMonitor()
@@ -638,7 +641,9 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
     trainer = _Trainer(model, xt, xval, code0, cfg, recipe, mesh)
     run_info = {"model": model.config.describe(), "db_scale": model.config.db_scale, "nt": int(len(xt)),
                 "nval": int(len(xval)), "train": dataclasses.asdict(cfg), "devices": n_dev}
-    state = trainer.initial_state(model)
+    if start_epoch < 0:
+        raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
+    state = trainer.initial_state(model, start_epoch)
     history: dict = {"run": run_info, "before": None, "epochs": []}
     ckpt = TrainCheckpointer(checkpoint_dir) if checkpoint_dir else None
     if ckpt is not None and ckpt.latest_epoch() is not None:

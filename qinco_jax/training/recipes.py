@@ -153,7 +153,7 @@ class V1Recipe:
         """The epoch's training rows, batch by batch."""
         return epoch_batches(n, self.cfg.batch_size, epoch, self.cfg.data_seed)
 
-    def initial_schedule(self) -> dict:
+    def initial_schedule(self, start_epoch: int = 0) -> dict:
         return Scheduler(self.cfg.lr).state_dict()
 
     def batch_lrs(self, schedule: dict, epoch: int, n_batches: int) -> np.ndarray:
@@ -233,8 +233,11 @@ class Qinco2Recipe:
     def epoch_rows(self, n: int, epoch: int) -> list[np.ndarray]:
         return self.data_order(n).batches(epoch, self.cfg.batch_size)
 
-    def initial_schedule(self) -> dict:
-        schedule = dataclasses.asdict(q2.TrainProgress())
+    def initial_schedule(self, start_epoch: int = 0) -> dict:
+        """start_epoch > 0 (a continued model file's `epoch`): the schedule starts there,
+        as the reference's does, its last epoch counting as the best so far (the
+        stop_patience count starts afresh); the best MSE starts unknown."""
+        schedule = dataclasses.asdict(q2.TrainProgress(epoch=start_epoch, best_mse_epoch=start_epoch - 1))
         if self.plateau:
             cfg = self.cfg
             schedule["plateau"] = dataclasses.asdict(q2.PlateauSchedule(
