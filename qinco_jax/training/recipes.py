@@ -7,9 +7,11 @@ training loop (`training.loop.fit`) leaves open, and nothing else:
                     substep losses, the running target statistics updated
     parameters      which subtrees train and which stay frozen (`split` / `merge`)
     optimizer       v1: Adam (rebuilt every epoch unless persistent); QINCo2: AdamW
-                    with gradients clipped by value, persistent
+                    (or Adam) with gradients clipped by value, persistent, optionally
+                    accumulated over grad_accumulate batches
     data order      which training rows each epoch visits, in which batches
-    schedule        the learning rate of every batch and the stopping rule; its state
+    schedule        the learning rate of every batch and the stopping rule (QINCo2:
+                    cosine or reduce-on-plateau); its state
                     is plain numbers (JSON), carried in the loop's TrainState
     codeword reset  QINCo2 re-draws the codewords an epoch did not use; v1 does not
 
