@@ -1,5 +1,6 @@
 """QINCo2 training's remaining reference knobs (run.py task=train): grad_accumulate,
-optimizer=adam|adamw, scheduler.name=reduce_lr_plateau (with its state resumed)."""
+optimizer=adam|adamw, scheduler.name=reduce_lr_plateau (with its state resumed). The
+qinco1 preset end to end and a continued model's start epoch: test_reference_commands.py."""
 
 from __future__ import annotations
 
@@ -125,7 +126,6 @@ def test_reduce_lr_plateau_reduces_when_validation_stalls_and_resumes(data, tmp_
     # epoch 0 sets the best; epoch 1 stalls -> x0.1; epoch 2 stalls -> floor lr * lr_min_fact
     assert lrs == pytest.approx([2e-3, 2e-3, 2e-4, 1e-4])
     assert any("lr -> 0.0002" in m for m in logs)
-    # every batch of an epoch trains with its rate (the history's per-step rates)
 
     def killer(msg):  # killed after epoch 2's validation, before its checkpoint
         if msg.startswith("epoch 2 "):
