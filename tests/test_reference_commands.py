@@ -11,6 +11,7 @@ truth. Models are tiny (M=2, L=1, dh=32) and train for a few epochs of 600 sampl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 from pathlib import Path
@@ -138,23 +139,51 @@ def test_readme_resume_training_from_a_previous_model(at, small_model):
 
 
 def test_continue_training_a_model_file_the_reference_wrote(at, capsys):
+    from qinco_jax.training.qinco2_recipe import CosineSchedule
+
     ref_model = FIX / "qinco2" / "qinco2_d32_M4_K256_L2_de48_dh64_A8_B8.pt"
-    epoch = torch_pickle.load_pt(ref_model)["epoch"]
-    run(f"python run.py cpu=true task=train model={ref_model} output=runs/from_reference.pt "
-        "trainset=my_dataset-trainset.fvecs verbose=false ds.loop=600 ds.valset=200 epochs=1")
+    epoch = torch_pickle.load_pt(ref_model)["epoch"]  # epochs it completed: the next one's index
+    assert epoch == 13
+    # the schedule continues at epoch 13: a cosine over epochs=14 (stop_patience=0) has 2 epochs left
+    result = run(f"python run.py cpu=true task=train model={ref_model} output=runs/from_reference.pt "
+                 "trainset=my_dataset-trainset.fvecs verbose=false ds.loop=600 ds.valset=200 epochs=14 "
+                 "scheduler.stop_patience=0")
     before, after = checkpoint.load_model(ref_model), checkpoint.load_model(at / "runs/from_reference.pt")
     assert after.config == before.config
     _assert_reference_model_file(at / "runs/from_reference.pt", M=4, K=256, L=2, h=64, de=48, A=8, B=8)
-    if epoch is not None:
-        assert f"stopped after epoch {epoch}" in capsys.readouterr().out
+    assert "stopped after epoch 12: training continues at epoch 13" in capsys.readouterr().out
+    records = result.history["epochs"]
+    assert [e["epoch"] for e in records] == [13, 14]
+    schedule = CosineSchedule(8e-4, 3, 14, 1e-3)  # qinco2's lr and ramp, epochs=14
+    assert records[0]["lr"] == pytest.approx(schedule.batch_lr(13, 0, 1))  # one batch of 600 rows per epoch
+    # with epochs=1 its schedule is over: an error naming the key, before any work
+    with pytest.raises(RunConfigError, match="stopped after epoch 12: its schedule .* is over.*epochs="):
+        run(f"python run.py cpu=true task=train model={ref_model} output=runs/over.pt "
+            "trainset=my_dataset-trainset.fvecs ds.loop=600 ds.valset=200 epochs=1")
+    assert not (at / "runs/over.pt").exists()
 
 
-def test_readme_train_qinco1_preset_is_refused_with_the_reason(at):
+def test_readme_train_qinco1_preset_adam_reduce_on_plateau_then_eval(at, monkeypatch):
     # ./run.sh task=train model_args=qinco1 db=deep1M output=runs/weights/qinco1-deep1M-8x8.pt
-    # Not implemented yet: QINCo2's loop has no Adam / reduce-on-plateau option.
-    with pytest.raises(RunConfigError, match="optimizer=adam scheduler.name=reduce_lr_plateau"):
-        run("./run.sh task=train model_args=qinco1 db=deep1M output=runs/qinco1-deep1M-8x8.pt M=2 L=1 dh=32")
-    assert not (at / "runs/qinco1-deep1M-8x8.pt").exists()
+    from qinco_jax.cli import qinco2_train
+
+    # reduce-on-plateau has no epoch limit (stop_patience ends it, as in the reference): cap it here
+    capped = qinco2_train.train_config
+    monkeypatch.setattr(qinco2_train, "train_config",
+                        lambda cfg, n=1: dataclasses.replace(capped(cfg, n), max_epochs=2))
+    run("./run.sh task=train model_args=qinco1 db=deep1M output=runs/qinco1-deep1M-8x8.pt M=2 L=1 dh=32 "
+        "ds.valset=200")
+    path = at / "runs/qinco1-deep1M-8x8.pt"
+    _assert_reference_model_file(path, M=2, K=256, L=1, h=32, qinco1_mode=True)
+    history = json.loads((at / "runs/qinco1-deep1M-8x8.pt.history.json").read_text())
+    train = history["run"]["train"]
+    assert (train["optimizer"], train["scheduler"], train["epoch_size"]) == ("adam", "reduce_lr_plateau", None)
+    assert [e["lr"] for e in history["epochs"]] == [1e-4, 1e-4]  # the plateau rate: no cosine ramp
+    assert min(e["val_mse"] for e in history["epochs"]) < history["before"]
+    mse = run(f"./run.sh task=eval_valset model={path} db=deep1M ds.valset=200")
+    assert mse == pytest.approx(min(e["val_mse"] for e in history["epochs"]), rel=1e-3)
+    out = run(f"./run.sh task=eval model={path} db=deep1M")
+    assert out["n"] == 1000 and np.isfinite(out["mse"]) and out["mse"] > 0
 
 
 # --------------------------------------------------------------------------------------

@@ -16,13 +16,18 @@ event files there (training.monitor). `precision=bf16` trains in mixed precision
 
 continues a trained QINCo2 model (the reference's files or ours): its architecture,
 normalisation and IVF centroids come from the file (model keys given on the command
-line must agree with it), there is no RQ initialisation, and the optimizer and
-schedule start afresh (training.finetune.continue_training). `batch` is per device, as
-the reference's is per GPU.
+line must agree with it), there is no RQ initialisation, the schedule (data order,
+learning rate, epoch limit) continues at the epoch after the file's last (the
+reference's files record it; ours start at 0), and the optimizer starts afresh
+(training.finetune.continue_training); a cosine schedule already over is an error.
+`batch` is per device, as the reference's is per GPU.
 
-Not implemented yet (each refused with a message naming the key): optimizer=adam and
-scheduler.name=reduce_lr_plateau (so model_args=qinco1), grad_accumulate > 1, and
-starting a continued model's schedule at the epoch after the file's.
+`optimizer=adam|adamw`, `scheduler.name=cosine|reduce_lr_plateau` (with
+scheduler.reduce_fact / patience / threshold_frac / lr_min_fact; its state is
+checkpointed, so resume=true keeps it) and `grad_accumulate=N` (the mean gradient of N
+batches makes one optimizer update; the rate of an update is its last batch's) are the
+reference's knobs; `model_args=qinco1` (Adam, reduce-on-plateau, no ds.loop looping)
+uses them.
 """
 
 from __future__ import annotations
@@ -68,16 +73,18 @@ def model_spec(cfg: RunConfig):
 
 
 def train_config(cfg: RunConfig, n_devices: int = 1):
-    """The training.TrainConfig the run's keys describe (QINCo2's cosine recipe). `batch`
+    """The training.TrainConfig the run's keys describe (QINCo2's recipe: optimizer=,
+    scheduler.*, grad_accumulate=; the qinco1 preset's Adam and reduce-on-plateau). `batch`
     is per device, as in the reference: the global batch is batch x n_devices (the
     training mesh's devices, over all processes)."""
     from qinco_jax.training.loop import qinco2_train_config
 
-    if cfg.optimizer != "adamw" or cfg.scheduler.name != "cosine":
-        raise RunConfigError(f"optimizer={cfg.optimizer} scheduler.name={cfg.scheduler.name}: only QINCo2's "
-                             "recipe (optimizer=adamw, scheduler.name=cosine) is implemented for task=train")
-    if cfg.grad_accumulate != 1:
-        raise RunConfigError(f"grad_accumulate={cfg.grad_accumulate}: only 1 is implemented")
+    if cfg.grad_accumulate < 1:
+        raise RunConfigError(f"grad_accumulate={cfg.grad_accumulate}: must be >= 1 (batches per optimizer update)")
+    sc = cfg.scheduler
+    plateau = sc.name == "reduce_lr_plateau"
+    # the cosine run's length; reduce-on-plateau has none (stop_patience ends it)
+    max_epochs = cfg.epochs + sc.stop_patience + 1 if not plateau else 1_000_000
     ngpu = 0 if cfg.cpu else -1
     try:
         return qinco2_train_config(
@@ -87,7 +94,9 @@ def train_config(cfg: RunConfig, n_devices: int = 1):
             stop_patience=cfg.scheduler.stop_patience, codebook_noise=cfg.codebook_noise_init, seed=cfg.seed,
             # The reference does not loop in qinco1_mode: every epoch is the whole set.
             epoch_size=None if cfg.qinco1_mode else cfg.ds.loop, ngpu=ngpu,
-            dtype=run_config.PRECISIONS[cfg.precision])
+            dtype=run_config.PRECISIONS[cfg.precision], optimizer=cfg.optimizer.lower(), scheduler=sc.name,
+            reduce_fact=sc.reduce_fact, patience=sc.patience, threshold_frac=sc.threshold_frac,
+            grad_accumulate=cfg.grad_accumulate, max_epochs=max_epochs)
     except ValueError as e:
         raise RunConfigError(str(e)) from None
 
@@ -114,9 +123,13 @@ def train(cfg: RunConfig, log=print):
         raise RunConfigError(str(e)) from None
     n_devices = make_mesh(0 if cfg.cpu else -1).devices.size
     # everything is checked before the (long) data reading and training start
-    start = _trained_model(cfg, log) if cfg.model is not None else None
+    start, start_epoch = _trained_model(cfg, log) if cfg.model is not None else (None, 0)
     spec = model_spec(cfg) if start is None else None
     tcfg = train_config(cfg, n_devices)
+    if start_epoch >= tcfg.max_epochs:
+        raise RunConfigError(f"model={cfg.model} stopped after epoch {start_epoch - 1}: its schedule (epochs="
+                             f"{cfg.epochs} + scheduler.stop_patience={cfg.scheduler.stop_patience} + 1) is "
+                             "over, nothing to train; give a larger epochs=")
     _check_tensorboard(cfg)
     if n_devices > 1:
         log(f"{n_devices} devices over {jax.process_count()} process(es): global batch "
@@ -137,14 +150,16 @@ def train(cfg: RunConfig, log=print):
         raise RunConfigError(f"trainset vectors have dimension {xt.shape[1]}, model={cfg.model} needs {start.d}")
     with _monitor(cfg) as monitor:
         if start is not None:
-            return finetune.continue_training(start, xt, xval, tcfg, log=log, monitor=monitor, **paths)
+            return finetune.continue_training(start, xt, xval, tcfg, log=log, monitor=monitor,
+                                              start_epoch=start_epoch, **paths)
         return recipe.train_model(xt, xval, spec, tcfg, ivf_centroids=centroids, log=log, monitor=monitor, **paths)
 
 
 def _trained_model(cfg: RunConfig, log):
-    """The QINCo2 model of model= to train further, checked against the model keys the
-    command line gives (qinco2_tasks.load_model: a different M, K, L, dh, de, ivf_K is
-    an error naming the key)."""
+    """(the QINCo2 model of model= to train further, the epoch its schedule continues
+    at: the file's `epoch`, the number of epochs it completed, or 0), the model checked
+    against the model keys the command line gives (qinco2_tasks.load_model: a
+    different M, K, L, dh, de, ivf_K is an error naming the key)."""
     from qinco_jax.cli.qinco2_tasks import load_model
     from qinco_jax.formats.torch_pickle import CheckpointError
 
@@ -160,15 +175,18 @@ def _trained_model(cfg: RunConfig, log):
         if given is not None and given != of_model:
             raise RunConfigError(f"{key}={given} given, but model={cfg.model} was trained with {key}={of_model}: "
                                  "continuing a model keeps its architecture")
+    epoch = 0
     if str(cfg.model).endswith(".pt"):
         from qinco_jax.formats.torch_pickle import load_pt
 
         root = load_pt(cfg.model)
-        epoch = root.get("epoch") if isinstance(root, dict) else None
-        if epoch is not None:  # the reference's files record it; ours (no training state) hold None
-            log(f"model={cfg.model} stopped after epoch {epoch}; the schedule restarts from epoch 0 here "
-                "(starting at the next epoch is not implemented)")
-    return model
+        saved = root.get("epoch") if isinstance(root, dict) else None
+        if saved is not None:  # the reference's files record it (completed epochs); ours (no training state) hold None
+            if not isinstance(saved, int) or isinstance(saved, bool) or saved < 0:
+                raise RunConfigError(f"model={cfg.model} records epoch={saved!r}, not a number of epochs")
+            epoch = saved
+            log(f"model={cfg.model} stopped after epoch {epoch - 1}: training continues at epoch {epoch}")
+    return model, epoch
 
 
 def _check_tensorboard(cfg: RunConfig) -> None:

@@ -11,7 +11,7 @@
     streaming       reading a training set that stays on disk: bounded chunks, batches,
                     faiss's own subsamples, transformed rows (RowMap)
     finetune        training a trained model further (run.py task=train model=<file>)
-    qinco2_recipe   QINCo2's recipe pieces: AdamW, cosine schedule, clipping, beam training
+    qinco2_recipe   QINCo2's recipe pieces: AdamW / Adam, cosine and plateau schedules, clipping, beam training
     monitor         what a person watches: codeword usage (perplexity, entropy, dead codewords
                     per step), TensorBoard event files (TensorBoardMonitor, read_scalars)
     scheduler       QINCo v1's reduce-on-plateau learning-rate schedule and stopping rule

@@ -1,9 +1,9 @@
 """Training a trained model further: QINCo2's `run.py task=train model=<file>`.
 
 The model file gives the architecture, the normalisation and the IVF centroids; there is
-no RQ initialisation. A model file carries no optimizer or schedule state, so those start
-afresh (the reference's files record the epoch they stopped at; its schedule position is
-not restored here)."""
+no RQ initialisation. The schedule starts at `start_epoch` (the reference's files record
+the epoch after their last: its data order and learning rate continue from there); the
+optimizer state starts afresh (our files carry none; the reference's is not read)."""
 
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ from qinco_jax.training.recipe import assign_to_centroids
 def continue_training(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: training.TrainConfig, *,
                       model_path: str | None = None, checkpoint_dir: str | None = None,
                       history_path: str | None = None, log: Callable[[str], None] = quiet,
-                      monitor=None) -> training.TrainResult:
+                      monitor=None, start_epoch: int = 0) -> training.TrainResult:
     """Train an already trained model further (QINCo2's `task=train model=<file>`: its
     architecture, normalisation and IVF centroids are the file's; no RQ
-    initialisation). The optimizer and schedule start afresh (a model file carries no
-    training state); see training.fit for the paths and monitor."""
+    initialisation). The schedule starts at start_epoch, the optimizer afresh; see
+    training.fit for the paths, monitor and start_epoch."""
     xt = streaming.as_rows(xt)  # a memory map stays on disk: read in batches, converted to float32 per batch
     streaming.check_rows(xt, "training vectors")  # dtype and values, chunk by chunk
     xval = validation.as_finite_float32(xval, "validation vectors")  # read once
@@ -39,4 +39,5 @@ def continue_training(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: 
         assign = assign_to_centroids(xt, centroids)
     log(f"continuing the training of {model.config.describe()}")
     return training.fit(model, xt, xval, cfg, code0=assign, model_path=model_path,
-                        checkpoint_dir=checkpoint_dir, history_path=history_path, log=log, monitor=monitor)
+                        checkpoint_dir=checkpoint_dir, history_path=history_path, log=log, monitor=monitor,
+                        start_epoch=start_epoch)

@@ -75,6 +75,7 @@ from qinco_jax.training.monitor import Monitor, NullMonitor, codeword_stats, usa
 from qinco_jax.training.recipes import (  # noqa: F401  (re-exported: the loop's vocabulary)
     DATA_SEED, Params, Qinco2Recipe, Recipe, V1Recipe, batch_loss, epoch_batches, make_optimizer, merge,
     qinco2_batch_loss, recipe_for, split_trainable)
+from qinco_jax.training.qinco2_recipe import set_learning_rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +103,23 @@ class TrainConfig:
     codebook_noise: float = 0.1    # noise on the RQ codebooks, relative to their std
     seed: int = 0                  # data order, codebook noise and codeword resets
     dtype: str = "float32"         # "bfloat16": mixed precision (float32 master weights)
+    optimizer: str = "adamw"       # QINCo2: "adamw" (decoupled decay) or "adam" (L2 decay, the qinco1 preset)
+    scheduler: str = "cosine"      # QINCo2: "cosine" or "reduce_lr_plateau" (the qinco1 preset)
+    reduce_fact: float = 0.1       # reduce_lr_plateau: lr *= reduce_fact after `patience` bad epochs
+    patience: int = 10
+    threshold_frac: float = 1e-10  # reduce_lr_plateau: relative improvement that counts
+    grad_accumulate: int = 1       # QINCo2: batches whose mean gradient makes one optimizer update
 
     def __post_init__(self):
+        if self.optimizer not in ("adamw", "adam"):
+            raise ValueError(f"optimizer must be 'adamw' or 'adam', got {self.optimizer!r}")
+        if self.scheduler not in ("cosine", "reduce_lr_plateau"):
+            raise ValueError(f"scheduler must be 'cosine' or 'reduce_lr_plateau', got {self.scheduler!r}")
+        if not (0 < self.reduce_fact < 1) or self.patience < 0 or not (self.threshold_frac >= 0):
+            raise ValueError(f"reduce_lr_plateau needs 0 < reduce_fact < 1, patience >= 0 and threshold_frac >= 0, "
+                             f"got {self.reduce_fact}, {self.patience}, {self.threshold_frac}")
+        if self.grad_accumulate < 1:
+            raise ValueError(f"grad_accumulate must be >= 1, got {self.grad_accumulate}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
         if self.epoch_size is not None and self.epoch_size < 1:
@@ -204,9 +220,7 @@ def make_step(loss_fn: Callable, optimizer: optax.GradientTransformation, mesh: 
     def step(trainable, opt_state, frozen, x, code0, weights, lr):
         (loss, (frozen, usage)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable, frozen, x, code0,
                                                                                    weights)
-        hyper = dict(opt_state.hyperparams)
-        hyper["learning_rate"] = jnp.asarray(lr, jnp.float32)
-        opt_state = opt_state._replace(hyperparams=hyper)
+        opt_state = set_learning_rate(opt_state, lr)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, frozen, loss, usage, _global_norm(grads)
 
@@ -504,11 +518,11 @@ class _Trainer:
     def model(self, trainable: Params, frozen: Params) -> QincoModel:
         return QincoModel(self.config, local_copy(merge(trainable, frozen)))
 
-    def initial_state(self, model: QincoModel) -> TrainState:
+    def initial_state(self, model: QincoModel, start_epoch: int = 0) -> TrainState:
         trainable, frozen = (self.put(t) for t in self.recipe.split(model.params, self.config))
         return TrainState(trainable=trainable, frozen=frozen, opt_state=self.put(self.optimizer.init(trainable)),
-                          epoch=0, step=0, rng=jax.random.key(self.cfg.seed + 1),
-                          schedule=self.recipe.initial_schedule(), best_mse=None,
+                          epoch=start_epoch, step=0, rng=jax.random.key(self.cfg.seed + 1),
+                          schedule=self.recipe.initial_schedule(start_epoch), best_mse=None,
                           best_trainable=trainable, best_frozen=frozen)
 
     def restore(self, ckpt: TrainCheckpointer, state: TrainState, run_info: dict, where: str
@@ -594,7 +608,8 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
         recipe: Recipe | None = None, code0: np.ndarray | None = None, model_path: str | None = None,
         checkpoint_dir: str | None = None, history_path: str | None = None,
         save_fn: Callable[[QincoModel, str], None] | None = None,
-        log: Callable[[str], None] | None = None, monitor: Monitor | None = None) -> TrainResult:
+        log: Callable[[str], None] | None = None, monitor: Monitor | None = None,
+        start_epoch: int = 0) -> TrainResult:
     """Train `model` (initialised, e.g. from an RQ) on raw vectors xt, validating on xval.
 
     recipe: what v1 and QINCo2 training do differently (training.recipes); by default
@@ -608,7 +623,9 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
       codeword usage of its training encodes (training.monitor.codeword_stats).
     monitor: called after every epoch with its record and per-step loss, learning
       rate and gradient norm (training.monitor: e.g. a TensorBoardMonitor); the
-      caller closes it."""
+      caller closes it.
+    start_epoch: the first epoch's index (a continued model: the epoch after its last);
+      the data order, learning rate and epoch limits count from there."""
     is_main = jax.process_index() == 0
     log = (log or _default_log) if is_main else quiet  # one process speaks
     monitor = monitor if monitor is not None and is_main else NullMonitor()
@@ -625,7 +642,9 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
     trainer = _Trainer(model, xt, xval, code0, cfg, recipe, mesh)
     run_info = {"model": model.config.describe(), "db_scale": model.config.db_scale, "nt": int(len(xt)),
                 "nval": int(len(xval)), "train": dataclasses.asdict(cfg), "devices": n_dev}
-    state = trainer.initial_state(model)
+    if start_epoch < 0:
+        raise ValueError(f"start_epoch must be >= 0, got {start_epoch}")
+    state = trainer.initial_state(model, start_epoch)
     history: dict = {"run": run_info, "before": None, "epochs": []}
     ckpt = TrainCheckpointer(checkpoint_dir) if checkpoint_dir else None
     if ckpt is not None and ckpt.latest_epoch() is not None:

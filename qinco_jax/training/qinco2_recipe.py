@@ -100,7 +100,12 @@ def make_optimizer(weight_decay: float = 0.1, grad_clip: float = 0.1, kind: str 
 
 
 def set_learning_rate(opt_state, lr) -> Any:
-    """opt_state (of `make_optimizer`) with its learning rate set to lr (traceable)."""
+    """opt_state (of `make_optimizer`, or of optax.MultiSteps around it: gradient
+    accumulation) with its learning rate set to lr (traceable). Under MultiSteps the
+    inner optimizer reads the rate when it updates, so an update uses the rate of its
+    last accumulated batch, as the reference (stepping its scheduler every batch) does."""
+    if isinstance(opt_state, optax.MultiStepsState):
+        return opt_state._replace(inner_opt_state=set_learning_rate(opt_state.inner_opt_state, lr))
     hyper = dict(opt_state.hyperparams)
     hyper["learning_rate"] = jnp.asarray(lr, dtype=jnp.asarray(hyper["learning_rate"]).dtype)
     return opt_state._replace(hyperparams=hyper)

@@ -7,9 +7,11 @@ training loop (`training.loop.fit`) leaves open, and nothing else:
                     substep losses, the running target statistics updated
     parameters      which subtrees train and which stay frozen (`split` / `merge`)
     optimizer       v1: Adam (rebuilt every epoch unless persistent); QINCo2: AdamW
-                    with gradients clipped by value, persistent
+                    (or Adam) with gradients clipped by value, persistent, optionally
+                    accumulated over grad_accumulate batches
     data order      which training rows each epoch visits, in which batches
-    schedule        the learning rate of every batch and the stopping rule; its state
+    schedule        the learning rate of every batch and the stopping rule (QINCo2:
+                    cosine or reduce-on-plateau); its state
                     is plain numbers (JSON), carried in the loop's TrainState
     codeword reset  QINCo2 re-draws the codewords an epoch did not use; v1 does not
 
@@ -153,7 +155,7 @@ class V1Recipe:
         """The epoch's training rows, batch by batch."""
         return epoch_batches(n, self.cfg.batch_size, epoch, self.cfg.data_seed)
 
-    def initial_schedule(self) -> dict:
+    def initial_schedule(self, start_epoch: int = 0) -> dict:
         return Scheduler(self.cfg.lr).state_dict()
 
     def batch_lrs(self, schedule: dict, epoch: int, n_batches: int) -> np.ndarray:
@@ -176,9 +178,15 @@ class V1Recipe:
 
 @dataclasses.dataclass(frozen=True)
 class Qinco2Recipe:
-    """QINCo2 (the root `qinco/` package, run.py task=train): AdamW with gradients
-    clipped by value (weight_decay, grad_clip), persistent; the rate set per batch by a
-    linear ramp then a cosine (lr, ramp_epochs, epochs, lr_min_fact); epochs of
+    """QINCo2 (the root `qinco/` package, run.py task=train): AdamW (or Adam:
+    cfg.optimizer) with gradients clipped by value (weight_decay, grad_clip),
+    persistent, optionally updating once per `grad_accumulate` batches (mean gradient;
+    an accumulation may span two epochs); the rate set per batch by a linear ramp then
+    a cosine (lr, ramp_epochs, epochs, lr_min_fact), or, scheduler
+    "reduce_lr_plateau" (the qinco1 preset), constant per epoch and reduced by
+    reduce_fact after `patience` epochs without a relative improvement of
+    threshold_frac (never below lr * lr_min_fact; its state is in the schedule, so a
+    resumed run keeps it; no epoch limit but stop_patience / max_epochs); epochs of
     `epoch_size` samples cycling through a fixed shuffled order (seed); stop after
     `stop_patience` epochs without a new best or `epochs + stop_patience + 1` epochs
     (or max_epochs, whichever comes first); a loss adding each step's substep-codebook
@@ -207,9 +215,19 @@ class Qinco2Recipe:
         return loss_fn
 
     def optimizer(self) -> optax.GradientTransformation:
-        return q2.make_optimizer(self.cfg.weight_decay, self.cfg.grad_clip)
+        cfg = self.cfg
+        opt = q2.make_optimizer(cfg.weight_decay, cfg.grad_clip, kind=cfg.optimizer)
+        if cfg.grad_accumulate > 1:
+            # the mean gradient of grad_accumulate batches, clipped, makes one update (the
+            # reference's accelerate accumulation); the step count stays per batch.
+            opt = optax.MultiSteps(opt, every_k_schedule=cfg.grad_accumulate)
+        return opt
 
     rebuild_optimizer = False
+
+    @property
+    def plateau(self) -> bool:
+        return self.cfg.scheduler == "reduce_lr_plateau"
 
     def data_order(self, n: int) -> q2.DataOrder:
         return q2.DataOrder(n, self.cfg.epoch_size, self.cfg.seed)
@@ -217,20 +235,46 @@ class Qinco2Recipe:
     def epoch_rows(self, n: int, epoch: int) -> list[np.ndarray]:
         return self.data_order(n).batches(epoch, self.cfg.batch_size)
 
-    def initial_schedule(self) -> dict:
-        return dataclasses.asdict(q2.TrainProgress())
+    def initial_schedule(self, start_epoch: int = 0) -> dict:
+        """start_epoch > 0 (a continued model file's `epoch`): the schedule starts there,
+        as the reference's does, its last epoch counting as the best so far (the
+        stop_patience count starts afresh); the best MSE starts unknown."""
+        schedule = dataclasses.asdict(q2.TrainProgress(epoch=start_epoch, best_mse_epoch=start_epoch - 1))
+        if self.plateau:
+            cfg = self.cfg
+            schedule["plateau"] = dataclasses.asdict(q2.PlateauSchedule(
+                lr=cfg.lr, factor=cfg.reduce_fact, patience=cfg.patience, threshold=cfg.threshold_frac,
+                min_lr=cfg.lr * cfg.lr_min_fact))
+        return schedule
+
+    @staticmethod
+    def _progress(schedule: dict) -> q2.TrainProgress:
+        return q2.TrainProgress(**{k: v for k, v in schedule.items() if k != "plateau"})
 
     def batch_lrs(self, schedule: dict, epoch: int, n_batches: int) -> np.ndarray:
         cfg = self.cfg
+        if self.plateau:  # constant within an epoch
+            return np.full(n_batches, float(schedule["plateau"]["lr"]))
         return q2.CosineSchedule(cfg.lr, cfg.ramp_epochs, cfg.epochs, cfg.lr_min_fact).epoch_lrs(epoch, n_batches)
 
     def should_stop(self, schedule: dict, epoch: int) -> bool:
-        return epoch >= self.cfg.max_epochs or q2.should_stop(q2.TrainProgress(**schedule), self.cfg.epochs,
-                                                               self.cfg.stop_patience)
+        return epoch >= self.cfg.max_epochs or q2.should_stop(self._progress(schedule), self.cfg.epochs,
+                                                               self.cfg.stop_patience, cosine=not self.plateau)
 
     def after_epoch(self, schedule: dict, epoch: int, val_mse: float, n_steps: int) -> tuple[dict, bool, str]:
-        progress, improved = q2.TrainProgress(**schedule).after_epoch(val_mse, n_steps)
-        return dataclasses.asdict(progress), improved, ""
+        """reduce_lr_plateau: the plateau schedule steps on the epoch's validation MSE and
+        gives the next epoch's rate. (The reference also steps it once before the first
+        epoch, on the untrained model's MSE; not here.)"""
+        progress, improved = self._progress(schedule).after_epoch(val_mse, n_steps)
+        out, note = dataclasses.asdict(progress), ""
+        if self.plateau:
+            plateau = q2.PlateauSchedule(**schedule["plateau"])
+            before = plateau.lr
+            plateau.step(val_mse)
+            out["plateau"] = dataclasses.asdict(plateau)
+            if plateau.lr < before:
+                note = (f"val MSE did not improve for {plateau.patience} epochs: lr -> {plateau.lr:g}")
+        return out, improved, note
 
     def reset_codewords(self, params: Params, config: QincoConfig, usage, key: jax.Array
                         ) -> tuple[Params, list[int] | None]:
