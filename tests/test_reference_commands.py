@@ -205,6 +205,15 @@ def test_readme_eval_custom_model_on_a_custom_dataset_limit(at, small_model):
     assert out["n"] == 500 and np.isfinite(out["mse"]) and out["mse"] > 0
 
 
+def test_eval_time_reports_microseconds_per_vector(at, small_model, capsys):
+    # ./run.sh task=eval_time model=... db=...: eval, plus encoding / decoding time per vector
+    out = run(f"./run.sh task=eval_time model={small_model.name} db=my_dataset-db.fvecs ds.db=300")
+    assert out["n"] == 300 and out["t_encode"] > 0 and out["t_decode"] > 0
+    printed = capsys.readouterr().out
+    per_vector = float(printed.split("Encoding time / vector: ")[1].split("\u03bcs")[0])
+    assert per_vector == pytest.approx(out["t_encode"] / 300 * 1e6, rel=0.06)
+
+
 def test_readme_search_without_an_index_gives_table3_recalls(at, small_model):
     # python run.py task=search model=models/qinco2_L-bigann1M-8x8.pt db=bigann1M A=32 B=64
     out = run(f"python run.py task=search model={small_model.name} db=deep1M A=8 B=8")
