@@ -158,7 +158,11 @@ def train_pairwise_decoder(cfg: RunConfig, log: Log = print) -> pairwise.Pairwis
                                          allow_mismatch=cfg.allow_model_mismatch,
                                          override_hint="allow_model_mismatch=true", log=log)
         fingerprint = provenance.model_fingerprint(model) if found.by != "overridden" else None
-    pairwise.save_pairwise_decoder(training.decoder, cfg.output, model_fingerprint=fingerprint)
+    from qinco_jax.search.pairwise_stage import describe_shrinkage
+
+    log(describe_shrinkage(training))
+    pairwise.save_pairwise_decoder(training.decoder, cfg.output, model_fingerprint=fingerprint,
+                                   shrinkage=training.shrinkage, shrinkage_chosen=training.shrinkage_chosen)
     scale = resolve_data(cfg).mse_scale
     val_mse = mean_squared_error(pairwise.decode(training.decoder, val_codes, centroids), xval) * scale
     log(f"train MSE {training.train_mse[-1] * scale:.6g} "

@@ -152,7 +152,9 @@ class RunConfig:
 
     encode_trainset: bool = False
     n_pairwise_codebooks: int = 2
-    pairwise_shrinkage: float = 0.0  # qinco-jax's: table entries sum / (count + this); 0 = the reference's means
+    # qinco-jax's: table entries sum / (count + this); 0 = the reference's means; null (default):
+    # chosen on held-out training rows (qinco_jax.models.pairwise.choose_shrinkage)
+    pairwise_shrinkage: float | None = None
     ondisk: bool = False  # qinco-jax's: build_index puts the inverted lists in <output>.ivfdata (faiss on-disk)
     allow_model_mismatch: bool = False  # qinco-jax's: task=search with a model that did not make index= (expert)
 

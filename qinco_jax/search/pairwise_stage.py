@@ -73,13 +73,14 @@ def middle_stage(decoder: pairwise.PairwiseDecoder, model: QincoModel,
 
 def train_for_model(model: QincoModel, xt: np.ndarray, xt_codes: np.ndarray | None = None, *,
                     ivf_centroids: np.ndarray | None = None, n_tables_per_code: int = pairwise.DEFAULT_TABLES_PER_CODE,
-                    options: EncodeOptions | None = None, seed: int = 0, shrinkage: float = 0.0,
+                    options: EncodeOptions | None = None, seed: int = 0, shrinkage: float | None = None,
                     progress: bool = True) -> pairwise.PairwiseTraining:
     """Train the pairwise decoder of an IVF model on raw training vectors xt (n, d):
     their model codes `xt_codes` (n, 1 + M) are encoded here (with `options`) unless
     given; `ivf_centroids` (raw units) default to the model's. n_tables_per_code * M
     tables (the reference's n_pairwise_codebooks, default 2). Works with any number of
-    IVF lists, fewer than K included; `shrinkage`: see `pairwise.train_pairwise_decoder`."""
+    IVF lists, fewer than K included; `shrinkage`: see `pairwise.train_pairwise_decoder`
+    (None, the default: chosen on held-out training rows; 0: the reference's plain means)."""
     model = require_ivf_model(model)
     xt = np.asarray(xt, np.float32)
     if xt.ndim != 2 or xt.shape[1] != model.d:
@@ -95,3 +96,15 @@ def train_for_model(model: QincoModel, xt: np.ndarray, xt_codes: np.ndarray | No
     return pairwise.train_pairwise_decoder(xt, xt_codes, centroids, model.config.K,
                                            n_tables=n_tables_per_code * model.config.M, seed=seed,
                                            shrinkage=shrinkage, progress=progress)
+
+
+def describe_shrinkage(training: pairwise.PairwiseTraining) -> str:
+    """One line saying which shrinkage the tables were trained with and why."""
+    if not training.shrinkage_chosen:
+        return f"pairwise shrinkage {training.shrinkage:g} (given)"
+    if not training.validation_mse:
+        return (f"pairwise shrinkage {training.shrinkage:g} (too few training rows to hold any out "
+                f"for a choice: plain means)")
+    tried = ", ".join(f"{lam:g}: {mse:.6g}" for lam, mse in training.validation_mse)
+    return (f"pairwise shrinkage {training.shrinkage:g}, chosen on held-out training rows "
+            f"(held-out MSE per shrinkage {tried})")
