@@ -254,11 +254,11 @@ def search(cfg: RunConfig, log: Log = print) -> list[dict]:
                                               override_hint="allow_model_mismatch=true", log=log)
         mid = pairwise_stage.middle_stage(decoder, model)
         log(f"three-stage search with the pairwise decoder {cfg.pairwise_decoder} "
-            f"({cfg.search.pairwise_table_dtype} tables)")
+            f"({decoder.table_dtype} tables)")
     metadata = dict(nq=len(xq), model=model.describe(), index=cfg.index, pairwise_decoder=cfg.pairwise_decoder,
                     engine=cfg.search.engine)
     if mid is not None:
-        metadata["pairwise_table_dtype"] = cfg.search.pairwise_table_dtype
+        metadata["pairwise_table_dtype"] = decoder.table_dtype
     previous: list[dict] = []
     if cfg.resume and cfg.output and Path(cfg.output).exists():
         previous = report.load_results(cfg.output)

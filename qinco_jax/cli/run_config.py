@@ -86,8 +86,9 @@ class SearchConfig:
     quantizer_efSearch: tuple[int, ...] = (4,)
     nmid_short: tuple[int, ...] = (1, 4)
     # not the reference's: how the three-stage search stores the pairwise tables
-    # (qinco_jax.models.pairwise.TABLE_DTYPES; float16 / int8 look up faster)
-    pairwise_table_dtype: str = "float32"
+    # (qinco_jax.models.pairwise.TABLE_DTYPES; float16 / int8 look up faster); null (default):
+    # int8 / float16 when within 0.1 % of float32's MSE (search.pairwise_stage.choose_table_dtype)
+    pairwise_table_dtype: str | None = None
     # not the reference's: "faiss" (its IVF-RQ scan) or "jax" (qinco_jax.search.jax_engine);
     # engine_fallback: with "jax", search with faiss if the JAX engine cannot read the index
     engine: str = "faiss"
@@ -374,7 +375,7 @@ def check_values(cfg: RunConfig) -> None:
             raise RunConfigError(f"search.{key} values must be >= 1, got {list(getattr(cfg.search, key))}")
     if cfg.search.engine not in ("faiss", "jax"):
         raise RunConfigError(f"unknown search.engine {cfg.search.engine!r}: use faiss or jax")
-    if cfg.search.pairwise_table_dtype not in PAIRWISE_TABLE_DTYPES:
+    if cfg.search.pairwise_table_dtype is not None and cfg.search.pairwise_table_dtype not in PAIRWISE_TABLE_DTYPES:
         raise RunConfigError(f"unknown search.pairwise_table_dtype {cfg.search.pairwise_table_dtype!r}: "
                              f"use one of {', '.join(PAIRWISE_TABLE_DTYPES)}")
 

@@ -37,6 +37,37 @@ def check_decoder_fits(decoder: pairwise.PairwiseDecoder, model: QincoModel, wha
                          f"M={c.M} codes plus {pairwise.IVF_SUBCODE_STAGES} IVF sub-codes")
 
 
+# A compact storage (pairwise.compact) is used by default when its reconstructions are
+# within this relative MSE of the float32 tables' (`choose_table_dtype`); the number of
+# stored entries that measure it.
+COMPACT_MSE_TOLERANCE = 1e-3
+COMPACT_CHECK_SAMPLE = 2048
+
+
+def choose_table_dtype(decoder: pairwise.PairwiseDecoder, model: QincoModel, codes: np.ndarray,
+                       ivf_centroids: np.ndarray | None = None, *,
+                       tolerance: float = COMPACT_MSE_TOLERANCE) -> tuple[str, dict[str, float]]:
+    """(storage, {storage: MSE}): the smallest table storage (int8, then float16) whose
+    reconstructions of `codes` (n, 1 + M), e.g. a sample of an index's stored entries,
+    are within `tolerance` (relative) of the float32 tables' MSE; float32 when neither
+    is. The MSE is measured against the model's own decodings of the codes (the only
+    reconstruction known without the vectors, and the one the final stage ranks with);
+    the compact tables' rounding is a larger share of that error than of the error
+    against the vectors, so the rule is the stricter of the two."""
+    check_decoder_fits(decoder, model)
+    codes = np.asarray(codes)
+    centroids = model_ivf_centroids(model) if ivf_centroids is None else np.asarray(ivf_centroids, np.float32)
+    target = codec.decode(model, codes)
+    mse = {}
+    for dtype in ("float32", "int8", "float16"):
+        xhat = pairwise.decode(pairwise.compact(decoder, dtype), codes, centroids)
+        mse[dtype] = float(np.mean(np.sum((xhat.astype(np.float64) - target) ** 2, axis=1)))
+    for dtype in ("int8", "float16"):
+        if mse[dtype] <= mse["float32"] * (1 + tolerance):
+            return dtype, mse
+    return "float32", mse
+
+
 def load_for_model(path: str | os.PathLike, model: QincoModel,
                    table_dtype: str = "float32") -> pairwise.PairwiseDecoder:
     """Read a pairwise decoder file (the reference's format), check it fits `model`
@@ -46,16 +77,28 @@ def load_for_model(path: str | os.PathLike, model: QincoModel,
     return pairwise.compact(decoder, table_dtype)
 
 
-def load_checked(path: str | os.PathLike, model: QincoModel, index, *, table_dtype: str = "float32",
+def load_checked(path: str | os.PathLike, model: QincoModel, index, *, table_dtype: str | None = None,
                  model_path: str | os.PathLike | None = None, allow_mismatch: bool = False,
                  override_hint: str = "allow_mismatch=True", log=None) -> pairwise.PairwiseDecoder:
     """`load_for_model`, then a check that the decoder belongs to `model` (the model
     fingerprint its file records, else its reconstructions of a sample of the stored
-    entries of `index` against the model's: `provenance.check_decoder_belongs`)."""
-    decoder = load_for_model(path, model, table_dtype)
+    entries of `index` against the model's: `provenance.check_decoder_belongs`).
+    table_dtype None (the default): the storage `choose_table_dtype` picks on a sample
+    of the index's stored entries, said through `log`; the result's `table_dtype`
+    says which."""
+    decoder = load_for_model(path, model, table_dtype or "float32")
     provenance.check_decoder_belongs(decoder, model, provenance.stored_codes_sample(index), decoder_path=path,
                                      model_path=model_path, recorded_fingerprint=pairwise.read_model_fingerprint(path),
                                      allow_mismatch=allow_mismatch, override_hint=override_hint, log=log)
+    if table_dtype is None:
+        sample = provenance.stored_codes_sample(index, COMPACT_CHECK_SAMPLE)
+        if len(sample):
+            table_dtype, mse = choose_table_dtype(decoder, model, sample)
+            if log is not None:
+                log(f"pairwise tables stored as {table_dtype}: MSE against the model's decodings of "
+                    f"{len(sample)} stored entries " + ", ".join(f"{k} {v:.6g}" for k, v in mse.items())
+                    + f" (a compact storage is used within {COMPACT_MSE_TOLERANCE:.1%} of float32)")
+            decoder = pairwise.compact(decoder, table_dtype)
     return decoder
 
 
