@@ -155,6 +155,51 @@ def test_table_storage_is_chosen_by_its_mse_unless_given(k16):
         assert given.table_dtype == dtype
 
 
+def _point(nmid, recall, seconds):
+    parameters = {"nprobe": 4, "nshort": 10} | ({} if nmid is None else {"nmid_short": nmid})
+    return {"parameters": parameters, "recalls": {"1": recall}, "t_search": seconds}
+
+
+def test_middle_stage_pays_keeps_three_stage_points_only_where_faster_at_equal_recall():
+    from qinco_jax.search.sweep import middle_stage_pays
+
+    two = [_point(1, 0.50, 1.0), _point(0, 0.60, 2.0), _point(None, 0.70, 4.0)]
+    faster = _point(4, 0.60, 1.5)       # the recall of a 2 s two-stage point in 1.5 s: kept
+    beaten = _point(4, 0.55, 2.0)       # 0.60 in 2 s without the middle stage: dropped
+    tie = _point(2, 0.60, 2.0)          # the same recall in the same time: no gain, dropped
+    best = _point(8, 0.75, 9.0)         # beyond every two-stage recall: kept
+    kept, dropped = middle_stage_pays([two[0], faster, beaten, two[1], tie, best, two[2]])
+    assert kept == [two[0], faster, two[1], best, two[2]]
+    assert dropped == [beaten, tie]
+    assert middle_stage_pays(two) == (two, [])
+
+
+def test_autotuned_sweep_adds_two_stage_points_and_drops_three_stage_points_that_do_not_pay(k16, data):
+    model, index = k16["model"], k16["index"]
+    mid = pairwise_stage.middle_stage(k16["decoder"], model)
+    said, seen = [], []
+    results = explore(index, model, data["xq"][:200], data["gt"][:200], nprobe=[2, 8], nshort=[5, 20],
+                      nmid_short=[4], mid=mid, n_autotune=100, log=said.append,
+                      on_result=lambda rs: seen.append(list(rs)))
+    assert any("1 (no middle stage) added" in m for m in said)
+    searched = max(seen, key=len)  # every point searched, before the three-stage ones were judged
+    two = [r for r in searched if r["parameters"]["nmid_short"] == 1]
+    assert two and all(r in results for r in two)  # the comparison points, all kept
+
+    def beaten(r):
+        return any(q["recalls"]["1"] >= r["recalls"]["1"] and report.total_seconds(q) <= report.total_seconds(r)
+                   for q in two)
+
+    for r in searched:
+        if r["parameters"]["nmid_short"] == 4:
+            assert (r in results) == (not beaten(r)), r
+    assert sum("dropped: a two-stage point" in m for m in said) == len(searched) - len(results)
+    # exhaustive (n_autotune 0): every point, none added
+    every = explore(index, model, data["xq"][:200], data["gt"][:200], nprobe=[2], nshort=[5],
+                    nmid_short=[4], mid=mid, n_autotune=0, log=lambda _: None)
+    assert [r["parameters"]["nmid_short"] for r in every] == [4]
+
+
 def _unnormalised(model: QincoModel) -> QincoModel:
     """The same network with mean 0, std 1: it sees raw data as `model` sees
     (x - mean) / std."""
