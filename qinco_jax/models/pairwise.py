@@ -476,9 +476,10 @@ def choose_shrinkage(residual: jax.Array, streams: jax.Array, K: int, n_tables: 
     """(λ, ((λ, held-out MSE), ...)): the shrinkage of `grid` whose tables, trained on
     all but a held-out SHRINKAGE_VALIDATION_FRACTION of the rows (at most
     SHRINKAGE_VALIDATION_MAX_ROWS, drawn with `seed`), reconstruct the held-out rows
-    best. The grid is tried in increasing order and the search stops at the first λ
-    that does worse than the best so far (the held-out MSE is taken to fall, then
-    rise, with λ: too little shrinkage memorises, too much erases the tables)."""
+    best. The grid is tried in increasing order and the search stops once two λ in a
+    row do worse than the best so far (the held-out MSE falls, then rises, with λ:
+    too little shrinkage memorises, too much erases the tables; two, so that one
+    noisy step does not end the search)."""
     n = residual.shape[0]
     n_val = min(SHRINKAGE_VALIDATION_MAX_ROWS, max(1, round(SHRINKAGE_VALIDATION_FRACTION * n)))
     order = np.random.default_rng(seed).permutation(n)
@@ -488,7 +489,8 @@ def choose_shrinkage(residual: jax.Array, streams: jax.Array, K: int, n_tables: 
         pairs, tables, _ = _fit_tables(residual[fit], streams[fit], K, n_tables, lam, progress,
                                        f"pairwise tables, shrinkage {lam:g} (choice)")
         tried.append((float(lam), _held_out_mse(residual[val], streams[val], K, pairs, tables)))
-        if tried[-1][1] > min(m for _, m in tried):
+        best_mse = min(m for _, m in tried)
+        if len(tried) >= 3 and tried[-1][1] > best_mse and tried[-2][1] > best_mse:
             break
     best = min(tried, key=lambda lm: lm[1])[0]
     return best, tuple(tried)
