@@ -237,7 +237,7 @@ def test_saving_a_compact_decoder_writes_its_dequantised_float32_tables(tmp_path
 
 def test_training_mse_falls_with_every_table_and_beats_aq():
     x, codes, centroids = ivf_training_data(20000, M=4, K=16)
-    result = pairwise.train_pairwise_decoder(x, codes, centroids, K=16, progress=False)
+    result = pairwise.train_pairwise_decoder(x, codes, centroids, K=16, shrinkage=0.0, progress=False)
     decoder = result.decoder
     assert decoder.n_tables == 8 and decoder.K == 16 and len(result.train_mse) == 9
     assert np.all(np.diff(result.train_mse) < 0), result.train_mse
@@ -298,6 +298,61 @@ def test_shrinkage_keeps_large_tables_from_memorising_a_small_training_set():
         pairwise.train_pairwise_decoder(x[:100], codes[:100], centroids, K=256, shrinkage=-1.0, progress=False)
 
 
+def test_shrinkage_is_chosen_on_held_out_rows_when_none_is_given(tmp_path):
+    """No shrinkage given, K = 256 tables (65,536 rows) and 6,000 training vectors: the
+    choice holds out 10 % of them, finds a λ > 0 that reconstructs them better than the
+    plain means, refits on every row with it, and that decoder also decodes vectors
+    it never saw better than the plain means'."""
+    x, codes, centroids = ivf_training_data(9000, M=2, K=256)
+    train, held = slice(0, 6000), slice(6000, 9000)
+    chosen = pairwise.train_pairwise_decoder(x[train], codes[train], centroids, K=256, progress=False)
+    assert chosen.shrinkage_chosen and chosen.shrinkage > 0
+    tried = dict(chosen.validation_mse)
+    assert tried[0.0] > tried[chosen.shrinkage] == min(tried.values())
+    assert list(tried) == sorted(tried) and chosen.shrinkage in pairwise.SHRINKAGE_GRID
+    # The refit: the tables are those trained on every row with the chosen λ.
+    again = pairwise.train_pairwise_decoder(x[train], codes[train], centroids, K=256, shrinkage=chosen.shrinkage,
+                                            progress=False)
+    np.testing.assert_array_equal(again.decoder.pairs, chosen.decoder.pairs)
+    np.testing.assert_allclose(again.decoder.tables, chosen.decoder.tables, rtol=1e-6, atol=1e-6)
+    assert not again.shrinkage_chosen and again.validation_mse == ()
+    plain = pairwise.train_pairwise_decoder(x[train], codes[train], centroids, K=256, shrinkage=0.0, progress=False)
+
+    def held_out(training):
+        return float(((x[held] - pairwise.decode(training.decoder, codes[held], centroids)) ** 2).sum(1).mean())
+
+    assert held_out(chosen) < 0.95 * held_out(plain)
+    # The choice is recorded beside the tables.
+    path = tmp_path / "pw.pt"
+    pairwise.save_pairwise_decoder(chosen.decoder, path, model_fingerprint="abc", shrinkage=chosen.shrinkage,
+                                   shrinkage_chosen=True)
+    assert pairwise.read_decoder_metadata(path) == {"model_fingerprint": "abc", "shrinkage": chosen.shrinkage,
+                                                    "shrinkage_chosen": True}
+    assert pairwise.read_model_fingerprint(path) == "abc"
+
+
+def test_an_explicit_shrinkage_is_used_as_given():
+    """0 gives the reference's plain means (no rows held out, no choice), whatever the
+    held-out rows would prefer; another value is used as it is; a tiny training set
+    without a shrinkage keeps the plain means (nothing to hold out)."""
+    x, codes, centroids = ivf_training_data(3000, M=2, K=16)
+    for lam in (0.0, 3.0):
+        res = pairwise.train_pairwise_decoder(x, codes, centroids, K=16, n_tables=1, shrinkage=lam, progress=False)
+        assert (res.shrinkage, res.shrinkage_chosen, res.validation_mse) == (lam, False, ())
+        streams = np.concatenate([codes[:, 1:], res.decoder.ivf_subcodes[codes[:, 0]]], 1)
+        rows = streams[:, res.decoder.pairs[0, 0]] * 16 + streams[:, res.decoder.pairs[1, 0]]
+        sums = np.zeros((256, x.shape[1]))
+        np.add.at(sums, rows, x - centroids[codes[:, 0]])
+        counts = np.bincount(rows, minlength=256)
+        want = sums / np.maximum(counts + lam, 1)[:, None]  # sum / (count + λ); empty cells 0
+        np.testing.assert_allclose(res.decoder.tables[0], want, rtol=1e-4, atol=1e-3)
+    tiny = pairwise.train_pairwise_decoder(x[:pairwise.MIN_ROWS_TO_CHOOSE - 1], codes[:pairwise.MIN_ROWS_TO_CHOOSE - 1],
+                                           centroids, K=16, n_tables=1, progress=False)
+    assert (tiny.shrinkage, tiny.shrinkage_chosen, tiny.validation_mse) == (0.0, True, ())
+    with pytest.raises(ValueError, match="shrinkage"):
+        pairwise.train_pairwise_decoder(x, codes, centroids, K=16, shrinkage=float("nan"), progress=False)
+
+
 def test_training_and_decoding_are_in_raw_units():
     """An affine change of units (x -> s·x + b, centroids alike) changes the decodings
     the same way: nothing is trained or decoded in a hidden normalised space."""
@@ -319,7 +374,7 @@ def test_fewer_centroids_than_codewords():
     """K = 256 codes over 64 lists: the reference fails; here each sub-code stage has 64
     codewords, the first reproduces every centroid, and training and I/O work."""
     x, codes, centroids = ivf_training_data(4000, M=2, K=256)
-    result = pairwise.train_pairwise_decoder(x, codes, centroids, K=256, progress=False)
+    result = pairwise.train_pairwise_decoder(x, codes, centroids, K=256, shrinkage=0.0, progress=False)
     sub = result.decoder.ivf_subcodes
     assert sub.shape == (64, 5) and sub.max() < 64
     assert len(np.unique(sub[:, 0])) == 64  # every centroid its own first sub-code

@@ -202,7 +202,9 @@ def test_the_built_in_sift_images_set_is_a_preset(monkeypatch):
 
 def test_pairwise_shrinkage_key():
     assert rc.parse_run_args(["pairwise_shrinkage=64"]).pairwise_shrinkage == 64.0
-    assert rc.parse_run_args([]).pairwise_shrinkage == 0.0  # the reference's plain means
+    assert rc.parse_run_args(["pairwise_shrinkage=0"]).pairwise_shrinkage == 0.0  # the reference's plain means
+    assert rc.parse_run_args([]).pairwise_shrinkage is None  # chosen on held-out training rows
+    assert rc.parse_run_args(["pairwise_shrinkage=null"]).pairwise_shrinkage is None
     with pytest.raises(rc.RunConfigError, match="pairwise_shrinkage"):
         rc.parse_run_args(["pairwise_shrinkage=-1"])
 

@@ -115,6 +115,91 @@ def test_int8_tables_search_as_float32_tables(k16, data):
         pairwise_stage.middle_stage(k16["decoder"], k16["model"], table_dtype="bfloat16")
 
 
+def test_table_storage_is_chosen_by_its_mse_unless_given(k16):
+    """No storage asked: int8, else float16, when its reconstructions of a sample of
+    the stored entries are within 0.1 % of float32's MSE (against the model's
+    decodings), else float32; a storage asked for is used as given."""
+    model, index, decoder = k16["model"], k16["index"], k16["decoder"]
+    codes = pairwise_stage.provenance.stored_codes_sample(index, pairwise_stage.COMPACT_CHECK_SAMPLE)
+    target = codec.decode(model, codes)
+    centroids = ivf.ivf_centroids(model)
+
+    def mse(dec):
+        return float(np.mean(np.sum((pairwise.decode(dec, codes, centroids) - target.astype(np.float64)) ** 2, 1)))
+
+    want = {dtype: mse(pairwise.compact(decoder, dtype)) for dtype in pairwise.TABLE_DTYPES}
+    choice, got = pairwise_stage.choose_table_dtype(decoder, model, codes)
+    assert got == pytest.approx(want, rel=1e-6)
+    rule = next((d for d in ("int8", "float16") if want[d] <= want["float32"] * 1.001), "float32")
+    assert choice == rule
+    assert pairwise_stage.choose_table_dtype(decoder, model, codes, tolerance=1.0)[0] == "int8"
+    assert pairwise_stage.choose_table_dtype(decoder, model, codes, tolerance=-0.5)[0] == "float32"
+    # One outlying entry per table column, in a row no sampled code looks up, sets the
+    # int8 scale so high that the other entries round to 0: int8 fails the rule,
+    # float16 (relative rounding) passes it.
+    tables = np.array(decoder.tables)
+    streams = np.concatenate([codes[:, 1:], decoder.ivf_subcodes[codes[:, 0]]], 1)
+    for t, (a, b) in enumerate(decoder.pairs.T):
+        unused = np.setdiff1d(np.arange(decoder.K ** 2), streams[:, a] * decoder.K + streams[:, b])
+        tables[t, unused[0], :] = 30000.0
+    spiky = dataclasses.replace(decoder, tables=tables)
+    choice, got = pairwise_stage.choose_table_dtype(spiky, model, codes)
+    assert choice == "float16" and got["int8"] > got["float32"] * 1.01, got
+    # At load for search: chosen (and said) when not given, as given otherwise.
+    said = []
+    path = Q2 / "pairwise_decoder_ivf64_K16.pt"
+    auto = pairwise_stage.load_checked(path, model, index, allow_mismatch=True, log=said.append)
+    assert auto.table_dtype == rule and any(f"stored as {rule}" in line for line in said), said
+    for dtype in pairwise.TABLE_DTYPES:
+        given = pairwise_stage.load_checked(path, model, index, table_dtype=dtype, allow_mismatch=True, log=None)
+        assert given.table_dtype == dtype
+
+
+def _point(nmid, recall, seconds):
+    parameters = {"nprobe": 4, "nshort": 10} | ({} if nmid is None else {"nmid_short": nmid})
+    return {"parameters": parameters, "recalls": {"1": recall}, "t_search": seconds}
+
+
+def test_middle_stage_pays_keeps_three_stage_points_only_where_faster_at_equal_recall():
+    from qinco_jax.search.sweep import middle_stage_pays
+
+    two = [_point(1, 0.50, 1.0), _point(0, 0.60, 2.0), _point(None, 0.70, 4.0)]
+    faster = _point(4, 0.60, 1.5)       # the recall of a 2 s two-stage point in 1.5 s: kept
+    beaten = _point(4, 0.55, 2.0)       # 0.60 in 2 s without the middle stage: dropped
+    tie = _point(2, 0.60, 2.0)          # the same recall in the same time: no gain, dropped
+    best = _point(8, 0.75, 9.0)         # beyond every two-stage recall: kept
+    kept, dropped = middle_stage_pays([two[0], faster, beaten, two[1], tie, best, two[2]])
+    assert kept == [two[0], faster, two[1], best, two[2]]
+    assert dropped == [beaten, tie]
+    assert middle_stage_pays(two) == (two, [])
+
+
+def test_autotuned_sweep_adds_two_stage_points_and_drops_three_stage_points_that_do_not_pay(k16, data):
+    model, index = k16["model"], k16["index"]
+    mid = pairwise_stage.middle_stage(k16["decoder"], model)
+    said, seen = [], []
+    results = explore(index, model, data["xq"][:200], data["gt"][:200], nprobe=[2, 8], nshort=[5, 20],
+                      nmid_short=[4], mid=mid, n_autotune=100, log=said.append,
+                      on_result=lambda rs: seen.append(list(rs)))
+    assert any("1 (no middle stage) added" in m for m in said)
+    searched = max(seen, key=len)  # every point searched, before the three-stage ones were judged
+    two = [r for r in searched if r["parameters"]["nmid_short"] == 1]
+    assert two and all(r in results for r in two)  # the comparison points, all kept
+
+    def beaten(r):
+        return any(q["recalls"]["1"] >= r["recalls"]["1"] and report.total_seconds(q) <= report.total_seconds(r)
+                   for q in two)
+
+    for r in searched:
+        if r["parameters"]["nmid_short"] == 4:
+            assert (r in results) == (not beaten(r)), r
+    assert sum("dropped: a two-stage point" in m for m in said) == len(searched) - len(results)
+    # exhaustive (n_autotune 0): every point, none added
+    every = explore(index, model, data["xq"][:200], data["gt"][:200], nprobe=[2], nshort=[5],
+                    nmid_short=[4], mid=mid, n_autotune=0, log=lambda _: None)
+    assert [r["parameters"]["nmid_short"] for r in every] == [4]
+
+
 def _unnormalised(model: QincoModel) -> QincoModel:
     """The same network with mean 0, std 1: it sees raw data as `model` sees
     (x - mean) / std."""
@@ -307,11 +392,14 @@ def test_qinco2_run_tasks(k16, data, tmp_path):
                    f"pairwise_decoder={tmp_path / 'pw.pt'}", "search.nprobe=[4]", "search.nshort=[10]",
                    "search.nmid_short=[1,4]", "search.quantizer_efSearch=[16]", "search.nthreads=2",
                    f"output={tmp_path / 'r.json'}"]
-    results = qinco2_search.search(run_config.parse_run_args(search_args), log=quiet)
+    said = []
+    results = qinco2_search.search(run_config.parse_run_args(search_args), log=said.append)
     assert {r["parameters"]["nmid_short"] for r in results} <= {1, 4} and results
     saved = report.load_results(tmp_path / "r.json")
     assert [r["parameters"] for r in saved] == [r["parameters"] for r in results]
-    assert json.loads((tmp_path / "r.json").read_text())["pairwise_table_dtype"] == "float32"
+    # no storage asked: chosen at load (choose_table_dtype), said and recorded
+    chosen = json.loads((tmp_path / "r.json").read_text())["pairwise_table_dtype"]
+    assert any(f"pairwise tables stored as {chosen}:" in m for m in said), said
     logged = []
     again = qinco2_search.search(run_config.parse_run_args(search_args + ["resume=true"]), log=logged.append)
     assert any("loaded from the previous results" in m for m in logged)

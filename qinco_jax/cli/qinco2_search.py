@@ -148,7 +148,11 @@ def train_pairwise_decoder(cfg: RunConfig, log: Log = print) -> pairwise.Pairwis
                                          allow_mismatch=cfg.allow_model_mismatch,
                                          override_hint="allow_model_mismatch=true", log=log)
         fingerprint = provenance.model_fingerprint(model) if found.by != "overridden" else None
-    pairwise.save_pairwise_decoder(training.decoder, cfg.output, model_fingerprint=fingerprint)
+    from qinco_jax.search.pairwise_stage import describe_shrinkage
+
+    log(describe_shrinkage(training))
+    pairwise.save_pairwise_decoder(training.decoder, cfg.output, model_fingerprint=fingerprint,
+                                   shrinkage=training.shrinkage, shrinkage_chosen=training.shrinkage_chosen)
     scale = resolve_data(cfg).mse_scale
     val_mse = mean_squared_error(pairwise.decode(training.decoder, val_codes, centroids), xval) * scale
     log(f"train MSE {training.train_mse[-1] * scale:.6g} "
@@ -266,11 +270,12 @@ def search(cfg: RunConfig, log: Log = print) -> list[dict] | dict:
                                               table_dtype=cfg.search.pairwise_table_dtype, model_path=cfg.model,
                                               allow_mismatch=cfg.allow_model_mismatch,
                                               override_hint="allow_model_mismatch=true", log=log)
-        log(f"pairwise decoder {cfg.pairwise_decoder}")
+        log(f"three-stage search with the pairwise decoder {cfg.pairwise_decoder} "
+            f"({decoder.table_dtype} tables)")
     metadata = dict(nq=len(xq), model=model.describe(), index=cfg.index, pairwise_decoder=cfg.pairwise_decoder,
                     engine=cfg.search.engine)
-    if cfg.pairwise_decoder:
-        metadata["pairwise_table_dtype"] = cfg.search.pairwise_table_dtype
+    if decoder is not None:
+        metadata["pairwise_table_dtype"] = decoder.table_dtype
     previous: list[dict] = []
     if cfg.resume and cfg.output and Path(cfg.output).exists():
         previous = report.load_results(cfg.output)
@@ -285,7 +290,7 @@ def search(cfg: RunConfig, log: Log = print) -> list[dict] | dict:
     n_points = len(s.nprobe) * max(1, len(ef_search)) * len(s.nshort) * (len(s.nmid_short) if cfg.pairwise_decoder else 1)
     results = sweep_index(index, model, xq, gt, nprobe=s.nprobe, nshort=s.nshort, ef_search=ef_search,
                           n_autotune=n_points, pairwise_decoder=decoder,
-                          pairwise_table_dtype=s.pairwise_table_dtype, nmid_short=s.nmid_short,
+                          nmid_short=s.nmid_short,
                           rerank_rows=s.batch_size, previous=previous, on_result=save,
                           engine=s.engine, engine_fallback=s.engine_fallback, log=log)
     save(results)

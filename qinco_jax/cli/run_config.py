@@ -89,8 +89,9 @@ class SearchConfig:
     quantizer_efSearch: tuple[int, ...] = (4,)
     nmid_short: tuple[int, ...] = (1, 4)
     # not the reference's: how the three-stage search stores the pairwise tables
-    # (qinco_jax.models.pairwise.TABLE_DTYPES; float16 / int8 look up faster)
-    pairwise_table_dtype: str = "float32"
+    # (qinco_jax.models.pairwise.TABLE_DTYPES; float16 / int8 look up faster); null (default):
+    # int8 / float16 when within 0.1 % of float32's MSE (search.pairwise_stage.choose_table_dtype)
+    pairwise_table_dtype: str | None = None
     # not the reference's: "faiss" (its IVF-RQ scan) or "jax" (qinco_jax.search.jax_engine);
     # engine_fallback: with "jax", search with faiss if the JAX engine cannot read the index
     engine: str = "faiss"
@@ -158,7 +159,9 @@ class RunConfig:
 
     encode_trainset: bool = False
     n_pairwise_codebooks: int = 2
-    pairwise_shrinkage: float = 0.0  # qinco-jax's: table entries sum / (count + this); 0 = the reference's means
+    # qinco-jax's: table entries sum / (count + this); 0 = the reference's means; null (default):
+    # chosen on held-out training rows (qinco_jax.models.pairwise.choose_shrinkage)
+    pairwise_shrinkage: float | None = None
     ondisk: bool = False  # qinco-jax's: build_index puts the inverted lists in <output>.ivfdata (faiss on-disk)
     allow_model_mismatch: bool = False  # qinco-jax's: task=search with a model that did not make index= (expert)
 
@@ -423,7 +426,7 @@ def check_values(cfg: RunConfig) -> None:
         raise RunConfigError(f"unknown search.engine {cfg.search.engine!r}: use faiss or jax")
     if cfg.precision not in PRECISIONS:
         raise RunConfigError(f"unknown precision {cfg.precision!r}: use one of {', '.join(PRECISIONS)}")
-    if cfg.search.pairwise_table_dtype not in PAIRWISE_TABLE_DTYPES:
+    if cfg.search.pairwise_table_dtype is not None and cfg.search.pairwise_table_dtype not in PAIRWISE_TABLE_DTYPES:
         raise RunConfigError(f"unknown search.pairwise_table_dtype {cfg.search.pairwise_table_dtype!r}: "
                              f"use one of {', '.join(PAIRWISE_TABLE_DTYPES)}")
 

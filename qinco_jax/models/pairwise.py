@@ -388,13 +388,30 @@ def ivf_subcodes(ivf_centroids: np.ndarray, list_sizes: np.ndarray, K: int, *,
     return codes
 
 
+# Shrinkage chosen on held-out rows when none is given (`train_pairwise_decoder`): the
+# candidates, tried in increasing order; the share of the training rows held out for
+# the choice and its bounds; below MIN_ROWS_TO_CHOOSE rows there is nothing to hold
+# out and the plain means (0) are used.
+SHRINKAGE_GRID = (0.0, 1.0, 4.0, 16.0, 64.0, 256.0, 1024.0)
+SHRINKAGE_VALIDATION_FRACTION = 0.1
+SHRINKAGE_VALIDATION_MAX_ROWS = 5000
+MIN_ROWS_TO_CHOOSE = 20
+
+
 @dataclasses.dataclass(frozen=True)
 class PairwiseTraining:
     """A trained decoder and its training MSE (mean squared L2 error per vector, raw
-    units): `train_mse[0]` with the IVF centroids alone, `train_mse[t]` after t tables."""
+    units): `train_mse[0]` with the IVF centroids alone, `train_mse[t]` after t tables.
+
+    shrinkage: the λ the tables were trained with; shrinkage_chosen: True when it was
+    chosen on held-out rows (none given), False when given; validation_mse: the
+    choice's ((λ, held-out MSE), ...) in the order tried (empty when given)."""
 
     decoder: PairwiseDecoder
     train_mse: tuple[float, ...]
+    shrinkage: float = 0.0
+    shrinkage_chosen: bool = False
+    validation_mse: tuple[tuple[float, float], ...] = ()
 
 
 @functools.partial(jax.jit, static_argnames="K")
@@ -420,21 +437,84 @@ def _subtract_table(residual: jax.Array, streams: jax.Array, a: jax.Array, b: ja
     return residual, jnp.sum(residual * residual)
 
 
+def _fit_tables(residual: jax.Array, streams: jax.Array, K: int, n_tables: int, shrinkage: float,
+                progress: bool, what: str) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """The greedy rounds (module doc): (pairs (2, T), tables (T, K², D), MSE after 0..T tables)."""
+    n = residual.shape[0]
+    n_streams = streams.shape[1]
+    candidates = [(a, b) for a in range(n_streams) for b in range(a + 1, n_streams)]
+    mse = [float(jnp.sum(residual * residual)) / n]
+    tables, pairs = [], []
+    bar = _progress(n_tables * len(candidates), progress, what)
+    for t in range(n_tables):
+        best = None
+        for a, b in candidates:
+            table, gain = _pair_gain(residual, streams, jnp.int32(a), jnp.int32(b), K, jnp.float32(shrinkage))
+            gain = float(gain)
+            if best is None or gain > best[0]:
+                best = (gain, a, b, table)
+            bar.update(1)
+        _, a, b, table = best
+        residual, sse = _subtract_table(residual, streams, jnp.int32(a), jnp.int32(b), K, table)
+        mse.append(float(sse) / n)
+        tables.append(np.asarray(table))
+        pairs.append((a, b))
+        bar.set_postfix(tables=t + 1, mse=f"{mse[-1]:.4g}")
+    bar.close()
+    return np.asarray(pairs, np.int32).T.copy(), np.stack(tables), mse
+
+
+def _held_out_mse(residual: jax.Array, streams: jax.Array, K: int, pairs: np.ndarray, tables: np.ndarray) -> float:
+    for t in range(len(tables)):
+        residual, sse = _subtract_table(residual, streams, jnp.int32(pairs[0, t]), jnp.int32(pairs[1, t]), K,
+                                        jnp.asarray(tables[t]))
+    return float(sse) / residual.shape[0]
+
+
+def choose_shrinkage(residual: jax.Array, streams: jax.Array, K: int, n_tables: int, *, seed: int = 0,
+                     grid: tuple[float, ...] = SHRINKAGE_GRID, progress: bool = False) -> tuple[float, tuple]:
+    """(λ, ((λ, held-out MSE), ...)): the shrinkage of `grid` whose tables, trained on
+    all but a held-out SHRINKAGE_VALIDATION_FRACTION of the rows (at most
+    SHRINKAGE_VALIDATION_MAX_ROWS, drawn with `seed`), reconstruct the held-out rows
+    best. The grid is tried in increasing order and the search stops once two λ in a
+    row do worse than the best so far (the held-out MSE falls, then rises, with λ:
+    too little shrinkage memorises, too much erases the tables; two, so that one
+    noisy step does not end the search)."""
+    n = residual.shape[0]
+    n_val = min(SHRINKAGE_VALIDATION_MAX_ROWS, max(1, round(SHRINKAGE_VALIDATION_FRACTION * n)))
+    order = np.random.default_rng(seed).permutation(n)
+    val, fit = jnp.asarray(order[:n_val]), jnp.asarray(order[n_val:])
+    tried: list[tuple[float, float]] = []
+    for lam in sorted(grid):
+        pairs, tables, _ = _fit_tables(residual[fit], streams[fit], K, n_tables, lam, progress,
+                                       f"pairwise tables, shrinkage {lam:g} (choice)")
+        tried.append((float(lam), _held_out_mse(residual[val], streams[val], K, pairs, tables)))
+        best_mse = min(m for _, m in tried)
+        if len(tried) >= 3 and tried[-1][1] > best_mse and tried[-2][1] > best_mse:
+            break
+    best = min(tried, key=lambda lm: lm[1])[0]
+    return best, tuple(tried)
+
+
 def train_pairwise_decoder(x: np.ndarray, codes: np.ndarray, ivf_centroids: np.ndarray, K: int, *,
                            n_tables: int | None = None, seed: int = 0, subcodes: np.ndarray | None = None,
-                           shrinkage: float = 0.0, progress: bool = True) -> PairwiseTraining:
+                           shrinkage: float | None = None, progress: bool = True) -> PairwiseTraining:
     """Train a pairwise decoder on vectors x (n, D) raw units, their IVF codes (n, 1 + M)
     (list in column 0, model codes in [0, K)) and the IVF centroids (nlist, D) raw units.
 
     n_tables: number of tables (default 2·M, the reference's n_pairwise_codebooks=2).
-    seed: for the k-means seeds of the IVF sub-codes; subcodes: (nlist, 5) IVF sub-codes
-    to use instead of computing them (e.g. those of another decoder). The training set lives on the
-    device whole (n·D floats + n·(M+5) codes), as in the reference.
+    seed: for the k-means seeds of the IVF sub-codes and the held-out rows; subcodes:
+    (nlist, 5) IVF sub-codes to use instead of computing them (e.g. those of another
+    decoder). The training set lives on the device whole (n·D floats + n·(M+5)
+    codes), as in the reference.
     shrinkage λ >= 0: each table entry is the sum of its residuals over (count + λ)
     instead of their mean (λ = 0, the reference's): entries seen by few training
     vectors shrink towards 0, which keeps K² = 65,536-row tables from memorising a
     training set of fewer vectors than they have rows (tables and pair choice both
-    follow λ)."""
+    follow λ). None (the default): chosen on rows held out from the training set
+    (`choose_shrinkage`; the tables are then refitted on every row with it), which
+    costs a few more trainings; the result says which λ (`PairwiseTraining.shrinkage`).
+    Pass 0 for the reference's decoder."""
     x = np.asarray(x)
     centroids = np.asarray(ivf_centroids)
     if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
@@ -457,8 +537,9 @@ def train_pairwise_decoder(x: np.ndarray, codes: np.ndarray, ivf_centroids: np.n
         raise ValueError(f"IVF lists (codes column 0) must lie in [0, {nlist}), got [{lists.min()}, {lists.max()}]")
     if model_codes.min() < 0 or model_codes.max() >= K:
         raise ValueError(f"model codes must lie in [0, {K}), got [{model_codes.min()}, {model_codes.max()}]")
-    if not shrinkage >= 0:
-        raise ValueError(f"shrinkage must be >= 0 (0: table entries are plain means), got {shrinkage}")
+    if shrinkage is not None and not (math.isfinite(shrinkage) and shrinkage >= 0):
+        raise ValueError(f"shrinkage must be a finite number >= 0 (0: table entries are plain means; "
+                         f"None: chosen on held-out rows), got {shrinkage}")
     T = DEFAULT_TABLES_PER_CODE * M if n_tables is None else int(n_tables)
     if T < 1:
         raise ValueError(f"the number of tables must be positive, got {T}")
@@ -475,35 +556,22 @@ def train_pairwise_decoder(x: np.ndarray, codes: np.ndarray, ivf_centroids: np.n
         subcodes = subcodes.astype(np.int32)
     streams = jnp.asarray(np.concatenate([model_codes, subcodes[lists]], axis=1).astype(np.int32))
     residual = jnp.asarray(x.astype(np.float32) - centroids[lists])
-    n = len(x)
-    candidates = [(a, b) for a in range(M + IVF_SUBCODE_STAGES) for b in range(a + 1, M + IVF_SUBCODE_STAGES)]
 
-    mse = [float(jnp.sum(residual * residual)) / n]
-    tables, pairs = [], []
-    bar = _progress(T * len(candidates), progress)
-    for t in range(T):
-        best = None
-        for a, b in candidates:
-            table, gain = _pair_gain(residual, streams, jnp.int32(a), jnp.int32(b), K, jnp.float32(shrinkage))
-            gain = float(gain)
-            if best is None or gain > best[0]:
-                best = (gain, a, b, table)
-            bar.update(1)
-        _, a, b, table = best
-        residual, sse = _subtract_table(residual, streams, jnp.int32(a), jnp.int32(b), K, table)
-        mse.append(float(sse) / n)
-        tables.append(np.asarray(table))
-        pairs.append((a, b))
-        bar.set_postfix(tables=t + 1, mse=f"{mse[-1]:.4g}")
-    bar.close()
-    decoder = PairwiseDecoder(subcodes, np.asarray(pairs, np.int32).T.copy(), np.stack(tables))
-    return PairwiseTraining(check_decoder(decoder), tuple(mse))
+    tried: tuple = ()
+    chosen = shrinkage is None
+    if shrinkage is None:
+        shrinkage = 0.0
+        if len(x) >= MIN_ROWS_TO_CHOOSE:
+            shrinkage, tried = choose_shrinkage(residual, streams, K, T, seed=seed, progress=progress)
+    pairs, tables, mse = _fit_tables(residual, streams, K, T, float(shrinkage), progress, "pairwise tables")
+    decoder = PairwiseDecoder(subcodes, pairs, tables)
+    return PairwiseTraining(check_decoder(decoder), tuple(mse), float(shrinkage), chosen, tried)
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int, enabled: bool, what: str = "pairwise tables"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc="pairwise tables", unit="pair", disable=not enabled)
+    return tqdm(total=total, desc=what, unit="pair", disable=not enabled)
 
 
 # --------------------------------------------------------------------------------------
@@ -538,14 +606,17 @@ def load_pairwise_decoder(path: str | os.PathLike) -> PairwiseDecoder:
 
 
 def save_pairwise_decoder(decoder: PairwiseDecoder, path: str | os.PathLike, *,
-                          model_fingerprint: str | None = None) -> None:
+                          model_fingerprint: str | None = None, shrinkage: float | None = None,
+                          shrinkage_chosen: bool = False) -> None:
     """Write the decoder as the reference saves it (torch state_dict: int64 maps,
     float32 tables), atomically. A compact decoder is written with its tables
     dequantised to float32 (the format has no other storage): the file decodes as the
     compact decoder does, not as the float32 decoder it was made from.
     model_fingerprint: the fingerprint of the model whose codes the decoder was trained
     on (`search.provenance.model_fingerprint`), kept in an archive entry that torch and
-    the reference ignore; `read_model_fingerprint` reads it back."""
+    the reference ignore; `read_model_fingerprint` reads it back. shrinkage (and
+    whether it was chosen on held-out rows, `PairwiseTraining`): recorded in the same
+    entry (`read_decoder_metadata`)."""
     decoder = check_decoder(decoder)
     decoder = PairwiseDecoder(decoder.ivf_subcodes, decoder.pairs, float32_tables(decoder))
     writer = TorchWriter()
@@ -554,22 +625,33 @@ def save_pairwise_decoder(decoder: PairwiseDecoder, path: str | os.PathLike, *,
         "combine_mvals_m": writer.plain_tensor(decoder.pairs.astype(np.int64)),
         "codebook_MKD": writer.plain_tensor(decoder.tables),
     }
-    extra = None
+    record = {}
     if model_fingerprint:
-        extra = {_FINGERPRINT_RECORD: json.dumps({"model_fingerprint": model_fingerprint}).encode()}
+        record["model_fingerprint"] = model_fingerprint
+    if shrinkage is not None:
+        record.update(shrinkage=float(shrinkage), shrinkage_chosen=bool(shrinkage_chosen))
+    extra = {_FINGERPRINT_RECORD: json.dumps(record).encode()} if record else None
     with atomic_path(path) as tmp:
         write_pt(tmp, writer, state, archive_name=os.path.splitext(os.path.basename(os.fspath(path)))[0],
                  extra_records=extra)
 
 
+def read_decoder_metadata(path: str | os.PathLike) -> dict:
+    """What this library recorded beside the tables when it wrote a decoder file
+    (model_fingerprint, shrinkage, shrinkage_chosen; any may be missing): {} for the
+    reference's files or an unreadable record."""
+    raw = read_extra_record(path, _FINGERPRINT_RECORD)
+    if raw is None:
+        return {}
+    try:
+        value = json.loads(raw.decode())
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def read_model_fingerprint(path: str | os.PathLike) -> str | None:
     """The fingerprint of the model a decoder file was trained for, if this library
     recorded one when it wrote the file (None for the reference's files)."""
-    raw = read_extra_record(path, _FINGERPRINT_RECORD)
-    if raw is None:
-        return None
-    try:
-        value = json.loads(raw.decode()).get("model_fingerprint")
-    except (ValueError, AttributeError, UnicodeDecodeError):
-        return None
+    value = read_decoder_metadata(path).get("model_fingerprint")
     return value if isinstance(value, str) else None

@@ -5,7 +5,14 @@ dict per point (the schema of `qinco_jax.search.report`).
 
 Pruning (n_autotune > 0) uses faiss's OperatingPointsWithRanges, which assumes recall
 and time grow with every axis; that holds for nmid_short as for the others (a longer
-faiss shortlist, more pairwise decodes), so the same pruning covers the 4-axis grid."""
+faiss shortlist, more pairwise decodes), so the same pruning covers the 4-axis grid.
+
+The middle stage where it pays (n_autotune > 0 with a pairwise stage): the sweep always
+includes two-stage points (nmid_short 1 is added to the grid when missing) and keeps a
+three-stage point only where it is faster at equal recall, i.e. where no two-stage
+point of the sweep reaches its recall@1 in no more time (`middle_stage_pays`); the
+others are dropped from the results (and said). An exhaustive sweep (n_autotune 0)
+keeps every point. A resumed sweep searches dropped points again (they were not saved)."""
 
 from __future__ import annotations
 
@@ -50,6 +57,24 @@ def operating_point(parameters: dict, r: SearchResult, gt: np.ndarray) -> dict:
     return res
 
 
+def is_three_stage(result: dict) -> bool:
+    return result["parameters"].get("nmid_short", 0) > 1
+
+
+def middle_stage_pays(results: Sequence[dict]) -> tuple[list[dict], list[dict]]:
+    """(kept, dropped): every two-stage result (no nmid_short, or nmid_short <= 1) is
+    kept; a three-stage one only where it is faster at equal recall — no two-stage
+    result has a recall@1 at least as high in at most the same total time
+    (`report.total_seconds`). Order is kept."""
+    two = [(r["recalls"]["1"], report.total_seconds(r)) for r in results if not is_three_stage(r)]
+    kept, dropped = [], []
+    for r in results:
+        recall, seconds = r["recalls"]["1"], report.total_seconds(r)
+        beaten = is_three_stage(r) and any(rc >= recall and t <= seconds for rc, t in two)
+        (dropped if beaten else kept).append(r)
+    return kept, dropped
+
+
 def explore(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe: Sequence[int],
             nshort: Sequence[int], ef_search: Sequence[int] = (), n_autotune: int = 0,
             reranker: Reranker | None = None, mid: PairwiseReranker | None = None,
@@ -59,7 +84,8 @@ def explore(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe:
     """Search at every operating point of nprobe x efSearch x nshort (x nmid_short when
     a pairwise stage `mid` is given: see `search.pairwise_stage.middle_stage`), or at
     n_autotune sampled ones, skipping points that cannot be Pareto-optimal, as the
-    reference. Returns one dict per point: parameters, cno, recalls, recalls_orig,
+    reference; with n_autotune and `mid`, three-stage points only where the middle
+    stage is faster at equal recall (the module doc: `middle_stage_pays`). Returns one dict per point: parameters, cno, recalls, recalls_orig,
     t_search, t_decode, t_dis, nq (and with `mid`: t_mid, recalls_mid).
     previous: results of an earlier run (resume): their points are not searched again,
     they feed the pruning and are returned first. on_result(results so far) is called
@@ -80,6 +106,9 @@ def explore(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe:
         if (mid.nlist, mid.K) != (model.config.K_IVF, model.config.K):
             raise ValueError(f"the pairwise decoder (nlist={mid.nlist}, K={mid.K}) does not fit the model "
                              f"({model.describe()})")
+    if mid is not None and n_autotune and not any(v <= 1 for v in nmid_short):
+        nmid_short = [1, *nmid_short]  # the two-stage points the middle stage must beat
+        log(f"nmid_short {list(nmid_short)}: 1 (no middle stage) added, to compare the three-stage points with")
     index.parallel_mode = 3  # as the reference: parallel over queries and lists
     op = OperatingPointsWithRanges()
     op.add_range("nprobe", [int(v) for v in nprobe])
@@ -126,6 +155,13 @@ def explore(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe:
         log(report.format_row(res, names, len(xq)))
         if on_result is not None:
             on_result(results)
+    if mid is not None and n_autotune:
+        results, dropped = middle_stage_pays(results)
+        for r in dropped:
+            log(f"{r.get('cno', -1):4d} {str(r['parameters']):55s} dropped: a two-stage point reaches its "
+                "recall@1 in no more time")
+        if dropped and on_result is not None:
+            on_result(results)
     return results
 
 
@@ -144,7 +180,7 @@ def searchable_ef_search(index, ef_search: Sequence[int], log: Callable[[str], N
 
 def sweep_index(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe: Sequence[int],
                 nshort: Sequence[int], ef_search: Sequence[int] = (), n_autotune: int = 0,
-                pairwise_decoder=None, pairwise_table_dtype: str = "float32",
+                pairwise_decoder=None, pairwise_table_dtype: str | None = None,
                 nmid_short: Sequence[int] = (), reranker_dtype: str | None = None,
                 rerank_rows: int | None = None, previous: Sequence[dict] = (), on_result: Callable[[list[dict]], None] | None = None,
                 engine: str = "faiss", engine_fallback: bool = False,
@@ -154,22 +190,26 @@ def sweep_index(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, npr
     per decoding batch, default the backend's), and with `pairwise_decoder` (a
     file in the reference's format, or a `models.pairwise.PairwiseDecoder` already
     loaded and checked) the three-stage search, its tables stored as
-    `pairwise_table_dtype`. engine: "faiss" (faiss's scan) or "jax" (`search.jax_engine`;
-    with engine_fallback, faiss where the JAX engine does not implement the index).
+    `pairwise_table_dtype` (None: a loaded decoder's own storage, float32 for a file).
+    engine: "faiss" (faiss's scan) or "jax" (`search.jax_engine`; with engine_fallback,
+    faiss where the JAX engine does not implement the index).
     Returns `explore`'s results."""
+    from qinco_jax.models import pairwise
     from qinco_jax.search import jax_engine, pairwise_stage
 
     model = require_ivf_model(model)
     check_index_matches_model(index, model)
     mid = None
     if isinstance(pairwise_decoder, (str, os.PathLike)) and os.fspath(pairwise_decoder):
-        decoder = pairwise_stage.load_for_model(pairwise_decoder, model, pairwise_table_dtype)
+        decoder = pairwise_stage.load_for_model(pairwise_decoder, model, pairwise_table_dtype or "float32")
         mid = pairwise_stage.middle_stage(decoder, model)
         log(f"three-stage search with the pairwise decoder {os.fspath(pairwise_decoder)} "
-            f"({pairwise_table_dtype} tables), nmid_short {list(nmid_short)}")
+            f"({decoder.table_dtype} tables), nmid_short {list(nmid_short)}")
     elif pairwise_decoder is not None and not isinstance(pairwise_decoder, (str, os.PathLike)):
-        mid = pairwise_stage.middle_stage(pairwise_decoder, model, table_dtype=pairwise_table_dtype)
-        log(f"three-stage search with a pairwise decoder ({pairwise_table_dtype} tables), "
+        decoder = pairwise_decoder if pairwise_table_dtype is None else pairwise.compact(pairwise_decoder,
+                                                                                         pairwise_table_dtype)
+        mid = pairwise_stage.middle_stage(decoder, model)
+        log(f"three-stage search with a pairwise decoder ({decoder.table_dtype} tables), "
             f"nmid_short {list(nmid_short)}")
     opened = jax_engine.open_engine(index, engine, fallback=engine_fallback, log=log)
     if opened is not None:
