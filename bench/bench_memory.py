@@ -74,18 +74,6 @@ class RssSampler(threading.Thread):
         return self.peak_kb
 
 
-def write_random_bvecs(path: str, n: int, d: int, seed: int = 0, chunk: int = 1 << 16) -> None:
-    """n random uint8 vectors as .bvecs, chunk by chunk (bounded memory)."""
-    rng = np.random.default_rng(seed)
-    rows = np.empty((chunk, 4 + d), np.uint8)
-    rows[:, :4] = np.full((chunk, 1), d, "<i4").view(np.uint8)
-    with open(path, "wb") as f:
-        for i0 in range(0, n, chunk):
-            m = min(chunk, n - i0)
-            rows[:m, 4:] = rng.integers(0, 256, (m, d), dtype=np.uint8)
-            f.write(rows[:m].tobytes())
-
-
 def measure(path: str, batch_size: int, M: int = 2, K: int = 4) -> dict:
     """Peak memory of opening `path` (row headers checked) and encoding all of it."""
     n, d = vecs_io.vectors_shape(path)
@@ -135,7 +123,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(dir=args.tmpdir) as tmp:
         path = os.path.join(tmp, "vectors.bvecs")
         t0 = time.time()
-        write_random_bvecs(path, n, args.d)
+        vecs_io.write_random_bvecs(path, n, args.d)
         print(f"generated {n} x {args.d} uint8 vectors ({os.path.getsize(path) / 2**30:.2f} GiB) "
               f"in {time.time() - t0:.1f} s", flush=True)
         res = measure(path, args.batch_size)

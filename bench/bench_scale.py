@@ -46,6 +46,8 @@ import time
 
 import numpy as np
 
+from qinco_jax.formats import vecs_io
+
 D = 128
 
 
@@ -56,18 +58,6 @@ def status_kb(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise KeyError(field)
-
-
-def write_random_bvecs(path: str, n: int, d: int, seed: int = 0, chunk: int = 1 << 16) -> None:
-    """n random uint8 vectors as .bvecs, a chunk at a time (bounded memory)."""
-    rng = np.random.default_rng(seed)
-    rows = np.empty((chunk, 4 + d), np.uint8)
-    rows[:, :4] = np.full((chunk, 1), d, "<i4").view(np.uint8)
-    with open(path, "wb") as f:
-        for i0 in range(0, n, chunk):
-            m = min(chunk, n - i0)
-            rows[:m, 4:] = rng.integers(0, 256, (m, d), dtype=np.uint8)
-            f.write(rows[:m].tobytes())
 
 
 def pipeline_config():
@@ -122,7 +112,7 @@ class Peak(threading.Thread):
 
 def stage_encode(work, part, parts, batch):
     from qinco_jax.config import EncodeOptions
-    from qinco_jax.formats import code_parts, vecs_io
+    from qinco_jax.formats import code_parts
     from qinco_jax.formats.code_parts import CodeFileHeader, encode_to_parts
     from qinco_jax.models import codec
 
@@ -146,7 +136,7 @@ def stage_encode(work, part, parts, batch):
 
 
 def stage_train(work, n_train):
-    from qinco_jax.formats import code_parts, vecs_io
+    from qinco_jax.formats import code_parts
     from qinco_jax.search import index as ivf
     from qinco_jax.search import ondisk
 
@@ -198,7 +188,6 @@ def stage_merge(work, processes):
 
 
 def stage_search(work, nq, nprobe, nshort):
-    from qinco_jax.formats import vecs_io
     from qinco_jax.search import index as ivf
     from qinco_jax.search import ondisk
     from qinco_jax.search.rerank import Reranker, search_ivf
@@ -249,7 +238,6 @@ def stage_rate(n, batch):
 
 def stage_train_epoch(work, loop, epochs, batch):
     from qinco_jax.data.training_set import split_validation
-    from qinco_jax.formats import vecs_io
     from qinco_jax.training import recipe
     from qinco_jax.training.loop import qinco2_train_config
 
@@ -293,7 +281,7 @@ def bench_size(n, args, root) -> dict:
     work = os.path.join(root, f"n{n}")
     os.makedirs(work, exist_ok=True)
     t0 = time.time()
-    write_random_bvecs(os.path.join(work, "base.bvecs"), n, D)
+    vecs_io.write_random_bvecs(os.path.join(work, "base.bvecs"), n, D)
     res = {"n": n, "d": D, "file_bytes": os.path.getsize(os.path.join(work, "base.bvecs")),
            "generate_seconds": round(time.time() - t0, 1)}
     print(f"n={n}: generated {res['file_bytes'] / 2**20:.0f} MiB", flush=True)

@@ -224,3 +224,16 @@ def write_vectors(path: str | os.PathLike, array: np.ndarray) -> None:
                 rows[:, 4:] = np.ascontiguousarray(block).view("u1").reshape(len(block), -1)
                 block = rows
             f.write(np.ascontiguousarray(block).tobytes())
+
+
+def write_random_bvecs(path: str, n: int, d: int, seed: int = 0, chunk: int = 1 << 16) -> None:
+    """n random uint8 vectors of dimension d as a .bvecs file, a chunk at a time (bounded
+    memory): the benchmarks' stand-in for BigANN-sized files."""
+    rng = np.random.default_rng(seed)
+    rows = np.empty((chunk, 4 + d), np.uint8)
+    rows[:, :4] = np.full((chunk, 1), d, "<i4").view(np.uint8)
+    with open(path, "wb") as f:
+        for i0 in range(0, n, chunk):
+            m = min(chunk, n - i0)
+            rows[:m, 4:] = rng.integers(0, 256, (m, d), dtype=np.uint8)
+            f.write(rows[:m].tobytes())
