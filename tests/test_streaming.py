@@ -134,7 +134,7 @@ GENERATE_SCRIPT = textwrap.dedent("""
 """)
 
 RSS_SCRIPT = textwrap.dedent("""
-    import json, resource, sys
+    import json, sys
     from qinco_jax.formats.vecs_io import read_vectors
     from qinco_jax.training import loop as training, recipe
 
@@ -144,7 +144,9 @@ RSS_SCRIPT = textwrap.dedent("""
     cfg = training.qinco2_train_config(batch_size=512, epochs=1, stop_patience=0, epoch_size=4096, ngpu=1,
                                        progress=False, max_epochs=1)
     res = recipe.train_model(x[:n - nval], x[n - nval:], spec, cfg, log=lambda m: None)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # VmHWM: this process image's peak (ru_maxrss would keep the forking parent's, i.e.
+    # pytest's own size late in a run, across exec)
+    peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     print(json.dumps({"peak_kb": peak, "epochs": len(res.history["epochs"])}))
 """)
 

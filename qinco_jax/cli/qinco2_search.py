@@ -281,7 +281,10 @@ def search(cfg: RunConfig, log: Log = print) -> list[dict] | dict:
         previous = report.load_results(cfg.output)
         log(f"resuming from {len(previous)} results in {cfg.output}")
 
+    searched = list(previous)  # every point searched so far, the ones the sweep drops included
+
     def save(results):
+        searched[:] = results
         if cfg.output:
             report.save_results(cfg.output, results, **metadata)
 
@@ -293,6 +296,6 @@ def search(cfg: RunConfig, log: Log = print) -> list[dict] | dict:
                           nmid_short=s.nmid_short,
                           rerank_rows=s.batch_size, previous=previous, on_result=save,
                           engine=s.engine, engine_fallback=s.engine_fallback, log=log)
-    save(results)
+    save(searched)  # in our format, with the points the sweep dropped (a resume skips them)
     log("\n" + report.format_table(results, len(xq)))
     return results

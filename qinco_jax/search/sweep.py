@@ -11,8 +11,9 @@ The middle stage where it pays (n_autotune > 0 with a pairwise stage): the sweep
 includes two-stage points (nmid_short 1 is added to the grid when missing) and keeps a
 three-stage point only where it is faster at equal recall, i.e. where no two-stage
 point of the sweep reaches its recall@1 in no more time (`middle_stage_pays`); the
-others are dropped from the results (and said). An exhaustive sweep (n_autotune 0)
-keeps every point. A resumed sweep searches dropped points again (they were not saved)."""
+others are dropped from the returned results (and said). An exhaustive sweep
+(n_autotune 0) keeps every point. `on_result` (what the commands save) sees every
+searched point, so a resumed sweep searches none of them again and drops the same ones."""
 
 from __future__ import annotations
 
@@ -160,8 +161,8 @@ def explore(index, model: QincoModel, xq: np.ndarray, gt: np.ndarray, *, nprobe:
         for r in dropped:
             log(f"{r.get('cno', -1):4d} {str(r['parameters']):55s} dropped: a two-stage point reaches its "
                 "recall@1 in no more time")
-        if dropped and on_result is not None:
-            on_result(results)
+        # on_result saw every searched point (a resumed sweep does not search them again,
+        # and drops the same ones): only the returned list leaves them out
     return results
 
 
