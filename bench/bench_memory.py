@@ -19,7 +19,6 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -28,18 +27,11 @@ import numpy as np
 import jax
 
 from qinco_jax.models import codec
+from qinco_jax.experiments.timing import PeakMemory, status_kb
 from qinco_jax.formats import vecs_io
 from qinco_jax.config import EncodeOptions, QincoConfig
 from qinco_jax.formats.io import write_bytes
 from qinco_jax.models.qinco import QincoModel, init_params
-
-
-def status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def reset_peak() -> bool:
@@ -50,28 +42,6 @@ def reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-class RssSampler(threading.Thread):
-    def __init__(self, period: float = 0.002):
-        super().__init__(daemon=True)
-        self.period, self._done = period, threading.Event()
-        self.peak_kb = dict.fromkeys(("VmRSS", "RssAnon", "RssFile"), 0)
-
-    def sample(self):
-        for k in self.peak_kb:
-            self.peak_kb[k] = max(self.peak_kb[k], status_kb(k))
-
-    def run(self):
-        while not self._done.is_set():
-            self.sample()
-            time.sleep(self.period)
-
-    def stop(self) -> dict:
-        self._done.set()
-        self.join()
-        self.sample()
-        return self.peak_kb
 
 
 def measure(path: str, batch_size: int, M: int = 2, K: int = 4) -> dict:
@@ -86,7 +56,7 @@ def measure(path: str, batch_size: int, M: int = 2, K: int = 4) -> dict:
     before = {k: status_kb(k) for k in ("VmRSS", "RssAnon", "RssFile")}
     before_kb = before["VmRSS"]
     hwm_reset = reset_peak()
-    sampler = RssSampler()
+    sampler = PeakMemory(("VmRSS", "RssAnon", "RssFile"), period=0.002)
     sampler.start()
     t0 = time.time()
     x = vecs_io.read_vectors(path)  # memory map

@@ -41,23 +41,23 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 
+from qinco_jax.experiments.timing import PeakMemory, status_kb
 from qinco_jax.formats import vecs_io
 
+
+class Peak(PeakMemory):
+    """Peak RssAnon / VmRSS of this process, sampled until stop(), in MB with VmHWM."""
+
+    def stop(self) -> dict:
+        kb = super().stop()
+        return {"peak_anon_mb": round(kb["RssAnon"] / 1024, 1), "peak_rss_mb": round(kb["VmRSS"] / 1024, 1),
+                "vmhwm_mb": round(status_kb("VmHWM") / 1024, 1)}
+
 D = 128
-
-
-def status_kb(field: str) -> int:
-    """A memory figure of this process from /proc/self/status (kB)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
 
 
 def pipeline_config():
@@ -78,31 +78,6 @@ def make_model(config):
     from qinco_jax.models.qinco import QincoModel, init_params
 
     return QincoModel(config, init_params(config, jax.random.key(0)))
-
-
-class Peak(threading.Thread):
-    """Peak RssAnon / VmRSS of this process, sampled until stop()."""
-
-    def __init__(self, period: float = 0.005):
-        super().__init__(daemon=True)
-        self.period, self.done = period, threading.Event()
-        self.anon = self.rss = 0
-
-    def sample(self):
-        self.anon = max(self.anon, status_kb("RssAnon"))
-        self.rss = max(self.rss, status_kb("VmRSS"))
-
-    def run(self):
-        while not self.done.is_set():
-            self.sample()
-            time.sleep(self.period)
-
-    def stop(self) -> dict:
-        self.done.set()
-        self.join()
-        self.sample()
-        return {"peak_anon_mb": round(self.anon / 1024, 1), "peak_rss_mb": round(self.rss / 1024, 1),
-                "vmhwm_mb": round(status_kb("VmHWM") / 1024, 1)}
 
 
 # --------------------------------------------------------------------------------------
