@@ -326,14 +326,8 @@ def check_index_belongs(index, model, *, index_path=None, model_path=None, allow
             problem = (f"{model_name} did not make the codes of {index_name}: decoding {len(codes)} stored entries, "
                        f"the model and the index's AQ codebooks disagree by {disagreement:.3f} (0 = equal, "
                        f"1 = unrelated; the model that made an index stays below {MISMATCH_THRESHOLD})")
-    if problem is None:
-        return Belonging(by, disagreement, record)
-    if not allow_mismatch:
-        raise ModelMismatchError(f"{problem}. Use the model the index was built with, or {override_hint} "
-                                 "to search anyway (results are then meaningless)")
-    if log is not None:
-        log(f"WARNING: {problem} ({override_hint} given: searching anyway)")
-    return Belonging("overridden", disagreement, record)
+    return _verdict(problem, Belonging(by, disagreement, record), allow_mismatch, override_hint, log,
+                    remedy="Use the model the index was built with", consequence=" (results are then meaningless)")
 
 
 def check_decoder_belongs(decoder, model, codes: np.ndarray, *, decoder_path=None, model_path=None,
@@ -364,11 +358,18 @@ def check_decoder_belongs(decoder, model, codes: np.ndarray, *, decoder_path=Non
                        f"the decoder and the model disagree by {disagreement:.3f} (0 = equal, 1 = unrelated; "
                        f"a decoder of the model stays below {DECODER_MISMATCH_THRESHOLD}, unless trained on far "
                        "too few vectors for its K² -row tables)")
+    return _verdict(problem, Belonging(by, disagreement, None), allow_mismatch, override_hint, log,
+                    remedy="Use the decoder trained for this model")
+
+
+def _verdict(problem: str | None, found: Belonging, allow_mismatch: bool, override_hint: str,
+             log: Callable[[str], None] | None, remedy: str, consequence: str = "") -> Belonging:
+    """What a belonging check ends with: `found` when there is no problem; else the
+    refusal, or (an expert's override) a warning and a Belonging marked "overridden"."""
     if problem is None:
-        return Belonging(by, disagreement, None)
+        return found
     if not allow_mismatch:
-        raise ModelMismatchError(f"{problem}. Use the decoder trained for this model, or {override_hint} "
-                                 "to search anyway")
+        raise ModelMismatchError(f"{problem}. {remedy}, or {override_hint} to search anyway{consequence}")
     if log is not None:
         log(f"WARNING: {problem} ({override_hint} given: searching anyway)")
-    return Belonging("overridden", disagreement, None)
+    return dataclasses.replace(found, by="overridden")
