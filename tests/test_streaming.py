@@ -220,3 +220,80 @@ def test_pq_qinco_streams_its_rotated_sub_vectors(bvecs):
     full.train(x)
     sampled.train(streaming.faiss_sample(mapped, 1000))
     np.testing.assert_array_equal(faiss.vector_to_array(full.A), faiss.vector_to_array(sampled.A))
+
+
+def test_ivf_assignment_per_batch_trains_as_the_explicit_array():
+    """IVF-QINCo's code0 computed from the rows each batch reads (rq_init.CentroidAssignment,
+    what train_model and continue_training pass) trains the model that the explicit
+    per-row array trains."""
+    from qinco_jax.config import QincoConfig
+    from qinco_jax.models.qinco import QincoModel
+    from qinco_jax.training import rq_init
+
+    x = np.load(FIX / "ivf_xt.npy")[:1200]
+    centroids = np.load(FIX / "ivf_centroids_64.npy")
+    xt, xval = x[:1024], x[1024:]
+    explicit = recipe.assign_to_centroids(xt, centroids)
+    lazy = rq_init.CentroidAssignment(centroids)
+    rows = np.random.RandomState(0).permutation(len(xt))[:256]
+    np.testing.assert_array_equal(lazy(xt[rows]), explicit[rows])
+    config = QincoConfig(d=32, K=16, M=2, L=1, h=16, variant="ivf", K_IVF=64, db_scale=float(xt.max()))
+    start = QincoModel.init(config, 0, codebook0=centroids / np.float32(config.db_scale))
+    cfg = training.TrainConfig(lr=1e-3, batch_size=256, max_epochs=1, ngpu=1, progress=False)
+    per_batch, from_array = (training.fit(start, xt, xval, cfg, code0=c0, log=quiet) for c0 in (lazy, explicit))
+    assert per_batch.history["epochs"][0]["val_mse"] < per_batch.history["before"]
+    np.testing.assert_allclose(per_batch.history["epochs"][0]["val_mse"], from_array.history["epochs"][0]["val_mse"],
+                               rtol=1e-6)
+    for u, v in zip(jax.tree.leaves(per_batch.last.params), jax.tree.leaves(from_array.last.params)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="dimension 31"):
+        training.fit(start, xt, xval, cfg, code0=rq_init.CentroidAssignment(centroids[:, :31]), log=quiet)
+
+
+
+def test_continue_training_assigns_ivf_batches_as_read(monkeypatch):
+    """Continuing an IVF model's training passes fit the per-batch assignment to the
+    model's own centroids, not an array of every row's."""
+    from qinco_jax.config import QincoConfig
+    from qinco_jax.models.qinco import QincoModel
+    from qinco_jax.training import finetune, rq_init
+
+    centroids = np.load(FIX / "ivf_centroids_64.npy")
+    xt = np.load(FIX / "ivf_xt.npy")[:600]
+    config = QincoConfig(d=32, K=16, M=2, L=1, h=16, variant="ivf", K_IVF=64, db_scale=float(xt.max()))
+    model = QincoModel.init(config, 0, codebook0=centroids / np.float32(config.db_scale))
+    seen = {}
+    monkeypatch.setattr(training, "fit", lambda *a, code0=None, **k: seen.setdefault("code0", code0))
+    finetune.continue_training(model, xt[:500], xt[500:], training.TrainConfig(batch_size=100, ngpu=1))
+    assert isinstance(seen["code0"], rq_init.CentroidAssignment)
+    np.testing.assert_allclose(seen["code0"].centroids, centroids, rtol=1e-6)
+    np.testing.assert_array_equal(seen["code0"](xt[:500]), recipe.assign_to_centroids(xt[:500], centroids))
+
+
+def test_ivf_training_keeps_no_per_row_array(tmp_path):
+    """IVF training on a memory-mapped file of 12M rows (uint8, d=4: 48 MB) allocates no
+    array with an entry per row: numpy's peak allocation (tracemalloc) stays below the
+    48 MB that the IVF assignment alone took when computed for every row up front."""
+    import tracemalloc
+
+    n, d = 12_000_000, 4
+    path = tmp_path / "x.u8bin"
+    raw = np.memmap(path, dtype=np.uint8, mode="w+", shape=(8 + n * d,))
+    raw[:8] = np.frombuffer(np.array([n, d], np.int32).tobytes(), np.uint8)
+    raw[8:] = np.random.RandomState(0).randint(0, 256, n * d, dtype=np.uint8)
+    raw.flush()
+    del raw
+    x = read_vectors(path)
+    assert isinstance(x, np.memmap) and x.shape == (n, d)
+    centroids = np.random.RandomState(1).uniform(0, 255, (16, d)).astype(np.float32)
+    spec = recipe.ModelSpec(arch="qinco2", M=2, K=16, L=1, h=8, A=0, B=1, variant="ivf", seed=0)
+    cfg = training.qinco2_train_config(batch_size=256, epochs=1, stop_patience=0, epoch_size=512, ngpu=1,
+                                       progress=False, max_epochs=1)
+    tracemalloc.start()
+    try:
+        res = recipe.train_model(x[:n - 300], x[n - 300:], spec, cfg, ivf_centroids=centroids, log=quiet)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(res.history["epochs"]) == 1
+    assert peak < 4 * n, f"numpy peak {peak / 2**20:.1f} MB: an array of 4 bytes per training row was allocated"
