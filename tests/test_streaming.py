@@ -297,3 +297,43 @@ def test_ivf_training_keeps_no_per_row_array(tmp_path):
         tracemalloc.stop()
     assert len(res.history["epochs"]) == 1
     assert peak < 4 * n, f"numpy peak {peak / 2**20:.1f} MB: an array of 4 bytes per training row was allocated"
+
+
+def test_bad_training_files_leave_earlier_outputs_untouched(tmp_path, bvecs):
+    """A training file whose size is not a whole number of rows, or too short, given to
+    every training command (v1 train_qinco.py, run.py task=train and task=ivf_centroids):
+    an error naming the file, and the output a previous run wrote is left as it was."""
+    from qinco_jax import cli
+    from qinco_jax.cli import run as run_cli
+    from qinco_jax.cli import run_config
+    from qinco_jax.cli import train as train_qinco
+
+    x = np.asarray(read_vectors(bvecs))
+    cut = tmp_path / "cut.bvecs"
+    cut.write_bytes(Path(bvecs).read_bytes()[:-7])
+    cut_fbin = tmp_path / "cut.fbin"
+    write_vectors(cut_fbin, x.astype(np.float32))
+    cut_fbin.write_bytes(cut_fbin.read_bytes()[:-3])
+    short = tmp_path / "short.bvecs"
+    write_vectors(short, x[:700])  # fewer than 300 + a batch of 512
+    model, centroids = tmp_path / "model.pt", tmp_path / "centroids.npy"
+    model.write_bytes(b"a model written before")
+    centroids.write_bytes(b"centroids written before")
+    for path, match in ((cut, r"cut\.bvecs.*not a multiple of the row size"), (cut_fbin, r"cut\.fbin.*truncated")):
+        with pytest.raises(ValueError, match=match):
+            train_qinco.main(["--training_data", str(path), "--nt", "1000", "--nval", "300", "--M", "2", "--K", "16",
+                              "--model", str(model)])
+        with pytest.raises((ValueError, run_config.RunConfigError), match=match):
+            run_cli.main(["task=train", f"trainset={path}", "M=2", "K=16", "L=1", "dh=16", "A=0", "B=1", "batch=256",
+                          "epochs=1", "ds.valset=300", "cpu=true", f"output={model}"])
+        with pytest.raises((ValueError, run_config.RunConfigError), match=match):
+            run_cli.main(["task=ivf_centroids", "ivf_K=4", f"trainset={path}", f"output={centroids}",
+                          "ds.valset=300"])
+    with pytest.raises(cli.UsageError, match=r"short\.bvecs.*300 validation vectors plus at least one batch"):
+        train_qinco.main(["--training_data", str(short), "--nt", "100", "--nval", "300", "--M", "2", "--K", "16",
+                          "--batch_size", "512", "--model", str(model)])
+    with pytest.raises(run_config.RunConfigError, match=r"short\.bvecs.*300 validation vectors plus at least one"):
+        run_cli.main(["task=train", f"trainset={short}", "M=2", "K=16", "L=1", "dh=16", "A=0", "B=1", "batch=512",
+                      "epochs=1", "ds.valset=300", "cpu=true", f"output={model}"])
+    assert model.read_bytes() == b"a model written before"
+    assert centroids.read_bytes() == b"centroids written before"
