@@ -21,8 +21,9 @@ the model; --model x.pt writes QINCo2's own file format.
 
 Data parallel: --ngpu N uses the first N local devices (default: all), the global batch
 (--batch_size) is split across them (and across all hosts' devices with --distributed;
-QINCo2's run.py, by contrast, takes `batch` per device, as its reference does). Multi-host: start one process per host with your
-cluster launcher and add --distributed, e.g. under SLURM
+QINCo2's run.py, by contrast, takes `batch` per device, as its reference does).
+Multi-host: start one process per host with your cluster launcher and add --distributed,
+e.g. under SLURM
 
     srun --nodes 2 --ntasks-per-node 1 python train/train_qinco.py --distributed ...
 
