@@ -222,23 +222,30 @@ def test_pq_qinco_streams_its_rotated_sub_vectors(bvecs):
     np.testing.assert_array_equal(faiss.vector_to_array(full.A), faiss.vector_to_array(sampled.A))
 
 
-def test_ivf_assignment_per_batch_trains_as_the_explicit_array():
-    """IVF-QINCo's code0 computed from the rows each batch reads (rq_init.CentroidAssignment,
-    what train_model and continue_training pass) trains the model that the explicit
-    per-row array trains."""
+@pytest.fixture(scope="module")
+def ivf_start():
+    """Fixture IVF data (d=32, 64 centroids) and an untrained IVF-QINCo model on them."""
     from qinco_jax.config import QincoConfig
     from qinco_jax.models.qinco import QincoModel
-    from qinco_jax.training import rq_init
 
     x = np.load(FIX / "ivf_xt.npy")[:1200]
     centroids = np.load(FIX / "ivf_centroids_64.npy")
+    config = QincoConfig(d=32, K=16, M=2, L=1, h=16, variant="ivf", K_IVF=64, db_scale=float(x.max()))
+    return x, centroids, QincoModel.init(config, 0, codebook0=centroids / np.float32(config.db_scale))
+
+
+def test_ivf_assignment_per_batch_trains_as_the_explicit_array(ivf_start):
+    """IVF-QINCo's code0 computed from the rows each batch reads (rq_init.CentroidAssignment,
+    what train_model and continue_training pass) trains the model that the explicit
+    per-row array trains."""
+    from qinco_jax.training import rq_init
+
+    x, centroids, start = ivf_start
     xt, xval = x[:1024], x[1024:]
     explicit = recipe.assign_to_centroids(xt, centroids)
     lazy = rq_init.CentroidAssignment(centroids)
     rows = np.random.RandomState(0).permutation(len(xt))[:256]
     np.testing.assert_array_equal(lazy(xt[rows]), explicit[rows])
-    config = QincoConfig(d=32, K=16, M=2, L=1, h=16, variant="ivf", K_IVF=64, db_scale=float(xt.max()))
-    start = QincoModel.init(config, 0, codebook0=centroids / np.float32(config.db_scale))
     cfg = training.TrainConfig(lr=1e-3, batch_size=256, max_epochs=1, ngpu=1, progress=False)
     per_batch, from_array = (training.fit(start, xt, xval, cfg, code0=c0, log=quiet) for c0 in (lazy, explicit))
     assert per_batch.history["epochs"][0]["val_mse"] < per_batch.history["before"]
@@ -250,24 +257,18 @@ def test_ivf_assignment_per_batch_trains_as_the_explicit_array():
         training.fit(start, xt, xval, cfg, code0=rq_init.CentroidAssignment(centroids[:, :31]), log=quiet)
 
 
-
-def test_continue_training_assigns_ivf_batches_as_read(monkeypatch):
+def test_continue_training_assigns_ivf_batches_as_read(ivf_start, monkeypatch):
     """Continuing an IVF model's training passes fit the per-batch assignment to the
     model's own centroids, not an array of every row's."""
-    from qinco_jax.config import QincoConfig
-    from qinco_jax.models.qinco import QincoModel
     from qinco_jax.training import finetune, rq_init
 
-    centroids = np.load(FIX / "ivf_centroids_64.npy")
-    xt = np.load(FIX / "ivf_xt.npy")[:600]
-    config = QincoConfig(d=32, K=16, M=2, L=1, h=16, variant="ivf", K_IVF=64, db_scale=float(xt.max()))
-    model = QincoModel.init(config, 0, codebook0=centroids / np.float32(config.db_scale))
+    x, centroids, model = ivf_start
     seen = {}
     monkeypatch.setattr(training, "fit", lambda *a, code0=None, **k: seen.setdefault("code0", code0))
-    finetune.continue_training(model, xt[:500], xt[500:], training.TrainConfig(batch_size=100, ngpu=1))
+    finetune.continue_training(model, x[:1000], x[1000:], training.TrainConfig(batch_size=100, ngpu=1))
     assert isinstance(seen["code0"], rq_init.CentroidAssignment)
     np.testing.assert_allclose(seen["code0"].centroids, centroids, rtol=1e-6)
-    np.testing.assert_array_equal(seen["code0"](xt[:500]), recipe.assign_to_centroids(xt[:500], centroids))
+    np.testing.assert_array_equal(seen["code0"](x[:512]), recipe.assign_to_centroids(x[:512], centroids))
 
 
 def test_ivf_training_keeps_no_per_row_array(tmp_path, monkeypatch):
