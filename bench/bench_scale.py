@@ -25,11 +25,12 @@ the whole process's peak (VmHWM, with the memory-mapped files' pages), the peak 
 anonymous memory (RssAnon, sampled every 5 ms: what the process really holds) and the
 resident memory before the stage's work (imports, model, compiled code).
 
-  train_epoch   QINCo2 training from the memory-mapped file (the same small model, not
-            IVF; epochs of --train_loop rows, --train_epochs of them; the last 10,000 rows
-            validate): RQ initialisation on the first epoch's rows, then the epochs read
-            batch by batch (qinco_jax.training.streaming). Its peak memory should not
-            depend on the file's size.
+  train_epoch   QINCo2 training from the memory-mapped file (the same small model; not
+            IVF, or with --train_ivf K an IVF-QINCo2 on K centroids, each batch's rows
+            assigned as they are read; epochs of --train_loop rows, --train_epochs of
+            them; the last 10,000 rows validate): RQ initialisation on the first epoch's
+            rows, then the epochs read batch by batch (qinco_jax.training.streaming).
+            Its peak memory should not depend on the file's size.
 """
 
 from __future__ import annotations
@@ -211,27 +212,30 @@ def stage_rate(n, batch):
     return out
 
 
-def stage_train_epoch(work, loop, epochs, batch):
+def stage_train_epoch(work, loop, epochs, batch, ivf_k=0):
     from qinco_jax.data.training_set import split_validation
-    from qinco_jax.training import recipe
+    from qinco_jax.training import recipe, streaming
     from qinco_jax.training.loop import qinco2_train_config
 
     c = pipeline_config()
-    spec = recipe.ModelSpec(M=c.M, K=c.K, L=c.L, h=c.h, arch="qinco2", de=c.de, A=c.A, B=c.B)
+    spec = recipe.ModelSpec(M=c.M, K=c.K, L=c.L, h=c.h, arch="qinco2", de=c.de, A=c.A, B=c.B,
+                            variant="ivf" if ivf_k else "qinco")
     x = vecs_io.read_vectors(os.path.join(work, "base.bvecs"), mmap=True)
     xt, xval = split_validation(x, 10_000)
+    centroids = streaming.head(x, ivf_k) if ivf_k else None  # random data: any rows will do
     cfg = qinco2_train_config(epoch_size=loop, epochs=epochs, max_epochs=epochs, batch_size=batch, ngpu=0,
                               progress=False)
     before = status_kb("VmRSS") / 1024
     peak = Peak()
     peak.start()
     t0 = time.perf_counter()
-    result = recipe.train_model(xt, xval, spec, cfg, log=lambda _m: None)
+    result = recipe.train_model(xt, xval, spec, cfg, ivf_centroids=centroids, log=lambda _m: None)
     seconds = time.perf_counter() - t0
     epochs_run = result.history.get("epochs", [])
     epoch_seconds = [round(e["seconds"], 2) for e in epochs_run if isinstance(e, dict) and "seconds" in e]
     return {"seconds": round(seconds, 2), "rows": loop * epochs, "rows_per_s": round(loop * epochs / seconds),
-            "epoch_seconds": epoch_seconds, "file_rows": len(x), "rss_before_mb": round(before, 1), **peak.stop()}
+            "epoch_seconds": epoch_seconds, "file_rows": len(x), "ivf_k": ivf_k, "rss_before_mb": round(before, 1),
+            **peak.stop()}
 
 
 STAGES = {"encode": stage_encode, "train_epoch": stage_train_epoch, "train": stage_train, "add": stage_add, "merge": stage_merge,
@@ -261,7 +265,8 @@ def bench_size(n, args, root) -> dict:
            "generate_seconds": round(time.time() - t0, 1)}
     print(f"n={n}: generated {res['file_bytes'] / 2**20:.0f} MiB", flush=True)
     if args.only_train:
-        res["train_epoch"] = run_stage("train_epoch", work, args.train_loop, args.train_epochs, args.train_batch)
+        res["train_epoch"] = run_stage("train_epoch", work, args.train_loop, args.train_epochs, args.train_batch,
+                                       args.train_ivf)
         print(f"  train_epoch {res['train_epoch']}", flush=True)
         if not args.keep:
             shutil.rmtree(work)
@@ -276,7 +281,8 @@ def bench_size(n, args, root) -> dict:
     res["search"] = run_stage("search", work, args.nq, args.nprobe, args.nshort)
     print(f"  search {res['search']}", flush=True)
     if args.train_loop:
-        res["train_epoch"] = run_stage("train_epoch", work, args.train_loop, args.train_epochs, args.train_batch)
+        res["train_epoch"] = run_stage("train_epoch", work, args.train_loop, args.train_epochs, args.train_batch,
+                                       args.train_ivf)
         print(f"  train_epoch {res['train_epoch']}", flush=True)
     if not args.keep:
         shutil.rmtree(work)
@@ -319,6 +325,8 @@ def main(argv=None) -> int:
                    help="rows per QINCo2 training epoch (the reference's ds.loop; 0: skip training)")
     p.add_argument("--train_epochs", type=int, default=1, help="QINCo2 training epochs")
     p.add_argument("--train_batch", type=int, default=1024, help="QINCo2 training batch")
+    p.add_argument("--train_ivf", type=int, default=0,
+                   help="train an IVF-QINCo2 model with this many IVF centroids (the file's first rows; 0: no IVF)")
     p.add_argument("--only_train", action="store_true", help="generate the file, then only the training stage")
     p.add_argument("--tmpdir", default=None)
     p.add_argument("--keep", action="store_true", help="keep the generated files")

@@ -220,3 +220,134 @@ def test_pq_qinco_streams_its_rotated_sub_vectors(bvecs):
     full.train(x)
     sampled.train(streaming.faiss_sample(mapped, 1000))
     np.testing.assert_array_equal(faiss.vector_to_array(full.A), faiss.vector_to_array(sampled.A))
+
+
+@pytest.fixture(scope="module")
+def ivf_start():
+    """Fixture IVF data (d=32, 64 centroids) and an untrained IVF-QINCo model on them."""
+    from qinco_jax.config import QincoConfig
+    from qinco_jax.models.qinco import QincoModel
+
+    x = np.load(FIX / "ivf_xt.npy")[:1200]
+    centroids = np.load(FIX / "ivf_centroids_64.npy")
+    config = QincoConfig(d=32, K=16, M=2, L=1, h=16, variant="ivf", K_IVF=64, db_scale=float(x.max()))
+    return x, centroids, QincoModel.init(config, 0, codebook0=centroids / np.float32(config.db_scale))
+
+
+def test_ivf_assignment_per_batch_trains_as_the_explicit_array(ivf_start):
+    """IVF-QINCo's code0 computed from the rows each batch reads (rq_init.CentroidAssignment,
+    what train_model and continue_training pass) trains the model that the explicit
+    per-row array trains."""
+    from qinco_jax.training import rq_init
+
+    x, centroids, start = ivf_start
+    xt, xval = x[:1024], x[1024:]
+    explicit = recipe.assign_to_centroids(xt, centroids)
+    lazy = rq_init.CentroidAssignment(centroids)
+    rows = np.random.RandomState(0).permutation(len(xt))[:256]
+    np.testing.assert_array_equal(lazy(xt[rows]), explicit[rows])
+    cfg = training.TrainConfig(lr=1e-3, batch_size=256, max_epochs=1, ngpu=1, progress=False)
+    per_batch, from_array = (training.fit(start, xt, xval, cfg, code0=c0, log=quiet) for c0 in (lazy, explicit))
+    assert per_batch.history["epochs"][0]["val_mse"] < per_batch.history["before"]
+    np.testing.assert_allclose(per_batch.history["epochs"][0]["val_mse"], from_array.history["epochs"][0]["val_mse"],
+                               rtol=1e-6)
+    for u, v in zip(jax.tree.leaves(per_batch.last.params), jax.tree.leaves(from_array.last.params)):
+        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="dimension 31"):
+        training.fit(start, xt, xval, cfg, code0=rq_init.CentroidAssignment(centroids[:, :31]), log=quiet)
+
+
+def test_continue_training_assigns_ivf_batches_as_read(ivf_start, monkeypatch):
+    """Continuing an IVF model's training passes fit the per-batch assignment to the
+    model's own centroids, not an array of every row's."""
+    from qinco_jax.training import finetune, rq_init
+
+    x, centroids, model = ivf_start
+    seen = {}
+    monkeypatch.setattr(training, "fit", lambda *a, code0=None, **k: seen.setdefault("code0", code0))
+    finetune.continue_training(model, x[:1000], x[1000:], training.TrainConfig(batch_size=100, ngpu=1))
+    assert isinstance(seen["code0"], rq_init.CentroidAssignment)
+    np.testing.assert_allclose(seen["code0"].centroids, centroids, rtol=1e-6)
+    np.testing.assert_array_equal(seen["code0"](x[:512]), recipe.assign_to_centroids(x[:512], centroids))
+
+
+def test_ivf_training_keeps_no_per_row_array(tmp_path, monkeypatch):
+    """IVF training on a memory-mapped file of 12M rows (uint8, d=4: 48 MB) allocates no
+    array with an entry per row: numpy's peak allocation (tracemalloc) over train_model
+    (statistics, RQ initialisation, the input checks and a batch read by fit's feeder;
+    not the training steps, which only repeat the batch read) stays below the 48 MB that
+    the IVF assignment alone took when computed for every row up front."""
+    import tracemalloc
+
+    from qinco_jax.training import rq_init
+
+    n, d = 12_000_000, 4
+    path = tmp_path / "x.u8bin"
+    raw = np.memmap(path, dtype=np.uint8, mode="w+", shape=(8 + n * d,))
+    raw[:8] = np.frombuffer(np.array([n, d], np.int32).tobytes(), np.uint8)
+    raw[8:] = np.random.RandomState(0).randint(0, 256, n * d, dtype=np.uint8)
+    raw.flush()
+    del raw
+    x = read_vectors(path)
+    assert isinstance(x, np.memmap) and x.shape == (n, d)
+    centroids = np.random.RandomState(1).uniform(0, 255, (16, d)).astype(np.float32)
+    spec = recipe.ModelSpec(arch="qinco2", M=2, K=16, L=1, h=8, A=0, B=1, variant="ivf", seed=0)
+    cfg = training.qinco2_train_config(batch_size=256, epochs=1, stop_patience=0, epoch_size=512, ngpu=1,
+                                       progress=False, max_epochs=1)
+    seen = {}
+
+    def fit_inputs(model, xt, xval, cfg, *, code0=None, **kwargs):  # fit up to its first batch
+        xt, xval, code0 = training.check_inputs(model, xt, xval, code0, training.recipe_for(model.config, cfg))
+        feeder = training.BatchFeeder(xt, code0, model.normalise, cfg.batch_size, training.make_mesh(cfg.ngpu))
+        seen["code0"], seen["batch"] = code0, feeder.read(np.arange(n - 556, n - 300))
+
+    monkeypatch.setattr(training, "fit", fit_inputs)
+    tracemalloc.start()
+    try:
+        recipe.train_model(x[:n - 300], x[n - 300:], spec, cfg, ivf_centroids=centroids, log=quiet)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * n, f"numpy peak {peak / 2**20:.1f} MB: an array of 4 bytes per training row was allocated"
+    assert isinstance(seen["code0"], rq_init.CentroidAssignment)
+    np.testing.assert_array_equal(seen["batch"][1], recipe.assign_to_centroids(x[n - 556:n - 300], centroids))
+
+
+def test_bad_training_files_leave_earlier_outputs_untouched(tmp_path, bvecs):
+    """A training file whose size is not a whole number of rows, or too short, given to
+    every training command (v1 train_qinco.py, run.py task=train and task=ivf_centroids):
+    an error naming the file, and the output a previous run wrote is left as it was."""
+    from qinco_jax import cli
+    from qinco_jax.cli import run as run_cli
+    from qinco_jax.cli import run_config
+    from qinco_jax.cli import train as train_qinco
+
+    x = np.asarray(read_vectors(bvecs))
+    cut = tmp_path / "cut.bvecs"
+    cut.write_bytes(Path(bvecs).read_bytes()[:-7])
+    cut_fbin = tmp_path / "cut.fbin"
+    write_vectors(cut_fbin, x.astype(np.float32))
+    cut_fbin.write_bytes(cut_fbin.read_bytes()[:-3])
+    short = tmp_path / "short.bvecs"
+    write_vectors(short, x[:700])  # fewer than 300 + a batch of 512
+    model, centroids = tmp_path / "model.pt", tmp_path / "centroids.npy"
+    model.write_bytes(b"a model written before")
+    centroids.write_bytes(b"centroids written before")
+    for path, match in ((cut, r"cut\.bvecs.*not a multiple of the row size"), (cut_fbin, r"cut\.fbin.*truncated")):
+        with pytest.raises(ValueError, match=match):
+            train_qinco.main(["--training_data", str(path), "--nt", "1000", "--nval", "300", "--M", "2", "--K", "16",
+                              "--model", str(model)])
+        with pytest.raises((ValueError, run_config.RunConfigError), match=match):
+            run_cli.main(["task=train", f"trainset={path}", "M=2", "K=16", "L=1", "dh=16", "A=0", "B=1", "batch=256",
+                          "epochs=1", "ds.valset=300", "cpu=true", f"output={model}"])
+        with pytest.raises((ValueError, run_config.RunConfigError), match=match):
+            run_cli.main(["task=ivf_centroids", "ivf_K=4", f"trainset={path}", f"output={centroids}",
+                          "ds.valset=300"])
+    with pytest.raises(cli.UsageError, match=r"short\.bvecs.*300 validation vectors plus at least one batch"):
+        train_qinco.main(["--training_data", str(short), "--nt", "100", "--nval", "300", "--M", "2", "--K", "16",
+                          "--batch_size", "512", "--model", str(model)])
+    with pytest.raises(run_config.RunConfigError, match=r"short\.bvecs.*300 validation vectors plus at least one"):
+        run_cli.main(["task=train", f"trainset={short}", "M=2", "K=16", "L=1", "dh=16", "A=0", "B=1", "batch=512",
+                      "epochs=1", "ds.valset=300", "cpu=true", f"output={model}"])
+    assert model.read_bytes() == b"a model written before"
+    assert centroids.read_bytes() == b"centroids written before"

@@ -20,8 +20,10 @@ samples, unused codewords re-drawn after each epoch. --de, --dh (= --h), --A, --
 the model; --model x.pt writes QINCo2's own file format.
 
 Data parallel: --ngpu N uses the first N local devices (default: all), the global batch
-(--batch_size) is split across them. Multi-host: start one process per host with your
-cluster launcher and add --distributed, e.g. under SLURM
+(--batch_size) is split across them (and across all hosts' devices with --distributed;
+QINCo2's run.py, by contrast, takes `batch` per device, as its reference does).
+Multi-host: start one process per host with your cluster launcher and add --distributed,
+e.g. under SLURM
 
     srun --nodes 2 --ntasks-per-node 1 python train/train_qinco.py --distributed ...
 
@@ -109,7 +111,9 @@ def add_optim_args(p) -> None:
                        help="bfloat16: mixed precision training (the network in bfloat16; parameters, "
                             "optimizer and loss in float32)")
     group.add_argument("--batch_size", default=1024, type=int,
-                       help="global batch size (split across devices: must divide by their number)")
+                       help="global batch size, split across the devices of all processes (with --distributed "
+                            "too: each of W devices trains on batch_size / W rows, as the reference's "
+                            "bs // world_size per GPU); must divide by the number of devices")
     cli.add_search_args(group)  # the no-gradient encode of every training step
     group.add_argument("--persistent_optimizer", default=False, action="store_true",
                        help="keep Adam's moments across epochs (the reference rebuilds Adam every epoch)")

@@ -15,8 +15,9 @@ from qinco_jax.data import validation
 from qinco_jax.logs import quiet
 from qinco_jax.models.qinco import QincoModel
 from qinco_jax.training import loop as training
-from qinco_jax.training import streaming
-from qinco_jax.training.recipe import assign_to_centroids
+from qinco_jax.training import rq_init, streaming
+
+
 def continue_training(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: training.TrainConfig, *,
                       model_path: str | None = None, checkpoint_dir: str | None = None,
                       history_path: str | None = None, log: Callable[[str], None] = quiet,
@@ -35,8 +36,7 @@ def continue_training(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: 
     assign = None
     if model.config.is_ivf:
         centroids = model.denormalise(np.asarray(model.params["codebook0"], np.float32))
-        log(f"assigning {len(xt)} training vectors to the model's {len(centroids)} IVF centroids")
-        assign = assign_to_centroids(xt, centroids)
+        assign = rq_init.CentroidAssignment(centroids)  # each batch's rows, as they are read
     log(f"continuing the training of {model.config.describe()}")
     return training.fit(model, xt, xval, cfg, code0=assign, model_path=model_path,
                         checkpoint_dir=checkpoint_dir, history_path=history_path, log=log, monitor=monitor,

@@ -248,9 +248,13 @@ class BatchFeeder:
     """Reads, scales, pads and places batches on the mesh. `read` is host work only
     (gather the batch's rows -- from a memory map: only those rows are read -- convert
     them to float32, normalise); `place` puts a read batch on the devices. In
-    multi-process runs each process reads only its own rows of the global batch."""
+    multi-process runs each process reads only its own rows of the global batch.
 
-    def __init__(self, xt: np.ndarray, code0: np.ndarray | None,
+    code0 (IVF-QINCo): an array with the first code of every row, indexed by the
+    batch's rows, or a callable (`rq_init.CentroidAssignment`) computing it from the
+    batch's raw rows as they are read."""
+
+    def __init__(self, xt: np.ndarray, code0,
                  normalise: Callable[[np.ndarray], np.ndarray] | float, batch_size: int, mesh: Mesh):
         self.xt, self.code0 = xt, code0
         if not callable(normalise):  # a v1 db_scale
@@ -271,9 +275,14 @@ class BatchFeeder:
         weights[:len(idx)] = 1
         idx = np.concatenate([idx, np.zeros(self.bs - len(idx), idx.dtype)])[self.rows]
         weights = weights[self.rows]
-        x = self.normalise(streaming.gather(self.xt, idx))  # reads these rows only
-        c0 = None if self.code0 is None else np.asarray(self.code0[idx]).astype(np.int32)
-        return x, c0, weights
+        raw = streaming.gather(self.xt, idx)  # reads these rows only, float32
+        if self.code0 is None:
+            c0 = None
+        elif callable(self.code0):  # assigned from the rows just read: no per-row array
+            c0 = np.asarray(self.code0(raw), np.int32)
+        else:
+            c0 = np.asarray(self.code0[idx]).astype(np.int32)
+        return self.normalise(raw), c0, weights
 
     def place(self, host_batch):
         x, c0, weights = host_batch
@@ -485,9 +494,13 @@ def check_inputs(model: QincoModel, xt, xval, code0, recipe: Recipe):
     if config.is_ivf:
         if code0 is None:
             raise ValueError("IVF-QINCo training needs the IVF assignment (code0) of the training vectors")
-        code0 = np.asarray(code0).reshape(-1)
-        if len(code0) != len(xt):
-            raise ValueError(f"code0 has {len(code0)} entries for {len(xt)} training vectors")
+        if callable(code0):  # computed batch by batch (rq_init.CentroidAssignment)
+            if getattr(code0, "d", config.d) != config.d:
+                raise ValueError(f"code0 assigns vectors of dimension {code0.d}, the model needs {config.d}")
+        else:
+            code0 = np.asarray(code0).reshape(-1)
+            if len(code0) != len(xt):
+                raise ValueError(f"code0 has {len(code0)} entries for {len(xt)} training vectors")
     elif code0 is not None:
         raise ValueError("code0 applies to IVF-QINCo training only")
     recipe.check(config)
@@ -605,7 +618,7 @@ class _Trainer:
 
 
 def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *,
-        recipe: Recipe | None = None, code0: np.ndarray | None = None, model_path: str | None = None,
+        recipe: Recipe | None = None, code0=None, model_path: str | None = None,
         checkpoint_dir: str | None = None, history_path: str | None = None,
         save_fn: Callable[[QincoModel, str], None] | None = None,
         log: Callable[[str], None] | None = None, monitor: Monitor | None = None,
@@ -615,7 +628,9 @@ def fit(model: QincoModel, xt: np.ndarray, xval: np.ndarray, cfg: TrainConfig, *
     recipe: what v1 and QINCo2 training do differently (training.recipes); by default
       `recipe_for(model.config, cfg)`: QINCo2's for a QINCo2 model, else v1's.
     xt: any (n, d) array; a memory map (or a streaming.RowMap) stays on disk, read batch by batch.
-    code0: IVF-QINCo only, the nearest IVF centroid of every training vector.
+    code0: IVF-QINCo only, the nearest IVF centroid of the training vectors: an (n,)
+      array, or a `rq_init.CentroidAssignment(centroids)` that computes it batch by
+      batch from the rows each batch reads (no per-row array; what train_model passes).
     model_path: where the best model is written whenever validation improves
       (save_fn(model, path), by default qinco_jax.formats.checkpoint.save_model).
     checkpoint_dir: resume from / save to this orbax directory every epoch.

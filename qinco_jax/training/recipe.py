@@ -117,7 +117,9 @@ def train_rq_codebooks(xt: np.ndarray, spec: ModelSpec, xval: np.ndarray | None 
 
 def assign_to_centroids(xt: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     """The nearest IVF centroid (int32) of every training vector, read chunk by chunk
-    (a memory map's pages released as it goes)."""
+    (a memory map's pages released as it goes): an array of len(xt) entries. Training
+    does not need it (train_model passes `rq_init.CentroidAssignment`, which assigns
+    each batch's rows as they are read); `training.fit` still takes it as code0."""
     out = np.empty(len(xt), np.int32)
     for i0 in range(0, len(xt), streaming.CHUNK_ROWS):
         out[i0:i0 + streaming.CHUNK_ROWS] = rq_init.assign_to_centroids(
@@ -225,10 +227,9 @@ def train_model(xt: np.ndarray, xval: np.ndarray, spec: ModelSpec, cfg: training
                          f"with the same dimension")
     training.check_batch_size(cfg.batch_size, training.make_mesh(cfg.ngpu))  # fail before the RQ
     centroids = check_ivf_centroids(spec, ivf_centroids, xt.shape[1])
-    assign = None
-    if centroids is not None:
-        log(f"assigning {len(xt)} training vectors to {len(centroids)} IVF centroids")
-        assign = assign_to_centroids(xt, centroids)
+    # IVF: each batch's rows are assigned to their nearest centroid as they are read
+    # (no array of len(xt) assignments; the RQ sample assigns its own rows)
+    assign = None if centroids is None else rq_init.CentroidAssignment(centroids)
     resuming = will_resume(checkpoint_dir)
     if resuming:
         log(f"checkpoint {checkpoint_dir} exists: resuming, the RQ initialisation is not needed")
@@ -241,7 +242,7 @@ def train_model(xt: np.ndarray, xval: np.ndarray, spec: ModelSpec, cfg: training
         if resuming:
             rq_codebooks = None
         elif rq_codebooks is None:
-            rq_codebooks = train_rq_codebooks(xt, spec, xval, centroids, assign, log)
+            rq_codebooks = train_rq_codebooks(xt, spec, xval, centroids, log=log)
         model = initial_model(xt, spec, rq_codebooks, centroids)
     log(f"model {model.config.describe()}")
     log(f"   nb trainable parameters {count_trainable(model)}")

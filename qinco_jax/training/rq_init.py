@@ -69,6 +69,38 @@ def assign_to_centroids(x: np.ndarray, centroids: np.ndarray, batch_size: int = 
     return codec.nearest_rows(x, centroids, batch_size=batch_size, progress=progress)
 
 
+class CentroidAssignment:
+    """The IVF assignment of training vectors (`code0` for `training.fit`), computed
+    where it is needed instead of stored: calling it on raw rows (b, d) gives their
+    nearest centroid (int32 (b,)), exactly as `assign_to_centroids` does. The training
+    loop calls it on the rows each batch reads, so no array with an entry per training
+    vector exists (4 bytes a row: 1.4 GB for Deep1B's 358M training vectors) and the
+    rows are read once. It costs one assignment per row trained on (per epoch: `ds.loop`
+    rows), where the explicit array costs one per row of the file, once.
+
+    The centroids (K_IVF, d) are put on the device once, here."""
+
+    def __init__(self, centroids: np.ndarray, batch_size: int = 16384):
+        import jax
+
+        c = validation.as_finite_float32(centroids, "IVF centroids")
+        if c.ndim != 2 or len(c) == 0:
+            raise ValueError(f"IVF centroids have shape {c.shape}: expected (K_IVF >= 1, d)")
+        self.centroids = c
+        self.batch_size = int(batch_size)
+        self._on_device = jax.device_put(c)  # one copy for the whole run, not one per batch
+
+    @property
+    def d(self) -> int:
+        return self.centroids.shape[1]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.d:
+            raise ValueError(f"vectors of shape {x.shape} cannot be assigned to IVF centroids of dimension {self.d}")
+        return codec.nearest_rows(x, self._on_device, batch_size=self.batch_size)
+
+
 def ivf_residuals(x: np.ndarray, centroids: np.ndarray, assign: np.ndarray) -> np.ndarray:
     return np.asarray(x, np.float32) - np.asarray(centroids, np.float32)[assign]
 
