@@ -80,6 +80,7 @@ ADAPT = [
     (r"(--nt) 10_010_000", r"\1 600", "PQ-QINCo's prepared vectors: the --nt + --nval of its trainings"),
     (r"(--nt) \d[\d_]{4,}", r"\1 500", "training vectors: 500 of the stand-in's 800"),
     (r"(--nval) [\d_]+", r"\1 100", "validation vectors"),
+    (r"(ds\.valset)=\d+", r"\1=100", "validation vectors"),
     (r"(--epoch_size) [\d_]+", r"\1 400", "QINCo2 samples per epoch"),
     # IVF sizes: 16 lists, in flags, run.py keys and faiss index keys
     (r"(--n_centroids) \d+", rf"\1 {K_IVF}", "IVF centroids"),
@@ -119,13 +120,14 @@ def _cap(values: str, limit: int) -> str:
 # Words appended to every run of a program: one short epoch, small shortlists, tiny
 # QINCo2 models. They are the programs' own flags and keys (a renamed one fails too).
 APPEND = {
-    "qinco_jax.cli.train": "--nt 500 --K 16 --max_epochs 1 --nval 100 --batch_size 256 --stop_patience 0 --progress off",
+    "qinco_jax.cli.train": "--nt 500 --K 16 --h 32 --max_epochs 1 --nval 100 --batch_size 256 --stop_patience 0 --progress off",
     "qinco_jax.cli.index": "--nt 500 --kmeans_iter 4",
     "qinco_jax.cli.search_2stage": "--nt 500 --nshort 10 50",
     "bench/bench_codec.py": "--M 2 --K 16 --L 1 --h 32 --n_decode 256",
     "qinco_jax.cli.main_job": ("--epochs 1 --nt 600 --nval 100 --n_centroids 16 --M 2 --h 16 --aq_train 400 "
                                "--rq_beam 2 --nprobe 1 4 --nshort 10 --jax_engine off --qinco2_L 1 --qinco2_h 16 "
-                               "--qinco2_de 16 --qinco2_A 4 --qinco2_B 1 --qinco2_epochs 1 --progress off"),
+                               "--qinco2_de 16 --qinco2_A 4 --qinco2_B 1 --qinco2_epochs 1 --progress off "
+                               "--kmeans_niter 4 --train_preselect 4 --encode_beam 2 --encode_preselect 4"),
 }
 # run.py keys appended only where the task takes them
 RUN_TASK_KEYS = {"train": ("ds.loop=400 ds.valset=100 epochs=1 scheduler.stop_patience=0 batch=256 "
@@ -458,6 +460,24 @@ def check_main_job_variant(words: list[str], where: str) -> None:
 # --------------------------------------------------------------------------------------
 
 RUN_PAGES = [p for p in docs.PAGES if page_commands(p)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for this module's commands: many compile the same
+    tiny models (the training of the side-by-side page and of the training page); the
+    jax configuration is put back afterwards."""
+    import jax
+    from jax._src import compilation_cache as cc
+
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    cc.reset_cache()
+    yield
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+    cc.reset_cache()
 
 
 @pytest.fixture(scope="module")
