@@ -376,6 +376,7 @@ def run_program(program: Program, where: str, work: Path) -> None:
     """One command: in-process (main(argv), or the script as __main__), or for srun one
     real process (jax.distributed on a one-process cluster cannot start inside pytest)."""
     import faiss
+    import jax
 
     threads = faiss.omp_get_max_threads()
     try:
@@ -385,7 +386,10 @@ def run_program(program: Program, where: str, work: Path) -> None:
             if program.kind == "srun":
                 env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
                        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}",
-                       "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}
+                       "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0",
+                       # the compilations of this module's in-process trainings, shared
+                       "JAX_COMPILATION_CACHE_DIR": str(jax.config.jax_compilation_cache_dir or ""),
+                       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
                 proc = subprocess.run([sys.executable, program.target, *program.args], cwd=work, env=env,
                                       capture_output=True, text=True, timeout=300)
                 assert proc.returncode == 0, f"{where}: {program.target} failed:\n{proc.stderr[-3000:]}"
