@@ -132,8 +132,11 @@ APPEND = {
 # run.py keys appended only where the task takes them
 RUN_TASK_KEYS = {"train": ("ds.loop=400 ds.valset=100 epochs=1 scheduler.stop_patience=0 batch=256 "
                            "K=16 L=1 dh=32 de=32 A=4 B=4"),
-                 "ivf_centroids": "ds.valset=100",
-                 "encode": "", "eval": "", "search": "", "build_index": "", "train_pairwise_decoder": ""}
+                 "ivf_centroids": "ds.valset=100", "encode": "ds.valset=100",
+                 "train_pairwise_decoder": "ds.valset=100",
+                 # the default index key (RQ${M}x8) assumes K=256: the tiny models' K=16 codes have 4 bits
+                 "build_index": "ds.valset=100 search.index_key=IVF16_HNSW32,RQ2x4_Nqint8",
+                 "eval": "", "search": ""}
 
 
 def adapt(line: str) -> str:
@@ -168,11 +171,14 @@ EXCEPTIONS = [
     (r"^make demo .*DEMO_ARGS=", "a variant of the main job: its DEMO_ARGS go through the main job's parser and "
                                  "MainJobConfig's checks (a renamed flag or a bad value fails) but it is not run "
                                  "again: with the tiny sizes appended it is the tiny job `make demo` already ran"),
-    (r"(model=|--model )m\.pt\b|ivf_centroids=c\.npy", "docs/search.md's pairwise-decoder block names the user's "
-     "files by placeholders (m.pt, i.faissindex, c.npy, xt.npz, xb.npz, xt_codes.npy): stand-ins that belong "
-     "together (one IVF model, its index, centroids and encoded sets) are not written yet; its flags and keys are "
-     "parsed by test_docs.py"),
 ]
+
+
+# Stand-ins a page writes again, legitimately: path -> why.
+PAGE_REWRITES = {
+    "i.faissindex": "docs/search.md: the v1 search reads the user's index i.faissindex, then run.py "
+                    "task=build_index shows how QINCo2's command line builds one under the same name",
+}
 
 
 def exception_reason(line: str) -> str | None:
@@ -193,8 +199,8 @@ def write_data_sets(root: Path) -> None:
     """The reference's named data sets, tiny, in the layout of its download scripts
     (data/bigann/, data/deep1b/, data/fb_ssnpp/) and the built-in sift_images: the
     dimension and dtype of each (bigann, sift: 128-d uint8; deep: 96-d float32;
-    FB_ssnpp: 256-d uint8), N_LEARN / N_BASE / N_QUERY vectors; sift_images, as built,
-    with its exact ground truth (the others' is computed when asked)."""
+    FB_ssnpp: 256-d uint8), N_LEARN / N_BASE / N_QUERY vectors and the exact ground truth
+    in the published ground-truth files (the same file for bigann1M, 10M and 1B)."""
     from qinco_jax.data.groundtruth import exact_groundtruth
     from qinco_jax.formats import vecs_io
 
@@ -207,12 +213,18 @@ def write_data_sets(root: Path) -> None:
 
     data = root / "data"
     for folder, names, d, dtype in (
-            ("bigann", ("bigann_learn.bvecs", "bigann_base.bvecs", "bigann_query.bvecs"), 128, np.uint8),
+            ("bigann", ("bigann_learn.bvecs", "bigann_base.bvecs", "bigann_query.bvecs",
+                        "gnd/idx_1M.ivecs", "gnd/idx_10M.ivecs", "gnd/idx_1000M.ivecs"), 128, np.uint8),
             ("sift_images", ("learn.bvecs", "base.bvecs", "query.bvecs", "gt.ivecs"), 128, np.uint8),
-            ("deep1b", ("learn.fvecs", "base.fvecs", "deep1B_queries.fvecs"), 96, np.float32),
-            ("fb_ssnpp", ("training_set10010k.npy", "database1M.npy", "queries.npy"), 256, np.uint8)):
-        (data / folder).mkdir(parents=True)
-        for name, x in zip(names, split(d, len(folder), dtype)):
+            ("deep1b", ("learn.fvecs", "base.fvecs", "deep1B_queries.fvecs",
+                        "deep1M_groundtruth.ivecs", "deep1B_groundtruth.ivecs"), 96, np.float32),
+            ("fb_ssnpp", ("training_set10010k.npy", "database1M.npy", "queries.npy", "ground_truth1M.npy"),
+             256, np.uint8)):
+        (data / folder / "gnd").mkdir(parents=True)
+        xt, xb, xq, gt = split(d, len(folder), dtype)
+        for name in names:
+            x = (xt if "learn" in name or "training" in name else xb if "base" in name
+                 else xq if "quer" in name else gt)
             vecs_io.write_vectors(data / folder / name, x)
 
 
@@ -238,7 +250,7 @@ def tiny_named_data_sets(monkeypatch, root: Path) -> None:
 
 # Downloads named by the pages: path -> (kind, data set folder, file in it for the vectors).
 # Models are tiny (M_TINY codebooks of 16, one block, width 32), made with the library
-# (QincoModel.init with the data's scale and IVF centroids) and saved in the reference's
+# (QincoModel.init with the data's scale, IVF centroids and RQ codebooks) and saved in the reference's
 # .pt format, as the published files are.
 MODEL_STAND_INS = {
     "models/bigann_8x8_L2.pt": ("qinco", "bigann"),
@@ -250,6 +262,8 @@ MODEL_STAND_INS = {
     "models/IVF-qinco2_S-deep1B-8x8.pt": ("ivf-qinco2", "deep1b"),
     # the second part of the PQ-QINCo example (the page trains the first, "one per part")
     "models/pq_training/sub_model_1.pt": ("qinco", "fb_ssnpp/half"),
+    # docs/search.md's pairwise decoder: "m.pt", the user's IVF model (and its files below)
+    "m.pt": ("ivf", "bigann"),
 }
 # Vector files a user brings: path -> the data set whose training vectors they hold.
 VECTOR_STAND_INS = {
@@ -278,8 +292,18 @@ def _tiny_model(kind: str, xt: np.ndarray):
     if "qinco2" in kind:
         return QincoModel.init(QincoConfig(arch="qinco2", de=32, A=4, B=4, **common), 0,
                                codebook0=xt[:K_IVF] if ivf else None)
+    # v1: the reference's initialisation, an RQ of the (IVF residuals of the) training
+    # vectors, so that the codes spread over the codebooks as a trained model's do
+    from qinco_jax.training.rq_init import train_rq
+
     scale = float(np.abs(xt).max())
-    return QincoModel.init(QincoConfig(db_scale=scale, **common), 0, codebook0=xt[:K_IVF] / scale if ivf else None)
+    x = xt / scale
+    if ivf:
+        centroids = x[:K_IVF]
+        x = x - centroids[((x[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)]
+    config = QincoConfig(db_scale=scale, **common)
+    codebooks = train_rq(x, config.num_steps + (0 if ivf else 1), 16, log=lambda msg: None)
+    return QincoModel.init(config, 0, codebooks=codebooks, codebook0=centroids if ivf else None)
 
 
 def write_stand_ins(root: Path) -> list[str]:
@@ -294,7 +318,29 @@ def write_stand_ins(root: Path) -> list[str]:
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         x = _learn(root, folder.split("/")[0])
         np.save(root / path, x[:K_IVF] if folder.endswith("/centroids") else x)
-    return [*MODEL_STAND_INS, *VECTOR_STAND_INS]
+    return [*MODEL_STAND_INS, *VECTOR_STAND_INS, *write_files_of_m(root)]
+
+
+def write_files_of_m(root: Path) -> list[str]:
+    """The files docs/search.md's pairwise-decoder commands name beside m.pt, made from
+    m.pt by the library's programs: its IVF centroids c.npy, the codes of the training
+    vectors xt_codes.npy, QINCo2's encoded sets xt.npz / xb.npz (run.py task=encode) and
+    an index i.faissindex (search_ivf.py)."""
+    from qinco_jax import encode, get_dataset, load_model
+    from qinco_jax.cli import index, run
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("QINCO_DATA", str(root / "data"))
+        tiny_named_data_sets(mp, root)
+        model = load_model("m.pt")
+        np.save("c.npy", np.asarray(model.params["codebook0"]) * model.config.db_scale)
+        np.save("xt_codes.npy", encode(model, np.asarray(get_dataset("bigann1M").get_train(), np.float32)[:500]))
+        run.main("task=encode db=bigann1M model=m.pt output=xb.npz".split())
+        run.main("task=encode db=bigann1M encode_trainset=true model=m.pt output=xt.npz ds.valset=100".split())
+        index.main(f"--todo train add --db bigann1M --model m.pt --index i.faissindex "
+                   f"--index_key IVF{K_IVF},RQ{M_TINY}x4_Nqint8 --nt 500".split())
+    return ["c.npy", "xt_codes.npy", "xb.npz", "xt.npz", "i.faissindex"]
 
 
 # --------------------------------------------------------------------------------------
@@ -433,7 +479,7 @@ def run_page(commands: list[Command], work: Path, stand_ins: list[str], log=prin
                 counts["same as the line before"] += 1
                 continue
             done.add(program)
-            before = file_states(work, stand_ins)
+            before = file_states(work, [p for p in stand_ins if p not in PAGE_REWRITES])
             t0 = time.time()
             if program.target == "qinco_jax.cli.main_job" and program.args in _MAIN_JOB_RUNS:
                 out = program.args[1]
@@ -445,7 +491,7 @@ def run_page(commands: list[Command], work: Path, stand_ins: list[str], log=prin
                 run_program(program, cmd.where, work)
                 if program.target == "qinco_jax.cli.main_job":
                     _MAIN_JOB_RUNS[program.args] = work / program.args[1]
-            assert file_states(work, stand_ins) == before, f"{cmd.where}: {cmd.line!r} rewrote a stand-in"
+            assert file_states(work, [p for p in stand_ins if p not in PAGE_REWRITES]) == before, f"{cmd.where}: {cmd.line!r} rewrote a stand-in"
             log(f"{cmd.where}: {time.time() - t0:5.1f} s  {' '.join(program.args)[:150]}")
             counts["run"] += 1
     return counts
@@ -529,7 +575,7 @@ def test_exceptions_are_listed_with_their_reason():
 
 def test_stand_ins_are_named_by_the_pages():
     text = "\n".join(p.read_text() for p in docs.PAGES)
-    for path in [*MODEL_STAND_INS, *VECTOR_STAND_INS]:
+    for path in [*MODEL_STAND_INS, *VECTOR_STAND_INS, "c.npy", "xt_codes.npy", "xb.npz", "xt.npz", "i.faissindex"]:
         assert path in text, f"stand-in {path} is named by no page: drop it"
 
 
