@@ -132,7 +132,7 @@ APPEND = {
 # run.py keys appended only where the task takes them
 RUN_TASK_KEYS = {"train": ("ds.loop=400 ds.valset=100 epochs=1 scheduler.stop_patience=0 batch=256 "
                            "K=16 L=1 dh=32 de=32 A=4 B=4"),
-                 "ivf_centroids": "ds.valset=100", "encode": "ds.valset=100",
+                 "ivf_centroids": "ds.valset=100", "encode": "",
                  "train_pairwise_decoder": "ds.valset=100",
                  # the default index key (RQ${M}x8) assumes K=256: the tiny models' K=16 codes have 4 bits
                  "build_index": "ds.valset=100 search.index_key=IVF16_HNSW32,RQ2x4_Nqint8",
