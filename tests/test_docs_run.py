@@ -308,17 +308,28 @@ def _tiny_model(kind: str, xt: np.ndarray):
 
 def write_stand_ins(root: Path) -> list[str]:
     """Every stand-in under root (data sets, models, vector files); their paths."""
+    import faiss
+
     from qinco_jax import save_model
 
-    write_data_sets(root)
-    for path, (kind, folder) in MODEL_STAND_INS.items():
-        (root / path).parent.mkdir(parents=True, exist_ok=True)
-        save_model(_tiny_model(kind, _learn(root, folder)), root / path)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # faiss's idle threads spin on a loaded machine
+    try:
+        write_data_sets(root)
+        models = {}
+        for path, (kind, folder) in MODEL_STAND_INS.items():  # one tiny model per kind and data set
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            if (kind, folder) not in models:
+                models[kind, folder] = _tiny_model(kind, _learn(root, folder))
+            save_model(models[kind, folder], root / path)
+        pairwise_files = write_files_of_m(root)
+    finally:
+        faiss.omp_set_num_threads(threads)
     for path, folder in VECTOR_STAND_INS.items():
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         x = _learn(root, folder.split("/")[0])
         np.save(root / path, x[:K_IVF] if folder.endswith("/centroids") else x)
-    return [*MODEL_STAND_INS, *VECTOR_STAND_INS, *write_files_of_m(root)]
+    return [*MODEL_STAND_INS, *VECTOR_STAND_INS, *pairwise_files]
 
 
 def write_files_of_m(root: Path) -> list[str]:
