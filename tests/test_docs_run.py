@@ -6,11 +6,14 @@ How (see docs/development.md, "Documentation that stays true"):
   that what a command writes feeds the next (centroids -> index -> search -> plot);
   relative paths resolve in that folder;
 - in-process: a command's words go to its qinco_jax.cli module's main(argv) (the shims in
-  train/ search/ convert/ and run.py name it); a bench script runs as __main__;
-- what a user downloads is a tiny stand-in (STAND_INS: the named data sets in the
-  reference's file layout, small models made with the library's own functions and saved
-  in the reference's format); a file that a command of the page writes is never a
-  stand-in (checked: no command may rewrite one);
+  train/ search/ convert/ and run.py name it); a bench script runs as __main__; `srun ...
+  python X` runs X as one real process (jax.distributed on a one-process cluster);
+  `make demo` runs the main job once per session (later pages get its outputs);
+- what a user downloads is a tiny stand-in (write_stand_ins: the named data sets in the
+  reference's file layout, MODEL_STAND_INS made with the library's own functions and
+  saved in the reference's format, VECTOR_STAND_INS, the files of docs/search.md's m.pt);
+  a file that a command of the page writes is never a stand-in (checked: no command may
+  rewrite one, but for PAGE_REWRITES);
 - VALUES are adapted by one explicit table (ADAPT: sizes, device and thread counts) and
   tiny-run words are appended (APPEND: one epoch of a few hundred vectors); flags and keys
   stay verbatim (checked), so a renamed flag or key still fails;
@@ -120,7 +123,8 @@ def _cap(values: str, limit: int) -> str:
 # Words appended to every run of a program: one short epoch, small shortlists, tiny
 # QINCo2 models. They are the programs' own flags and keys (a renamed one fails too).
 APPEND = {
-    "qinco_jax.cli.train": "--nt 500 --K 16 --h 32 --max_epochs 1 --nval 100 --batch_size 256 --stop_patience 0 --progress off",
+    "qinco_jax.cli.train": ("--nt 500 --K 16 --h 32 --max_epochs 1 --nval 100 --batch_size 256 --stop_patience 0 "
+                            "--progress off"),
     "qinco_jax.cli.index": "--nt 500 --kmeans_iter 4",
     "qinco_jax.cli.search_2stage": "--nt 500 --nshort 10 50",
     "bench/bench_codec.py": "--M 2 --K 16 --L 1 --h 32 --n_decode 256",
@@ -268,7 +272,8 @@ MODEL_STAND_INS = {
 # Vector files a user brings: path -> the data set whose training vectors they hold.
 VECTOR_STAND_INS = {
     "xq.npy": "bigann",                        # docs/models.md: --i xq.npy (queries of the user's own)
-    "xt.npy": "bigann",                        # docs/training.md: run.py trainset=xt.npy
+    "xt.npy": "deep1b",                        # docs/training.md: run.py trainset=xt.npy (96-d: the
+                                               # deep1M training's compilations serve it too)
     "models/bigann_centroids_65k.npy": "bigann/centroids",  # the published IVF centroids
 }
 
@@ -490,7 +495,8 @@ def run_page(commands: list[Command], work: Path, stand_ins: list[str], log=prin
                 counts["same as the line before"] += 1
                 continue
             done.add(program)
-            before = file_states(work, [p for p in stand_ins if p not in PAGE_REWRITES])
+            kept = [p for p in stand_ins if p not in PAGE_REWRITES]
+            before = file_states(work, kept)
             t0 = time.time()
             if program.target == "qinco_jax.cli.main_job" and program.args in _MAIN_JOB_RUNS:
                 out = program.args[1]
@@ -504,7 +510,7 @@ def run_page(commands: list[Command], work: Path, stand_ins: list[str], log=prin
                 run_program(program, cmd.where, work)
                 if program.target == "qinco_jax.cli.main_job":
                     _MAIN_JOB_RUNS[program.args] = work / program.args[1]
-            assert file_states(work, [p for p in stand_ins if p not in PAGE_REWRITES]) == before, f"{cmd.where}: {cmd.line!r} rewrote a stand-in"
+            assert file_states(work, kept) == before, f"{cmd.where}: {cmd.line!r} rewrote a stand-in"
             log(f"{cmd.where}: {time.time() - t0:5.1f} s  {' '.join(program.args)[:150]}")
             counts["run"] += 1
     return counts
