@@ -11,7 +11,8 @@ Convention (see docs/development.md, "Documentation that stays true"):
   test_not_run_blocks_are_few_and_explained;
 - every command is run through its program's own argument parsing (the parser must accept
   every flag shown, spelled in full: no abbreviations), or run.py's key=value parsing, or
-  for `make` the Makefile's targets (and DEMO_ARGS through the main job's parser);
+  for `make` the Makefile's targets (and DEMO_ARGS through the main job's parser); and
+  tests/test_docs_run.py then runs them, page by page, on tiny stand-ins;
 - every snippet runs, whole, in a scratch folder holding tiny stand-ins for the files the
   pages name (`data/my_vectors/`: a folder data set from the test fixtures;
   `models/my_ivf_model.pt`: the fixture IVF-QINCo model), and imports only `qinco_jax`.
