@@ -91,3 +91,13 @@ def test_registered_name_and_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(image_sift, "NAMED_SPECS", {"sift_images": TINY})
     ds = datasets.get_dataset("sift_images")
     assert ds.name == "sift_images" and ds.nb == 400 and (tmp_path / "sift_images" / "info.json").exists()
+
+
+def test_a_file_deleted_from_a_build_is_rebuilt(tmp_path):
+    """info.json alone does not make a build: a data file removed since (by hand, a
+    disk clean-up) is written again instead of failing later on a missing file."""
+    gt = datasets.sift_images_dataset("tiny", TINY, root=tmp_path).get_groundtruth()
+    (tmp_path / "tiny" / "gt.ivecs").unlink()
+    assert not image_sift.is_built(tmp_path / "tiny", TINY)
+    rebuilt = datasets.sift_images_dataset("tiny", TINY, root=tmp_path)
+    np.testing.assert_array_equal(rebuilt.get_groundtruth(), gt)

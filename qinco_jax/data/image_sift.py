@@ -167,9 +167,8 @@ def build(folder: str | os.PathLike, spec: SiftImagesSpec, progress: bool | None
     x = compute_descriptors(spec.total, spec.seed, progress=progress)
     xt, xb, xq = x[:spec.nt], x[spec.nt:spec.nt + spec.nb], x[spec.nt + spec.nb:]
     gt = exact_groundtruth(xq, xb, GT_K).astype(np.int32)
-    for name, array in (("learn", xt), ("base", xb), ("query", xq)):
-        vecs_io.write_vectors(folder / f"{name}.bvecs", array)
-    vecs_io.write_vectors(folder / "gt.ivecs", gt)
+    for name, array in zip(DATA_FILES, (xt, xb, xq, gt)):
+        vecs_io.write_vectors(folder / name, array)
     with atomic_path(folder / "info.json", suffix=".json") as tmp:
         Path(tmp).write_text(json.dumps(recipe(spec), indent=1))
     return folder
@@ -180,12 +179,18 @@ def recipe(spec: SiftImagesSpec) -> dict:
             "keypoint_sizes": list(KEYPOINT_SIZES), "min_descriptor_sum": MIN_DESCRIPTOR_SUM, **asdict(spec)}
 
 
+DATA_FILES = ("learn.bvecs", "base.bvecs", "query.bvecs", "gt.ivecs")
+
+
 def is_built(folder: str | os.PathLike, spec: SiftImagesSpec) -> bool:
+    """Whether folder holds this recipe's build: its info.json, and every file it wrote
+    (a file deleted since is rebuilt, not met later as an unreadable data set)."""
     info = Path(folder) / "info.json"
     try:
-        return json.loads(info.read_text()) == recipe(spec)
+        same_recipe = json.loads(info.read_text()) == recipe(spec)
     except (FileNotFoundError, json.JSONDecodeError):
         return False
+    return same_recipe and all((Path(folder) / name).is_file() for name in DATA_FILES)
 
 
 def ensure_built(folder: str | os.PathLike, spec: SiftImagesSpec, progress: bool | None = None) -> Path:
