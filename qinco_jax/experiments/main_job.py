@@ -6,9 +6,13 @@ same code size, faiss IVF-PQ and IVF-RQ, on the same IVF centroids, on real desc
 
 Stages: data set (built on first use) -> k-means IVF centroids -> IVF-QINCo training
 (exact-RQ initialisation: training starts at the RQ's error) -> IVF-QINCo index (AQ
-shortlist fitted to the QINCo codes + QINCo re-ranking), IVF-PQ and IVF-RQ indexes ->
-search sweeps over nprobe (x nshort) -> MSE table, `summary.json`, `pareto.png` in `out`,
-and the figures beside the README's (`published.format_comparison`).
+shortlist fitted to the model's reconstructions of its codes, `aq_fit`, + QINCo
+re-ranking), IVF-PQ and IVF-RQ indexes -> every method swept over nprobe (x nshort) on
+validation queries, each IVF-QINCo(2)'s operating points chosen there
+(`choose_operating_points`) -> the test queries searched by the baselines' sweeps and at
+those points (faiss's scan, and the JAX engine in one batch) -> MSE table,
+`summary.json`, `pareto.png` in `out`, and the figures beside the README's
+(`published.format_comparison`).
 IVF-QINCo2 is trained and searched beside IVF-QINCo from the same RQ start (`qinco2=False`
 leaves it out). Every stage's wall and CPU seconds are stored in the summary's data
 section.

@@ -9,8 +9,11 @@ Figures move between machines (floating-point reductions run in another order, a
 training amplifies the difference), so a run is compared with a tolerance: database MSEs
 within about 1 % (`MSE_TOLERANCE`, relative), recall@1 within about 0.01
 (`RECALL_TOLERANCE`, absolute; 5,000 queries make a recall ±0.0065 on its own). Times are
-the machine's own and are not compared. Only a run of the default configuration on the
-default data set is comparable; for any other, `format_comparison` says so.
+the machine's own and are not compared; so are the operating points each QINCo model is
+searched at (chosen on validation queries by their times: another machine, or the same
+one under another load, may choose others, and a published point the run did not search
+is reported as such). Only a run of the default configuration on the default data set
+is comparable; for any other, `format_comparison` says so.
 """
 
 from __future__ import annotations
@@ -32,8 +35,9 @@ PUBLISHED: dict[str, Any] = {
     # the main job's configuration of that run (MainJobConfig's defaults; tests check they still are)
     "config": {"db": "sift_images", "n_centroids": 256, "kmeans_niter": 10, "M": 8, "nt": 95000, "nval": 5000,
                "L": 1, "h": 64, "epochs": 3, "lr": 0.0003, "batch_size": 256, "init": "rq_exact",
-               "train_preselect": 64, "encode_beam": 8, "encode_preselect": 32, "aq_train": 10000, "rq_beam": 5,
-               "nprobe": (1, 2, 4, 8, 16), "nshort": (10, 20), "search_threads": 1, "build_threads": 1,
+               "train_preselect": 64, "encode_beam": 8, "encode_preselect": 32, "aq_train": 10000, "aq_fit": "decoded",
+               "rq_beam": 5, "nprobe": (1, 2, 4, 8, 16), "nshort": (10, 20, 50), "val_queries": 2000,
+               "search_threads": 1, "build_threads": 1,
                "qinco2": True, "qinco2_L": 1, "qinco2_h": 64, "qinco2_de": 64, "qinco2_A": 32, "qinco2_B": 1,
                "qinco2_epochs": 3, "qinco2_lr": 0.002},
     # database MSE of each method, 8 bytes per vector
