@@ -18,7 +18,9 @@ from qinco_jax.experiments import main_job
 from qinco_jax.experiments.main_job import MainJobConfig, run
 
 TINY = dict(db="synthetic_small", n_centroids=16, nt=3000, nval=300, M=4, L=1, h=16, epochs=2, lr=1e-3,
-            rq_beam=2, aq_train=2000, nprobe=(1, 4), nshort=(10, 20), progress=False)
+            rq_beam=2, aq_train=2000, nprobe=(1, 4), nshort=(10, 20), val_queries=0, progress=False)
+# val_queries=0: every swept point on the test queries (no validation sweeps; the QINCo2
+# test below chooses its operating points on validation queries)
 TINY_QINCO2 = dict(qinco2_L=1, qinco2_h=16, qinco2_de=16, qinco2_A=4, qinco2_B=1, qinco2_epochs=1)
 
 
@@ -38,8 +40,7 @@ def _check_summary(s: dict, out, names: list[str], M: int, min_points: int = 2) 
 
 def test_tiny_main_job(tmp_path):
     logged = []
-    # val_queries=0: every swept point, on the test queries
-    s = run(MainJobConfig(out=str(tmp_path), qinco2=False, val_queries=0, **TINY), log=logged.append)
+    s = run(MainJobConfig(out=str(tmp_path), qinco2=False, **TINY), log=logged.append)
     _check_summary(s, tmp_path, ["IVF-PQ", "IVF-RQ (beam 2)", "IVF-QINCo: AQ shortlist only", "IVF-QINCo",
                                  "IVF-QINCo (JAX engine, batch)"], 4)
     qinco, jax_curve = s["methods"][-2:]
@@ -112,7 +113,7 @@ def test_bad_configs_are_refused(bad):
 
 
 def test_tiny_main_job_with_qinco2(tmp_path):
-    s = run(MainJobConfig(out=str(tmp_path), **TINY, **TINY_QINCO2), log=lambda msg: None)
+    s = run(MainJobConfig(out=str(tmp_path), **{**TINY, "val_queries": 300}, **TINY_QINCO2), log=lambda msg: None)
     _check_summary(s, tmp_path, ["IVF-PQ", "IVF-RQ (beam 2)", "IVF-QINCo: AQ shortlist only", "IVF-QINCo",
                                  "IVF-QINCo (JAX engine, batch)", "IVF-QINCo2: AQ shortlist only", "IVF-QINCo2",
                                  "IVF-QINCo2 (JAX engine, batch)"], 4, min_points=1)
