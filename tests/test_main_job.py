@@ -84,6 +84,11 @@ def test_operating_points_are_the_front_points_that_beat_every_baseline():
     # a point faster than every baseline point has nothing to lose to
     chosen, _ = main_job.choose_operating_points([_pt(1, 10, 0.01, 0.2)] + points, [pq, rq])
     assert chosen[0]["parameters"] == {"nprobe": 1, "nshort": 10}
+    # a slower point that recalls less than min_gain more than the previous one is not on the front
+    chosen, _ = main_job.choose_operating_points(points + [_pt(16, 10, 0.9, 0.7015)], [pq, rq], min_gain=0.002)
+    assert [p["parameters"]["nprobe"] for p in chosen] == [2, 8]
+    chosen, _ = main_job.choose_operating_points(points + [_pt(16, 10, 0.9, 0.7025)], [pq, rq], min_gain=0.002)
+    assert [p["parameters"]["nprobe"] for p in chosen] == [2, 8, 16]
     # none beats them: the whole front, said
     chosen, beat = main_job.choose_operating_points(points[:1], [pq, rq])
     assert not beat and chosen == points[:1]

@@ -70,18 +70,13 @@ PUBLISHED: dict[str, Any] = {
         "IVF-QINCo": [
             ({"nprobe": 2, "nshort": 10}, 0.46, 0.655),
             ({"nprobe": 4, "nshort": 10}, 0.86, 0.691),
-            ({"nprobe": 4, "nshort": 20}, 0.91, 0.691),
             ({"nprobe": 8, "nshort": 10}, 1.24, 0.703),
-            ({"nprobe": 8, "nshort": 20}, 1.55, 0.703),
-            ({"nprobe": 16, "nshort": 20}, 2.42, 0.708),
             ({"nprobe": 16, "nshort": 10}, 2.63, 0.708),
         ],
         "IVF-QINCo2": [
             ({"nprobe": 2, "nshort": 10}, 0.34, 0.654),
             ({"nprobe": 4, "nshort": 20}, 0.76, 0.691),
             ({"nprobe": 8, "nshort": 10}, 0.90, 0.700),
-            ({"nprobe": 8, "nshort": 50}, 1.00, 0.700),
-            ({"nprobe": 4, "nshort": 50}, 1.03, 0.691),
             ({"nprobe": 16, "nshort": 50}, 1.82, 0.705),
         ],
     },
