@@ -516,3 +516,34 @@ def test_search_2stage_cli(tmp_path, data):
     assert results[1]["recalls"]["100"] >= results[0]["recalls"]["100"]
     with pytest.raises(ValueError, match="PQ-QINCo|IVF-QINCo model"):
         module.main(args[:1] + [str(FIXTURES / "pq_qinco_2x_d16_M3_K16_L1_h16_opq.pt")] + args[2:])
+
+
+def test_norm_range_trained_on_the_stored_norms_clips_none():
+    """The reference trains the qint8 norm range on the AQ errors, smaller than the
+    reconstructions the entries store: large norms are clipped to the range's top.
+    norm_training="reconstructions" trains it on the stored norms: every decoded norm
+    within half a quantization step of the exact one."""
+    from qinco_jax.search import jax_engine
+
+    rng = np.random.default_rng(0)
+    nlist, M, K, d, n = 8, 2, 16, 8, 4000
+    centroids = rng.normal(size=(nlist, d)).astype(np.float32) * 10
+    codes = np.column_stack([rng.integers(0, nlist, n), rng.integers(0, K, (n, M))]).astype(np.int32)
+    codebooks = rng.normal(size=(M, K, d)).astype(np.float32) * 3
+    xt = (centroids[codes[:, 0]] + aq.reconstruct(codes[:, 1:], codebooks)
+          + rng.normal(size=(n, d)).astype(np.float32))  # errors (~d) well below the reconstructions (~18 d)
+    key = f"IVF{nlist},RQ{M}x4_Nqint8"
+    for training in ivf_index.NORM_TRAINING:
+        index, _ = ivf_index.train_index_on_codes(centroids, xt, codes, key, K, norm_training=training,
+                                                  log=lambda m: None)
+        ivf_index.add_codes(index, None, codes)
+        tables = jax_engine.read_ivf_tables(index)
+        exact = (aq.reconstruct(tables.codes, ivf_index.index_codebooks(index)).astype(np.float64) ** 2).sum(1)
+        step = (index.rq.norm_max - index.rq.norm_min) / 256
+        clipped = exact > index.rq.norm_max * (1 + 1e-5)  # the largest norm is the range's top, to rounding
+        if training == "errors":
+            assert clipped.mean() > 0.1
+        else:
+            assert not clipped.any() and np.abs(tables.norms - exact).max() <= step / 2 + 1e-3 * exact.max()
+    with pytest.raises(ValueError, match="norm_training"):
+        ivf_index.train_index_on_codes(centroids, xt, codes, key, K, norm_training="exact")

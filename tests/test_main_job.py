@@ -14,20 +14,23 @@ import pytest
 from qinco_jax import cli
 from qinco_jax.training import recipe
 from qinco_jax.cli import main_job as main_job_cli
+from qinco_jax.experiments import main_job
 from qinco_jax.experiments.main_job import MainJobConfig, run
 
 TINY = dict(db="synthetic_small", n_centroids=16, nt=3000, nval=300, M=4, L=1, h=16, epochs=2, lr=1e-3,
-            rq_beam=2, aq_train=2000, nprobe=(1, 4), nshort=(10, 20), progress=False)
+            rq_beam=2, aq_train=2000, nprobe=(1, 4), nshort=(10, 20), val_queries=0, progress=False)
+# val_queries=0: every swept point on the test queries (no validation sweeps; the QINCo2
+# test below chooses its operating points on validation queries)
 TINY_QINCO2 = dict(qinco2_L=1, qinco2_h=16, qinco2_de=16, qinco2_A=4, qinco2_B=1, qinco2_epochs=1)
 
 
-def _check_summary(s: dict, out, names: list[str], M: int) -> None:
+def _check_summary(s: dict, out, names: list[str], M: int, min_points: int = 2) -> None:
     assert json.loads((out / "summary.json").read_text()) == s
     assert [m["name"] for m in s["methods"]] == names
     assert {m["bytes_per_vector"] for m in s["methods"]} == {M}
     for m in s["methods"]:
         assert math.isfinite(m["mse"]) and m["mse"] > 0, m["name"]
-        assert len(m["points"]) >= 2, m["name"]
+        assert len(m["points"]) >= min_points, m["name"]
         for p in m["points"]:
             assert {"parameters", "ms_per_query", "recall@1", "recall@10"} <= set(p)
             assert 0 <= p["recall@1"] <= p["recall@10"] <= 1 and p["ms_per_query"] > 0
@@ -56,10 +59,39 @@ def test_tiny_main_job(tmp_path):
     assert [r["name"].split(",")[0] for r in data["val_mse_table"]] == [
         "IVF-RQ codebooks", "IVF-QINCo", "IVF-QINCo"]  # start, greedy, the demo's beam (nearest list)
     assert set(data["stages"]) >= {"data", "IVF k-means", "IVF-PQ index", "IVF-RQ index", "search"}
+    assert data["operating_points"] == {}
     text = "\n".join(logged)
     assert "database MSE" in text and "validation MSE" in text and "recall@1 at equal time" in text
     # the README's figures are for the default configuration: this one says it is not comparable
     assert "comparison with the README's figures: not comparable" in text and "db='synthetic_small'" in text
+
+
+def _pt(nprobe, nshort, ms, recall):
+    return {"parameters": {"nprobe": nprobe, "nshort": nshort}, "ms_per_query": ms, "recall@1": recall}
+
+
+def test_operating_points_are_the_front_points_that_beat_every_baseline():
+    rq = [{"ms_per_query": 0.1, "recall@1": 0.55}, {"ms_per_query": 0.2, "recall@1": 0.64},
+          {"ms_per_query": 0.4, "recall@1": 0.67}]
+    pq = [{"ms_per_query": 0.02, "recall@1": 0.59}, {"ms_per_query": 0.04, "recall@1": 0.63}]
+    points = [_pt(1, 10, 0.12, 0.56),   # on the front, below IVF-PQ's 0.63 within its time
+              _pt(2, 10, 0.22, 0.66),   # beats both: 0.64 (RQ) and 0.63 (PQ)
+              _pt(2, 20, 0.25, 0.65),   # off the front: (2, 10) is faster and recalls more
+              _pt(4, 10, 0.41, 0.67),   # ties IVF-RQ's 0.67 within its time: not above it
+              _pt(8, 10, 0.80, 0.70)]   # beats both
+    chosen, beat = main_job.choose_operating_points(points, [pq, rq])
+    assert beat and [p["parameters"] for p in chosen] == [{"nprobe": 2, "nshort": 10}, {"nprobe": 8, "nshort": 10}]
+    # a point faster than every baseline point has nothing to lose to
+    chosen, _ = main_job.choose_operating_points([_pt(1, 10, 0.01, 0.2)] + points, [pq, rq])
+    assert chosen[0]["parameters"] == {"nprobe": 1, "nshort": 10}
+    # a slower point that recalls less than min_gain more than the previous one is not on the front
+    chosen, _ = main_job.choose_operating_points(points + [_pt(16, 10, 0.9, 0.7015)], [pq, rq], min_gain=0.002)
+    assert [p["parameters"]["nprobe"] for p in chosen] == [2, 8]
+    chosen, _ = main_job.choose_operating_points(points + [_pt(16, 10, 0.9, 0.7025)], [pq, rq], min_gain=0.002)
+    assert [p["parameters"]["nprobe"] for p in chosen] == [2, 8, 16]
+    # none beats them: the whole front, said
+    chosen, beat = main_job.choose_operating_points(points[:1], [pq, rq])
+    assert not beat and chosen == points[:1]
 
 
 def test_cli_flags_map_onto_the_config():
@@ -78,17 +110,30 @@ def test_every_flag_is_explained():
     assert "default: 256" in main_job_cli.build_parser().format_help().replace("\n", " ").replace("  ", " ")
 
 
-@pytest.mark.parametrize("bad", [dict(M=0), dict(nshort=()), dict(init="zeros"), dict(epochs=-1)])
+@pytest.mark.parametrize("bad", [dict(M=0), dict(nshort=()), dict(init="zeros"), dict(epochs=-1), dict(aq_fit="lsq"),
+                                 dict(val_queries=-1)])
 def test_bad_configs_are_refused(bad):
     with pytest.raises(ValueError):
         MainJobConfig(**bad)
 
 
 def test_tiny_main_job_with_qinco2(tmp_path):
-    s = run(MainJobConfig(out=str(tmp_path), **TINY, **TINY_QINCO2), log=lambda msg: None)
+    s = run(MainJobConfig(out=str(tmp_path), **{**TINY, "val_queries": 300}, **TINY_QINCO2), log=lambda msg: None)
     _check_summary(s, tmp_path, ["IVF-PQ", "IVF-RQ (beam 2)", "IVF-QINCo: AQ shortlist only", "IVF-QINCo",
                                  "IVF-QINCo (JAX engine, batch)", "IVF-QINCo2: AQ shortlist only", "IVF-QINCo2",
-                                 "IVF-QINCo2 (JAX engine, batch)"], 4)
+                                 "IVF-QINCo2 (JAX engine, batch)"], 4, min_points=1)
+    # each model searched on the test queries at the operating points chosen on the
+    # validation queries (every baseline and model swept there), by both engines
+    ops = s["data"]["operating_points"]
+    assert set(ops) == {"IVF-PQ", "IVF-RQ (beam 2)", "IVF-QINCo", "IVF-QINCo2"}
+    methods = {m["name"]: m for m in s["methods"]}
+    for name in ("IVF-QINCo", "IVF-QINCo2"):
+        assert len(ops[name]["validation"]) == 4 and ops[name]["nq"] == 300
+        chosen, beat = main_job.choose_operating_points(ops[name]["validation"],
+                                                        [ops["IVF-PQ"]["validation"], ops["IVF-RQ (beam 2)"]["validation"]])
+        assert ops[name]["chosen"] == [p["parameters"] for p in chosen] and ops[name]["beat_the_baselines"] == beat
+        for curve in (name, name + ": AQ shortlist only", name + " (JAX engine, batch)"):
+            assert [p["parameters"] for p in methods[curve]["points"]] == ops[name]["chosen"], curve
     # both families start from the IVF-RQ baseline's codebooks, exactly at its greedy error
     # (QINCo2 trained with B = 1 encodes greedily over candidates pre-selected by its
     # substep codebook, which starts as the RQ's)

@@ -36,8 +36,8 @@ def page_mse_table(text: str) -> dict[str, float]:
 
 
 def page_recall_table(text: str) -> list[list[str]]:
-    """The rows of the page's `(nprobe, nshort)` recall@1 table, as cells."""
-    table = text.split("| (nprobe, nshort) |", 1)[1].split("\n\n", 1)[0]
+    """The rows of the page's `| method | (nprobe, nshort) | ...` recall@1 table, as cells."""
+    table = text.split("| method | (nprobe, nshort) |", 1)[1].split("\n\n", 1)[0]
     return [[c.replace("*", "") for c in _cells(line)] for line in table.strip().splitlines()[2:]]
 
 
@@ -51,15 +51,16 @@ def test_pages_mse_table_is_the_published_one(page):
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
 def test_pages_recall_table_is_the_published_one(page):
+    """One row per published operating point of IVF-QINCo then IVF-QINCo2, in order."""
     rows = page_recall_table(page.read_text())
-    equal_time = published.equal_time_rows()
-    qinco, qinco2 = published.published_points("IVF-QINCo"), published.published_points("IVF-QINCo2")
-    assert len(rows) == len(qinco) == len(qinco2) == len(equal_time) == 5
-    for row, q, q2, eq in zip(rows, qinco, qinco2, equal_time):
-        nprobe, nshort = map(int, re.findall(r"\d+", row[0]))
-        assert q["parameters"] == q2["parameters"] == eq["parameters"] == {"nprobe": nprobe, "nshort": nshort}
-        assert row[1] == f"{q['ms_per_query']:.2f} / {q['recall@1']:.3f}"
-        assert row[2] == f"{q2['ms_per_query']:.2f} / {q2['recall@1']:.3f}"
+    expected = [(name, p, eq) for name in ("IVF-QINCo", "IVF-QINCo2")
+                for p, eq in zip(published.published_points(name), published.equal_time_rows(name))]
+    assert len(rows) == len(expected) >= 4
+    for row, (name, p, eq) in zip(rows, expected):
+        nprobe, nshort = map(int, re.findall(r"\d+", row[1]))
+        assert row[0] == name
+        assert p["parameters"] == eq["parameters"] == {"nprobe": nprobe, "nshort": nshort}
+        assert row[2] == f"{p['ms_per_query']:.2f} / {p['recall@1']:.3f}"
         # the equal-time columns follow from the published points, as the main job derives them
         assert float(row[3]) == eq["IVF-RQ (beam 5)"] and float(row[4]) == eq["IVF-PQ"]
 
@@ -97,7 +98,7 @@ def fake_summary(config: MainJobConfig = MainJobConfig(), db: str = "sift_images
         for p in points:
             p["recall@10"] = 0.9
         if "nshort" in (points[0]["parameters"] if points else {}):
-            points.append({"parameters": {"nprobe": 1, "nshort": 10}, "ms_per_query": 0.1, "recall@1": 0.1,
+            points.append({"parameters": {"nprobe": 3, "nshort": 7}, "ms_per_query": 0.1, "recall@1": 0.1,
                            "recall@10": 0.2})
         methods.append({"name": name, "bytes_per_vector": 8, "mse": float(mse), "points": points})
     cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
@@ -114,36 +115,45 @@ def _line(text: str, method: str, figure: str) -> str:
 
 def test_the_published_figures_compare_equal_to_themselves():
     rows = published.compare(fake_summary())
-    assert len(rows) == len(published.PUBLISHED["mse"]) + 20
+    assert len(rows) == len(published.PUBLISHED["mse"]) + sum(map(len, published.PUBLISHED["points"].values()))
     assert all(r.within and r.difference == 0 for r in rows)
     text = published.format_comparison(fake_summary())
     assert f"{len(rows)} of {len(rows)} figures within the tolerance" in text
     assert published.PUBLISHED["machine"] in text
 
 
+def _what(point: dict) -> str:
+    return "R@1 " + " ".join(f"{k}={v}" for k, v in point["parameters"].items())
+
+
 def test_differences_within_and_beyond_the_tolerance():
     s = fake_summary()
-    _method(s, "IVF-RQ (beam 5)")["mse"] = 16194 * 1.005       # +0.5 %: within 1 %
-    _method(s, "IVF-QINCo2")["mse"] = 13860 * 1.02             # +2 %: beyond
+    rq_mse, q2_mse = published.PUBLISHED["mse"]["IVF-RQ (beam 5)"], published.PUBLISHED["mse"]["IVF-QINCo2"]
+    _method(s, "IVF-RQ (beam 5)")["mse"] = rq_mse * 1.005      # +0.5 %: within 1 %
+    _method(s, "IVF-QINCo2")["mse"] = q2_mse * 1.02            # +2 %: beyond
+    first, second = published.published_points("IVF-QINCo2")[:2]
     points = _method(s, "IVF-QINCo2")["points"]
-    points[0]["recall@1"] = 0.569 - 0.009                      # within 0.01
-    points[2]["recall@1"] = 0.698 - 0.02                       # beyond
+    points[0]["recall@1"] = first["recall@1"] - 0.009          # within 0.01
+    points[1]["recall@1"] = second["recall@1"] - 0.02          # beyond
+    last = published.published_points("IVF-QINCo")[-1]
     _method(s, "IVF-QINCo")["points"] = [p for p in _method(s, "IVF-QINCo")["points"]
-                                         if p["parameters"]["nprobe"] != 16]  # a point the run lacks
+                                         if p["parameters"] != last["parameters"]]  # a point the run lacks
     rows = {(r.method, r.what): r for r in published.compare(s)}
     assert rows["IVF-RQ (beam 5)", "MSE"].within and rows["IVF-RQ (beam 5)", "MSE"].difference == pytest.approx(0.005)
     assert rows["IVF-QINCo2", "MSE"].within is False
-    assert rows["IVF-QINCo2", "R@1 nprobe=1 nshort=20"].within
-    assert rows["IVF-QINCo2", "R@1 nprobe=1 nshort=20"].difference == pytest.approx(-0.009)
-    assert rows["IVF-QINCo2", "R@1 nprobe=4 nshort=20"].within is False
-    assert rows["IVF-QINCo", "R@1 nprobe=16 nshort=20"].run is None
+    assert rows["IVF-QINCo2", _what(first)].within
+    assert rows["IVF-QINCo2", _what(first)].difference == pytest.approx(-0.009)
+    assert rows["IVF-QINCo2", _what(second)].within is False
+    assert rows["IVF-QINCo", _what(last)].run is None
 
     text = published.format_comparison(s)
-    assert _line(text, "IVF-RQ (beam 5)", "MSE").split()[-4:] == ["16275", "16194", "+0.50%", "yes"]
+    assert _line(text, "IVF-RQ (beam 5)", "MSE").split()[-4:] == [f"{rq_mse * 1.005:.0f}", f"{rq_mse}", "+0.50%",
+                                                                  "yes"]
     assert _line(text, "IVF-QINCo2", "MSE").endswith("+2.00%  NO (> 1%)")
-    assert _line(text, "IVF-QINCo2", "R@1 nprobe=1 nshort=20").split()[-4:] == ["0.560", "0.569", "-0.009", "yes"]
-    assert _line(text, "IVF-QINCo2", "R@1 nprobe=4 nshort=20").endswith("-0.020  NO (> 0.01)")
-    assert _line(text, "IVF-QINCo", "R@1 nprobe=16 nshort=20").endswith("not in this run")
+    assert _line(text, "IVF-QINCo2", _what(first)).split()[-4:] == [
+        f"{first['recall@1'] - 0.009:.3f}", f"{first['recall@1']:.3f}", "-0.009", "yes"]
+    assert _line(text, "IVF-QINCo2", _what(second)).endswith("-0.020  NO (> 0.01)")
+    assert _line(text, "IVF-QINCo", _what(last)).endswith("not in this run")
     n = len(published.compare(s))
     assert f"{n - 3} of {n} figures within the tolerance; 2 outside it; 1 not in this run" in text
 

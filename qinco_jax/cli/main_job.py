@@ -37,9 +37,15 @@ HELP = {
     "encode_beam": "beam of the IVF-QINCo and IVF-QINCo2 database encodes",
     "encode_preselect": "candidates pre-selected per step in the database encode (0: all K)",
     "aq_train": "training vectors whose QINCo codes fit the AQ shortlist codebooks",
+    "aq_fit": "decoded: AQ shortlist codebooks fitted to the model's reconstructions of the aq_train training codes "
+              "and the database codes, norm range from the stored norms; reference: fitted to the aq_train training "
+              "vectors, norm range from the AQ errors (the reference's index)",
     "rq_beam": "beam of the IVF-RQ baseline (training and database encode)",
     "nprobe": "IVF lists visited: the search sweep of every method",
     "nshort": "shortlist lengths re-ranked by QINCo (IVF-QINCo sweep, x nprobe)",
+    "val_queries": "held-out vectors searched as validation queries: each IVF-QINCo(2) is searched on the test "
+                   "queries at the operating points chosen on them (its Pareto front's points that beat both "
+                   "baselines at equal time); 0: every swept point",
     "search_threads": "faiss threads while searching, the same for every method (0: all cores)",
     "jax_engine": "also search each IVF-QINCo index with the JAX engine (qinco_jax.search.jax_engine), "
                   "all queries in one batch: the same shortlists, its own curve",
@@ -71,6 +77,10 @@ def build_parser():
             from qinco_jax.experiments.main_job import INITS
 
             p.add_argument(flag, choices=INITS, default=f.default, help=HELP[f.name])
+        elif f.name == "aq_fit":
+            from qinco_jax.experiments.main_job import AQ_FITS
+
+            p.add_argument(flag, choices=AQ_FITS, default=f.default, help=HELP[f.name])
         elif hint == (float | None):
             p.add_argument(flag, type=float, default=f.default, help=HELP[f.name])
         else:

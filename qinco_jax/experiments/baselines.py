@@ -250,7 +250,7 @@ def plot_methods(s: dict, path: str | os.PathLike, title: str = "") -> None:
             color = colors[i % len(colors)]
             ax.scatter(*zip(*pts), s=10, color=color, alpha=0.3)
             front = [pts[j] for j in pareto_front(pts)]
-            ax.plot(*zip(*front), "-o", ms=3, color=color, label=f"{m['name']} (MSE {m['mse']:.4g})")
+            ax.plot(*zip(*front), "-o", ms=3, color=color, label=f"{m['name']} (MSE {m['mse']:,.0f})")
         ax.set_xscale("log")
         ax.set_xlabel("search time (ms per query)")
         ax.set_ylabel(f"1-{rank}")

