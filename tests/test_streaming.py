@@ -217,6 +217,10 @@ def test_pq_qinco_streams_its_rotated_sub_vectors(bvecs):
     x = np.asarray(mapped, np.float32)
     full, sampled = faiss.OPQMatrix(32, 2, 32), faiss.OPQMatrix(32, 2, 32)
     full.max_train_points = sampled.max_train_points = 1000
+    # a few iterations: enough for another sample to give another matrix (the defaults, 50
+    # OPQ iterations of 40 k-means ones first, cost seconds and compare the same samples)
+    full.niter = sampled.niter = 2
+    full.niter_pq_0 = sampled.niter_pq_0 = 4
     full.train(x)
     sampled.train(streaming.faiss_sample(mapped, 1000))
     np.testing.assert_array_equal(faiss.vector_to_array(full.A), faiss.vector_to_array(sampled.A))

@@ -48,11 +48,29 @@ def _train(tmp_path, name, n_proc, batch, loop=1024, extra=()):
     return history, logs
 
 
-def test_two_processes_train_the_one_process_model(tmp_path):
+# Epochs of 64 steps: long enough for the kill-and-resume test to kill the run in its middle.
+LOOP = 16_384
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A folder holding x.npy: 2,000 training vectors then 300 validation vectors."""
+    path = tmp_path_factory.mktemp("distributed")
     x = np.concatenate([np.load(FIX / "train_xt.npy")[:2000], np.load(FIX / "train_xval.npy")[:300]])
-    np.save(tmp_path / "x.npy", x)
-    one, _ = _train(tmp_path, "one", 1, 256)
-    two, logs = _train(tmp_path, "two", 2, 128)  # batch per device: the same global batch of 256
+    np.save(path / "x.npy", x)
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_process_run(workdir):
+    """The uninterrupted two-process run (batch 128 per device): trained once, the model
+    both tests compare with (history, logs)."""
+    return _train(workdir, "two", 2, 128, LOOP)
+
+
+def test_two_processes_train_the_one_process_model(workdir, two_process_run):
+    one, _ = _train(workdir, "one", 1, 256, LOOP)
+    two, logs = two_process_run  # batch per device: the same global batch of 256
     assert "global batch 256 = batch 128 x 2" in logs[0]
     help_text = subprocess.run([sys.executable, str(ROOT / "run.py"), "--help"], capture_output=True, text=True,
                                env=dict(os.environ, PYTHONPATH=str(ROOT))).stdout
@@ -66,16 +84,13 @@ def test_two_processes_train_the_one_process_model(tmp_path):
     np.testing.assert_allclose(mse_two, mse_one, rtol=0.01)
 
 
-def test_two_processes_killed_and_resumed_train_the_uninterrupted_model(tmp_path):
+def test_two_processes_killed_and_resumed_train_the_uninterrupted_model(workdir, two_process_run):
     """Both processes killed once a checkpoint is on disk, then restarted with
     resume=true: the same validation curve as the uninterrupted two-process run."""
     import time
 
-    x = np.concatenate([np.load(FIX / "train_xt.npy")[:2000], np.load(FIX / "train_xval.npy")[:300]])
-    np.save(tmp_path / "x.npy", x)
-    loop = 16_384  # epochs of 64 steps: long enough to be killed in the middle of the run
-    full, _ = _train(tmp_path, "full", 2, 128, loop)
-    out, procs = _start(tmp_path, "cut", 2, 128, loop)
+    full, _ = two_process_run
+    out, procs = _start(workdir, "cut", 2, 128, LOOP)
     first = out.parent / "m.pt.checkpoint" / "0"
     deadline = time.time() + 400
     while not first.exists() and time.time() < deadline and all(p.poll() is None for p in procs):
@@ -84,7 +99,7 @@ def test_two_processes_killed_and_resumed_train_the_uninterrupted_model(tmp_path
         p.kill()
         p.communicate()
     assert first.exists(), "no checkpoint was written"
-    resumed, logs = _train(tmp_path, "cut", 2, 128, loop, extra=["resume=true"])
+    resumed, logs = _train(workdir, "cut", 2, 128, LOOP, extra=["resume=true"])
     assert "resuming from checkpoint" in logs[0], logs[0][-3000:]
     assert " train loss " in logs[0], "killed too late: the resumed run had nothing left to train"
     assert [e["val_mse"] for e in resumed["epochs"]] == [e["val_mse"] for e in full["epochs"]]
