@@ -131,7 +131,7 @@ APPEND = {
     "qinco_jax.cli.main_job": ("--epochs 1 --nt 600 --nval 100 --n_centroids 16 --M 2 --h 16 --aq_train 400 "
                                "--rq_beam 2 --nprobe 1 4 --nshort 10 --jax_engine off --qinco2_L 1 --qinco2_h 16 "
                                "--qinco2_de 16 --qinco2_A 4 --qinco2_B 1 --qinco2_epochs 1 --progress off "
-                               "--kmeans_niter 4 --train_preselect 4 --encode_beam 2 --encode_preselect 4"),
+                               "--kmeans_niter 4 --train_preselect 4 --encode_beam 2 --encode_preselect 4 --val_queries 0"),
 }
 # run.py keys appended only where the task takes them
 RUN_TASK_KEYS = {"train": ("ds.loop=400 ds.valset=100 epochs=1 scheduler.stop_patience=0 batch=256 "
