@@ -264,23 +264,17 @@ def bench_size(n, args, root) -> dict:
     res = {"n": n, "d": D, "file_bytes": os.path.getsize(os.path.join(work, "base.bvecs")),
            "generate_seconds": round(time.time() - t0, 1)}
     print(f"n={n}: generated {res['file_bytes'] / 2**20:.0f} MiB", flush=True)
-    if args.only_train:
-        res["train_epoch"] = run_stage("train_epoch", work, args.train_loop, args.train_epochs, args.train_batch,
-                                       args.train_ivf)
-        print(f"  train_epoch {res['train_epoch']}", flush=True)
-        if not args.keep:
-            shutil.rmtree(work)
-        return res
-    res["encode"] = [run_stage("encode", work, p, args.parts, args.batch) for p in range(args.parts)]
-    print(f"  encode {res['encode']}", flush=True)
-    res["train"] = run_stage("train", work, args.n_train)
-    res["add"] = [run_stage("add", work, p, args.processes, args.chunk) for p in range(args.processes)]
-    print(f"  add {res['add']}", flush=True)
-    res["merge"] = run_stage("merge", work, args.processes)
-    print(f"  merge {res['merge']}", flush=True)
-    res["search"] = run_stage("search", work, args.nq, args.nprobe, args.nshort)
-    print(f"  search {res['search']}", flush=True)
-    if args.train_loop:
+    if not args.only_train:
+        res["encode"] = [run_stage("encode", work, p, args.parts, args.batch) for p in range(args.parts)]
+        print(f"  encode {res['encode']}", flush=True)
+        res["train"] = run_stage("train", work, args.n_train)
+        res["add"] = [run_stage("add", work, p, args.processes, args.chunk) for p in range(args.processes)]
+        print(f"  add {res['add']}", flush=True)
+        res["merge"] = run_stage("merge", work, args.processes)
+        print(f"  merge {res['merge']}", flush=True)
+        res["search"] = run_stage("search", work, args.nq, args.nprobe, args.nshort)
+        print(f"  search {res['search']}", flush=True)
+    if args.only_train or args.train_loop:
         res["train_epoch"] = run_stage("train_epoch", work, args.train_loop, args.train_epochs, args.train_batch,
                                        args.train_ivf)
         print(f"  train_epoch {res['train_epoch']}", flush=True)

@@ -246,7 +246,7 @@ def test_ivf_assignment_per_batch_trains_as_the_explicit_array(ivf_start):
 
     x, centroids, start = ivf_start
     xt, xval = x[:1024], x[1024:]
-    explicit = recipe.assign_to_centroids(xt, centroids)
+    explicit = rq_init.assign_to_centroids(xt, centroids)
     lazy = rq_init.CentroidAssignment(centroids)
     rows = np.random.RandomState(0).permutation(len(xt))[:256]
     np.testing.assert_array_equal(lazy(xt[rows]), explicit[rows])
@@ -272,7 +272,7 @@ def test_continue_training_assigns_ivf_batches_as_read(ivf_start, monkeypatch):
     finetune.continue_training(model, x[:1000], x[1000:], training.TrainConfig(batch_size=100, ngpu=1))
     assert isinstance(seen["code0"], rq_init.CentroidAssignment)
     np.testing.assert_allclose(seen["code0"].centroids, centroids, rtol=1e-6)
-    np.testing.assert_array_equal(seen["code0"](x[:512]), recipe.assign_to_centroids(x[:512], centroids))
+    np.testing.assert_array_equal(seen["code0"](x[:512]), rq_init.assign_to_centroids(x[:512], centroids))
 
 
 def test_ivf_training_keeps_no_per_row_array(tmp_path, monkeypatch):
@@ -314,7 +314,8 @@ def test_ivf_training_keeps_no_per_row_array(tmp_path, monkeypatch):
         tracemalloc.stop()
     assert peak < 4 * n, f"numpy peak {peak / 2**20:.1f} MB: an array of 4 bytes per training row was allocated"
     assert isinstance(seen["code0"], rq_init.CentroidAssignment)
-    np.testing.assert_array_equal(seen["batch"][1], recipe.assign_to_centroids(x[n - 556:n - 300], centroids))
+    rows = np.asarray(x[n - 556:n - 300], np.float32)
+    np.testing.assert_array_equal(seen["batch"][1], rq_init.assign_to_centroids(rows, centroids))
 
 
 def test_bad_training_files_leave_earlier_outputs_untouched(tmp_path, bvecs):

@@ -215,7 +215,7 @@ def train_qinco(cfg: MainJobConfig, xt, xval, centroids, log, rq_codebooks=None)
     tc = training.TrainConfig(lr=cfg.lr, max_epochs=cfg.epochs, batch_size=cfg.batch_size, ngpu=0,
                               encode=EncodeOptions(preselect=cfg.train_preselect or None), progress=cfg.progress)
     if rq_codebooks is None:
-        rq_codebooks = recipe.train_rq_codebooks(xt, spec, xval, centroids, None, log)
+        rq_codebooks = recipe.train_rq_codebooks(xt, spec, xval, centroids, log=log)
     res = recipe.train_model(xt, xval, spec, tc, ivf_centroids=centroids, rq_codebooks=rq_codebooks, log=log)
     return _no_worse_than_start(res, lambda: recipe.initial_model(xt, spec, rq_codebooks, centroids), QINCO_NAME, log)
 

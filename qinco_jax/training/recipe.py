@@ -95,36 +95,22 @@ def check_ivf_centroids(spec: ModelSpec, centroids: np.ndarray | None, d: int) -
 
 
 def train_rq_codebooks(xt: np.ndarray, spec: ModelSpec, xval: np.ndarray | None = None,
-                       ivf_centroids: np.ndarray | None = None, xt_assign: np.ndarray | None = None,
+                       ivf_centroids: np.ndarray | None = None,
                        log: Callable[[str], None] = quiet, max_rows: int | None = V1_RQ_MAX_ROWS) -> np.ndarray:
     """The initial RQ codebooks (M, K, d), raw units: on the first `max_rows` vectors
-    (None: all), or for IVF-QINCo on their residuals to the nearest IVF centroid
-    (xt_assign: those of xt, if known). xval, if given, is only measured (its MSE is
-    logged). xt may be a memory map: only the sample is read."""
+    (None: all), or for IVF-QINCo on their residuals to their nearest IVF centroid.
+    xval, if given, is only measured (its MSE is logged). xt may be a memory map: only
+    the sample is read."""
     centroids = check_ivf_centroids(spec, ivf_centroids, xt.shape[1])
     sample = streaming.head(xt, max_rows)
     if len(sample) < len(xt):
         log(f"the RQ initialisation trains on the first {len(sample)} of {len(xt)} training vectors")
     if centroids is None:
         return rq_init.train_rq(sample, spec.M, spec.K, spec.rq_beam_size, xval, log=log)
-    sample_assign = (rq_init.assign_to_centroids(sample, centroids) if xt_assign is None
-                     else np.asarray(xt_assign)[:len(sample)])
-    res_t = rq_init.ivf_residuals(sample, centroids, sample_assign)
+    res_t = rq_init.ivf_residuals(sample, centroids, rq_init.assign_to_centroids(sample, centroids))
     res_v = None if xval is None else rq_init.ivf_residuals(xval, centroids,
                                                             rq_init.assign_to_centroids(xval, centroids))
     return rq_init.train_rq(res_t, spec.M, spec.K, spec.rq_beam_size, res_v, log=log)
-
-
-def assign_to_centroids(xt: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """The nearest IVF centroid (int32) of every training vector, read chunk by chunk
-    (a memory map's pages released as it goes): an array of len(xt) entries. Training
-    does not need it (train_model passes `rq_init.CentroidAssignment`, which assigns
-    each batch's rows as they are read); `training.fit` still takes it as code0."""
-    out = np.empty(len(xt), np.int32)
-    for i0 in range(0, len(xt), streaming.CHUNK_ROWS):
-        out[i0:i0 + streaming.CHUNK_ROWS] = rq_init.assign_to_centroids(
-            streaming.head(xt[i0:i0 + streaming.CHUNK_ROWS], None), centroids)
-    return out
 
 
 def initial_model(xt: np.ndarray, spec: ModelSpec, rq_codebooks: np.ndarray | None,
