@@ -439,7 +439,6 @@ def run_program(program: Program, where: str, work: Path) -> None:
     """One command: in-process (main(argv), or the script as __main__), or for srun one
     real process (jax.distributed on a one-process cluster cannot start inside pytest)."""
     import faiss
-    import jax
 
     threads = faiss.omp_get_max_threads()
     try:
@@ -449,10 +448,7 @@ def run_program(program: Program, where: str, work: Path) -> None:
             if program.kind == "srun":
                 env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu",
                        "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{_free_port()}",
-                       "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0",
-                       # the compilations of this module's in-process trainings, shared
-                       "JAX_COMPILATION_CACHE_DIR": str(jax.config.jax_compilation_cache_dir or ""),
-                       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+                       "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}  # + the session's compilation cache
                 proc = subprocess.run([sys.executable, program.target, *program.args], cwd=work, env=env,
                                       capture_output=True, text=True, timeout=300)
                 assert proc.returncode == 0, f"{where}: {program.target} failed:\n{proc.stderr[-3000:]}"
@@ -530,24 +526,6 @@ def check_main_job_variant(words: list[str], where: str) -> None:
 # --------------------------------------------------------------------------------------
 
 RUN_PAGES = [p for p in docs.PAGES if page_commands(p)]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache for this module's commands: many compile the same
-    tiny models (the training of the side-by-side page and of the training page); the
-    jax configuration is put back afterwards."""
-    import jax
-    from jax._src import compilation_cache as cc
-
-    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    cc.reset_cache()
-    yield
-    jax.config.update("jax_compilation_cache_dir", before[0])
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
-    cc.reset_cache()
 
 
 @pytest.fixture(scope="module")
