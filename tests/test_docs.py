@@ -207,36 +207,69 @@ def makefile_targets() -> set[str]:
     return set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
 
 
-def check_command(words: list[str], where: str) -> None:
-    words = documentation_words(words)
-    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):  # VAR=value prefixes
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """What a documented command runs (`resolve`)."""
+
+    kind: str              # "main" (a qinco_jax.cli module's main), "script" (run as __main__), "srun"
+    target: str            # the module, or the script's path
+    args: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+    # the reference's own line (`python train_qinco.py ...`): it may abbreviate options as
+    # argparse allows; not part of the identity (the shim's line runs the same program)
+    reference_spelling: bool = dataclasses.field(default=False, compare=False)
+
+
+def resolve(words: list[str], where: str) -> Program:
+    """The program a command runs: VAR=value prefixes become its environment, `srun ...
+    python X` runs X (one process here), the reference's script names their shims here,
+    installed commands their modules, `make demo` the main job with its DEMO_ARGS.
+    AssertionError for anything else."""
+    env = []
+    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
+        env.append(tuple(words[0].split("=", 1)))
         words = words[1:]
-    if words and words[0] == "srun":  # a cluster launcher: check the program it starts
-        words = words[next(i for i, w in enumerate(words) if w.startswith("python")):]
     assert words, f"{where}: empty command"
-    prog, args = words[0], words[1:]
-    scripts = entry_points()
+    kind = "main"
+    if words[0] == "srun":  # a cluster launcher starting one process per node
+        words = words[next(i for i, w in enumerate(words) if w.startswith("python")):]
+        kind = "srun"
+    prog, args, env = words[0], words[1:], tuple(env)
     if prog in ("python", "python3"):
         if args[:1] == ["-m"]:
-            module, args = args[1], args[2:]
-            assert module.startswith("qinco_jax.cli."), f"{where}: python -m {module} is not a program of qinco_jax"
-            return check_program(module, args, where)
-        script = ROOT / args[0]
-        if "/" not in args[0] and args[0] in REFERENCE_SCRIPTS:  # the reference's own line, as it writes it
-            return check_program(shim_module(REFERENCE_SCRIPTS[args[0]]), args[1:], where, exact=False)
+            assert args[1].startswith("qinco_jax.cli."), f"{where}: python -m {args[1]} is not a program of qinco_jax"
+            return Program(kind, args[1], tuple(args[2:]), env)
+        reference = "/" not in args[0] and args[0] in REFERENCE_SCRIPTS  # the reference's line, as it writes it
+        script = REFERENCE_SCRIPTS[args[0]] if reference else ROOT / args[0]
         assert script.is_file(), f"{where}: no script {args[0]}"
-        if script.parent.name == "bench":
-            return check_script_parses(script, args[1:], where)
-        return check_program(shim_module(script), args[1:], where)
+        if script.parent.name == "bench" or kind == "srun":
+            return Program("script" if kind == "main" else kind, str(script), tuple(args[1:]), env, reference)
+        return Program(kind, shim_module(script), tuple(args[1:]), env, reference)
     if prog == "./run.sh":  # the QINCo2 reference's accelerate launcher of run.py
-        return check_program("qinco_jax.cli.run", args, where)
+        return Program(kind, "qinco_jax.cli.run", tuple(args), env)
+    scripts = entry_points()
+    if prog in scripts:
+        return Program(kind, scripts[prog].split(":")[0], tuple(args), env)
+    if prog == "make" and args[:1] == ["demo"]:
+        variables = dict(w.split("=", 1) for w in args if "=" in w)
+        out = variables.get("DEMO_OUT", "runs/demo")
+        return Program(kind, "qinco_jax.cli.main_job", ("--out", out, *variables.get("DEMO_ARGS", "").split()), env)
+    raise AssertionError(f"{where}: {' '.join(words)!r} is not a command of this project; "
+                         f"mark the block <!-- not-run: reason --> if it cannot run here")
+
+
+def check_command(words: list[str], where: str) -> None:
+    words = documentation_words(words)
+    lead = 0  # VAR=value prefixes
+    while lead < len(words) and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[lead]):
+        lead += 1
+    assert lead < len(words), f"{where}: empty command"
+    prog, args = words[lead], words[lead + 1:]
     if prog == "pip" and args[:1] == ["install"]:
         extras = {e for w in args for m in re.finditer(r"^\.\[([\w,]+)\]?$", w) for e in m.group(1).split(",")}
         missing = extras - set(optional_dependencies())
         assert not missing, f"{where}: pyproject.toml has no extra {missing}"
         return
-    if prog in scripts:
-        return check_program(scripts[prog].split(":")[0], args, where)
     if prog == "make":
         variables = dict(w.split("=", 1) for w in args if "=" in w)
         targets = [w for w in args if "=" not in w]
@@ -247,8 +280,14 @@ def check_command(words: list[str], where: str) -> None:
     if prog == "bash":
         assert (ROOT / args[0]).is_file() and args[0].startswith("bench/"), f"{where}: no script {args[0]}"
         return
-    raise AssertionError(f"{where}: {prog!r} is not a command of this project; "
-                         f"mark the block <!-- not-run: reason --> if it cannot run here")
+    program = resolve(words, where)
+    exact = not program.reference_spelling
+    if program.target.endswith(".py"):  # a benchmark (parsed up to its parse_args), or the script srun starts
+        script = Path(program.target)
+        if script.parent.name == "bench":
+            return check_script_parses(script, list(program.args), where)
+        return check_program(shim_module(script), list(program.args), where, exact=exact)
+    return check_program(program.target, list(program.args), where, exact=exact)
 
 
 @pytest.mark.parametrize("block", COMMAND_BLOCKS, ids=lambda b: b.where)

@@ -372,48 +372,7 @@ def shell_words(line: str, i: int = 0) -> list[str]:
     return docs.documentation_words(out.stdout.split("\0")[:-1])
 
 
-@dataclasses.dataclass(frozen=True)
-class Program:
-    kind: str              # "main" (a qinco_jax.cli module's main), "script" (run as __main__), "srun"
-    target: str            # the module, or the script's path
-    args: tuple[str, ...]
-    env: tuple[tuple[str, str], ...] = ()
-
-
-def resolve(words: list[str], where: str) -> Program:
-    """What a command runs, as test_docs.check_command reads it."""
-    env = []
-    while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):
-        env.append(tuple(words[0].split("=", 1)))
-        words = words[1:]
-    kind = "main"
-    if words[0] == "srun":  # a cluster launcher starting one process per node: here one process
-        words = words[next(i for i, w in enumerate(words) if w.startswith("python")):]
-        kind = "srun"
-    prog, args = words[0], words[1:]
-    if prog in ("python", "python3"):
-        if args[:1] == ["-m"]:
-            return Program(kind, args[1], tuple(args[2:]), tuple(env))
-        if "/" not in args[0] and args[0] in docs.REFERENCE_SCRIPTS:
-            script = docs.REFERENCE_SCRIPTS[args[0]]
-        else:
-            script = ROOT / args[0]
-        if script.parent.name == "bench" or kind == "srun":
-            return Program("script" if kind == "main" else kind, str(script), tuple(args[1:]), tuple(env))
-        return Program(kind, docs.shim_module(script), tuple(args[1:]), tuple(env))
-    if prog == "./run.sh":
-        return Program(kind, "qinco_jax.cli.run", tuple(args), tuple(env))
-    scripts = docs.entry_points()
-    if prog in scripts:
-        return Program(kind, scripts[prog].split(":")[0], tuple(args), tuple(env))
-    if prog == "make" and args[:1] == ["demo"]:
-        variables = dict(w.split("=", 1) for w in args if "=" in w)
-        out = variables.get("DEMO_OUT", "runs/demo")
-        return Program(kind, "qinco_jax.cli.main_job", ("--out", out, *variables.get("DEMO_ARGS", "").split()))
-    raise AssertionError(f"{where}: {' '.join(words)!r} is neither run here nor an exception (EXCEPTIONS)")
-
-
-def with_tiny_words(program: Program) -> Program:
+def with_tiny_words(program: docs.Program) -> docs.Program:
     """APPEND's words added (for run.py: the task's keys that the command does not set)."""
     if program.target == "qinco_jax.cli.run":
         given = {a.split("=", 1)[0] for a in program.args}
@@ -435,7 +394,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_program(program: Program, where: str, work: Path) -> None:
+def run_program(program: docs.Program, where: str, work: Path) -> None:
     """One command: in-process (main(argv), or the script as __main__), or for srun one
     real process (jax.distributed on a one-process cluster cannot start inside pytest)."""
     import faiss
@@ -476,7 +435,7 @@ _MAIN_JOB_RUNS: dict[tuple[str, ...], Path] = {}  # one run of each main job per
 def run_page(commands: list[Command], work: Path, stand_ins: list[str], log=print) -> dict[str, int]:
     """Run a page's commands in order in `work`: counts of commands run and excepted."""
     counts = {"run": 0, "excepted": 0, "same as the line before": 0, "make demo: outputs of its run": 0}
-    done: set[Program] = set()
+    done: set[docs.Program] = set()
     for cmd in commands:
         reason = exception_reason(cmd.line)
         if reason:
@@ -487,7 +446,7 @@ def run_page(commands: list[Command], work: Path, stand_ins: list[str], log=prin
             continue
         line = adapt(cmd.line)
         for i in range(2 if "$i" in line else 1):  # the sharded recipe's machines: two of them
-            program = with_tiny_words(resolve(shell_words(line, i), cmd.where))
+            program = with_tiny_words(docs.resolve(shell_words(line, i), cmd.where))
             if program in done:  # the reference's line and this repository's, once resolved the same
                 counts["same as the line before"] += 1
                 continue
