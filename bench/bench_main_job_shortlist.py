@@ -44,7 +44,7 @@ def main(argv=None):
     from qinco_jax.data.groundtruth import exact_groundtruth
     from qinco_jax.experiments.main_job import MainJobConfig, _encode_options
     from qinco_jax.formats.checkpoint import load_model
-    from qinco_jax.metrics import mean_squared_error, one_recall_at
+    from qinco_jax.metrics import mean_squared_error, one_recall_at, paired_difference
     from qinco_jax.models import codec
     from qinco_jax.search import aq, jax_engine
     from qinco_jax.search import index as ivf
@@ -109,8 +109,7 @@ def main(argv=None):
               f"(test queries), {top1_val[stem].mean():.4f} (held-out training vectors)")
     for what, hits in (("test queries", top1), ("held-out training vectors", top1_val)):
         a, b = hits["ivf_qinco"], hits["ivf_qinco2"]
-        diff = b.mean() - a.mean()
-        stderr = np.sqrt(((a != b).mean() - diff ** 2) / len(a))
+        diff, stderr = paired_difference(a, b)
         print(f"ceiling, IVF-QINCo2 - IVF-QINCo on the same {len(a)} {what}: {diff:+.4f} ± {stderr:.4f} (1 s.e.; "
               f"QINCo2 right where QINCo is wrong {(b & ~a).mean():.3f}, the reverse {(a & ~b).mean():.3f})")
 

@@ -215,3 +215,70 @@ def test_main_job_never_saves_a_model_worse_than_its_start(tmp_path):
     xt_all = np.asarray(datasets.get_dataset("synthetic_small").get_train(TINY["nt"] + TINY["nval"]), np.float32)
     saved = checkpoint.load_model(tmp_path / "ivf_qinco.pt")
     assert training.validation_mse(saved, xt_all[TINY["nt"]:]) == pytest.approx(val["rq_init"], rel=1e-4)
+
+
+def test_paired_difference_of_two_methods_on_the_same_queries():
+    import numpy as np
+
+    from qinco_jax.metrics import paired_difference
+
+    a = np.array([1, 1, 0, 0], bool)
+    b = np.array([1, 0, 1, 1], bool)
+    diff, stderr = paired_difference(a, b)
+    assert diff == pytest.approx(0.25)
+    # d = b - a is (0, -1, 1, 1): variance 0.75 - 0.25**2, over 4 queries
+    assert stderr == pytest.approx(math.sqrt((0.75 - 0.0625) / 4))
+    assert paired_difference(a, a) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="equal"):
+        paired_difference(a, b[:3])
+
+
+def test_seed_reaches_both_models_training(monkeypatch):
+    """`--seed` moves the network initialisation and the training seed (data order,
+    codebook noise) of both QINCo models; seed 0 is the recipe's own."""
+    import numpy as np
+
+    seen = []
+
+    def fake_train_model(xt, xval, spec, tc, **kwargs):
+        seen.append((spec.arch, spec.seed, tc.seed))
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(recipe, "train_model", fake_train_model)
+    x = np.zeros((4, 8), np.float32)
+    for seed in (0, 5):
+        cfg = MainJobConfig(seed=seed)
+        for train in (main_job.train_qinco, main_job.train_qinco2):
+            with pytest.raises(RuntimeError, match="stop here"):
+                train(cfg, x, x, x, lambda _: None, rq_codebooks=np.zeros((cfg.M, 256, 8), np.float32))
+    default = recipe.ModelSpec.seed
+    assert [s[1:] for s in seen] == [(default, 0), (default, 0), (default + 5, 5), (default + 5, 5)]
+    assert {s[0] for s in seen} == {"qinco", "qinco2"}
+    with pytest.raises(ValueError, match="seed"):
+        MainJobConfig(seed=-1)
+
+
+def test_the_seeds_benchmark_reports_each_seed(tmp_path):
+    """bench/bench_main_job_seeds.py, which the README's claim about IVF-QINCo2 against
+    IVF-QINCo rests on, runs end to end and reports each seed."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_main_job_seeds.py"
+    spec = importlib.util.spec_from_file_location("bench_main_job_seeds", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tiny = {**TINY, **TINY_QINCO2, "epochs": 1}
+    flags = [f"--{k}={v}" for k, v in tiny.items() if k not in ("nprobe", "nshort", "val_queries", "progress")]
+    bench.main(["--seeds", "0", "3", "--json", str(tmp_path / "seeds.json"), *flags])
+    rows = json.loads((tmp_path / "seeds.json").read_text())["seeds"]
+    assert [r["seed"] for r in rows] == [0, 3]
+    # another seed, another model (this tiny IVF-QINCo keeps its start, the same at every seed)
+    assert rows[0][main_job.QINCO2_NAME]["db_mse"] != rows[1][main_job.QINCO2_NAME]["db_mse"]
+    for name in (main_job.QINCO_NAME, main_job.QINCO2_NAME):
+        for r in rows:
+            assert 0 <= r[name]["recall@1_test"] <= 1 and r[name]["train_cpu_s"] >= 0
+    for r in rows:
+        diff, stderr = r["diff_test"]
+        assert diff == pytest.approx(r[main_job.QINCO2_NAME]["recall@1_test"] - r[main_job.QINCO_NAME]["recall@1_test"])
+        assert stderr >= 0

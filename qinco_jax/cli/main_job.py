@@ -58,6 +58,7 @@ HELP = {
     "qinco2_B": "IVF-QINCo2 beam while training (the database is encoded with --encode_beam)",
     "qinco2_epochs": "IVF-QINCo2 training epochs",
     "qinco2_lr": "IVF-QINCo2 learning rate",
+    "seed": "training seed of both QINCo models, added to the recipe's (0: the published run)",
     "progress": "progress bars",
 }
 

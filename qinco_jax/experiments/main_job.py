@@ -98,6 +98,10 @@ class MainJobConfig:
     qinco2_B: int = 1
     qinco2_epochs: int = 3
     qinco2_lr: float | None = 2e-3  # None: QINCo2's default (8e-4, for 60-epoch runs)
+    # both QINCo models' training seed (network initialisation, data order, codebook
+    # noise), added to the recipe's own seeds: 0 is the published run; other values show
+    # how much the figures move with training alone (bench/bench_main_job_seeds.py)
+    seed: int = 0
     progress: bool = True
 
     def __post_init__(self):
@@ -109,7 +113,7 @@ class MainJobConfig:
             if getattr(self, key) < 1:
                 raise ValueError(f"main job: {key} must be >= 1, got {getattr(self, key)}")
         nonnegative = ("epochs", "qinco2_epochs", "train_preselect", "encode_preselect", "search_threads",
-                       "build_threads", "val_queries")
+                       "build_threads", "val_queries", "seed")
         for key in nonnegative:
             if getattr(self, key) < 0:
                 raise ValueError(f"main job: {key} must be >= 0, got {getattr(self, key)}")
@@ -203,6 +207,15 @@ def _no_worse_than_start(res, start: Callable[[], object], name: str, log) -> tu
     return start(), {**history, "kept_start": True}
 
 
+def _seeds(cfg: MainJobConfig) -> tuple[int, int]:
+    """(network initialisation seed, training seed) of both QINCo models: the recipe's
+    defaults moved by cfg.seed, so seed 0 trains exactly as the recipe does."""
+    from qinco_jax.training import recipe
+    from qinco_jax.training import loop as training
+
+    return recipe.ModelSpec.seed + cfg.seed, training.TrainConfig.seed + cfg.seed
+
+
 def train_qinco(cfg: MainJobConfig, xt, xval, centroids, log, rq_codebooks=None) -> tuple[object, dict]:
     """The IVF-QINCo model of the recipe and its training history, from the RQ codebooks
     `rq_codebooks` (M, K, d) on the residuals to the IVF centroids (None: trained here);
@@ -211,8 +224,9 @@ def train_qinco(cfg: MainJobConfig, xt, xval, centroids, log, rq_codebooks=None)
     from qinco_jax.training import loop as training
     from qinco_jax.config import EncodeOptions
 
-    spec = recipe.ModelSpec(M=cfg.M, L=cfg.L, h=cfg.h, variant="ivf", init=cfg.init)
-    tc = training.TrainConfig(lr=cfg.lr, max_epochs=cfg.epochs, batch_size=cfg.batch_size, ngpu=0,
+    model_seed, train_seed = _seeds(cfg)
+    spec = recipe.ModelSpec(M=cfg.M, L=cfg.L, h=cfg.h, variant="ivf", init=cfg.init, seed=model_seed)
+    tc = training.TrainConfig(lr=cfg.lr, max_epochs=cfg.epochs, batch_size=cfg.batch_size, ngpu=0, seed=train_seed,
                               encode=EncodeOptions(preselect=cfg.train_preselect or None), progress=cfg.progress)
     if rq_codebooks is None:
         rq_codebooks = recipe.train_rq_codebooks(xt, spec, xval, centroids, log=log)
@@ -227,9 +241,11 @@ def train_qinco2(cfg: MainJobConfig, xt, xval, centroids, log, rq_codebooks=None
     from qinco_jax.training import recipe
     from qinco_jax.training import loop as training
 
+    model_seed, train_seed = _seeds(cfg)
     spec = recipe.ModelSpec(arch="qinco2", M=cfg.M, L=cfg.qinco2_L, h=cfg.qinco2_h, de=cfg.qinco2_de,
-                            A=cfg.qinco2_A, B=cfg.qinco2_B, variant="ivf", init=cfg.init)
-    overrides = dict(max_epochs=cfg.qinco2_epochs, batch_size=cfg.batch_size, ngpu=0, progress=cfg.progress)
+                            A=cfg.qinco2_A, B=cfg.qinco2_B, variant="ivf", init=cfg.init, seed=model_seed)
+    overrides = dict(max_epochs=cfg.qinco2_epochs, batch_size=cfg.batch_size, ngpu=0, progress=cfg.progress,
+                     seed=train_seed)
     if cfg.qinco2_epochs > 0:  # the cosine schedule spans this short run, not 60 epochs
         overrides.update(epochs=cfg.qinco2_epochs, ramp_epochs=min(3.0, cfg.qinco2_epochs / 3))
     if cfg.qinco2_lr is not None:
