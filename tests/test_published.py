@@ -133,8 +133,8 @@ def test_differences_within_and_beyond_the_tolerance():
     _method(s, "IVF-QINCo2")["mse"] = q2_mse * 1.02            # +2 %: beyond
     first, second = published.published_points("IVF-QINCo2")[:2]
     points = _method(s, "IVF-QINCo2")["points"]
-    points[0]["recall@1"] = first["recall@1"] - 0.009          # within 0.01
-    points[1]["recall@1"] = second["recall@1"] - 0.02          # beyond
+    points[0]["recall@1"] = first["recall@1"] - 0.009          # within 0.015
+    points[1]["recall@1"] = second["recall@1"] - 0.02          # beyond 0.015
     last = published.published_points("IVF-QINCo")[-1]
     _method(s, "IVF-QINCo")["points"] = [p for p in _method(s, "IVF-QINCo")["points"]
                                          if p["parameters"] != last["parameters"]]  # a point the run lacks
@@ -152,7 +152,7 @@ def test_differences_within_and_beyond_the_tolerance():
     assert _line(text, "IVF-QINCo2", "MSE").endswith("+2.00%  NO (> 1%)")
     assert _line(text, "IVF-QINCo2", _what(first)).split()[-4:] == [
         f"{first['recall@1'] - 0.009:.3f}", f"{first['recall@1']:.3f}", "-0.009", "yes"]
-    assert _line(text, "IVF-QINCo2", _what(second)).endswith("-0.020  NO (> 0.01)")
+    assert _line(text, "IVF-QINCo2", _what(second)).endswith("-0.020  NO (> 0.015)")
     assert _line(text, "IVF-QINCo", _what(last)).endswith("not in this run")
     n = len(published.compare(s))
     assert f"{n - 3} of {n} figures within the tolerance; 2 outside it; 1 not in this run" in text

@@ -7,8 +7,11 @@ and the main job ends by printing its own figures beside them (`format_compariso
 
 Figures move between machines (floating-point reductions run in another order, and
 training amplifies the difference), so a run is compared with a tolerance: database MSEs
-within about 1 % (`MSE_TOLERANCE`, relative), recall@1 within about 0.01
-(`RECALL_TOLERANCE`, absolute; 5,000 queries make a recall ±0.0065 on its own). Times are
+within about 1 % (`MSE_TOLERANCE`, relative), recall@1 within about 0.015
+(`RECALL_TOLERANCE`, absolute: training from another seed alone moved the models' recalls
+by up to 0.012 on this machine, bench/bench_main_job_seeds.py, and another machine's
+floating-point order is in this like another seed; 5,000 queries make a recall ±0.0065
+on its own). Times are
 the machine's own and are not compared; so are the operating points each QINCo model is
 searched at (chosen on validation queries by their times: another machine, or the same
 one under another load, may choose others, and a published point the run did not search
@@ -25,12 +28,12 @@ from typing import Any, Sequence
 _IRRELEVANT_FIELDS = ("out", "progress", "jax_engine")  # change no compared figure
 
 MSE_TOLERANCE = 0.01     # relative: "MSEs within about 1 %"
-RECALL_TOLERANCE = 0.01  # absolute: "recalls within about 0.01"
+RECALL_TOLERANCE = 0.015  # absolute: "recalls within about 0.015"
 
 # One run of `make demo` (the default MainJobConfig, on sift_images).
 PUBLISHED: dict[str, Any] = {
-    "machine": ("this project's shared 2-core CPU (AMD EPYC), busy with other jobs (load average 5-17, ~6 "
-                "while searching); faiss on one thread"),
+    "machine": ("this project's shared 2-core CPU (AMD EPYC), no other job of this project running; faiss "
+                "on one thread"),
     "db": "sift_images",
     "nq": 5000,
     # the main job's configuration of that run (MainJobConfig's defaults; tests check they still are)
@@ -40,44 +43,44 @@ PUBLISHED: dict[str, Any] = {
                "rq_beam": 5, "nprobe": (1, 2, 4, 8, 16), "nshort": (10, 20, 50), "val_queries": 2000,
                "search_threads": 1, "build_threads": 1,
                "qinco2": True, "qinco2_L": 1, "qinco2_h": 64, "qinco2_de": 64, "qinco2_A": 32, "qinco2_B": 1,
-               "qinco2_epochs": 3, "qinco2_lr": 0.002},
+               "qinco2_epochs": 6, "qinco2_lr": 0.002, "seed": 0},
     # database MSE of each method, 8 bytes per vector
     "mse": {
         "IVF-PQ": 20321,
         "IVF-RQ (beam 5)": 16215,
         "IVF-QINCo: AQ shortlist only": 16837,
         "IVF-QINCo": 15197,
-        "IVF-QINCo2: AQ shortlist only": 17129,
-        "IVF-QINCo2": 13854,
+        "IVF-QINCo2: AQ shortlist only": 18048,
+        "IVF-QINCo2": 12752,
     },
     # operating points: (search parameters, milliseconds per query, recall@1), by time;
     # the QINCo models' points are those chosen on the validation queries
     "points": {
         "IVF-PQ": [
             ({"nprobe": 1}, 0.02, 0.521),
-            ({"nprobe": 2}, 0.04, 0.594),
-            ({"nprobe": 4}, 0.06, 0.623),
-            ({"nprobe": 8}, 0.08, 0.631),
-            ({"nprobe": 16}, 0.12, 0.634),
+            ({"nprobe": 2}, 0.02, 0.594),
+            ({"nprobe": 4}, 0.02, 0.623),
+            ({"nprobe": 8}, 0.04, 0.631),
+            ({"nprobe": 16}, 0.06, 0.634),
         ],
         "IVF-RQ (beam 5)": [
-            ({"nprobe": 1}, 0.14, 0.552),
-            ({"nprobe": 2}, 0.32, 0.642),
-            ({"nprobe": 4}, 0.58, 0.677),
-            ({"nprobe": 8}, 1.20, 0.691),
-            ({"nprobe": 16}, 2.24, 0.694),
+            ({"nprobe": 1}, 0.08, 0.552),
+            ({"nprobe": 2}, 0.17, 0.642),
+            ({"nprobe": 4}, 0.34, 0.677),
+            ({"nprobe": 8}, 0.69, 0.691),
+            ({"nprobe": 16}, 1.38, 0.694),
         ],
         "IVF-QINCo": [
-            ({"nprobe": 2, "nshort": 10}, 0.46, 0.655),
-            ({"nprobe": 4, "nshort": 10}, 0.86, 0.691),
-            ({"nprobe": 8, "nshort": 10}, 1.24, 0.703),
-            ({"nprobe": 16, "nshort": 10}, 2.63, 0.708),
+            ({"nprobe": 2, "nshort": 10}, 0.24, 0.655),
+            ({"nprobe": 4, "nshort": 10}, 0.44, 0.691),
+            ({"nprobe": 8, "nshort": 10}, 0.76, 0.703),
+            ({"nprobe": 16, "nshort": 10}, 1.50, 0.708),
         ],
         "IVF-QINCo2": [
-            ({"nprobe": 2, "nshort": 10}, 0.34, 0.654),
-            ({"nprobe": 4, "nshort": 20}, 0.76, 0.691),
-            ({"nprobe": 8, "nshort": 10}, 0.90, 0.700),
-            ({"nprobe": 16, "nshort": 50}, 1.82, 0.705),
+            ({"nprobe": 2, "nshort": 10}, 0.21, 0.668),
+            ({"nprobe": 4, "nshort": 20}, 0.46, 0.706),
+            ({"nprobe": 8, "nshort": 10}, 0.87, 0.716),
+            ({"nprobe": 16, "nshort": 20}, 1.63, 0.719),
         ],
     },
 }
