@@ -268,7 +268,8 @@ def test_the_seeds_benchmark_reports_each_seed(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_main_job_seeds", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    tiny = {**TINY, **TINY_QINCO2, "epochs": 1}
+    tiny = {**TINY, **TINY_QINCO2, "epochs": 1, "nt": 1000, "nval": 200, "M": 2, "h": 8,
+            "qinco2_h": 8, "qinco2_de": 8}
     flags = [f"--{k}={v}" for k, v in tiny.items() if k not in ("nprobe", "nshort", "val_queries", "progress")]
     bench.main(["--seeds", "0", "3", "--json", str(tmp_path / "seeds.json"), *flags])
     rows = json.loads((tmp_path / "seeds.json").read_text())["seeds"]
