@@ -268,14 +268,14 @@ def test_the_seeds_benchmark_reports_each_seed(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_main_job_seeds", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    tiny = {**TINY, **TINY_QINCO2, "epochs": 1, "nt": 1000, "nval": 200, "M": 2, "h": 8,
+    # no epoch: the models are their exact-RQ starts (test_seed_reaches_both_models_training
+    # checks the seed's way into training); what is tested here is the benchmark's pipeline
+    tiny = {**TINY, **TINY_QINCO2, "epochs": 0, "qinco2_epochs": 0, "nt": 1000, "nval": 200, "M": 2, "h": 8,
             "qinco2_h": 8, "qinco2_de": 8}
     flags = [f"--{k}={v}" for k, v in tiny.items() if k not in ("nprobe", "nshort", "val_queries", "progress")]
     bench.main(["--seeds", "0", "3", "--json", str(tmp_path / "seeds.json"), *flags])
     rows = json.loads((tmp_path / "seeds.json").read_text())["seeds"]
     assert [r["seed"] for r in rows] == [0, 3]
-    # another seed, another model (this tiny IVF-QINCo keeps its start, the same at every seed)
-    assert rows[0][main_job.QINCO2_NAME]["db_mse"] != rows[1][main_job.QINCO2_NAME]["db_mse"]
     for name in (main_job.QINCO_NAME, main_job.QINCO2_NAME):
         for r in rows:
             assert 0 <= r[name]["recall@1_test"] <= 1 and r[name]["train_cpu_s"] >= 0
