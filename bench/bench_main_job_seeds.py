@@ -42,7 +42,6 @@ def main(argv=None):
     import faiss
     import numpy as np
 
-    from qinco_jax.data import datasets
     from qinco_jax.data.groundtruth import exact_groundtruth
     from qinco_jax.experiments import baselines
     from qinco_jax.experiments import main_job
@@ -51,13 +50,8 @@ def main(argv=None):
     from qinco_jax.search import index as ivf
 
     overrides = {k: v for k, v in vars(args).items() if k not in ("seeds", "json") and v is not None}
-    cfg = main_job.MainJobConfig(progress=False, **overrides)
-    ds = datasets.get_dataset(cfg.db)
-    cfg = main_job.scaled_sizes(cfg, int(ds.nt), log=print)
-    xt_all = np.asarray(ds.get_train(cfg.nt + cfg.nval), np.float32)
-    xt, xval = xt_all[:cfg.nt], xt_all[cfg.nt:]
-    xb = np.asarray(ds.get_database(), np.float32)
-    xq, gt = np.asarray(ds.get_queries(), np.float32), ds.get_groundtruth()
+    job = main_job.load_data(main_job.MainJobConfig(progress=False, **overrides))
+    cfg, xt_all, xt, xval, xb, xq, gt = job.cfg, job.xt_all, job.xt, job.xval, job.xb, job.xq, job.gt
     gval = exact_groundtruth(xval, xb, 1)
     if cfg.build_threads:  # as the main job builds: the centroids depend on faiss's thread count
         faiss.omp_set_num_threads(cfg.build_threads)
@@ -67,10 +61,8 @@ def main(argv=None):
     def ceiling(model, c):
         decoded = np.asarray(codec.decode(model, codec.encode(model, xb, main_job._encode_options(c, model))),
                              np.float32)
-        flat = faiss.IndexFlatL2(decoded.shape[1])
-        flat.add(decoded)
-        return (mean_squared_error(decoded, xb), flat.search(xq, 1)[1][:, 0] == gt[:, 0],
-                flat.search(xval, 1)[1][:, 0] == gval[:, 0])
+        return (mean_squared_error(decoded, xb), exact_groundtruth(xq, decoded, 1)[:, 0] == gt[:, 0],
+                exact_groundtruth(xval, decoded, 1)[:, 0] == gval[:, 0])
 
     families = ((main_job.QINCO_NAME, main_job.train_qinco, f"{cfg.epochs} epochs"),
                 (main_job.QINCO2_NAME, main_job.train_qinco2, f"{cfg.qinco2_epochs} epochs"))

@@ -37,12 +37,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    import faiss
     import numpy as np
 
-    from qinco_jax.data import datasets
     from qinco_jax.data.groundtruth import exact_groundtruth
-    from qinco_jax.experiments.main_job import MainJobConfig, _encode_options
+    from qinco_jax.experiments.main_job import MainJobConfig, _encode_options, load_data
     from qinco_jax.formats.checkpoint import load_model
     from qinco_jax.metrics import mean_squared_error, one_recall_at, paired_difference
     from qinco_jax.models import codec
@@ -50,12 +48,8 @@ def main(argv=None):
     from qinco_jax.search import index as ivf
     from qinco_jax.search.rerank import Reranker
 
-    cfg = MainJobConfig()
-    ds = datasets.get_dataset(cfg.db)
-    xt_all = np.asarray(ds.get_train(cfg.nt + cfg.nval), np.float32)
-    xt, xval = xt_all[:args.aq_train], xt_all[cfg.nt:]
-    xb = np.asarray(ds.get_database(), np.float32)
-    xq, gt = np.asarray(ds.get_queries(), np.float32), ds.get_groundtruth()
+    job = load_data(MainJobConfig())
+    cfg, xt, xval, xb, xq, gt = job.cfg, job.xt[:args.aq_train], job.xval, job.xb, job.xq, job.gt
     nprobes, nshorts = [int(v) for v in args.nprobe.split(",")], [int(v) for v in args.nshort.split(",")]
     gval = exact_groundtruth(xval, xb, 1)
     top1, top1_val = {}, {}
@@ -99,12 +93,9 @@ def main(argv=None):
                     print(f"    nprobe {nprobe:3d} nshort {nshort:3d}: AQ R@1 {short['1']:.4f}, "
                           f"neighbour in the shortlist {short[str(nshort)]:.4f}, "
                           f"re-ranked R@1 {one_recall_at(r.I, gt, ranks=(1,))['1']:.4f}")
-        flat = faiss.IndexFlatL2(xb.shape[1])
-        flat.add(np.ascontiguousarray(decoded, np.float32))
-        _, I = flat.search(xq, 1)
-        top1[stem] = I[:, 0] == gt[:, 0]
-        _, I = flat.search(xval, 1)
-        top1_val[stem] = I[:, 0] == gval[:, 0]
+        decoded = np.ascontiguousarray(decoded, np.float32)
+        top1[stem] = exact_groundtruth(xq, decoded, 1)[:, 0] == gt[:, 0]
+        top1_val[stem] = exact_groundtruth(xval, decoded, 1)[:, 0] == gval[:, 0]
         print(f"  ceiling: exhaustive search of the decoded database, recall@1 {top1[stem].mean():.4f} "
               f"(test queries), {top1_val[stem].mean():.4f} (held-out training vectors)")
     for what, hits in (("test queries", top1), ("held-out training vectors", top1_val)):

@@ -197,6 +197,41 @@ def scaled_sizes(cfg: MainJobConfig, available: int, log: Callable[[str], None] 
                                val_queries=min(cfg.val_queries, nval))
 
 
+@dataclasses.dataclass(frozen=True)
+class JobData:
+    """The job's vectors, as `load_data` reads them (float32; gt: the queries' ids)."""
+
+    cfg: MainJobConfig   # nt and nval scaled to the data set (`scaled_sizes`)
+    name: str            # the data set's
+    xt_all: np.ndarray   # the nt training vectors, then the nval held out
+    xb: np.ndarray
+    xq: np.ndarray
+    gt: np.ndarray
+
+    @property
+    def xt(self) -> np.ndarray:
+        return self.xt_all[:self.cfg.nt]
+
+    @property
+    def xval(self) -> np.ndarray:
+        return self.xt_all[self.cfg.nt:]
+
+
+def load_data(cfg: MainJobConfig, log: Callable[[str], None] = print) -> JobData:
+    """The job's vectors from its data set `cfg.db` (built on first use), nt and nval
+    scaled to what the data set holds."""
+    from qinco_jax.data import datasets
+
+    ds = datasets.get_dataset(cfg.db)
+    cfg = scaled_sizes(cfg, int(ds.nt), log)
+    xt_all = np.asarray(ds.get_train(cfg.nt + cfg.nval), np.float32)
+    if len(xt_all) < cfg.nt + cfg.nval:
+        raise ValueError(f"{cfg.db} has {len(xt_all)} training vectors, the job needs nt + nval = {cfg.nt + cfg.nval}")
+    log(str(ds))
+    return JobData(cfg, ds.name, xt_all, np.asarray(ds.get_database(), np.float32),
+                   np.asarray(ds.get_queries(), np.float32), ds.get_groundtruth())
+
+
 def _no_worse_than_start(res, start: Callable[[], object], name: str, log) -> tuple[object, dict]:
     """The trained model, or the model training started from when no epoch beat its
     validation MSE (a learning rate too high for the data): what the job saves never
@@ -448,19 +483,18 @@ def run(cfg: MainJobConfig = MainJobConfig(), log: Callable[[str], None] = print
     returns the summary ({"data": ..., "methods": [...]}, see baselines)."""
     import faiss
 
-    from qinco_jax.data import datasets
     from qinco_jax.formats.io import save_npy
 
     before_threads = faiss.omp_get_max_threads()
     if cfg.build_threads:
         faiss.omp_set_num_threads(cfg.build_threads)
     try:
-        return _run(cfg, log, datasets, save_npy)
+        return _run(cfg, log, save_npy)
     finally:
         faiss.omp_set_num_threads(before_threads)
 
 
-def _run(cfg: MainJobConfig, log, datasets, save_npy) -> dict:
+def _run(cfg: MainJobConfig, log, save_npy) -> dict:
     import faiss
 
     from qinco_jax.search import index as ivf
@@ -471,16 +505,8 @@ def _run(cfg: MainJobConfig, log, datasets, save_npy) -> dict:
     M = cfg.M
 
     with stage("data"):
-        ds = datasets.get_dataset(cfg.db)
-        cfg = scaled_sizes(cfg, int(ds.nt), log)
-        xt_all = np.asarray(ds.get_train(cfg.nt + cfg.nval), np.float32)
-        if len(xt_all) < cfg.nt + cfg.nval:
-            raise ValueError(f"{cfg.db} has {len(xt_all)} training vectors, the job needs nt + nval = "
-                             f"{cfg.nt + cfg.nval}")
-        xt, xval = xt_all[:cfg.nt], xt_all[cfg.nt:]
-        xb = np.asarray(ds.get_database(), np.float32)
-        xq, gt = np.asarray(ds.get_queries(), np.float32), ds.get_groundtruth()
-        log(str(ds))
+        job = load_data(cfg, log)
+        cfg, xt_all, xt, xval, xb, xq, gt = job.cfg, job.xt_all, job.xt, job.xval, job.xb, job.xq, job.gt
     with stage("IVF k-means"):
         centroids = ivf.train_ivf_centroids(xt_all, cfg.n_centroids, cfg.kmeans_niter, verbose=cfg.progress)
         save_npy(out / "centroids.npy", centroids)
@@ -551,7 +577,7 @@ def _run(cfg: MainJobConfig, log, datasets, save_npy) -> dict:
                 methods.append(baselines.Method(t.name + JAX_ENGINE_SUFFIX, M, t.db_mse,
                                                 tuple(baselines.points_from_search_results(results))))
 
-    data = {"name": ds.name, "d": int(ds.d), "nt": cfg.nt, "nval": cfg.nval, "nb": int(len(xb)), "nq": int(len(xq)),
+    data = {"name": job.name, "d": int(xb.shape[1]), "nt": cfg.nt, "nval": cfg.nval, "nb": int(len(xb)), "nq": int(len(xq)),
             "K_IVF": cfg.n_centroids, "M": M, "config": _jsonable(dataclasses.asdict(cfg)),
             "val_mse": {name: v for name, v in histories.items()},
             "val_mse_table": [{"name": n, "mse": float(v)} for n, v in val_rows],
@@ -561,7 +587,7 @@ def _run(cfg: MainJobConfig, log, datasets, save_npy) -> dict:
                       "cpu_s": round(sum(v["cpu_s"] for v in stage.times.values()), 1)}}
     s = baselines.write_summary(out / "summary.json", data, methods)
     baselines.plot_methods(s, out / "pareto.png",
-                           title=f"{ds.name}: {M} bytes per vector, K_IVF={cfg.n_centroids}, {len(xq)} queries")
+                           title=f"{job.name}: {M} bytes per vector, K_IVF={cfg.n_centroids}, {len(xq)} queries")
     log("\ndatabase MSE (every method at the same bytes per vector)\n" + baselines.format_mse_table(s))
     if val_rows:
         log("\nvalidation MSE\n" + "\n".join(f"{n:66s} {v:12.6g}" for n, v in val_rows))
